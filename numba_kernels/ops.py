@@ -1,0 +1,131 @@
+"""Numba kernels for everything in a decoder layer that is not a weight matrix: norms, rope, activations,
+attention over the KV cache. Arrays are float32 and C-contiguous; shapes are given per function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, w, eps, out):
+    """x, out: (T, n); w: (n,). out = x / sqrt(mean(x^2) + eps) * w (mean accumulated in float64)."""
+    T, n = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(n):
+            ss += np.float64(x[t, i]) * x[t, i]
+        inv = np.float32(1.0 / math.sqrt(ss / n + eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_heads(x, w, eps):
+    """In place over the last axis. x: (T, n_heads, head_dim); w: (head_dim,) (qwen3/gemma3 QK-norm)."""
+    T, H, D = x.shape
+    for t in range(T):
+        for h in range(H):
+            ss = 0.0
+            for i in range(D):
+                ss += np.float64(x[t, h, i]) * x[t, h, i]
+            inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+            for i in range(D):
+                x[t, h, i] = x[t, h, i] * inv * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, cos, sin, neox):
+    """Rotate in place. x: (T, n_heads, head_dim); cos, sin: (T, n_rot/2).
+
+    NORM (llama): pairs (2i, 2i+1). NEOX (qwen, gemma): pairs (i, i + n_rot/2). Dims >= n_rot are untouched.
+    """
+    T, H, D = x.shape
+    half = cos.shape[1]
+    for t in range(T):
+        for h in range(H):
+            for i in range(half):
+                c = cos[t, i]
+                s = sin[t, i]
+                if neox:
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
+                else:
+                    a = x[t, h, 2 * i]
+                    b = x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
+
+
+@njit(cache=True, fastmath=True)
+def swiglu(gate, up):
+    """In place into gate: silu(gate) * up. gate, up: (T, n_ff)."""
+    T, n = gate.shape
+    for t in range(T):
+        for i in range(n):
+            g = gate[t, i]
+            gate[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def gelu_tanh(x):
+    """In place: GELU with the tanh approximation. x: (T, n)."""
+    T, n = x.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(T):
+        for i in range(n):
+            g = x[t, i]
+            x[t, i] = np.float32(0.5) * g * (np.float32(1.0) + math.tanh(c * (g + np.float32(0.044715) * g * g * g)))
+
+
+def geglu(gate, up):
+    """In place into gate: gelu(gate) * up, as ggml's CPU GEGLU computes it: through an fp16 lookup table,
+    i.e. gelu(fp16(g)) rounded to fp16, with gelu(g) = 0 for g <= -10 and g for g >= 10.
+    gate, up: (T, n_ff)."""
+    g16 = gate.astype(np.float16).astype(np.float32)
+    gelu_tanh(g16)
+    g16 = g16.astype(np.float16).astype(np.float32)
+    g16 = np.where(gate <= -10.0, np.float32(0.0), np.where(gate >= 10.0, gate, g16))
+    np.multiply(g16, up, out=gate)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention_decode(q, k_cache, v_cache, start, end, scale, out):
+    """One query token against cached positions [start, end).
+
+    q: (n_head, head_dim); k_cache, v_cache: (n_head_kv, n_ctx, head_dim); out: (n_head, head_dim).
+    Query head h reads kv head h // (n_head / n_head_kv) (grouped-query attention).
+    """
+    n_head, D = q.shape
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    n = end - start
+    for h in prange(n_head):
+        kvh = h // group
+        scores = np.empty(n, dtype=np.float32)
+        m = -np.inf
+        for j in range(n):
+            s = np.float32(0.0)
+            for i in range(D):
+                s += q[h, i] * k_cache[kvh, start + j, i]
+            s *= scale
+            scores[j] = s
+            if s > m:
+                m = s
+        total = np.float32(0.0)
+        for j in range(n):
+            e = math.exp(scores[j] - m)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for i in range(D):
+            out[h, i] = 0.0
+        for j in range(n):
+            p = scores[j] * inv
+            for i in range(D):
+                out[h, i] += p * v_cache[kvh, start + j, i]

@@ -1,0 +1,7 @@
+"""sparse-gguf: a Numba CPU decoder for GGUF models that plugs into the llama.cpp / llama-cpp-python stack."""
+
+from .errors import SparseGGUFError
+from .model import Model
+
+__all__ = ["Model", "SparseGGUFError"]
+__version__ = "0.1.0"

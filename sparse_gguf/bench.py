@@ -1,0 +1,119 @@
+"""`sparse-gguf bench`: tokens/s of sparse-gguf against llama.cpp on the same file and thread count.
+
+Tests follow llama-bench: `tgN` decodes N tokens after a 1-token prompt, `ppN` prefills N tokens, `tgN@dD`
+decodes N tokens after a context of D tokens. Inputs are the same pseudo-random tokens for both engines.
+Repetitions alternate between engines (A/B interleaved) so machine noise hits both alike; a warm-up run of
+each test (JIT compilation, page faults) is excluded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SparseGGUFError
+
+_TEST_RE = re.compile(r"^(tg|pp)(\d+)(?:@d(\d+))?$")
+
+
+@dataclass(frozen=True)
+class BenchTest:
+    kind: str      # "tg" (decode) or "pp" (prefill)
+    n: int
+    depth: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.n}" + (f"@d{self.depth}" if self.depth else "")
+
+    @property
+    def ctx_needed(self) -> int:
+        return self.depth + self.n + 1
+
+
+def parse_tests(spec: str) -> list[BenchTest]:
+    tests = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        m = _TEST_RE.match(part)
+        if not m or int(m.group(2)) == 0:
+            raise SparseGGUFError(f"bad test '{part}': use tgN, ppN or tgN@dD, e.g. tg128,pp512,tg64@d4096")
+        tests.append(BenchTest(m.group(1), int(m.group(2)), int(m.group(3) or 0)))
+    if not tests:
+        raise SparseGGUFError("no tests given")
+    return tests
+
+
+@dataclass
+class BenchResult:
+    engine: str
+    test: str
+    n_threads: int
+    samples_ts: list[float] = field(default_factory=list)
+    bytes_per_token: int = 0
+
+    @property
+    def avg_ts(self) -> float:
+        return float(np.mean(self.samples_ts)) if self.samples_ts else 0.0
+
+    @property
+    def stddev_ts(self) -> float:
+        return float(np.std(self.samples_ts, ddof=1)) if len(self.samples_ts) > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {"engine": self.engine, "test": self.test, "n_threads": self.n_threads,
+             "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts, "samples_ts": list(self.samples_ts)}
+        if self.bytes_per_token and self.test.startswith("tg"):
+            d["bytes_per_token"] = self.bytes_per_token
+            d["weight_gb_s"] = self.avg_ts * self.bytes_per_token / 1e9
+        return d
+
+
+def _tokens(n: int, n_vocab: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, min(n_vocab, 30000), size=n).tolist()
+
+
+def run_once(engine, test: BenchTest, n_vocab: int, depth_ready: bool) -> float:
+    """One timed run of `test` on `engine`; returns tokens/s. With depth_ready the engine already holds the
+    depth context (it is truncated back to it instead of prefilled again)."""
+    if test.kind == "pp":
+        engine.reset()
+        tokens = _tokens(test.n, n_vocab, seed=1)
+        t0 = time.perf_counter()
+        engine.eval(tokens)
+        return test.n / (time.perf_counter() - t0)
+    if test.depth:
+        if depth_ready:
+            engine.truncate(test.depth)
+        else:
+            engine.reset()
+            engine.eval(_tokens(test.depth, n_vocab, seed=2))
+    else:
+        engine.reset()
+        engine.eval(_tokens(1, n_vocab, seed=3))
+    tokens = _tokens(test.n, n_vocab, seed=4)
+    t0 = time.perf_counter()
+    for tok in tokens:
+        engine.eval([tok])
+    return test.n / (time.perf_counter() - t0)
+
+
+def run_bench(engines: list, tests: list[BenchTest], n_threads: int, reps: int, n_vocab: int,
+              bytes_per_token: int, progress=None) -> list[BenchResult]:
+    results = []
+    for test in tests:
+        rows = [BenchResult(e.name, test.name, n_threads, bytes_per_token=bytes_per_token) for e in engines]
+        for e in engines:                      # warm-up (JIT, page cache); also builds the depth context
+            if progress:
+                progress(f"{e.name} {test.name} warm-up")
+            run_once(e, BenchTest(test.kind, min(test.n, 8), test.depth), n_vocab, depth_ready=False)
+        for rep in range(reps):
+            for e, row in zip(engines, rows):
+                if progress:
+                    progress(f"{e.name} {test.name} rep {rep + 1}/{reps}")
+                row.samples_ts.append(run_once(e, test, n_vocab, depth_ready=bool(test.depth)))
+        results.extend(rows)
+    return results

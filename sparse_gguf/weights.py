@@ -1,0 +1,158 @@
+"""Weights as the decoder uses them: every matrix stays quantized (its GGUF bytes, or a repacked copy of the
+same size for the fast kernels); 1-D tensors (norms, biases) are float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGUFReader, GGMLQuantizationType, GGML_QUANT_SIZES
+
+from numba_kernels import dequant, qgemv
+
+from .config import ModelConfig
+from .errors import SparseGGUFError
+from .gguf_file import type_name
+
+
+class QuantMatrix:
+    """A weight matrix W: (n_rows, n_cols), y = W @ x. Kept in its quantized form.
+
+    Decode (one vector) uses the fast SIMD kernel of numba_kernels.qgemv when the type has one, otherwise the
+    generic dequantize-a-row-then-dot kernel. Prefill (many vectors) dequantizes one tile of rows at a time
+    into a BLAS matmul, so no float32 copy of the matrix is ever kept.
+    """
+
+    def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int):
+        self.name = name
+        self.qtype = int(qtype)
+        self.n_rows = n_rows
+        self.n_cols = n_cols
+        self.raw = raw                      # uint8 (n_rows, row_bytes), the GGUF bytes (memory-mapped)
+        self.packed = qgemv.pack(raw, self.qtype, n_cols) if self.qtype in qgemv.FAST_TYPES else None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x: (n_cols,) float32 -> (n_rows,) float32."""
+        if out is None:
+            out = np.empty(self.n_rows, dtype=np.float32)
+        if self.packed is not None:
+            qgemv.gemv(self.packed, x, out)
+        else:
+            dequant.gemv(self.raw, self.qtype, x, out)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x: (T, n_cols) float32 -> (T, n_rows) float32."""
+        if x.shape[0] == 1:
+            return self.matvec(x[0]).reshape(1, -1)
+        out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
+        dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, np.ascontiguousarray(x), out)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows (embedding lookup): ids (T,) -> (T, n_cols) float32."""
+        return dequant.take_rows(self.raw, self.qtype, self.n_cols, np.asarray(ids, dtype=np.int64))
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray            # (n_embd,)
+    wq: QuantMatrix                  # (n_head*head_dim, n_embd)
+    wk: QuantMatrix                  # (n_head_kv*head_dim, n_embd)
+    wv: QuantMatrix                  # (n_head_kv*head_dim, n_embd)
+    wo: QuantMatrix                  # (n_embd, n_head*head_dim)
+    ffn_norm: np.ndarray             # (n_embd,)
+    w_gate: QuantMatrix              # (n_ff, n_embd)
+    w_up: QuantMatrix                # (n_ff, n_embd)
+    w_down: QuantMatrix              # (n_embd, n_ff)
+    bq: np.ndarray | None = None     # qwen2 biases
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # (head_dim,) qwen3 / gemma3
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # (n_embd,) gemma3
+    post_ffn_norm: np.ndarray | None = None
+
+
+@dataclass
+class ModelWeights:
+    token_embd: QuantMatrix          # (n_vocab, n_embd)
+    output_norm: np.ndarray          # (n_embd,)
+    output: QuantMatrix              # (n_vocab, n_embd); the same object as token_embd when tied
+    layers: list[LayerWeights]
+    rope_freqs: np.ndarray | None    # (rope_dims/2,) llama3-style frequency divisors, if the file has them
+    output_bias: np.ndarray | None = None   # (n_vocab,) qwen2 files may have one
+
+
+def _tensor_map(reader: GGUFReader) -> dict:
+    return {t.name: t for t in reader.tensors}
+
+
+def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
+    tensors = _tensor_map(reader)
+
+    def need(name: str):
+        t = tensors.get(name)
+        if t is None:
+            raise SparseGGUFError(f"{cfg.arch} model lacks tensor {name}")
+        return t
+
+    def vector(name: str, size: int, optional: bool = False) -> np.ndarray | None:
+        t = tensors.get(name) if optional else need(name)
+        if t is None:
+            return None
+        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            raise SparseGGUFError(f"tensor {name} has type {type_name(t.tensor_type)}; 1-D tensors must be F32/F16/BF16")
+        v = dequant.dequantize(t.data.view(np.uint8).reshape(-1), int(t.tensor_type), size).reshape(-1)
+        if v.shape[0] != size:
+            raise SparseGGUFError(f"tensor {name} has {v.shape[0]} elements, expected {size}")
+        return np.ascontiguousarray(v, dtype=np.float32)
+
+    def matrix(name: str, n_rows: int, n_cols: int) -> QuantMatrix:
+        t = need(name)
+        qtype = int(t.tensor_type)
+        if qtype not in dequant.SUPPORTED_TYPES:
+            raise SparseGGUFError(f"tensor {name} has unsupported type {type_name(qtype)} "
+                                  f"(supported: {', '.join(sorted(type_name(q) for q in dequant.SUPPORTED_TYPES))})")
+        shape = tuple(int(s) for s in t.shape)   # GGUF order: (n_cols, n_rows)
+        if shape != (n_cols, n_rows):
+            raise SparseGGUFError(f"tensor {name} has shape {list(shape)}, expected {[n_cols, n_rows]}")
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        row_bytes = n_cols // block * type_size
+        raw = t.data.view(np.uint8).reshape(n_rows, row_bytes)
+        return QuantMatrix(name, raw, qtype, n_rows, n_cols)
+
+    d, hd = cfg.n_embd, cfg.head_dim
+    layers = []
+    for il in range(cfg.n_layer):
+        p = f"blk.{il}."
+        tr = cfg.traits
+        layers.append(LayerWeights(
+            attn_norm=vector(p + "attn_norm.weight", d),
+            wq=matrix(p + "attn_q.weight", cfg.q_dim, d),
+            wk=matrix(p + "attn_k.weight", cfg.kv_dim, d),
+            wv=matrix(p + "attn_v.weight", cfg.kv_dim, d),
+            wo=matrix(p + "attn_output.weight", d, cfg.q_dim),
+            ffn_norm=vector(p + "ffn_norm.weight", d),
+            w_gate=matrix(p + "ffn_gate.weight", cfg.n_ff, d),
+            w_up=matrix(p + "ffn_up.weight", cfg.n_ff, d),
+            w_down=matrix(p + "ffn_down.weight", d, cfg.n_ff),
+            bq=vector(p + "attn_q.bias", cfg.q_dim, optional=True),
+            bk=vector(p + "attn_k.bias", cfg.kv_dim, optional=True),
+            bv=vector(p + "attn_v.bias", cfg.kv_dim, optional=True),
+            q_norm=vector(p + "attn_q_norm.weight", hd) if tr.qk_norm else None,
+            k_norm=vector(p + "attn_k_norm.weight", hd) if tr.qk_norm else None,
+            post_attn_norm=vector(p + "post_attention_norm.weight", d) if tr.post_norms else None,
+            post_ffn_norm=vector(p + "post_ffw_norm.weight", d) if tr.post_norms else None,
+        ))
+    token_embd = matrix("token_embd.weight", cfg.n_vocab, d)
+    output = matrix("output.weight", cfg.n_vocab, d) if "output.weight" in tensors else token_embd
+    rope_freqs = vector("rope_freqs.weight", cfg.rope_dims // 2, optional=True)
+    return ModelWeights(token_embd=token_embd, output_norm=vector("output_norm.weight", d), output=output,
+                        layers=layers, rope_freqs=rope_freqs,
+                        output_bias=vector("output.bias", cfg.n_vocab, optional=True))

