@@ -50,7 +50,7 @@ def info(model: Optional[str] = ModelArg, json_out: bool = typer.Option(False, "
         print(json.dumps(d, indent=2, default=str))
         return
     con = _console()
-    con.print(f"[bold]{d['path']}[/bold]")
+    con.print(f"[bold]{d['path']}[/bold]", soft_wrap=True)
     rows = [("architecture", d["architecture"]), ("name", d["name"] or ""),
             ("parameters", _fmt_params(d["params"])), ("file size", _fmt_bytes(d["file_bytes"])),
             ("context length", str(d["context_length"])),

@@ -391,27 +391,23 @@ def _deq_q6_k(row, out):
             qh = o + 128 + 32 * h
             sc = o + 192 + 8 * h
             yo = y + 128 * h
-            for l in range(32):
-                is_ = l // 16
+            for is_ in range(2):  # elements l in [16*is_, 16*is_ + 16) of each 32-run share their scales
                 s0 = np.int64(row[sc + is_])
                 s1 = np.int64(row[sc + is_ + 2])
                 s2 = np.int64(row[sc + is_ + 4])
                 s3 = np.int64(row[sc + is_ + 6])
-                s0 -= (s0 & 0x80) << 1  # uint8 -> int8
-                s1 -= (s1 & 0x80) << 1
-                s2 -= (s2 & 0x80) << 1
-                s3 -= (s3 & 0x80) << 1
-                a = np.int64(row[ql + l])
-                a2 = np.int64(row[ql + 32 + l])
-                hb = np.int64(row[qh + l])
-                q0 = ((a & 0x0F) | ((hb & 3) << 4)) - 32
-                q1 = ((a2 & 0x0F) | (((hb >> 2) & 3) << 4)) - 32
-                q2 = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                q3 = ((a2 >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                out[yo + l] = (d * np.float32(s0)) * np.float32(q0)
-                out[yo + 32 + l] = (d * np.float32(s1)) * np.float32(q1)
-                out[yo + 64 + l] = (d * np.float32(s2)) * np.float32(q2)
-                out[yo + 96 + l] = (d * np.float32(s3)) * np.float32(q3)
+                d0 = d * np.float32(s0 - ((s0 & 0x80) << 1))  # uint8 -> int8
+                d1 = d * np.float32(s1 - ((s1 & 0x80) << 1))
+                d2 = d * np.float32(s2 - ((s2 & 0x80) << 1))
+                d3 = d * np.float32(s3 - ((s3 & 0x80) << 1))
+                for l in range(16 * is_, 16 * is_ + 16):
+                    a = np.int64(row[ql + l])
+                    a2 = np.int64(row[ql + 32 + l])
+                    hb = np.int64(row[qh + l])
+                    out[yo + l] = d0 * np.float32(((a & 0x0F) | ((hb & 3) << 4)) - 32)
+                    out[yo + 32 + l] = d1 * np.float32(((a2 & 0x0F) | (((hb >> 2) & 3) << 4)) - 32)
+                    out[yo + 64 + l] = d2 * np.float32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                    out[yo + 96 + l] = d3 * np.float32(((a2 >> 4) | (((hb >> 6) & 3) << 4)) - 32)
 
 
 # ----------------------------------------------------------------------------------------------------------

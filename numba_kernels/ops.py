@@ -9,6 +9,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .actquant import f16_round
+
 
 @njit(cache=True, fastmath=True)
 def rmsnorm(x, w, eps, out):
@@ -94,12 +96,13 @@ def geglu(gate, up):
     np.multiply(g16, up, out=gate)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, parallel=True)
 def attention_decode(q, k_cache, v_cache, start, end, scale, out):
     """One query token against cached positions [start, end).
 
-    q: (n_head, head_dim); k_cache, v_cache: (n_head_kv, n_ctx, head_dim); out: (n_head, head_dim).
-    Query head h reads kv head h // (n_head / n_head_kv) (grouped-query attention).
+    q: (n_head, head_dim); k_cache, v_cache: (n_head_kv, n_ctx, head_dim) holding f16-rounded values;
+    out: (n_head, head_dim). Query head h reads kv head h // (n_head / n_head_kv) (grouped-query attention).
+    Rounds like llama.cpp's f16 KV path: q is rounded to f16 before q.k, the probabilities before p.v.
     """
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
@@ -107,25 +110,29 @@ def attention_decode(q, k_cache, v_cache, start, end, scale, out):
     n = end - start
     for h in prange(n_head):
         kvh = h // group
+        qh = np.empty(D, dtype=np.float32)
+        for i in range(D):
+            qh[i] = f16_round(q[h, i])
         scores = np.empty(n, dtype=np.float32)
         m = -np.inf
         for j in range(n):
             s = np.float32(0.0)
             for i in range(D):
-                s += q[h, i] * k_cache[kvh, start + j, i]
+                s += qh[i] * k_cache[kvh, start + j, i]
             s *= scale
             scores[j] = s
             if s > m:
                 m = s
-        total = np.float32(0.0)
+        total = 0.0
         for j in range(n):
-            e = math.exp(scores[j] - m)
+            e = np.float32(math.exp(scores[j] - m))
             scores[j] = e
             total += e
-        inv = np.float32(1.0) / total
-        for i in range(D):
-            out[h, i] = 0.0
+        inv = np.float32(1.0 / total)
+        acc = np.zeros(D, dtype=np.float32)
         for j in range(n):
-            p = scores[j] * inv
+            p = f16_round(scores[j] * inv)
             for i in range(D):
-                out[h, i] += p * v_cache[kvh, start + j, i]
+                acc[i] += p * v_cache[kvh, start + j, i]
+        for i in range(D):
+            out[h, i] = acc[i]

@@ -9,21 +9,23 @@ Pipeline (as llama.cpp's vec_dot kernels):
      accumulator kept in registers across the row, and adds the offset/min terms with scalar math.
      Rows are split across threads with ``prange`` (each row written by exactly one thread).
 
-Weights are repacked once at load by :func:`pack` into a :class:`PackedMatrix` (layout below).  The
-packed size equals the GGUF size for the 32-blocks types (fp16 scales are kept as fp16 and converted
-in-register), and is within 3-8 % of it for Q4_K / Q6_K.
+Weights are repacked once at load by :func:`pack` into a :class:`PackedMatrix` (layout below).  fp16
+scales stay fp16 (converted in-register), so the packed size is the GGUF size (Q4_K: +2.8 %).
 
 SIMD path: every kernel takes a path token (see ``simd``); the Python wrappers take ``path=`` (a name
 or None for ``simd.get_path()``).  Use :func:`set_simd_path` to change the process-wide default.
 
 PackedMatrix layout (nb = n_cols // 32 blocks of 32 elements per row; all arrays C-contiguous):
-  qs  uint8 (n_rows, nb*16)    Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K: 16 bytes per 32-element block; byte j holds
-                               element j (low nibble) and element 16+j (high nibble), i.e. the Q4_0
-                               nibble order.  (Q4_K and Q6_K are re-ordered into it.)
+  qs  uint8 (n_rows, nb*16)    Q4_0/Q4_1/Q5_0/Q5_1/Q4_K: 4-bit codes in "paired" order: blocks 2k and 2k+1
+                               share the 32 bytes at 32k: byte j = code_j(block 2k) | code_j(block 2k+1) << 4,
+                               so one 32-byte load + and/shift yields two blocks' 32 codes each.  If nb is
+                               odd, the last block takes the 16 bytes at 16*(nb-1) in single order:
+                               byte j = code_j | code_(16+j) << 4.  (Q4_K's own qs are already paired.)
+                               Q6_K: single order for every block (low 4 bits of the 6-bit codes).
       int8  (n_rows, nb*32)    Q8_0: the int8 codes.
   sc  uint16 (n_rows, ...)     fp16 bit patterns (and small ints), per row:
                                Q4_0/Q5_0/Q8_0: [d_0, d_1, ...]                 (nb)
-                               Q4_1/Q5_1:      [d_0, m_0, d_1, m_1, ...]       (2*nb)
+                               Q4_1/Q5_1:      [d_0, d_1, ..., m_0, m_1, ...]  (2*nb: all d, then all m)
                                Q4_K:  per 256-superblock [d, dmin, sc_j | m_j << 8 for j < 8]  (10 per sb)
                                Q6_K:  per 256-superblock [d, s_2j | s_2j+1 << 8 for j < 8]     (9 per sb;
                                       s are the int8 16-element scales)
@@ -31,6 +33,7 @@ PackedMatrix layout (nb = n_cols // 32 blocks of 32 elements per row; all arrays
       uint8 (n_rows, nsb*64)   Q6_K: llama.cpp's qh bytes unchanged (per 128 elements 32 bytes; byte l,
                                bits 2k..2k+1 = high bits of element 32k + l).
       uint8 (n_rows, 0)        other types (unused).
+Sizes: exactly the GGUF size for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q6_K, +2.8 % for Q4_K (unpacked 6-bit scales).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
+from numba.np.ufunc import parallel as _npp
 
 from . import simd
+from .actquant import f16_round
 
 __all__ = [
     "FAST_TYPES",
@@ -57,6 +62,9 @@ __all__ = [
     "set_simd_path",
     "get_simd_path",
     "packed_nbytes",
+    "concat_rows",
+    "GEMV_KERNELS",
+    "SPAN_KERNELS",
 ]
 
 QK = 32
@@ -66,7 +74,8 @@ FAST_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT
 
 
 def set_simd_path(name: str) -> None:
-    """Process-wide default SIMD path for gemv/gemv_rows: 'avx2', 'generic' or 'scalar'."""
+    """Process-wide default SIMD path for gemv/gemv_rows: 'vnni', 'avx2', 'generic' or 'scalar'
+    (simd.AVAILABLE_PATHS lists those this CPU supports)."""
     simd.set_path(name)
 
 
@@ -95,10 +104,17 @@ def new_q8(n: int) -> Q8Act:
 
 
 @njit(cache=True)
-def quantize_q8_into(x, xq, xd, xs):
-    """Quantize float32 x into preallocated xq/xd/xs (like llama.cpp's quantize_row_q8_1, f32 scales).
+def quantize_q8_into(x, xq, xd, xs, llama_x86=False, sum_fp16=False):
+    """Quantize float32 x into preallocated xq/xd/xs, per block of 32.
 
-    Per block of 32: d = max|x| / 127, q = roundf(x / d) (round half away from zero), s = d * sum(q)."""
+    Default (llama.cpp's reference quantize_row_q8_0/q8_1, but float32 scales): d = max|x| / 127,
+    q = roundf(x * (1/d)) (round half away from zero), s = d * sum(q).
+    llama_x86=True reproduces llama.cpp's x86 AVX2 quantize_row_q8_0/q8_1 instead, for results that track
+    llama.cpp's: d = fp16(max|x| / 127), q = rint(x * (127 / max|x|)) (half to even), s = d * sum(q)
+    With sum_fp16 (Q8_1, for Q4_1/Q5_1 weights) s = fp16(unrounded d * sum(q)) as llama.cpp stores it;
+    without (Q8_0 has no s; kernels use s for Q4_0/Q5_0's offset, exact in llama.cpp's integer math)
+    s = fp16(d) * sum(q).
+    No fastmath: the rounding must follow IEEE float32 exactly."""
     nb = x.shape[0] // 32
     for b in range(nb):
         o = b * 32
@@ -108,22 +124,85 @@ def quantize_q8_into(x, xq, xd, xs):
             if a > amax:
                 amax = a
         d = amax / np.float32(127.0)
-        idd = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         s = 0
-        for j in range(32):
-            v = np.float32(x[o + j]) * idd
-            q = int(math.trunc(np.float64(v) + math.copysign(0.5, v)))
-            xq[o + j] = q
-            s += q
+        if llama_x86:
+            idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+            for j in range(32):
+                q = int(np.rint(np.float32(x[o + j]) * idd))
+                xq[o + j] = q
+                s += q
+            xd[b] = f16_round(d)
+            xs[b] = f16_round(d * np.float32(s)) if sum_fp16 else xd[b] * np.float32(s)
+            continue
+        else:
+            idd = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            for j in range(32):
+                v = np.float32(x[o + j]) * idd
+                q = int(math.trunc(np.float64(v) + math.copysign(0.5, v)))
+                xq[o + j] = q
+                s += q
         xd[b] = d
         xs[b] = d * np.float32(s)
 
 
-def quantize_q8(x: np.ndarray) -> Q8Act:
-    """float32 x (n, multiple of 32) -> Q8Act(xq int8[n], xd float32[n//32], xs float32[n//32])."""
+@njit(cache=True)
+def quantize_q8k_into(x, xq, xd, xs):
+    """llama.cpp's Q8_K activation quantization (quantize_row_q8_K_ref, the vec_dot_type of K-quant weights),
+    written in this module's 32-block form so the same kernels consume it: per block of 256, vmax = the
+    signed value of largest magnitude, iscale = -127/vmax, q = min(127, rint(iscale*x)), d = 1/iscale (f32);
+    every 32-block of the 256 gets that same d, and s = d * sum(q) over the 32-block.
+    The integer dot products are then exactly llama.cpp's. No fastmath (IEEE rounding)."""
+    n256 = x.shape[0] // 256
+    for sb in range(n256):
+        o = sb * 256
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for j in range(256):
+            a = abs(np.float32(x[o + j]))
+            if a > amax:
+                amax = a
+                vmax = np.float32(x[o + j])
+        if amax == np.float32(0.0):
+            for j in range(256):
+                xq[o + j] = 0
+            for b in range(8):
+                xd[sb * 8 + b] = 0.0
+                xs[sb * 8 + b] = 0.0
+            continue
+        iscale = np.float32(-127.0) / vmax
+        d = np.float32(1.0) / iscale
+        for b in range(8):
+            s = 0
+            for j in range(32):
+                q = int(np.rint(iscale * np.float32(x[o + 32 * b + j])))
+                if q > 127:
+                    q = 127
+                xq[o + 32 * b + j] = q
+                s += q
+            xd[sb * 8 + b] = d
+            xs[sb * 8 + b] = d * np.float32(s)
+
+
+_KQUANTS = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
+_Q8_1_WEIGHTS = frozenset({int(QT.Q4_1), int(QT.Q5_1)})
+
+
+def quantize_for(qtype: int, x: np.ndarray, buf: "Q8Act") -> "Q8Act":
+    """Quantize x into buf the way llama.cpp quantizes activations for weights of `qtype` (Q8_K for
+    K-quants, x86 Q8_0/Q8_1 otherwise). One call can serve every matrix of the same activation kind."""
+    if int(qtype) in _KQUANTS:
+        quantize_q8k_into(x, buf.q, buf.d, buf.s)
+    else:
+        quantize_q8_into(x, buf.q, buf.d, buf.s, True, int(qtype) in _Q8_1_WEIGHTS)
+    return buf
+
+
+def quantize_q8(x: np.ndarray, llama_x86: bool = False) -> Q8Act:
+    """float32 x (n, multiple of 32) -> Q8Act(xq int8[n], xd float32[n//32], xs float32[n//32]).
+    llama_x86: see quantize_q8_into."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     buf = new_q8(x.shape[0])
-    quantize_q8_into(x, buf.q, buf.d, buf.s)
+    quantize_q8_into(x, buf.q, buf.d, buf.s, llama_x86, llama_x86)
     return buf
 
 
@@ -157,6 +236,24 @@ def _nibble_pack(v: np.ndarray) -> np.ndarray:
     return (v[..., :16] & 0x0F) | (v[..., 16:] << 4)
 
 
+def _pair_pack(v: np.ndarray) -> np.ndarray:
+    """(n_rows, nb, 32) codes 0..15 -> (n_rows, nb*16) bytes in paired order (see module docstring)."""
+    n_rows, nb, _ = v.shape
+    v = v.astype(np.uint8)
+    out = np.empty((n_rows, nb * 16), np.uint8)
+    npair = nb // 2
+    pairs = v[:, : 2 * npair].reshape(n_rows, npair, 2, 32)
+    out[:, : 32 * npair] = ((pairs[:, :, 0] & 0x0F) | (pairs[:, :, 1] << 4)).reshape(n_rows, 32 * npair)
+    if nb & 1:
+        out[:, 32 * npair:] = _nibble_pack(v[:, -1])
+    return out
+
+
+def _codes4(q: np.ndarray) -> np.ndarray:
+    """(..., 16) GGUF nibble bytes -> (..., 32) codes (elements 0..15 low nibbles, 16..31 high)."""
+    return np.concatenate([q & 0x0F, q >> 4], axis=-1)
+
+
 def _f16_field(blocks: np.ndarray, off: int) -> np.ndarray:
     """uint16 fp16 bit patterns at byte offset `off` of each block: (n_rows, nb)."""
     return np.ascontiguousarray(blocks[..., off:off + 2]).view("<u2")[..., 0].astype(np.uint16)
@@ -188,20 +285,20 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix
 
     if qtype == QT.Q4_0:
         sc = _f16_field(blocks, 0)
-        qs = blocks[..., 2:18].reshape(n_rows, nb * 16)
+        qs = _pair_pack(_codes4(blocks[..., 2:18]))
         qh = empty
     elif qtype == QT.Q4_1:
-        sc = np.stack([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1).reshape(n_rows, 2 * nb)
-        qs = blocks[..., 4:20].reshape(n_rows, nb * 16)
+        sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
+        qs = _pair_pack(_codes4(blocks[..., 4:20]))
         qh = empty
     elif qtype == QT.Q5_0:
         sc = _f16_field(blocks, 0)
         qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0].astype(np.uint32)
-        qs = blocks[..., 6:22].reshape(n_rows, nb * 16)
+        qs = _pair_pack(_codes4(blocks[..., 6:22]))
     elif qtype == QT.Q5_1:
-        sc = np.stack([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1).reshape(n_rows, 2 * nb)
+        sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
         qh = np.ascontiguousarray(blocks[..., 4:8]).view("<u4")[..., 0].astype(np.uint32)
-        qs = blocks[..., 8:24].reshape(n_rows, nb * 16)
+        qs = _pair_pack(_codes4(blocks[..., 8:24]))
     elif qtype == QT.Q8_0:
         sc = _f16_field(blocks, 0)
         qs = blocks[..., 2:34].reshape(n_rows, nb * 32).view(np.int8)
@@ -218,9 +315,7 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix
         sc6[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
         m6[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
         sc = np.concatenate([d[..., None], dmin[..., None], sc6 | (m6 << 8)], axis=-1).reshape(n_rows, nbk * 10)
-        q = blocks[..., 16:144].reshape(n_rows, nbk, 4, 32)
-        vals = np.stack([q & 0x0F, q >> 4], axis=3).reshape(n_rows, nb, 32)  # sub-block 2i: low, 2i+1: high
-        qs = _nibble_pack(vals).reshape(n_rows, nb * 16)
+        qs = blocks[..., 16:144].reshape(n_rows, nb * 16)  # sub-block 2i: low nibbles, 2i+1: high = paired
         qh = empty
     elif qtype == QT.Q6_K:
         # block: ql[128], qh[64], scales[16] int8, d f16
@@ -241,221 +336,343 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-row dot products: one per type; `r` = row index.  Same source for all SIMD paths.
+# Per-block helpers (same source for all SIMD paths; LLVM inlines them into the row loops below).
+#
+# A row keeps two independent vector accumulators (even / odd blocks): with one, the loop is bound by
+# the latency of its FMA chain.  Scales are splatted and converted as vectors (simd.vscale): a scalar
+# fp16 conversion introduced a false dependency on the accumulator (see simd._make_vscale).
+# Measured on Zen 5 (1 thread, matrix in cache): Q4_1 ~0.6 ns per 32-block (~33 GB/s), Q8_0 ~0.65 ns.
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, fastmath=True)
-def _row_q4_0(path, qs, sc, qh, r, xq, xd, xs):
+# Options of the per-row / per-block helpers.  _nrt=False: these functions never allocate, and without
+# it Numba may leave atomic NRT incref/decref pairs on every array argument at each row's entry/exit
+# (its refcount pruning gives up on the two-accumulator loop CFG): ~10 atomics per row.
+_ROW_OPTS = dict(cache=True, fastmath=True, _nrt=False)
+
+# Indexing note: array subscripts below are cast to np.uint64, which makes Numba skip its negative-index
+# wraparound code (a sign test + select per access in the hot loop).  No row views (sc[r]) are
+# created in the kernels either: a view costs atomic NRT refcount updates.
+
+
+@njit(**_ROW_OPTS)
+def _blk_q4(path, qs, sc, r, qoff, b, xq, xd, acc):
+    """Single-order block b (the odd last block of a row)."""
+    p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
+    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
+
+
+@njit(**_ROW_OPTS)
+def _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1):
+    """Paired blocks 2k (-> a0) and 2k+1 (-> a1)."""
+    b = np.uint64(2 * k)
+    p0, p1 = simd.dot_q4x2(path, qs, qoff + 32 * k, xq, 64 * k)
+    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, b], xd[b]))
+    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, b + np.uint64(1)], xd[b + np.uint64(1)]))
+    return a0, a1
+
+
+@njit(**_ROW_OPTS)
+def _blk_q5(path, qs, sc, qh, r, qoff, b, xq, xd, acc):
+    p = simd.dot_q5(path, qs, qoff + 16 * b, qh[r, np.uint64(b)], xq, 32 * b)
+    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
+
+
+@njit(**_ROW_OPTS)
+def _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1):
+    b = np.uint64(2 * k)
+    b1 = b + np.uint64(1)
+    p0, p1 = simd.dot_q5x2(path, qs, qoff + 32 * k, qh[r, b], qh[r, b1], xq, 64 * k)
+    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, b], xd[b]))
+    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, b1], xd[b1]))
+    return a0, a1
+
+
+@njit(**_ROW_OPTS)
+def _blk_q8(path, qs, sc, r, qoff, b, xq, xd, acc):
+    p = simd.dot_q8(path, qs, qoff + 32 * b, xq, 32 * b)
+    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
+
+
+@njit(**_ROW_OPTS)
+def _pair_q4_k(path, qs, sc, r, qoff, so, j, dd, dm, sb, xq, xd, xs, a0, a1, c):
+    """Sub-blocks j, j+1 (j even) of superblock sb: one paired 32-byte chunk of Q4_K's qs."""
+    v0 = np.int32(sc[r, np.uint64(so + 2 + j)])
+    v1 = np.int32(sc[r, np.uint64(so + 3 + j)])
+    k = sb * 4 + (j >> 1)
+    b = np.uint64(2 * k)
+    b1 = b + np.uint64(1)
+    p0, p1 = simd.dot_q4x2(path, qs, qoff + 32 * k, xq, 64 * k)
+    a0 = simd.vfma(path, a0, p0, dd * np.float32(v0 & 0xFF) * xd[b])
+    a1 = simd.vfma(path, a1, p1, dd * np.float32(v1 & 0xFF) * xd[b1])
+    c += dm * (np.float32(v0 >> 8) * xs[b] + np.float32(v1 >> 8) * xs[b1])
+    return a0, a1, c
+
+
+@njit(**_ROW_OPTS)
+def _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, acc):
+    v = np.int32(sc[r, so + 1 + g])
+    s_lo = ((v & 0xFF) ^ 0x80) - 0x80
+    s_hi = ((v >> 8) ^ 0x80) - 0x80
+    b = sb * 8 + g
+    p = simd.dot_q6(path, qs, qoff + 16 * b, qh, hoff + sb * 64 + (g >> 2) * 32, 2 * (g & 3), xq, 32 * b)
+    dx = dd * xd[b]
+    return simd.vfma2(path, acc, p, dx * np.float32(s_lo), dx * np.float32(s_hi))
+
+
+# --------------------------------------------------------------------------------------------------
+# Row loops (_span_*: rows lo..hi of one thread's chunk) and parallel kernels (_gemv_*), one per type.
+#
+# The whole row computation sits inside the _span_* loop on purpose: a call per row (to a row-function)
+# passes every array struct by value (~46 stack words), which costs as much as a 576-column row's math;
+# LLVM does not inline such functions and Numba-level inlining (inline="always") doubles compile time.
+# Only the small _blk_*/_pair_* helpers are called, and LLVM inlines those.
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(**_ROW_OPTS)
+def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q4_0 (value = (q - 8) * d): sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)."""
     nb = xd.shape[0]
-    acc = simd.vzero(path)
-    corr = np.float32(0.0)
-    qoff = r * (nb * 16)
-    for b in range(nb):
-        d = simd.f16_to_f32(path, sc[r, b])
-        p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
-        acc = simd.vfma(path, acc, p, d * xd[b])
-        corr += d * xs[b]
-    return simd.vsum(path, acc) - np.float32(8.0) * corr
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
+            c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(8.0) * c
 
 
-@njit(cache=True, fastmath=True)
-def _row_q4_1(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q4_1 (value = q * d + m): sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)."""
     nb = xd.shape[0]
-    acc = simd.vzero(path)
-    macc = np.float32(0.0)
-    qoff = r * (nb * 16)
-    for b in range(nb):
-        d = simd.f16_to_f32(path, sc[r, 2 * b])
-        m = simd.f16_to_f32(path, sc[r, 2 * b + 1])
-        p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
-        acc = simd.vfma(path, acc, p, d * xd[b])
-        macc += m * xs[b]
-    return simd.vsum(path, acc) + macc
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        for b in range(nb):
+            c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
 
 
-@njit(cache=True, fastmath=True)
-def _row_q5_0(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q5_0 (value = (q - 16) * d, q 5-bit)."""
     nb = xd.shape[0]
-    acc = simd.vzero(path)
-    corr = np.float32(0.0)
-    qoff = r * (nb * 16)
-    for b in range(nb):
-        d = simd.f16_to_f32(path, sc[r, b])
-        p = simd.dot_q5(path, qs, qoff + 16 * b, qh[r, b], xq, 32 * b)
-        acc = simd.vfma(path, acc, p, d * xd[b])
-        corr += d * xs[b]
-    return simd.vsum(path, acc) - np.float32(16.0) * corr
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        for b in range(nb):
+            c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(16.0) * c
 
 
-@njit(cache=True, fastmath=True)
-def _row_q5_1(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q5_1 (value = q * d + m, q 5-bit)."""
     nb = xd.shape[0]
-    acc = simd.vzero(path)
-    macc = np.float32(0.0)
-    qoff = r * (nb * 16)
-    for b in range(nb):
-        d = simd.f16_to_f32(path, sc[r, 2 * b])
-        m = simd.f16_to_f32(path, sc[r, 2 * b + 1])
-        p = simd.dot_q5(path, qs, qoff + 16 * b, qh[r, b], xq, 32 * b)
-        acc = simd.vfma(path, acc, p, d * xd[b])
-        macc += m * xs[b]
-    return simd.vsum(path, acc) + macc
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        for b in range(nb):
+            c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
 
 
-@njit(cache=True, fastmath=True)
-def _row_q8_0(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q8_0 (value = q * d)."""
     nb = xd.shape[0]
-    acc = simd.vzero(path)
-    qoff = r * (nb * 32)
-    for b in range(nb):
-        d = simd.f16_to_f32(path, sc[r, b])
-        p = simd.dot_q8(path, qs, qoff + 32 * b, xq, 32 * b)
-        acc = simd.vfma(path, acc, p, d * xd[b])
-    return simd.vsum(path, acc)
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 32)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0 = _blk_q8(path, qs, sc, r, qoff, 2 * k, xq, xd, a0)
+            a1 = _blk_q8(path, qs, sc, r, qoff, 2 * k + 1, xq, xd, a1)
+        if nb & 1:
+            a0 = _blk_q8(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
-@njit(cache=True, fastmath=True)
-def _row_q4_k(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q4_K (value = d * sc_j * q - dmin * m_j per 32-element sub-block j)."""
     nb = xd.shape[0]
     nsb = nb // 8
-    acc = simd.vzero(path)
-    macc = np.float32(0.0)
-    qoff = r * (nb * 16)
-    for sb in range(nsb):
-        so = sb * 10
-        dd = simd.f16_to_f32(path, sc[r, so])
-        dm = simd.f16_to_f32(path, sc[r, so + 1])
-        for j in range(8):
-            v = np.int32(sc[r, so + 2 + j])
-            b = sb * 8 + j
-            p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
-            acc = simd.vfma(path, acc, p, dd * np.float32(v & 0xFF) * xd[b])
-            macc += dm * np.float32(v >> 8) * xs[b]
-    return simd.vsum(path, acc) - macc
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        c = np.float32(0.0)
+        for sb in range(nsb):
+            so = sb * 10
+            dd = simd.f16_to_f32(path, sc[r, np.uint64(so)])
+            dm = simd.f16_to_f32(path, sc[r, np.uint64(so + 1)])
+            for j in range(0, 8, 2):
+                a0, a1, c = _pair_q4_k(path, qs, sc, r, qoff, so, j, dd, dm, sb, xq, xd, xs, a0, a1, c)
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - c
 
 
-@njit(cache=True, fastmath=True)
-def _row_q6_k(path, qs, sc, qh, r, xq, xd, xs):
+@njit(**_ROW_OPTS)
+def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q6_K (value = d * s_k * (q - 32) per 16-element sub-block k, q 6-bit)."""
     nb = xd.shape[0]
     nsb = nb // 8
-    acc = simd.vzero(path)
-    qoff = r * (nb * 16)
-    hoff = r * (nsb * 64)
-    for sb in range(nsb):
-        so = sb * 9
-        dd = simd.f16_to_f32(path, sc[r, so])
-        for g in range(8):
-            v = np.int32(sc[r, so + 1 + g])
-            s_lo = ((v & 0xFF) ^ 0x80) - 0x80
-            s_hi = ((v >> 8) ^ 0x80) - 0x80
-            b = sb * 8 + g
-            p = simd.dot_q6(path, qs, qoff + 16 * b, qh, hoff + sb * 64 + (g >> 2) * 32, 2 * (g & 3), xq, 32 * b)
-            dx = dd * xd[b]
-            acc = simd.vfma2(path, acc, p, dx * np.float32(s_lo), dx * np.float32(s_hi))
-    return simd.vsum(path, acc)
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        hoff = r * np.uint64(nsb * 64)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for sb in range(nsb):
+            so = sb * 9
+            dd = simd.f16_to_f32(path, sc[r, np.uint64(so)])
+            for g in range(0, 8, 2):
+                a0 = _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, a0)
+                a1 = _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g + 1, dd, sb, xq, xd, a1)
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
-# --------------------------------------------------------------------------------------------------
-# Parallel kernels: all rows (gemv) or a subset (gemv_rows).  Uniform signature per type.
-# --------------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True)
+def _gemv_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q4_0(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q4_0(path, qs, sc, qh, r, xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q4_1(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q4_1(path, qs, sc, qh, r, xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q5_0(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q5_0(path, qs, sc, qh, r, xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q5_1(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q5_1(path, qs, sc, qh, r, xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q8_0(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q8_0(path, qs, sc, qh, r, xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q4_k(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q4_k(path, qs, sc, qh, r, xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, out):
-    for r in prange(out.shape[0]):
-        out[r] = _row_q6_k(path, qs, sc, qh, r, xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q4_0(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q4_1(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q5_0(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q5_1(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q8_0(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q4_k(path, qs, sc, qh, rows[i], xq, xd, xs)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def _rows_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
-    for i in prange(rows.shape[0]):
-        out[i] = _row_q6_k(path, qs, sc, qh, rows[i], xq, xd, xs)
+@njit(cache=True, parallel=True)
+def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
 GEMV_KERNELS = {
-    int(QT.Q4_0): _gemv_q4_0, int(QT.Q4_1): _gemv_q4_1, int(QT.Q5_0): _gemv_q5_0, int(QT.Q5_1): _gemv_q5_1,
-    int(QT.Q8_0): _gemv_q8_0, int(QT.Q4_K): _gemv_q4_k, int(QT.Q6_K): _gemv_q6_k,
+    int(QT.Q4_0): _gemv_q4_0,
+    int(QT.Q4_1): _gemv_q4_1,
+    int(QT.Q5_0): _gemv_q5_0,
+    int(QT.Q5_1): _gemv_q5_1,
+    int(QT.Q8_0): _gemv_q8_0,
+    int(QT.Q4_K): _gemv_q4_k,
+    int(QT.Q6_K): _gemv_q6_k,
 }
-"""qtype -> parallel njit kernel(path_token, qs, sc, qh, xq, xd, xs, out): callable from @njit code too."""
+"""qtype -> parallel njit kernel(path_token, qs, sc, qh, xq, xd, xs, rows, out), callable from @njit code too.
 
-ROWS_KERNELS = {
-    int(QT.Q4_0): _rows_q4_0, int(QT.Q4_1): _rows_q4_1, int(QT.Q5_0): _rows_q5_0, int(QT.Q5_1): _rows_q5_1,
-    int(QT.Q8_0): _rows_q8_0, int(QT.Q4_K): _rows_q4_k, int(QT.Q6_K): _rows_q6_k,
+rows: int32 (k,) -> out[i] = W[rows[i]] . x (k = len(out)); an empty rows array -> all rows
+(out[r] = W[r] . x, len(out) = n_rows)."""
+
+SPAN_KERNELS = {
+    int(QT.Q4_0): _span_q4_0,
+    int(QT.Q4_1): _span_q4_1,
+    int(QT.Q5_0): _span_q5_0,
+    int(QT.Q5_1): _span_q5_1,
+    int(QT.Q8_0): _span_q8_0,
+    int(QT.Q4_K): _span_q4_k,
+    int(QT.Q6_K): _span_q6_k,
 }
-"""qtype -> parallel njit kernel(path_token, qs, sc, qh, xq, xd, xs, rows, out)."""
+"""qtype -> serial njit kernel(path_token, qs, sc, qh, xq, xd, xs, rows, out, lo, hi) computing out[lo:hi]
+(same rows convention as GEMV_KERNELS): no parallel-launch cost (~1.8 us), for small matrices or one thread."""
+
+_ALL_ROWS = np.empty(0, np.int32)
+
+SERIAL_MAX_BLOCKS = 4096
+"""gemv/gemv_rows run serially when rows * blocks-per-row is at most this (~3 us of work): a parallel
+launch costs ~1.8 us, so below this two threads do not pay off (e.g. SmolLM2's 192x576 k/v)."""
+
+
+
+def _num_threads() -> int:
+    """numba.get_num_threads() without its ~0.6 us of Python-level checks (its backend call, ~0.15 us)."""
+    f = getattr(_npp, "_get_num_threads", None)  # set once Numba has launched its threads
+    return f() if f is not None else get_num_threads()
+
+
+def concat_rows(pms) -> PackedMatrix:
+    """Stack PackedMatrices of the same type and n_cols row-wise (e.g. q|k|v or gate|up) so one gemv call
+    (one parallel launch, one activation) computes all of them; split the output with views."""
+    pms = list(pms)
+    if not pms:
+        raise ValueError("nothing to concatenate")
+    p0 = pms[0]
+    for p in pms[1:]:
+        if p.qtype != p0.qtype or p.n_cols != p0.n_cols:
+            raise ValueError("concat_rows needs matrices of the same qtype and n_cols")
+    return PackedMatrix(
+        p0.qtype, sum(p.n_rows for p in pms), p0.n_cols,
+        np.concatenate([p.qs for p in pms]), np.concatenate([p.sc for p in pms]), np.concatenate([p.qh for p in pms]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,8 +688,7 @@ def _activation(pm: PackedMatrix, x, scratch, xq) -> Q8Act:
             x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[0] != pm.n_cols:
             raise ValueError(f"x has {x.shape[0]} elements, matrix has {pm.n_cols} columns")
-        xq = scratch if scratch is not None else new_q8(pm.n_cols)
-        quantize_q8_into(x, xq.q, xq.d, xq.s)
+        xq = quantize_for(pm.qtype, x, scratch if scratch is not None else new_q8(pm.n_cols))
     elif xq.q.shape[0] != pm.n_cols:
         raise ValueError(f"xq has {xq.q.shape[0]} elements, matrix has {pm.n_cols} columns")
     return xq
@@ -491,23 +707,33 @@ def gemv(pm: PackedMatrix, x: np.ndarray | None = None, out: np.ndarray | None =
         out = np.empty(pm.n_rows, np.float32)
     elif out.shape[0] != pm.n_rows:
         raise ValueError(f"out has {out.shape[0]} elements, matrix has {pm.n_rows} rows")
-    GEMV_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, out)
+    n = pm.n_rows
+    if n * (pm.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:
+        SPAN_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out, 0, n)
+    else:
+        GEMV_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out)
     return out
 
 
 def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, out: np.ndarray | None = None,
               scratch: Q8Act | None = None, *, xq: Q8Act | None = None, path: str | None = None) -> np.ndarray:
-    """out[i] = W[rows[i]] . x (compact output, len(rows)); rows: int32/int64 indices in [0, n_rows).
+    """out[i] = W[rows[i]] . x (compact output, len(rows)); rows: int32 indices (others are converted) in [0, n_rows).
     Other arguments as gemv."""
     xq = _activation(pm, x, scratch, xq)
     rows = np.asarray(rows)
-    if rows.dtype not in (np.int32, np.int64):
-        rows = rows.astype(np.int64)
+    if rows.dtype != np.int32 or not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows, dtype=np.int32)  # one dtype -> one compiled specialisation
     if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= pm.n_rows):
         raise IndexError("row index out of range")
     if out is None:
         out = np.empty(rows.shape[0], np.float32)
     elif out.shape[0] != rows.shape[0]:
         raise ValueError(f"out has {out.shape[0]} elements for {rows.shape[0]} rows")
-    ROWS_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out)
+    k = rows.shape[0]
+    if k == 0:
+        return out
+    if k * (pm.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:
+        SPAN_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out, 0, k)
+    else:
+        GEMV_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out)
     return out

@@ -25,13 +25,14 @@ class ArchTraits:
     activation: str          # "silu" (SwiGLU) or "gelu" (GeGLU, tanh approximation)
     embed_scale_sqrt_d: bool  # gemma3: input embeddings times sqrt(n_embd)
     sliding_window: bool     # gemma3: local layers attend to a window, with their own rope base
+    prescale_q: bool         # gemma3: q is multiplied by the attention scale before q.k (llama.cpp order)
 
 
 ARCHITECTURES: dict[str, ArchTraits] = {
-    "llama": ArchTraits(False, False, False, False, "silu", False, False),
-    "qwen2": ArchTraits(True, True, False, False, "silu", False, False),
-    "qwen3": ArchTraits(True, False, True, False, "silu", False, False),
-    "gemma3": ArchTraits(True, False, True, True, "gelu", True, True),
+    "llama": ArchTraits(False, False, False, False, "silu", False, False, False),
+    "qwen2": ArchTraits(True, True, False, False, "silu", False, False, False),
+    "qwen3": ArchTraits(True, False, True, False, "silu", False, False, False),
+    "gemma3": ArchTraits(True, False, True, True, "gelu", True, True, True),
 }
 
 GEMMA3_SWA_PATTERN = 6       # every 6th layer (il % 6 == 5) is global, the others local

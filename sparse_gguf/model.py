@@ -114,6 +114,8 @@ class Model:
             ops.rope(k, cos, sin, tr.rope_neox)
             self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2).astype(np.float16)
             self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2).astype(np.float16)
+            if tr.prescale_q:                                        # gemma3 scales q itself, in f32
+                q *= np.float32(cfg.attn_scale)
             attn = self._attention(il, q, p0, T, cfg.swa_window if local else 0)   # (T, n_head*head_dim)
             o = L.wo.matmul(attn)                                    # (T, n_embd)
             if L.post_attn_norm is not None:
@@ -147,18 +149,20 @@ class Model:
         """q: (T, n_head, head_dim) at positions p0..p0+T-1 -> (T, n_head*head_dim).
         Causal; with window > 0 a query at position p sees keys at positions > p - window."""
         cfg = self.cfg
+        scale = np.float32(1.0 if cfg.traits.prescale_q else cfg.attn_scale)
         kc, vc = self.k_cache[il], self.v_cache[il]                  # (n_head_kv, n_ctx, head_dim)
         n_keys = p0 + T
         if T == 1:
             start = max(0, n_keys - window) if window else 0
             out = np.empty((cfg.n_head, cfg.head_dim), dtype=np.float32)
-            ops.attention_decode(np.ascontiguousarray(q[0]), kc, vc, start, n_keys, np.float32(cfg.attn_scale), out)
+            ops.attention_decode(np.ascontiguousarray(q[0]), kc, vc, start, n_keys, scale, out)
             return out.reshape(1, -1)
         G = cfg.n_gqa
         K = kc[:, :n_keys]                                           # (n_kv, L, hd)
         V = vc[:, :n_keys]
-        qg = q.reshape(T, cfg.n_head_kv, G, cfg.head_dim).transpose(1, 2, 0, 3)   # (n_kv, G, T, hd)
-        scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2)) * np.float32(cfg.attn_scale)  # (n_kv, G, T, L)
+        q16 = q.astype(np.float16).astype(np.float32)                # llama.cpp rounds q to f16 for q.k
+        qg = q16.reshape(T, cfg.n_head_kv, G, cfg.head_dim).transpose(1, 2, 0, 3)   # (n_kv, G, T, hd)
+        scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2)) * scale   # (n_kv, G, T, L)
         qpos = p0 + np.arange(T)[:, None]
         kpos = np.arange(n_keys)[None, :]
         allowed = kpos <= qpos
@@ -168,5 +172,6 @@ class Model:
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
+        scores = scores.astype(np.float16).astype(np.float32)        # and the probabilities for p.v
         out = np.matmul(scores, V[:, None])                          # (n_kv, G, T, hd)
         return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, cfg.n_head * cfg.head_dim)

@@ -10,6 +10,7 @@ import numpy as np
 from gguf import GGUFReader, GGMLQuantizationType, GGML_QUANT_SIZES
 
 from numba_kernels import dequant, qgemv
+from numba_kernels.actquant import ACT_KIND, Q8_1, fake_quantize, q8_1_sum_correction
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
@@ -21,7 +22,8 @@ class QuantMatrix:
 
     Decode (one vector) uses the fast SIMD kernel of numba_kernels.qgemv when the type has one, otherwise the
     generic dequantize-a-row-then-dot kernel. Prefill (many vectors) dequantizes one tile of rows at a time
-    into a BLAS matmul, so no float32 copy of the matrix is ever kept.
+    into a BLAS matmul, so no float32 copy of the matrix is ever kept. Every path first rounds the
+    activations as llama.cpp does for this weight type (numba_kernels.actquant), so results track llama.cpp's.
     """
 
     def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int):
@@ -30,6 +32,7 @@ class QuantMatrix:
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.raw = raw                      # uint8 (n_rows, row_bytes), the GGUF bytes (memory-mapped)
+        self.act_kind = ACT_KIND[self.qtype]
         self.packed = qgemv.pack(raw, self.qtype, n_cols) if self.qtype in qgemv.FAST_TYPES else None
 
     @property
@@ -43,7 +46,7 @@ class QuantMatrix:
         if self.packed is not None:
             qgemv.gemv(self.packed, x, out)
         else:
-            dequant.gemv(self.raw, self.qtype, x, out)
+            dequant.gemv(self.raw, self.qtype, fake_quantize(x.reshape(1, -1), self.act_kind)[0], out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -51,8 +54,16 @@ class QuantMatrix:
         if x.shape[0] == 1:
             return self.matvec(x[0]).reshape(1, -1)
         out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
-        dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, np.ascontiguousarray(x), out)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, fake_quantize(x, self.act_kind), out)
+        if self.act_kind == Q8_1:        # Q4_1/Q5_1: llama.cpp's min term uses an fp16-rounded block sum
+            out += q8_1_sum_correction(x) @ self._block_mins().T
         return out
+
+    def _block_mins(self) -> np.ndarray:
+        """Q4_1/Q5_1: each block's min m (bytes 2-3 of the block, f16) -> (n_rows, n_cols/32) float32."""
+        blocks = self.raw.reshape(self.n_rows, self.n_cols // 32, -1)
+        return np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0].astype(np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_cols) float32."""

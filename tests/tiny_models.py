@@ -1,6 +1,6 @@
 """Tiny random-weight GGUF models for numerics tests.
 
-``write_tiny_model`` writes a small model (default 2 layers, n_embd=256) for one
+``write_tiny_model`` writes a small model (2-6 layers, n_embd=256) for one
 of the architectures ``llama``, ``qwen2``, ``qwen3``, ``gemma3`` with the real
 SmolLM2 tokenizer (gpt2 BPE, 49152 tokens), so the file loads in llama.cpp
 (through llama-cpp-python) as well as in sparse-gguf, and the same English
@@ -17,11 +17,27 @@ first and converted by llama.cpp's own quantizer (``llama_cpp.llama_model_quanti
 llama.cpp then chooses the type per tensor (e.g. Q4_K_M mixes Q4_K and Q6_K).
 1-D tensors (norms, biases, rope factors) always stay F32.
 
+Per-architecture defaults (n_embd=256, n_ff=512, n_head=4, n_head_kv=2, vocab 49152):
+
+* llama:  2 layers, head_dim 64, tied output (no output.weight), rope base 1e4, rope.dimension_count
+          written; rope_scaling="linear" (type+factor 2) or "llama3" (rope_freqs.weight tensor).
+* qwen2:  2 layers, q/k/v biases, untied output (output.weight), rope base 1e6.
+* qwen3:  2 layers, attn_q_norm/attn_k_norm, head_dim 128 != n_embd/n_head (key/value_length
+          written), tied, rope base 1e6.
+* gemma3: 6 layers (llama.cpp's default swa pattern 6: layers 0-4 sliding window, layer 5 global),
+          sliding_window 8, rope base 1e6 for global layers and the default 10000 for local ones (no
+          freq_base_swa key unless overridden), attn_q/k_norm, post_attention_norm, post_ffw_norm,
+          tied, add_bos_token true.  Norm weights are stored as llama.cpp uses them (x * w, i.e. the
+          HF "1 + w" already applied).
+
+``read_gguf_summary`` is a fast header parser (gguf.GGUFReader needs seconds for the tokenizer arrays).
+
 This is a helper module for the tests, not a test file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -29,6 +45,7 @@ import json
 import math
 import os
 import pathlib
+import struct
 import threading
 from typing import Any
 
@@ -47,6 +64,8 @@ __all__ = [
     "write_tiny_model",
     "cached_tiny_model",
     "expected_tensor_names",
+    "GGUFSummary",
+    "read_gguf_summary",
 ]
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
@@ -118,7 +137,7 @@ _OVERRIDE_DEFAULTS: dict[str, Any] = dict(
     final_logit_softcapping=None,  # float -> gemma3.final_logit_softcapping
     # weight scales
     embd_std=None,             # std of token_embd (per-arch default)
-    embd_row_spread=None,      # sigma of the log-normal per-row scale of token_embd / output
+    out_norm_gain=None,        # mean of output_norm weights (default: logits std ~4)
     qk_gain=None,              # extra gain on q/k projections (or q/k norm weights) -> attention sharpness
     ffn_gain=None,             # gain of ffn_down (relative to 1/sqrt(n_ff))
     post_norm_gain=None,       # gemma3: mean of post_attention_norm / post_ffw_norm weights
@@ -216,19 +235,30 @@ def _resolve(arch: str, n_layer: int | None, n_embd: int, n_head: int, n_head_kv
         raise ValueError("qwen2 requires head_dim == n_embd // n_head")
     if cfg["head_dim"] % 2:
         raise ValueError("head_dim must be even (rope)")
+    if arch != "gemma3" and any(cfg[k] is not None for k in ("swa_pattern", "rope_freq_base_swa",
+                                                              "final_logit_softcapping")):
+        raise ValueError("swa_pattern / rope_freq_base_swa / final_logit_softcapping are gemma3-only")
     if cfg["add_bos_token"] is None:
         cfg["add_bos_token"] = arch == "gemma3"  # gemma models expect BOS
     if cfg["embd_std"] is None:
-        # gemma3 multiplies the embeddings by sqrt(n_embd) in the graph
-        cfg["embd_std"] = 0.25
+        # tied llama/qwen: small input embeddings, so that the residual stream is not dominated by the
+        # current token (which would make "repeat the input token" the top prediction)
+        cfg["embd_std"] = 0.1 if (cfg["tied"] and arch != "gemma3") else 0.25
+    if cfg["out_norm_gain"] is None:
+        # logits std ~ out_norm_gain * sqrt(n_embd) * std(output matrix) ~ 4
+        out_std = cfg["embd_std"] if cfg["tied"] else 0.25
+        cfg["out_norm_gain"] = 4.0 / (math.sqrt(n_embd) * out_std)
     if cfg["post_norm_gain"] is None:
+        # gemma3 scales the input embeddings by sqrt(n_embd) (rms 0.25*16 = 4 here); large post-norm
+        # weights let the layers outweigh the current token in the residual stream
         cfg["post_norm_gain"] = 8.0
-    if cfg["embd_row_spread"] is None:
-        cfg["embd_row_spread"] = 0.0
+    # Gains trade sensitivity to engine bugs (rope, attention pattern, FFN) against sensitivity to
+    # harmless numeric noise (llama.cpp quantizes activations to 8 bits in quantized matmuls).
     if cfg["ffn_gain"] is None:
-        cfg["ffn_gain"] = 2.0
+        cfg["ffn_gain"] = 0.5
     if cfg["qk_gain"] is None:
-        cfg["qk_gain"] = 1.5
+        # attention logits have std ~ qk_gain**2
+        cfg["qk_gain"] = 0.85 if arch == "gemma3" else 1.0
     return cfg
 
 
@@ -296,18 +326,10 @@ def _make_tensors(arch: str, cfg: dict[str, Any], *, seed: int, n_embd: int, n_f
 
     t: dict[str, np.ndarray] = {}
     def vocab_matrix(std: float) -> np.ndarray:
-        m = rng.standard_normal((VOCAB_SIZE, n_embd), dtype=np.float32)
-        spread = float(cfg["embd_row_spread"])
-        if spread:
-            # log-normal row norms (normalised to unit mean square): a few tokens stand out,
-            # so the top-1 token is separated from the runner-up by a larger gap
-            s = np.exp(spread * rng.standard_normal(VOCAB_SIZE)) 
-            s /= np.sqrt(np.mean(s * s))
-            std = std * s[:, None]
-        return (m * np.asarray(std, dtype=np.float32)).astype(np.float32)
+        return rng.standard_normal((VOCAB_SIZE, n_embd), dtype=np.float32) * np.float32(std)
 
     t["token_embd.weight"] = vocab_matrix(cfg["embd_std"])
-    t["output_norm.weight"] = norm(n_embd)
+    t["output_norm.weight"] = norm(n_embd, cfg["out_norm_gain"])
     if not cfg["tied"]:
         t["output.weight"] = vocab_matrix(0.25)
     if arch == "llama" and rope_scaling == "llama3":
@@ -371,16 +393,10 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
     if arch == "llama":
         # llama.cpp requires rope.dimension_count == head_dim for llama
         w.add_rope_dimension_count(hd)
-    if rope_scaling is not None:
-        if rope_scaling == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(cfg["rope_factor"] or 2.0))
-        elif rope_scaling == "llama3":
-            if arch != "llama":
-                raise ValueError("rope_scaling='llama3' is only supported for arch='llama'")
-            # llama3 rope is expressed only by the rope_freqs.weight tensor (as convert_hf_to_gguf does)
-        else:
-            raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear' or 'llama3')")
+    if rope_scaling == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg["rope_factor"]))
+    # rope_scaling == "llama3" is expressed only by the rope_freqs.weight tensor (as convert_hf_to_gguf does)
     if arch == "gemma3":
         if cfg["sliding_window"]:
             w.add_sliding_window(int(cfg["sliding_window"]))
@@ -390,9 +406,6 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
             w.add_rope_freq_base_swa(float(cfg["rope_freq_base_swa"]))
         if cfg["final_logit_softcapping"] is not None:
             w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
-    elif cfg["swa_pattern"] is not None or cfg["rope_freq_base_swa"] is not None \
-            or cfg["final_logit_softcapping"] is not None:
-        raise ValueError("swa_pattern / rope_freq_base_swa / final_logit_softcapping are gemma3-only")
     _add_tokenizer(w, cfg["add_bos_token"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -422,7 +435,15 @@ def _llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, p
     params.ftype = ftype
     params.nthread = 2
     params.pure = bool(pure)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    try:  # the quantizer logs every tensor to stderr
+        from llama_cpp._utils import suppress_stdout_stderr
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        def suppress_stdout_stderr(disable: bool = False):
+            return contextlib.nullcontext()
+    with suppress_stdout_stderr(disable=False):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {weight_type}) failed with {rc}")
 
@@ -443,6 +464,10 @@ def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0
     weight_type = weight_type.upper()
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    if rope_scaling not in (None, "linear", "llama3"):
+        raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear' or 'llama3')")
+    if rope_scaling == "llama3" and arch != "llama":
+        raise ValueError("rope_scaling='llama3' is only supported for arch='llama'")
     cfg = _resolve(arch, n_layer, n_embd, n_head, n_head_kv, head_dim, overrides)
     if rope_scaling == "linear" and cfg["rope_factor"] is None:
         cfg["rope_factor"] = 2.0
@@ -487,3 +512,113 @@ def cached_tiny_model(tmp_root, arch: str, weight_type: str = "F32", **kw) -> pa
             tmp.unlink(missing_ok=True)
         (tmp_root / (path.name + ".json")).write_text(key)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# fast GGUF summary (gguf.GGUFReader takes seconds on the 49152-entry tokenizer arrays)
+
+_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+@dataclasses.dataclass
+class GGUFSummary:
+    """Metadata and tensor directory of a GGUF file.
+
+    kv: key -> value (scalars as python values, string arrays as lists, numeric arrays as numpy arrays).
+    tensors: name -> (GGMLQuantizationType, shape in ggml order (ne0, ne1, ...), absolute byte offset).
+    """
+
+    path: pathlib.Path
+    kv: dict[str, Any]
+    tensors: dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...], int]]
+
+    def f32_tensor(self, name: str) -> np.ndarray:
+        qtype, shape, offset = self.tensors[name]
+        if qtype != gguf.GGMLQuantizationType.F32:
+            raise TypeError(f"{name} is {qtype.name}, not F32")
+        n = int(np.prod(shape))
+        data = np.fromfile(self.path, dtype="<f4", count=n, offset=offset)
+        return data.reshape(tuple(reversed(shape)))
+
+
+def read_gguf_summary(path) -> GGUFSummary:
+    """Parse the header of a GGUF file (v2/v3, little-endian) without reading tensor data."""
+    path = pathlib.Path(path)
+    size = 8 << 20
+    while True:
+        with open(path, "rb") as fh:
+            buf = fh.read(size)
+        try:
+            return _parse_gguf_header(path, buf)
+        except EOFError:
+            if len(buf) < size:
+                raise ValueError(f"{path}: truncated GGUF header") from None
+            size *= 4
+
+
+def _parse_gguf_header(path: pathlib.Path, buf: bytes) -> GGUFSummary:
+    pos = 0
+
+    def need(n: int) -> None:
+        if pos + n > len(buf):
+            raise EOFError
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        need(size)
+        val = struct.unpack_from(fmt, buf, pos)[0]
+        pos += size
+        return val
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        need(n)
+        s = buf[pos:pos + n].decode("utf-8", errors="replace")
+        pos += n
+        return s
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            itype = take("<I")
+            n = take("<Q")
+            if itype == 8:
+                return [string() for _ in range(n)]
+            if itype in _NP_DTYPE:
+                nbytes = n * np.dtype(_NP_DTYPE[itype]).itemsize
+                need(nbytes)
+                arr = np.frombuffer(buf, dtype=_NP_DTYPE[itype], count=n, offset=pos).copy()
+                pos += nbytes
+                return arr
+            return [value(itype) for _ in range(n)]
+        return take(_SCALAR_FMT[vtype])
+
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    pos = 4
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors = take("<Q")
+    n_kv = take("<Q")
+    kv: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        kv[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        shape = tuple(take("<Q") for _ in range(n_dims))
+        qtype = gguf.GGMLQuantizationType(take("<I"))
+        offset = take("<Q")
+        infos.append((name, qtype, shape, offset))
+    alignment = int(kv.get("general.alignment", 32))
+    data_start = (pos + alignment - 1) // alignment * alignment
+    tensors = {name: (qtype, shape, data_start + offset) for name, qtype, shape, offset in infos}
+    return GGUFSummary(path, kv, tensors)

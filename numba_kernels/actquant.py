@@ -1,0 +1,90 @@
+"""Activation rounding exactly as llama.cpp's CPU backend applies it inside matrix products.
+
+ggml converts the activations of every matmul to the weight type's "vec_dot_type" before the dot product
+(ggml-cpu type traits): Q4_0/Q5_0/Q8_0 weights -> Q8_0 activations; Q4_1/Q5_1 -> Q8_1; K-quants -> Q8_K;
+F16 -> f16; BF16 -> bf16; F32 -> f32 (untouched). Reproducing that rounding makes our logits track
+llama.cpp's closely (near-tied tokens resolve the same way), for the integer SIMD decode kernels and for the
+float BLAS prefill alike: a dot product with the rounded activations equals the integer dot product.
+
+Q8_0 / Q8_1 (x86 AVX2 path of quantize_row_q8_0/1): per block of 32, amax = max|x|, d = fp16(amax/127),
+q = round_half_even(x * 127/amax). Q8_1 adds s = fp16((amax/127) * sum(q)) for the weight's min term.
+Q8_K (quantize_row_q8_K_ref): per block of 256, max = the signed value of largest magnitude,
+iscale = -127/max, q = min(127, round_half_even(iscale*x)), d = 1/iscale kept in f32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from numba import njit
+
+# vec_dot_type of each weight type (what its activations are rounded to)
+Q8_0, Q8_1, Q8_K, F16, BF16, F32 = "q8_0", "q8_1", "q8_k", "f16", "bf16", "f32"
+ACT_KIND = {
+    int(QT.Q4_0): Q8_0, int(QT.Q5_0): Q8_0, int(QT.Q8_0): Q8_0,
+    int(QT.Q4_1): Q8_1, int(QT.Q5_1): Q8_1,
+    int(QT.Q4_K): Q8_K, int(QT.Q5_K): Q8_K, int(QT.Q6_K): Q8_K,
+    int(QT.F16): F16, int(QT.BF16): BF16, int(QT.F32): F32,
+}
+
+
+@njit(cache=True, inline="always")
+def f16_round(x):
+    """float32 -> nearest fp16 value (ties to even), as float32. No bit tricks: Veltkamp splitting keeps the
+    top 11 significant bits for normal fp16 values; below 2^-14 fp16 is a fixed grid of 2^-24.
+    Must not be compiled with fastmath (the split relies on exact IEEE rounding)."""
+    x = np.float32(x)
+    a = abs(x)
+    if a < np.float32(6.103515625e-05):                      # fp16 subnormal range
+        return np.float32(np.rint(x * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08))
+    if a >= np.float32(65520.0):                             # rounds to inf in fp16
+        return np.float32(np.inf) if x > 0 else np.float32(-np.inf)
+    c = x * np.float32(8193.0)                               # 2^13 + 1: keep 24 - 13 = 11 bits
+    return np.float32(c - (c - x))
+
+
+def fake_quantize(x: np.ndarray, kind: str) -> np.ndarray:
+    """x: (T, n) float32 -> (T, n) float32, the values llama.cpp's activation quantization represents."""
+    if kind == F32:
+        return x
+    if kind == F16:
+        return x.astype(np.float16).astype(np.float32)
+    if kind == BF16:
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)   # round to nearest even
+        return rounded.view(np.float32)
+    T, n = x.shape
+    if kind in (Q8_0, Q8_1):
+        b = x.reshape(T, n // 32, 32)
+        amax = np.abs(b).max(axis=-1, keepdims=True)
+        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        q = np.rint(b * inv)
+        return (q * d).reshape(T, n).astype(np.float32)
+    if kind == Q8_K:
+        b = x.reshape(T, n // 256, 256)
+        idx = np.abs(b).argmax(axis=-1)[..., None]
+        vmax = np.take_along_axis(b, idx, axis=-1)                                 # signed
+        with np.errstate(divide="ignore"):
+            iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
+            d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+        q = np.minimum(np.rint(b * iscale), 127)
+        return (q * d).reshape(T, n).astype(np.float32)
+    raise ValueError(f"unknown activation kind {kind}")
+
+
+def q8_1_sum_correction(x: np.ndarray) -> np.ndarray:
+    """x: (T, n) -> (T, n/32): llama.cpp's Q8_1 block sum s = fp16((amax/127) * sum(q)) minus the exact sum of
+    the rounded activations d * sum(q). Q4_1/Q5_1 dot products use s for their min term (m * s), so a BLAS
+    product with the rounded activations needs `+ delta @ mins.T` to equal llama.cpp's integer kernel."""
+    T, n = x.shape
+    b = x.reshape(T, n // 32, 32)
+    amax = np.abs(b).max(axis=-1)
+    d_exact = (amax / np.float32(127.0)).astype(np.float32)
+    d = d_exact.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    qsum = np.rint(b * inv[..., None]).sum(axis=-1).astype(np.float32)
+    s_llama = (d_exact * qsum).astype(np.float16).astype(np.float32)
+    return (s_llama - d * qsum).astype(np.float32)

