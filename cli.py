@@ -22,7 +22,9 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="threads (default: physi
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # rich wraps at 80 columns when output is not a terminal; tables read better unwrapped in logs
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -112,6 +114,9 @@ def chat(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def note(text: str) -> None:          # dim status lines on stderr; brackets are text, not rich markup
+        err.print(text, style="dim", markup=False)
+
     if interactive:
         err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {ctx}. "
                   "/exit or Ctrl-D quits, /clear forgets the conversation, Ctrl-C stops a reply.[/dim]")
@@ -129,13 +134,13 @@ def chat(
             break
         if text == "/clear":
             session.clear()
-            err.print("[dim][conversation cleared][/dim]")
+            note("[conversation cleared]")
             continue
-        stats = session.reply(text, out, lambda s: err.print(f"[dim]{s}[/dim]"))
+        stats = session.reply(text, out, note)
         out("\n")
         if stats.stop == "interrupted":
-            err.print("[dim][reply stopped][/dim]")
-        err.print(f"[dim]{stats.line()}[/dim]")
+            note("[reply stopped]")
+        note(stats.line())
 
 
 @app.command()

@@ -136,3 +136,34 @@ def attention_decode(q, k_cache, v_cache, start, end, scale, out):
                 acc[i] += p * v_cache[kvh, start + j, i]
         for i in range(D):
             out[h, i] = acc[i]
+
+
+@njit(cache=True, parallel=True)
+def masked_softmax_f16(scores, p0, window):
+    """In place over the last axis, for prefill. scores: (n_rows, T, L) raw q.k*scale for T queries at
+    positions p0..p0+T-1 against keys 0..L-1. Causal mask (and, with window > 0, keys > pos - window only);
+    the probabilities are rounded to f16 as llama.cpp's f16 p.v product does; masked entries become 0."""
+    R, T, L = scores.shape
+    for rt in prange(R * T):
+        r = rt // T
+        t = rt - r * T
+        pos = p0 + t
+        lo = pos - window + 1 if window > 0 else 0
+        if lo < 0:
+            lo = 0
+        hi = min(pos + 1, L)
+        m = -np.inf
+        for j in range(lo, hi):
+            if scores[r, t, j] > m:
+                m = scores[r, t, j]
+        total = 0.0
+        for j in range(lo, hi):
+            e = np.float32(math.exp(scores[r, t, j] - m))
+            scores[r, t, j] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        for j in range(L):
+            if j >= lo and j < hi:
+                scores[r, t, j] = f16_round(scores[r, t, j] * inv)
+            else:
+                scores[r, t, j] = 0.0

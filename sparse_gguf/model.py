@@ -17,7 +17,7 @@ from .errors import SparseGGUFError
 from .gguf_file import open_gguf
 from .rope import RopeTable
 from .threads import set_threads
-from .weights import ModelWeights, load_weights
+from .weights import ModelWeights, load_weights, release_mapped_pages
 
 PREFILL_CHUNK = 512   # tokens per prefill step (bounds the attention score matrix)
 DEFAULT_CTX = 4096
@@ -28,9 +28,11 @@ class Model:
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         self.path = Path(path)
-        self.reader = open_gguf(self.path)
-        self.cfg = cfg = ModelConfig.from_gguf(self.reader)
-        self.weights: ModelWeights = load_weights(self.reader, cfg)
+        reader = open_gguf(self.path)      # dropped after loading: its parsed tokenizer fields are large
+        self.cfg = cfg = ModelConfig.from_gguf(reader)
+        self.weights: ModelWeights = load_weights(reader, cfg)
+        release_mapped_pages(reader)
+        del reader
         self.n_threads = set_threads(n_threads)
         self.n_ctx = int(n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX))
         if self.n_ctx < 1:
@@ -162,16 +164,8 @@ class Model:
         V = vc[:, :n_keys]
         q16 = q.astype(np.float16).astype(np.float32)                # llama.cpp rounds q to f16 for q.k
         qg = q16.reshape(T, cfg.n_head_kv, G, cfg.head_dim).transpose(1, 2, 0, 3)   # (n_kv, G, T, hd)
-        scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2)) * scale   # (n_kv, G, T, L)
-        qpos = p0 + np.arange(T)[:, None]
-        kpos = np.arange(n_keys)[None, :]
-        allowed = kpos <= qpos
-        if window:
-            allowed &= (qpos - kpos) < window
-        scores = np.where(allowed, scores, -np.inf)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        scores = scores.astype(np.float16).astype(np.float32)        # and the probabilities for p.v
+        scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2))    # (n_kv, G, T, L)
+        scores *= scale
+        ops.masked_softmax_f16(scores.reshape(-1, T, n_keys), p0, window)   # probabilities, rounded to f16
         out = np.matmul(scores, V[:, None])                          # (n_kv, G, T, hd)
         return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, cfg.n_head * cfg.head_dim)

@@ -4,6 +4,7 @@ same size for the fast kernels); 1-D tensors (norms, biases) are float32.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,15 @@ from numba_kernels.actquant import ACT_KIND, Q8_1, fake_quantize, q8_1_sum_corre
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import type_name
+
+
+# Prefill dequantizes at most this many weights at once (32 MiB of float32): whole layer matrices in one
+# piece, so each BLAS call follows one dequantization (OpenBLAS threads spin for a while after a call and
+# slow down Numba work interleaved with it), while the output matrix of a large vocabulary is still tiled.
+PREFILL_TILE_ELEMENTS = 8 * 1024 * 1024
+# Up to this many vectors, a matmul runs the decode GEMV once per vector instead (dequantizing all of W
+# costs as much as ~30 GEMVs on the default model).
+SMALL_BATCH = 16
 
 
 class QuantMatrix:
@@ -51,11 +61,14 @@ class QuantMatrix:
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x: (T, n_cols) float32 -> (T, n_rows) float32."""
-        if x.shape[0] == 1:
-            return self.matvec(x[0]).reshape(1, -1)
         out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
+        if x.shape[0] == 1 or (x.shape[0] <= SMALL_BATCH and self.packed is not None):
+            for t in range(x.shape[0]):          # a few vectors: the GEMV beats dequantizing all of W
+                self.matvec(np.ascontiguousarray(x[t]), out[t])
+            return out
         x = np.ascontiguousarray(x, dtype=np.float32)
-        dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, fake_quantize(x, self.act_kind), out)
+        dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, fake_quantize(x, self.act_kind), out,
+                                tile_rows=max(1, PREFILL_TILE_ELEMENTS // self.n_cols))
         if self.act_kind == Q8_1:        # Q4_1/Q5_1: llama.cpp's min term uses an fp16-rounded block sum
             out += q8_1_sum_correction(x) @ self._block_mins().T
         return out
@@ -167,3 +180,15 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
     return ModelWeights(token_embd=token_embd, output_norm=vector("output_norm.weight", d), output=output,
                         layers=layers, rope_freqs=rope_freqs,
                         output_bias=vector("output.bias", cfg.n_vocab, optional=True))
+
+
+def release_mapped_pages(reader: GGUFReader) -> None:
+    """Drop the file pages that loading touched (repacking read every fast-path matrix once) from this
+    process's resident set, so RSS stays near the model size instead of twice it. The mapping stays valid:
+    pages still in use (embedding rows, generic-path matrices) are read back from the page cache on demand."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass

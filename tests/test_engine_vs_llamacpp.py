@@ -26,7 +26,7 @@ TOP1_MIN = 0.95
 CASES = [
     ("llama", "F32", {}), ("llama", "Q4_1", {}), ("llama", "Q8_0", {}), ("llama", "Q4_K", {}),
     ("llama", "F16", {"rope_scaling": "linear"}), ("llama", "Q5_0", {"rope_scaling": "llama3"}),
-    ("qwen2", "F32", {}), ("qwen2", "Q4_0", {}), ("qwen2", "BF16", {}), ("qwen2", "Q5_K", {}),
+    ("qwen2", "F32", {}), ("qwen2", "Q4_0", {}), ("qwen2", "Q8_0", {"rope_scaling": "yarn"}), ("qwen2", "BF16", {}), ("qwen2", "Q5_K", {}),
     ("qwen3", "F32", {}), ("qwen3", "Q8_0", {}), ("qwen3", "Q5_1", {}), ("qwen3", "Q6_K", {}),
     ("gemma3", "F32", {}), ("gemma3", "Q4_1", {}), ("gemma3", "F16", {}), ("gemma3", "Q8_0", {}),
 ]

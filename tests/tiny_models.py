@@ -396,6 +396,11 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
     if rope_scaling == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg["rope_factor"]))
+    if rope_scaling == "yarn":
+        # YaRN: interpolate low frequencies by `factor`, keep high ones; original context 1/4 of the train one
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(cfg["rope_factor"]))
+        w.add_rope_scaling_orig_ctx_len(max(1, n_ctx_train // 4))
     # rope_scaling == "llama3" is expressed only by the rope_freqs.weight tensor (as convert_hf_to_gguf does)
     if arch == "gemma3":
         if cfg["sliding_window"]:
@@ -464,11 +469,13 @@ def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0
     weight_type = weight_type.upper()
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
-    if rope_scaling not in (None, "linear", "llama3"):
-        raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear' or 'llama3')")
+    if rope_scaling not in (None, "linear", "llama3", "yarn"):
+        raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear', 'llama3' or 'yarn')")
     if rope_scaling == "llama3" and arch != "llama":
         raise ValueError("rope_scaling='llama3' is only supported for arch='llama'")
     cfg = _resolve(arch, n_layer, n_embd, n_head, n_head_kv, head_dim, overrides)
+    if rope_scaling == "yarn" and cfg["rope_factor"] is None:
+        cfg["rope_factor"] = 4.0
     if rope_scaling == "linear" and cfg["rope_factor"] is None:
         cfg["rope_factor"] = 2.0
     if rope_scaling == "llama3" and cfg["rope_factor"] is None:
