@@ -157,7 +157,7 @@ def bench(
     from rich.table import Table
 
     from sparse_gguf.bench import parse_tests, run_bench
-    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.default_model import baseline_path, resolve_model_path
     from sparse_gguf.info import describe
     from sparse_gguf.model import Model
     from sparse_gguf.reference import LlamaCppEngine
@@ -167,7 +167,7 @@ def bench(
         raise SparseGGUFError("--reps must be at least 1")
     test_list = parse_tests(tests)
     path = resolve_model_path(model)
-    base_path = resolve_model_path(baseline) if baseline else path
+    base_path = baseline_path(path, baseline) if not no_baseline else None
     n_threads = set_threads(threads)
     n_ctx = max(t.ctx_needed for t in test_list) + 16
     d = describe(path)
@@ -209,7 +209,7 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """KL divergence, top-1 agreement and perplexity of MODEL against a reference on a text."""
-    from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.default_model import baseline_path, resolve_model_path
     from sparse_gguf.evaluate import evaluate, make_chunks
     from sparse_gguf.model import Model
     from sparse_gguf.reference import LlamaCppEngine
@@ -231,10 +231,9 @@ def eval_cmd(
     chunk_list = make_chunks(tokens, ctx, chunks, tok.bos_id if tok.add_bos else None)
     engine = Model(path, n_ctx=ctx, n_threads=threads)
     if reference == "llama.cpp":
-        ref = LlamaCppEngine(resolve_model_path(baseline) if baseline else path, n_ctx=ctx,
-                             n_threads=engine.n_threads, logits_all=True)
-    else:
-        ref = Model(path, n_ctx=ctx, n_threads=engine.n_threads)
+        ref = LlamaCppEngine(baseline_path(path, baseline), n_ctx=ctx, n_threads=engine.n_threads, logits_all=True)
+    else:                                  # the same file through its own dense path (no sparsity)
+        ref = Model(path, n_ctx=ctx, n_threads=engine.n_threads, dense=True)
     err = _console(stderr=True)
     with err.status("evaluating") as status:
         result = evaluate(engine, ref, chunk_list, progress=lambda i, n: status.update(f"chunk {i}/{n}"))
@@ -250,6 +249,59 @@ def eval_cmd(
               f"p99 {result['kl_p99']:.5f}  max {result['kl_max']:.5f} nats")
     con.print(f"top-1 agreement: {result['top1_agreement']:.4f}")
     con.print(f"perplexity: model {result['ppl']:.4f}  reference {result['ppl_reference']:.4f}")
+
+
+@app.command()
+def convert(
+    model: Optional[str] = ModelArg,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output GGUF (default: <name>.sparse.gguf)"),
+    budget_kl: float = typer.Option(0.05, "--budget-kl", help="mean KL (nats) allowed against dense"),
+    min_top1: float = typer.Option(0.92, "--min-top1", help="lowest top-1 agreement with dense allowed"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="force this FFN sparsity in every layer"),
+    calib: list[Path] = typer.Option([], "--calib", help="extra calibration text file (repeatable)"),
+    calib_only: bool = typer.Option(False, "--calib-only", help="calibrate on --calib files only"),
+    threads: Optional[int] = ThreadsOpt,
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Calibrate FFN sparsity to a quality budget and write a sparse GGUF."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from converters.convert import convert as run_convert
+    from sparse_gguf.default_model import resolve_model_path
+
+    path = resolve_model_path(model)
+    err = _console(stderr=True)
+    with err.status("converting") as status, Progress(
+            TextColumn("writing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
+            console=err, transient=True) as bar:
+        task = bar.add_task("write", total=None, visible=False)
+
+        def write_progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, visible=True)
+
+        result = run_convert(path, output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity, calib_files=tuple(calib),
+                             calib_only=calib_only, threads=threads, progress=lambda m: status.update(m),
+                             write_progress=write_progress)
+    d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
+         "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
+         "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,
+         "layers": result.layer_table()}
+    if json_out:
+        print(json.dumps(d, indent=2))
+        return
+    con = _console()
+    t = Table(title="per-layer FFN plan (sparsity measured on held-out calibration tokens)")
+    for col in ("layer", "mode", "level", "up skipped", "down skipped"):
+        t.add_column(col, justify="right" if col != "mode" else "left")
+    for row in result.layer_table():
+        t.add_row(str(row["layer"]), row["mode"], f"{row['level']:.3f}", f"{row['up_skipped']:.3f}",
+                  f"{row['down_skipped']:.3f}")
+    con.print(t)
+    con.print(f"held-out estimate vs dense: KL {d['kl_mean']:.4f} nats, top-1 {d['top1_agreement']:.3f}; "
+              f"FFN bytes per token {d['ffn_bytes_ratio']:.1%} of dense")
+    con.print(f"calibration {d['calib_tokens']} tokens, held out {d['heldout_tokens']}; {d['seconds']:.0f} s")
+    con.print(f"wrote {d['output']}", soft_wrap=True)
 
 
 def main() -> None:

@@ -75,6 +75,16 @@ def swiglu(gate, up):
 
 
 @njit(cache=True, fastmath=True)
+def silu(x):
+    """In place: x / (1 + exp(-x)). x: (T, n)."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            g = x[t, i]
+            x[t, i] = g / (np.float32(1.0) + math.exp(-g))
+
+
+@njit(cache=True, fastmath=True)
 def gelu_tanh(x):
     """In place: GELU with the tanh approximation. x: (T, n)."""
     T, n = x.shape

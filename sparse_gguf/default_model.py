@@ -38,3 +38,18 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if not path.is_file():
         raise SparseGGUFError(f"{path}: not a file")
     return path
+
+
+def baseline_path(model_path: Path, baseline: str | Path | None) -> Path:
+    """The plain GGUF llama.cpp runs for comparison: --baseline, else the source a converted file records
+    (llama.cpp cannot load a converted file: it refuses the extra tensors), else MODEL itself."""
+    if baseline:
+        return resolve_model_path(baseline)
+    from .gguf_file import metadata, open_gguf
+
+    source = metadata(open_gguf(model_path), "sparse_gguf.source.path")
+    if source is None:
+        return model_path
+    if not Path(source).is_file():
+        raise SparseGGUFError(f"{model_path} was converted from {source}, which is gone: pass --baseline")
+    return Path(source)

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import open_gguf
 from .rope import RopeTable
+from .sparsity import SparsityPlan
 from .threads import set_threads
 from .weights import ModelWeights, load_weights, release_mapped_pages
 
@@ -26,11 +27,16 @@ DEFAULT_CTX = 4096
 class Model:
     """A loaded model and its run state (KV cache + number of cached positions)."""
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
+                 dense: bool = False):
         self.path = Path(path)
         reader = open_gguf(self.path)      # dropped after loading: its parsed tokenizer fields are large
         self.cfg = cfg = ModelConfig.from_gguf(reader)
         self.weights: ModelWeights = load_weights(reader, cfg)
+        self.sparsity: SparsityPlan | None = SparsityPlan.from_gguf(reader, cfg)   # None: a plain GGUF
+        self.dense = dense                   # ignore the file's sparsity plan
+        # calibration hook: observer(layer, ffn_input (T, n_embd), act(g), up, act(g)*up (each (T, n_ff)))
+        self.ffn_observer = None
         release_mapped_pages(reader)
         del reader
         self.n_threads = set_threads(n_threads)
@@ -125,13 +131,7 @@ class Model:
             x += o
             # --- feed-forward
             ops.rmsnorm(x, L.ffn_norm, eps, h)
-            gate = L.w_gate.matmul(h)                                # (T, n_ff)
-            up = L.w_up.matmul(h)
-            if tr.activation == "gelu":
-                ops.geglu(gate, up)
-            else:
-                ops.swiglu(gate, up)
-            f = L.w_down.matmul(gate)                                # (T, n_embd)
+            f = self._ffn(il, L, h)                                  # (T, n_embd)
             if L.post_ffn_norm is not None:
                 ops.rmsnorm(f, L.post_ffn_norm, eps, f)
             x += f
@@ -146,6 +146,42 @@ class Model:
         if cfg.final_softcap > 0:
             logits = np.tanh(logits / cfg.final_softcap) * np.float32(cfg.final_softcap)
         return logits
+
+    def _ffn(self, il: int, L, h: np.ndarray) -> np.ndarray:
+        """h: (T, n_embd) normed input -> (T, n_embd): down(act(gate(h)) * up(h)).
+
+        With a sparsity plan (sparse_gguf.sparsity) neurons are dropped in two stages: those whose |act(g)|
+        is below the up threshold skip up (and down), then those whose |act(g)*u| is below the down threshold
+        skip down. Here the skipped work is masked out of the dense computation, so results equal what a
+        kernel that never reads the skipped rows computes."""
+        plan = self.sparsity.layers[il] if self.sparsity is not None and not self.dense else None
+        gate = L.w_gate.matmul(h)                                    # (T, n_ff)
+        up = L.w_up.matmul(h)
+        if plan is None and self.ffn_observer is None:               # plain dense path
+            if self.cfg.traits.activation == "gelu":
+                ops.geglu(gate, up)
+            else:
+                ops.swiglu(gate, up)                                 # gate now holds a = act(g) * u
+            return L.w_down.matmul(gate)
+        g_act = self._activation(gate)                               # (T, n_ff) act(g)
+        if plan is not None and plan.up_threshold is not None:
+            up[np.abs(g_act) < plan.up_threshold] = 0.0
+        a = g_act * up                                               # (T, n_ff)
+        if plan is not None and plan.active:
+            plan.drop_inactive(a)
+        if self.ffn_observer is not None:
+            self.ffn_observer(il, h, g_act, up, a)
+        return L.w_down.matmul(a)
+
+    def _activation(self, gate: np.ndarray) -> np.ndarray:
+        """act(gate) as a new array, computed as the fused dense kernels compute it."""
+        if self.cfg.traits.activation == "gelu":
+            out = gate.copy()
+            ops.geglu(out, np.ones_like(gate))
+        else:
+            out = gate.copy()
+            ops.silu(out)
+        return out
 
     def _attention(self, il: int, q: np.ndarray, p0: int, T: int, window: int) -> np.ndarray:
         """q: (T, n_head, head_dim) at positions p0..p0+T-1 -> (T, n_head*head_dim).

@@ -1,0 +1,186 @@
+"""`sparse-gguf convert`: calibrate a GGUF model's FFN sparsity to a quality budget and write a new GGUF.
+
+Steps (each its own function, testable alone): calibration tokens (built-in texts, the model's own replies
+to built-in prompts, the user's file) -> activation statistics (calibrate.collect_stats) -> per-layer
+sparsity levels to the KL budget (calibrate.allocate) or a forced level -> measurement on held-out tokens ->
+the output file (gguf_out.write_model: temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.model import Model
+from sparse_gguf.sampling import Sampler, SamplingParams
+from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_MODES, KEY_VERSION, MODE_NAMES, TENSOR_THRESHOLD,
+                                   TENSOR_UP_THRESHOLD)
+from sparse_gguf.tokenizer import Tokenizer
+
+from . import calib_data
+from .calibrate import QualityProbe, allocate, collect_stats, measured_sparsity, plan_for
+
+CHUNK = 256                # tokens per calibration chunk
+HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
+MIN_TOP1 = 0.92            # default floor on held-out top-1 agreement with dense
+GEN_TOKENS = 64            # tokens the model writes per built-in prompt
+ALLOCATION_SECONDS = 180   # time the greedy refinement may take
+
+
+@dataclass
+class ConvertResult:
+    out_path: Path
+    levels: list[float]
+    skipped_up: list[float]       # measured fraction of (token, neuron) pairs skipping up, per layer (held-out)
+    skipped: list[float]          # ... skipping down (includes those that skipped up)
+    summary: dict                 # KL / top-1 on held-out tokens against dense
+    ffn_bytes_ratio: float
+    calib_tokens: int
+    heldout_tokens: int
+    seconds: float
+
+    def layer_table(self) -> list[dict]:
+        return [{"layer": il, "mode": MODE_NAMES[1 if lv > 0 else 0], "level": round(lv, 4),
+                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4)}
+                for il, (lv, su, sd) in enumerate(zip(self.levels, self.skipped_up, self.skipped))]
+
+
+def default_output_path(src: Path) -> Path:
+    name = src.name[:-5] if src.name.endswith(".gguf") else src.name
+    return src.with_name(f"{name}.sparse.gguf")
+
+
+def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int) -> list[list[int]]:
+    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply."""
+    sampler = Sampler(SamplingParams(temperature=0.7, seed=0))
+    out = []
+    for prompt in prompts:
+        ids = tok.chat_prompt([{"role": "user", "content": prompt}])
+        model.reset()
+        logits = model.eval(ids)
+        for _ in range(n_tokens):
+            t = sampler(logits)
+            if tok.is_eog(t) or len(ids) + 1 >= model.n_ctx:
+                break
+            ids.append(t)
+            logits = model.eval([t])
+        out.append(ids)
+    return out
+
+
+def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], calib_only: bool,
+                       progress) -> tuple[list[list[int]], list[list[int]]]:
+    """(training chunks, held-out chunks) of at most CHUNK tokens."""
+    texts = list(user_texts)
+    sequences: list[list[int]] = []
+    if not calib_only:
+        texts += list(calib_data.CALIBRATION_TEXTS)
+        progress("generating calibration replies")
+        sequences += generated_replies(model, tok, calib_data.CHAT_PROMPTS, GEN_TOKENS)
+    stream: list[int] = []
+    for t in texts:
+        stream += tok.encode(t, add_bos=True) + [tok.eos_id]
+    chunks = [stream[i:i + CHUNK] for i in range(0, len(stream) - CHUNK // 4, CHUNK)]
+    chunks += [s[:CHUNK] for s in sequences if len(s) > 8]
+    chunks = [c for c in chunks if len(c) >= 16]
+    if len(chunks) < HELDOUT_CHUNKS + 2:
+        raise SparseGGUFError(f"calibration text too short: {sum(map(len, chunks))} tokens")
+    # hold out every k-th chunk so validation sees every kind of text
+    k = max(2, len(chunks) // HELDOUT_CHUNKS)
+    held = [c for i, c in enumerate(chunks) if i % k == k - 1][:HELDOUT_CHUNKS]
+    train = [c for i, c in enumerate(chunks) if not (i % k == k - 1 and c in held)]
+    return train, held
+
+
+def ffn_bytes_ratio(model: Model, skipped_up: list[float], skipped_down: list[float]) -> float:
+    """FFN weight bytes read per token with the plan, relative to dense: gate in full, up and down only
+    for the neurons that pass their stage."""
+    dense = sparse = 0.0
+    for L, su, sd in zip(model.weights.layers, skipped_up, skipped_down):
+        dense += L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes
+        sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + L.w_down.nbytes * (1.0 - sd)
+    return sparse / dense
+
+
+def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top1: float = MIN_TOP1,
+            sparsity: float | None = None,
+            calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
+            progress=lambda msg: None, write_progress=None,
+            allocation_seconds: float = ALLOCATION_SECONDS) -> ConvertResult:
+    t_start = time.time()
+    src = Path(src)
+    out = Path(out) if out else default_output_path(src)
+    if out.resolve() == src.resolve():
+        raise SparseGGUFError("output would overwrite the input; choose another -o")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise SparseGGUFError("--sparsity must be in [0, 1)")
+    if budget_kl <= 0:
+        raise SparseGGUFError("--budget-kl must be positive")
+    if not 0.0 <= min_top1 <= 1.0:
+        raise SparseGGUFError("--min-top1 must be in [0, 1]")
+    user_texts = []
+    for f in calib_files:
+        try:
+            user_texts.append(Path(f).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise SparseGGUFError(f"{f}: cannot read calibration text ({e})") from None
+    if calib_only and not user_texts:
+        raise SparseGGUFError("--calib-only needs at least one --calib FILE")
+
+    model = Model(src, n_ctx=CHUNK * 2, n_threads=threads)
+    if model.sparsity is not None:
+        raise SparseGGUFError(f"{src} is already converted; convert the original file")
+    tok = Tokenizer(src)
+    train, held = calibration_chunks(model, tok, user_texts, calib_only, progress)
+    progress(f"collecting activations over {sum(map(len, train))} tokens")
+    stats = collect_stats(model, train)
+    probe = QualityProbe(model, held)
+    if sparsity is not None:
+        levels = [sparsity] * model.cfg.n_layer
+    else:
+        progress(f"allocating sparsity to KL <= {budget_kl}")
+        levels = allocate(stats, probe, budget_kl, min_top1, deadline=time.time() + allocation_seconds,
+                          progress=progress)
+    plan = plan_for(stats, levels)
+    summary, skipped_up, skipped = measured_sparsity(probe, plan)
+    result = ConvertResult(out, levels, skipped_up, skipped, summary, ffn_bytes_ratio(model, skipped_up, skipped),
+                           sum(map(len, train)), sum(map(len, held)), 0.0)
+
+    from .gguf_out import file_sha256, write_model
+
+    extra_kv = {
+        KEY_VERSION: FORMAT_VERSION,
+        "sparse_gguf.source.path": str(src.resolve()),
+        "sparse_gguf.source.sha256": file_sha256(src),
+        "sparse_gguf.budget_kl": float(budget_kl) if sparsity is None else 0.0,
+        "sparse_gguf.min_top1": float(min_top1) if sparsity is None else 0.0,
+        "sparse_gguf.forced_sparsity": float(sparsity) if sparsity is not None else -1.0,
+        KEY_MODES: [1 if lv > 0 else 0 for lv in levels],
+        "sparse_gguf.ffn.up_skipped": [float(s) for s in skipped_up],
+        "sparse_gguf.ffn.down_skipped": [float(s) for s in skipped],
+        "sparse_gguf.calibration.tokens": result.calib_tokens,
+        "sparse_gguf.calibration.heldout_tokens": result.heldout_tokens,
+        "sparse_gguf.calibration.sources": ",".join(
+            (["builtin-texts", "self-generated"] if not calib_only else []) + [Path(f).name for f in calib_files]),
+        "sparse_gguf.estimate.kl": float(summary["kl_mean"]),
+        "sparse_gguf.estimate.top1": float(summary["top1_agreement"]),
+        "sparse_gguf.estimate.ffn_bytes_ratio": float(result.ffn_bytes_ratio),
+        "sparse_gguf.layer_table": json.dumps(result.layer_table()),
+    }
+    from gguf import GGMLQuantizationType
+
+    extra_tensors = {}
+    for il, layer in enumerate(plan.layers):
+        if layer.active:
+            extra_tensors[TENSOR_THRESHOLD.format(il=il)] = (layer.threshold, GGMLQuantizationType.F32)
+            if layer.up_threshold is not None:
+                extra_tensors[TENSOR_UP_THRESHOLD.format(il=il)] = (layer.up_threshold, GGMLQuantizationType.F32)
+    progress(f"writing {out}")
+    write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=write_progress)
+    result.seconds = time.time() - t_start
+    return result

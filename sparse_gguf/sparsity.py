@@ -1,0 +1,84 @@
+"""The FFN sparsity plan stored in a converted GGUF file (see docs/FORMAT.md), and how the decoder applies it.
+
+Per layer, neuron j of the FFN contributes a_j * down[:, j] with a_j = act(gate_j . x) * (up_j . x). A layer
+in "threshold" mode computes the gate in full, skips up for neurons whose |act(g_j)| is below a per-channel
+cut u_j, and skips down for neurons whose |a_j| is below a per-channel cut t_j. The converter calibrates both
+so that the quality loss stays within the user's KL budget; skipped rows cost no bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGUFReader
+
+from .config import ModelConfig
+from .errors import SparseGGUFError
+from .gguf_file import metadata
+
+FORMAT_VERSION = 1
+MODE_DENSE = 0
+MODE_THRESHOLD = 1          # gate in full; up only where |act(g_j)| >= u_j (if given); down where |a_j| >= t_j
+MODE_NAMES = {MODE_DENSE: "dense", MODE_THRESHOLD: "threshold"}
+
+KEY_VERSION = "sparse_gguf.version"
+KEY_MODES = "sparse_gguf.ffn.mode"
+TENSOR_THRESHOLD = "blk.{il}.ffn_thresh.weight"          # (n_ff,) F32: down stage, cut on |act(g)*u|
+TENSOR_UP_THRESHOLD = "blk.{il}.ffn_up_thresh.weight"    # (n_ff,) F32: up stage, cut on |act(g)| (optional)
+
+
+@dataclass
+class LayerSparsity:
+    mode: int
+    threshold: np.ndarray | None = None     # (n_ff,) float32 cut on |act(g)*u|, per channel (down stage)
+    up_threshold: np.ndarray | None = None  # (n_ff,) float32 cut on |act(g)|, per channel (up stage)
+
+    @property
+    def active(self) -> bool:
+        return self.mode != MODE_DENSE
+
+    def drop_inactive(self, a: np.ndarray) -> None:
+        """a: (T, n_ff) = act(g)*u, in place: zero the neurons below their threshold."""
+        a[np.abs(a) < self.threshold] = 0.0
+
+
+@dataclass
+class SparsityPlan:
+    layers: list[LayerSparsity]
+
+    @classmethod
+    def from_thresholds(cls, thresholds: list[np.ndarray | None]) -> "SparsityPlan":
+        return cls([LayerSparsity(MODE_DENSE) if t is None else
+                    LayerSparsity(MODE_THRESHOLD, np.ascontiguousarray(t, dtype=np.float32)) for t in thresholds])
+
+    @classmethod
+    def from_gguf(cls, reader: GGUFReader, cfg: ModelConfig) -> "SparsityPlan | None":
+        version = metadata(reader, KEY_VERSION)
+        if version is None:
+            return None
+        if int(version) > FORMAT_VERSION:
+            raise SparseGGUFError(f"sparse_gguf format version {version} is newer than this program's "
+                                  f"({FORMAT_VERSION}): upgrade sparse-gguf")
+        modes = metadata(reader, KEY_MODES)
+        if not isinstance(modes, list) or len(modes) != cfg.n_layer:
+            raise SparseGGUFError(f"{KEY_MODES} must list one mode per layer ({cfg.n_layer})")
+        tensors = {t.name: t for t in reader.tensors}
+        layers = []
+        for il, mode in enumerate(modes):
+            mode = int(mode)
+            if mode not in MODE_NAMES:
+                raise SparseGGUFError(f"layer {il}: unknown FFN mode {mode}")
+            if mode == MODE_DENSE:
+                layers.append(LayerSparsity(MODE_DENSE))
+                continue
+            name = TENSOR_THRESHOLD.format(il=il)
+            t = tensors.get(name)
+            if t is None or int(t.n_elements) != cfg.n_ff:
+                raise SparseGGUFError(f"layer {il}: tensor {name} missing or not {cfg.n_ff} values")
+            up_t = tensors.get(TENSOR_UP_THRESHOLD.format(il=il))
+            if up_t is not None and int(up_t.n_elements) != cfg.n_ff:
+                raise SparseGGUFError(f"layer {il}: tensor {up_t.name} is not {cfg.n_ff} values")
+            layers.append(LayerSparsity(mode, np.array(t.data, dtype=np.float32).reshape(-1),
+                                        None if up_t is None else np.array(up_t.data, dtype=np.float32).reshape(-1)))
+        return cls(layers)

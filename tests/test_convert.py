@@ -1,0 +1,127 @@
+"""`sparse-gguf convert` on tiny random models: the converted file loads and runs, keeps the metadata,
+tokenizer and chat template, meets a KL budget, reproduces dense logits at sparsity 0, and a failed or
+interrupted conversion leaves no file behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from converters.convert import convert
+from sparse_gguf.evaluate import EvalStats
+from sparse_gguf.gguf_file import all_metadata, open_gguf
+from sparse_gguf.model import Model
+from sparse_gguf.tokenizer import Tokenizer
+from test_cli import assert_clean_error, run_cli
+
+TOKENS = list(range(1000, 1100))
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / src.name
+    shutil.copy(src, dst)
+    return dst
+
+
+def _logits(path, **kw):
+    return Model(path, n_ctx=256, **kw).eval(TOKENS, logits_all=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_converted_model_of_each_architecture_loads_and_runs(tiny_model, tmp_path, test_text, arch):
+    src = _copy(tiny_model(arch, "Q8_0"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    res = convert(src, sparsity=0.3, calib_files=(calib,), calib_only=True)
+    assert res.out_path == tmp_path / (src.name[:-5] + ".sparse.gguf") and res.out_path.is_file()
+    m = Model(res.out_path, n_ctx=256)
+    assert m.sparsity is not None and all(layer.active for layer in m.sparsity.layers)
+    logits = m.eval(TOKENS, logits_all=True)
+    assert np.isfinite(logits).all()
+    assert 0.2 < np.mean(res.skipped) < 0.5             # the forced level (down stage), measured on held-out tokens
+    assert 0.05 < np.mean(res.skipped_up) < np.mean(res.skipped)
+
+
+def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text):
+    src = _copy(tiny_model("llama", "Q4_1"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    out = tmp_path / "out.gguf"
+    convert(src, out, sparsity=0.2, calib_files=(calib,), calib_only=True)
+    before, after = all_metadata(open_gguf(src)), all_metadata(open_gguf(out))
+    for key, value in before.items():
+        assert after[key] == value, key
+    assert after["sparse_gguf.version"] == 1
+    assert after["sparse_gguf.source.path"] == str(src.resolve())
+    assert len(after["sparse_gguf.source.sha256"]) == 64
+    assert len(json.loads(after["sparse_gguf.layer_table"])) == 2
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    a, b = Tokenizer(src), Tokenizer(out)
+    assert a.chat_prompt(msgs) == b.chat_prompt(msgs)
+    assert a.encode("Some text, numbers 123.") == b.encode("Some text, numbers 123.")
+    info = run_cli("info", out, "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 1
+
+
+def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_model, tmp_path, test_text):
+    src = _copy(tiny_model("qwen3", "Q4_0"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    res = convert(src, sparsity=0.0, calib_files=(calib,), calib_only=True)
+    np.testing.assert_array_equal(_logits(res.out_path), _logits(src))
+
+
+def test_budget_is_met_with_default_calibration(tiny_model, tmp_path):
+    """Built-in texts and self-generated replies; the allocator reaches real sparsity within the budget."""
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    # random tiny models have many near-tied tokens, so the top-1 floor is left out here
+    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=20)
+    assert res.summary["kl_mean"] <= 0.05
+    assert np.mean(res.skipped) > 0.1 and res.ffn_bytes_ratio < 1.0
+    # the converted file, evaluated against its own dense path on the probe tokens, agrees with the estimate
+    sparse, dense = _logits(res.out_path), _logits(res.out_path, dense=True)
+    stats = EvalStats.empty()
+    stats.add_chunk(TOKENS, sparse, dense)
+    assert stats.summary()["kl_mean"] < 0.2
+    assert not np.array_equal(sparse, dense)
+
+
+def test_interrupted_conversion_leaves_no_file(tiny_model, tmp_path, test_text):
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"previous output")
+
+    def interrupt(done, total):
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, sparsity=0.3, calib_files=(calib,), calib_only=True, write_progress=interrupt)
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.txt", "out.gguf", src.name])
+
+
+def test_top1_floor_limits_sparsity(tiny_model, tmp_path, test_text):
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    loose = convert(src, tmp_path / "a.gguf", budget_kl=0.5, min_top1=0.0, calib_files=(calib,), calib_only=True,
+                    allocation_seconds=0)
+    strict = convert(src, tmp_path / "b.gguf", budget_kl=0.5, min_top1=0.99, calib_files=(calib,), calib_only=True,
+                     allocation_seconds=0)
+    assert strict.summary["top1_agreement"] >= 0.99 or max(strict.levels) == 0.0
+    assert np.mean(strict.levels) < np.mean(loose.levels)
+
+
+def test_failing_conversion_is_one_line_and_writes_nothing(tiny_model, tmp_path):
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    before = sorted(tmp_path.iterdir())
+    assert_clean_error(run_cli("convert", src, "--calib", tmp_path / "missing.txt", "--calib-only"), "cannot read")
+    assert_clean_error(run_cli("convert", src, "-o", src), "overwrite the input")
+    assert_clean_error(run_cli("convert", src, "--sparsity", "1.5"), "--sparsity")
+    assert sorted(tmp_path.iterdir()) == before
