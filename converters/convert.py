@@ -88,12 +88,15 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
     chunks = [stream[i:i + CHUNK] for i in range(0, len(stream) - CHUNK // 4, CHUNK)]
     chunks += [s[:CHUNK] for s in sequences if len(s) > 8]
     chunks = [c for c in chunks if len(c) >= 16]
-    if len(chunks) < HELDOUT_CHUNKS + 2:
+    if len(chunks) < 3:
         raise SparseGGUFError(f"calibration text too short: {sum(map(len, chunks))} tokens")
-    # hold out every k-th chunk so validation sees every kind of text
-    k = max(2, len(chunks) // HELDOUT_CHUNKS)
-    held = [c for i, c in enumerate(chunks) if i % k == k - 1][:HELDOUT_CHUNKS]
-    train = [c for i, c in enumerate(chunks) if not (i % k == k - 1 and c in held)]
+    # hold out every k-th chunk (at most a third of them) so validation sees every kind of text
+    n_held = max(1, min(HELDOUT_CHUNKS, len(chunks) // 3))
+    k = len(chunks) // n_held
+    held_idx = {i for i in range(len(chunks)) if i % k == k - 1}
+    held_idx = set(sorted(held_idx)[:n_held])
+    held = [c for i, c in enumerate(chunks) if i in held_idx]
+    train = [c for i, c in enumerate(chunks) if i not in held_idx]
     return train, held
 
 
