@@ -35,6 +35,17 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _fmt_value(v, limit: int = 160) -> str:
+    """A metadata value for a table cell: floats to 6 significant digits, long values cut with an ellipsis."""
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+    elif isinstance(v, list):
+        text = "[" + ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v) + "]"
+    else:
+        text = str(v)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
@@ -77,7 +88,7 @@ def info(model: Optional[str] = ModelArg, json_out: bool = typer.Option(False, "
         st.add_column("key")
         st.add_column("value")
         for k, v in d["sparse_gguf"].items():
-            st.add_row(k, str(v)[:200])
+            st.add_row(k, _fmt_value(v))
         con.print(st)
     else:
         con.print("sparse_gguf metadata: none (a plain GGUF file)")
