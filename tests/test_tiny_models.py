@@ -153,18 +153,6 @@ def test_file_contents(model_root, case):
         assert types_2d == {wt}
 
 
-def test_summary_matches_gguf_reader(model_root):
-    path = _model(model_root, "qwen2", "Q4_1", {})
-    info = tm.read_gguf_summary(path)
-    reader = gguf.GGUFReader(path)
-    for key, value in info.kv.items():
-        expected = reader.fields[key].contents()
-        assert (value.tolist() if isinstance(value, np.ndarray) else value) == expected, key
-    assert set(reader.fields) - set(info.kv) == {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
-    for t in reader.tensors:
-        assert info.tensors[t.name] == (t.tensor_type, tuple(int(x) for x in t.shape), t.data_offset)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_llama_cpp_logits(model_root, text, case):
     arch, wt, kw = case

