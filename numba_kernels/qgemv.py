@@ -61,7 +61,6 @@ __all__ = [
     "gemv_rows",
     "set_simd_path",
     "get_simd_path",
-    "packed_nbytes",
     "concat_rows",
     "GEMV_KERNELS",
     "SPAN_KERNELS",
@@ -224,10 +223,6 @@ class PackedMatrix(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.qs.nbytes + self.sc.nbytes + self.qh.nbytes
-
-
-def packed_nbytes(pm: PackedMatrix) -> int:
-    return pm.nbytes
 
 
 def _nibble_pack(v: np.ndarray) -> np.ndarray:
@@ -563,6 +558,8 @@ def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
+# One parallel wrapper per type, spelled out: a factory making closures over the span kernel would share
+# one qualname, which Numba's on-disk cache keys on, so the closures could not all be cached.
 @njit(cache=True, parallel=True)
 def _gemv_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]

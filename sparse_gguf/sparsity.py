@@ -48,11 +48,6 @@ class SparsityPlan:
     layers: list[LayerSparsity]
 
     @classmethod
-    def from_thresholds(cls, thresholds: list[np.ndarray | None]) -> "SparsityPlan":
-        return cls([LayerSparsity(MODE_DENSE) if t is None else
-                    LayerSparsity(MODE_THRESHOLD, np.ascontiguousarray(t, dtype=np.float32)) for t in thresholds])
-
-    @classmethod
     def from_gguf(cls, reader: GGUFReader, cfg: ModelConfig) -> "SparsityPlan | None":
         version = metadata(reader, KEY_VERSION)
         if version is None:

@@ -113,12 +113,8 @@ class ModelWeights:
     output_bias: np.ndarray | None = None   # (n_vocab,) qwen2 files may have one
 
 
-def _tensor_map(reader: GGUFReader) -> dict:
-    return {t.name: t for t in reader.tensors}
-
-
 def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
-    tensors = _tensor_map(reader)
+    tensors = {t.name: t for t in reader.tensors}
 
     def need(name: str):
         t = tensors.get(name)
