@@ -1,4 +1,5 @@
-"""The FFN sparsity plan stored in a converted GGUF file (see docs/FORMAT.md), and how the decoder applies it.
+"""The sparse plan stored in a converted GGUF file (see docs/FORMAT.md): FFN thresholds, windowed top-k
+attention settings and output-layer candidate scoring, and how the decoder applies the FFN part.
 
 Per layer, neuron j of the FFN contributes a_j * down[:, j] with a_j = act(gate_j . x) * (up_j . x). A layer
 in "threshold" mode computes the gate in full, skips up for neurons whose |act(g_j)| is below a per-channel
@@ -26,6 +27,55 @@ KEY_VERSION = "sparse_gguf.version"
 KEY_MODES = "sparse_gguf.ffn.mode"
 TENSOR_THRESHOLD = "blk.{il}.ffn_thresh.weight"          # (n_ff,) F32: down stage, cut on |act(g)*u|
 TENSOR_UP_THRESHOLD = "blk.{il}.ffn_up_thresh.weight"    # (n_ff,) F32: up stage, cut on |act(g)| (optional)
+KEY_ATTN_SINKS = "sparse_gguf.attention.sinks"
+KEY_ATTN_WINDOW = "sparse_gguf.attention.window"
+KEY_ATTN_TOPK = "sparse_gguf.attention.topk"
+KEY_OUTPUT_CANDIDATES = "sparse_gguf.output.candidates"
+
+
+@dataclass(frozen=True)
+class AttentionWindow:
+    """Windowed top-k attention (numba_kernels.attention): a query attends to the first `sinks` positions, the
+    last `window` positions and the `topk` best-scoring others. window == 0 means full attention."""
+    sinks: int = 0
+    window: int = 0
+    topk: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0
+
+    @property
+    def max_attended(self) -> int:
+        return self.sinks + self.window + self.topk
+
+    def __post_init__(self):
+        if min(self.sinks, self.window, self.topk) < 0:
+            raise SparseGGUFError(f"attention window settings must be >= 0, got sinks={self.sinks} "
+                                  f"window={self.window} topk={self.topk}")
+
+
+def attention_window_from_gguf(reader: GGUFReader) -> AttentionWindow:
+    """The file's windowed-attention defaults (full attention when absent)."""
+    vals = [metadata(reader, k) for k in (KEY_ATTN_SINKS, KEY_ATTN_WINDOW, KEY_ATTN_TOPK)]
+    if vals[1] is None:
+        return AttentionWindow()
+    try:
+        return AttentionWindow(*(int(v or 0) for v in vals))
+    except (TypeError, ValueError):
+        raise SparseGGUFError("sparse_gguf.attention.* must be unsigned integers") from None
+
+
+def output_candidates_from_gguf(reader: GGUFReader) -> int:
+    """How many output rows get exact logits after 4-bit candidate scoring (0: all rows exact)."""
+    v = metadata(reader, KEY_OUTPUT_CANDIDATES)
+    try:
+        n = int(v or 0)
+    except (TypeError, ValueError):
+        raise SparseGGUFError(f"{KEY_OUTPUT_CANDIDATES} must be an unsigned integer") from None
+    if n < 0:
+        raise SparseGGUFError(f"{KEY_OUTPUT_CANDIDATES} must be >= 0")
+    return n
 
 
 @dataclass
@@ -41,6 +91,38 @@ class LayerSparsity:
     def drop_inactive(self, a: np.ndarray) -> None:
         """a: (T, n_ff) = act(g)*u, in place: zero the neurons below their threshold."""
         a[np.abs(a) < self.threshold] = 0.0
+
+
+@dataclass
+class TopKLayer:
+    """Per-token rule (the run-time --ffn-sparsity override): drop the `fraction` of neurons with the smallest
+    |a_j| * ||down[:, j]||, the size of their contribution to the layer's output."""
+    down_norm: np.ndarray            # (n_ff,) float32 column norms of down
+    fraction: float
+    up_threshold = None
+    active = True
+
+    def drop_inactive(self, a: np.ndarray) -> None:
+        n_drop = int(self.fraction * a.shape[1])
+        if n_drop == 0:
+            return
+        imp = np.abs(a) * self.down_norm                         # (T, n_ff)
+        drop = np.argpartition(imp, n_drop - 1, axis=1)[:, :n_drop]
+        np.put_along_axis(a, drop, 0.0, axis=1)
+
+
+@dataclass
+class TopKSparsity:
+    layers: list[TopKLayer]
+
+    @classmethod
+    def build(cls, weights, fraction: float) -> "TopKSparsity":
+        from numba_kernels import dequant
+        layers = []
+        for L in weights.layers:
+            down = dequant.dequantize(L.w_down.raw, L.w_down.qtype, L.w_down.n_cols)   # (n_embd, n_ff)
+            layers.append(TopKLayer(np.sqrt((down * down).sum(axis=0)).astype(np.float32), float(fraction)))
+        return cls(layers)
 
 
 @dataclass
