@@ -18,8 +18,9 @@ import numpy as np
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
-from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_MODES, KEY_VERSION, MODE_NAMES, TENSOR_THRESHOLD,
-                                   TENSOR_UP_THRESHOLD)
+from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES,
+                                   KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, TENSOR_THRESHOLD,
+                                   TENSOR_UP_THRESHOLD, AttentionWindow)
 from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data
@@ -30,6 +31,11 @@ HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
 MIN_TOP1 = 0.92            # default floor on held-out top-1 agreement with dense
 GEN_TOKENS = 64            # tokens the model writes per built-in prompt
 ALLOCATION_SECONDS = 180   # time the greedy refinement may take
+# Decode defaults written into the file. Windowed attention: 4 sinks + 256 recent + the best 256 older
+# positions (516 attended at most; Spark Transformer attends to 256, and ~512 cost KL ~0.02 at 2k context on
+# SmolLM2, MEASURED.md). Calibration chunks are shorter than 516 tokens, so `eval` on long text measures it.
+ATTENTION = AttentionWindow(sinks=4, window=256, topk=256)
+OUTPUT_CANDIDATES = 64     # exact logits for the best 64 rows after 4-bit scoring (KL ~0.004, MEASURED.md)
 
 
 @dataclass
@@ -114,7 +120,8 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
             sparsity: float | None = None,
             calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
             progress=lambda msg: None, write_progress=None,
-            allocation_seconds: float = ALLOCATION_SECONDS) -> ConvertResult:
+            allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
+            output_candidates: int = OUTPUT_CANDIDATES) -> ConvertResult:
     t_start = time.time()
     src = Path(src)
     out = Path(out) if out else default_output_path(src)
@@ -142,7 +149,10 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     train, held = calibration_chunks(model, tok, user_texts, calib_only, progress)
     progress(f"collecting activations over {sum(map(len, train))} tokens")
     stats = collect_stats(model, train)
-    probe = QualityProbe(model, held)
+    probe = QualityProbe(model, held)          # dense reference logits
+    if output_candidates < 0:
+        raise SparseGGUFError("--output-top must be >= 0")
+    model.set_output_candidates(output_candidates)   # from here on, every measured plan includes it
     if sparsity is not None:
         levels = [sparsity] * model.cfg.n_layer
     else:
@@ -174,6 +184,10 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         "sparse_gguf.estimate.top1": float(summary["top1_agreement"]),
         "sparse_gguf.estimate.ffn_bytes_ratio": float(result.ffn_bytes_ratio),
         "sparse_gguf.layer_table": json.dumps(result.layer_table()),
+        KEY_ATTN_SINKS: attention.sinks,
+        KEY_ATTN_WINDOW: attention.window,
+        KEY_ATTN_TOPK: attention.topk,
+        KEY_OUTPUT_CANDIDATES: model.output_candidates,
     }
     from gguf import GGMLQuantizationType
 

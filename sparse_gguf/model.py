@@ -57,11 +57,7 @@ class Model:
         if self.attn.enabled and cfg.head_dim % 32:
             raise SparseGGUFError(f"windowed attention needs head_dim a multiple of 32, this model has {cfg.head_dim}")
         n_cand = (0 if dense else output_candidates_from_gguf(reader)) if output_candidates is None else int(output_candidates)
-        if n_cand < 0:
-            raise SparseGGUFError(f"output candidates must be >= 0, got {n_cand}")
-        self.output_candidates = n_cand if 0 < n_cand < cfg.n_vocab and cfg.n_embd % 32 == 0 else 0
-        # 4-bit copy of the output matrix that scores every vocabulary row before exact logits for the best ones
-        self.output_q4: QuantMatrix | None = q4_copy(self.weights.output) if self.output_candidates else None
+        self.set_output_candidates(n_cand)
         # calibration hook: observer(layer, ffn_input (T, n_embd), act(g), up, act(g)*up (each (T, n_ff)))
         self.ffn_observer = None
         release_mapped_pages(reader)
@@ -105,6 +101,14 @@ class Model:
 
     def reset(self) -> None:
         self.n_past = 0
+
+    def set_output_candidates(self, n: int) -> None:
+        """Score the vocabulary with a 4-bit copy of the output matrix and give the best n rows exact logits
+        (0: every row exact). Needs n_embd a multiple of 32; ignored when n >= n_vocab."""
+        if n < 0:
+            raise SparseGGUFError(f"output candidates must be >= 0, got {n}")
+        self.output_candidates = int(n) if 0 < n < self.cfg.n_vocab and self.cfg.n_embd % 32 == 0 else 0
+        self.output_q4: QuantMatrix | None = q4_copy(self.weights.output) if self.output_candidates else None
 
     def truncate(self, n: int) -> None:
         """Forget cached positions >= n (reuse a shared prompt prefix)."""
