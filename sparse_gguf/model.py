@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from numba_kernels import attention as attn_kernels
-from numba_kernels import ops, qgemv, simd
+from numba_kernels import ops, qgemv, simd, sparse_ffn
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
@@ -267,7 +267,14 @@ class Model:
             self._bytes += L.w_up.nbytes * (float(np.count_nonzero(keep_up)) / keep_up.size - 1.0)
         if self.ffn_observer is not None:
             self.ffn_observer(il, h, g_act, up, a)
-        return L.w_down.matmul(a)
+        down_t = getattr(plan, "down_t", None)
+        if down_t is None:
+            return L.w_down.matmul(a)
+        if h.shape[0] == 1:                                          # decode: only the active neurons' rows
+            rows = np.flatnonzero(a[0]).astype(np.int32)
+            self._bytes += rows.size * down_t.row_bytes() - L.w_down.nbytes
+            return sparse_ffn.down_rows(down_t.packed, down_t.n_ff, rows, a[0, rows])[None]
+        return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
     def _activation(self, gate: np.ndarray) -> np.ndarray:
         """act(gate) as a new array, computed as the fused dense kernels compute it."""

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import metadata
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2         # 2: neuron-major down_t tensors, attention/output keys
 MODE_DENSE = 0
 MODE_THRESHOLD = 1          # gate in full; up only where |act(g_j)| >= u_j (if given); down where |a_j| >= t_j
 MODE_NAMES = {MODE_DENSE: "dense", MODE_THRESHOLD: "threshold"}
@@ -27,6 +27,7 @@ KEY_VERSION = "sparse_gguf.version"
 KEY_MODES = "sparse_gguf.ffn.mode"
 TENSOR_THRESHOLD = "blk.{il}.ffn_thresh.weight"          # (n_ff,) F32: down stage, cut on |act(g)*u|
 TENSOR_UP_THRESHOLD = "blk.{il}.ffn_up_thresh.weight"    # (n_ff,) F32: up stage, cut on |act(g)| (optional)
+TENSOR_DOWN_T = "blk.{il}.ffn_down_t.weight"            # Q8_0 (n_embd/32 * n_ff, 32): down by neuron (sparse_ffn)
 KEY_ATTN_SINKS = "sparse_gguf.attention.sinks"
 KEY_ATTN_WINDOW = "sparse_gguf.attention.window"
 KEY_ATTN_TOPK = "sparse_gguf.attention.topk"
@@ -79,10 +80,40 @@ def output_candidates_from_gguf(reader: GGUFReader) -> int:
 
 
 @dataclass
+class DownT:
+    """A layer's down matrix re-laid-out by neuron (numba_kernels.sparse_ffn): Q8_0 raw rows and their packing."""
+    raw: np.ndarray                  # uint8 (n_embd/32 * n_ff, 34) GGUF Q8_0 rows
+    packed: object                   # qgemv.PackedMatrix of raw
+    n_ff: int
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, n_ff: int) -> "DownT":
+        from numba_kernels import qgemv
+        from gguf import GGMLQuantizationType
+        return cls(raw, qgemv.pack(raw, GGMLQuantizationType.Q8_0, 32), n_ff)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def row_bytes(self) -> float:
+        """Bytes read per active neuron."""
+        return self.raw.nbytes / self.n_ff
+
+    def dense(self) -> np.ndarray:
+        """(n_embd, n_ff) float32, for batched (prefill) products."""
+        from numba_kernels import dequant, sparse_ffn
+        from gguf import GGMLQuantizationType
+        rows = dequant.dequantize(self.raw, int(GGMLQuantizationType.Q8_0), 32)
+        return sparse_ffn.dense_from_block_major(rows, self.n_ff)
+
+
+@dataclass
 class LayerSparsity:
     mode: int
     threshold: np.ndarray | None = None     # (n_ff,) float32 cut on |act(g)*u|, per channel (down stage)
     up_threshold: np.ndarray | None = None  # (n_ff,) float32 cut on |act(g)|, per channel (up stage)
+    down_t: DownT | None = None             # down by neuron: decode reads only the active neurons' rows
 
     @property
     def active(self) -> bool:
@@ -156,6 +187,16 @@ class SparsityPlan:
             up_t = tensors.get(TENSOR_UP_THRESHOLD.format(il=il))
             if up_t is not None and int(up_t.n_elements) != cfg.n_ff:
                 raise SparseGGUFError(f"layer {il}: tensor {up_t.name} is not {cfg.n_ff} values")
+            dt = tensors.get(TENSOR_DOWN_T.format(il=il))
+            down_t = None
+            if dt is not None:
+                from gguf import GGMLQuantizationType
+                if (int(dt.tensor_type) != int(GGMLQuantizationType.Q8_0) or cfg.n_embd % 32
+                        or tuple(int(x) for x in dt.shape) != (32, cfg.n_embd // 32 * cfg.n_ff)):
+                    raise SparseGGUFError(f"layer {il}: tensor {dt.name} must be Q8_0 of shape "
+                                          f"[32, {cfg.n_embd // 32 * cfg.n_ff}]")
+                down_t = DownT.from_raw(dt.data.view(np.uint8).reshape(-1, 34), cfg.n_ff)
             layers.append(LayerSparsity(mode, np.array(t.data, dtype=np.float32).reshape(-1),
-                                        None if up_t is None else np.array(up_t.data, dtype=np.float32).reshape(-1)))
+                                        None if up_t is None else np.array(up_t.data, dtype=np.float32).reshape(-1),
+                                        down_t))
         return cls(layers)

@@ -54,7 +54,7 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     before, after = all_metadata(open_gguf(src)), all_metadata(open_gguf(out))
     for key, value in before.items():
         assert after[key] == value, key
-    assert after["sparse_gguf.version"] == 1
+    assert after["sparse_gguf.version"] == 2
     assert after["sparse_gguf.source.path"] == str(src.resolve())
     assert len(after["sparse_gguf.source.sha256"]) == 64
     assert len(json.loads(after["sparse_gguf.layer_table"])) == 2
@@ -70,7 +70,7 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     assert a.chat_prompt(msgs) == b.chat_prompt(msgs)
     assert a.encode("Some text, numbers 123.") == b.encode("Some text, numbers 123.")
     info = run_cli("info", out, "--json")
-    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 1
+    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 2
 
 
 def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_model, tmp_path, test_text):

@@ -277,3 +277,56 @@ def test_bad_knobs_are_refused(tiny_model):
         Model(path, n_ctx=32, attn_window=-1)
     with pytest.raises(SparseGGUFError):
         Model(path, n_ctx=32, output_candidates=-5)
+
+
+# ---- neuron-major down (numba_kernels.sparse_ffn) ---------------------------------------------------
+
+
+def test_block_major_layout_roundtrip():
+    from numba_kernels import sparse_ffn
+    down = RNG.standard_normal((96, 40)).astype(np.float32)          # (n_embd, n_ff)
+    rows = sparse_ffn.block_major_rows(down)
+    assert rows.shape == (3 * 40, 32)
+    np.testing.assert_array_equal(rows[2 * 40 + 7], down[64:96, 7])  # row b*n_ff + j = down[32b:32b+32, j]
+    np.testing.assert_array_equal(sparse_ffn.dense_from_block_major(rows, 40), down)
+
+
+@pytest.mark.parametrize("path", ["scalar", None])
+@pytest.mark.parametrize("frac", [1.0, 0.37, 0.0])
+def test_down_rows_equals_dense_product(path, frac):
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import qgemv, sparse_ffn
+    n_embd, n_ff = 128, 300
+    down = RNG.standard_normal((n_embd, n_ff)).astype(np.float32)
+    raw = quants.quantize(sparse_ffn.block_major_rows(down), QT.Q8_0)
+    pm = qgemv.pack(raw, QT.Q8_0, 32)
+    W = sparse_ffn.dense_from_block_major(quants.dequantize(raw, QT.Q8_0), n_ff)   # the stored weights
+    rows = np.sort(RNG.choice(n_ff, int(frac * n_ff), replace=False)).astype(np.int32)
+    coef = RNG.standard_normal(rows.size).astype(np.float32)
+    out = sparse_ffn.down_rows(pm, n_ff, rows, coef, path=path)
+    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-5)
+    if frac == 1.0:                           # every neuron active: the dense product
+        a = np.zeros(n_ff, np.float32)
+        a[rows] = coef
+        np.testing.assert_allclose(out, W @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_down_t_decode_matches_prefill(tiny_model, tmp_path, test_text):
+    import shutil
+    from converters.convert import convert
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny_model("llama", "Q8_0"), src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    res = convert(src, sparsity=0.4, calib_files=(calib,), calib_only=True)
+    assert all(res.down_t)                    # Q8_0 down at 40% sparsity: the neuron layout pays
+    m = Model(res.out_path, n_ctx=64)
+    assert all(layer.down_t is not None for layer in m.sparsity.layers)
+    toks = tokens(24, seed=3)
+    batched = m.eval(toks, logits_all=True)   # prefill: a @ down_t (dense product of the same weights)
+    m.reset()
+    step = np.stack([m.eval([t]) for t in toks])   # decode: only the active rows of down_t
+    assert kl_rows(batched, step).mean() < 0.01
+    st = m.step_stats
+    assert st["bytes"] < Model(src, n_ctx=64).weights.decode_bytes   # fewer bytes than dense decode
+    assert 0.4 < 1 - st["ffn_active_fraction"] < 0.8
