@@ -211,42 +211,43 @@ def _round_f16_into(x, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, n_attended):
+def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx, n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
     q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) holding f16-rounded values; scores:
-    (n_head, >= n_pos) from score_keys; out: (n_head, D); n_attended: (n_kv,) int64, set to the number of
-    positions each kv head attended. Same rounding as ops.attention_decode (q and probabilities to fp16)."""
+    (n_head, >= n_pos) from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended:
+    (n_kv,) int64, set to the number of positions each kv head attended. Same rounding as
+    ops.attention_decode (q and the probabilities to fp16). Selection runs per kv head, then the exact part
+    per query head (so 2 threads share 9 heads better than 3 kv heads)."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
     for kvh in prange(n_kv):
-        idx = np.empty(n_pos, np.int64)
         comb = np.empty(n_pos, np.float32)
         buf = np.empty(n_pos, np.float32)
-        n = select_positions(scores[kvh * G:(kvh + 1) * G], G, n_pos, sinks, window, topk, idx, comb, buf)
-        n_attended[kvh] = n
+        n_attended[kvh] = select_positions(scores[kvh * G:(kvh + 1) * G], G, n_pos, sinks, window, topk,
+                                           idx[kvh], comb, buf)
+    for h in prange(n_head):
+        kvh = h // G
+        n = n_attended[kvh]
         qh = np.empty(D, dtype=np.float32)
         p = np.empty(n, dtype=np.float32)
-        acc = np.empty(D, dtype=np.float32)
-        for g in range(G):
-            h = kvh * G + g
-            _round_f16_into(q[h], qh)
-            for t in range(n):
-                j = idx[t]
-                s = np.float32(0.0)
-                for i in range(D):
-                    s += qh[i] * k_cache[kvh, j, i]
-                p[t] = s * scale
-            _softmax_f16(p, n)
-            acc[:] = 0.0
-            for t in range(n):
-                j = idx[t]
-                w = p[t]
-                for i in range(D):
-                    acc[i] += w * v_cache[kvh, j, i]
+        acc = np.zeros(D, dtype=np.float32)
+        _round_f16_into(q[h], qh)
+        for t in range(n):
+            j = idx[kvh, t]
+            s = np.float32(0.0)
             for i in range(D):
-                out[h, i] = acc[i]
+                s += qh[i] * k_cache[kvh, j, i]
+            p[t] = s * scale
+        _softmax_f16(p, n)
+        for t in range(n):
+            j = idx[kvh, t]
+            w = p[t]
+            for i in range(D):
+                acc[i] += w * v_cache[kvh, j, i]
+        for i in range(D):
+            out[h, i] = acc[i]
 
 
 @njit(cache=True, parallel=True)

@@ -85,6 +85,7 @@ class Model:
             self._cheap = np.empty((cfg.n_head, self.n_ctx), dtype=np.float32)         # cheap scores, one token
             self._qq = (np.empty((cfg.n_head, cfg.head_dim), np.int8),                 # the query's Q8 blocks
                         np.empty((cfg.n_head, nb), np.float32), np.empty((cfg.n_head, nb), np.float32))
+            self._picked = np.empty((cfg.n_head_kv, self.n_ctx), dtype=np.int64)    # attended positions
             self._n_picked = np.empty(cfg.n_head_kv, dtype=np.int64)
         # what the last eval computed: mean fraction of FFN neurons whose down row was used, and mean number of
         # positions a query attended to (over layers and kv heads; for decode, the last token)
@@ -306,7 +307,7 @@ class Model:
                 attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_keys, self._cheap)
                 attn_kernels.attention_decode_windowed(
                     np.ascontiguousarray(q[0]), kc, vc, self._cheap, n_keys, self.attn.sinks, self.attn.window,
-                    self.attn.topk, scale, out, self._n_picked)
+                    self.attn.topk, scale, out, self._picked, self._n_picked)
                 self._attended.append(float(self._n_picked.mean()))
                 self._bytes += (self._n_picked.sum() * kc.shape[2] * kc.itemsize * 2
                                 + n_keys * (self.keys_q4.shape[3] + self.keys_d.shape[3] * 2) * cfg.n_head_kv)

@@ -114,7 +114,8 @@ def test_windowed_attention_covering_everything_equals_dense():
     for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
         out = np.empty_like(dense)
         n_att = np.empty(n_kv, np.int64)
-        A.attention_decode_windowed(q, k, v, scores, n_pos, sinks, window, topk, scale, out, n_att)
+        A.attention_decode_windowed(q, k, v, scores, n_pos, sinks, window, topk, scale, out,
+                                    np.empty((n_kv, n_ctx), np.int64), n_att)
         assert (n_att == n_pos).all()
         # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
         # neighbouring fp16 value: differences stay at that level (fp16 ulp ~ 6e-5 at 0.1)
@@ -129,7 +130,8 @@ def test_windowed_attention_equals_dense_over_the_chosen_positions():
     scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    A.attention_decode_windowed(q, k, v, scores, n_pos, 4, 32, 16, np.float32(0.125), out, n_att)
+    A.attention_decode_windowed(q, k, v, scores, n_pos, 4, 32, 16, np.float32(0.125), out,
+                                np.empty((n_kv, n_ctx), np.int64), n_att)
     assert (n_att == 4 + 32 + 16).all()
     for kvh in range(n_kv):
         comb = scores[kvh * G:(kvh + 1) * G].max(axis=0)
