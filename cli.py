@@ -361,8 +361,8 @@ def convert(
     calib_only: bool = typer.Option(False, "--calib-only", help="calibrate on --calib files only"),
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
-    attn_window: int = typer.Option(256, "--attn-window", help="decode default: recent positions attended (0 = full attention)"),
-    attn_topk: int = typer.Option(256, "--attn-topk", help="decode default: older positions attended, best by 4-bit key scores"),
+    attn_window: int = typer.Option(512, "--attn-window", help="decode default: recent positions attended (0 = full attention)"),
+    attn_topk: int = typer.Option(512, "--attn-topk", help="decode default: older positions attended, best by 4-bit key scores"),
     attn_sinks: int = typer.Option(4, "--attn-sinks", help="decode default: first positions always attended"),
     output_top: int = typer.Option(64, "--output-top", help="rows given exact logits after 4-bit scoring (0 = all exact)"),
 ):

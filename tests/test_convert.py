@@ -60,9 +60,9 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     assert len(json.loads(after["sparse_gguf.layer_table"])) == 2
     # decode defaults for windowed attention and the output layer, read back by the engine
     assert (after["sparse_gguf.attention.sinks"], after["sparse_gguf.attention.window"],
-            after["sparse_gguf.attention.topk"], after["sparse_gguf.output.candidates"]) == (4, 256, 256, 64)
+            after["sparse_gguf.attention.topk"], after["sparse_gguf.output.candidates"]) == (4, 512, 512, 64)
     m = Model(out, n_ctx=64)
-    assert (m.attn.sinks, m.attn.window, m.attn.topk, m.output_candidates) == (4, 256, 256, 64)
+    assert (m.attn.sinks, m.attn.window, m.attn.topk, m.output_candidates) == (4, 512, 512, 64)
     d = Model(out, n_ctx=64, dense=True)
     assert not d.attn.enabled and d.output_candidates == 0 and d.dense
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
