@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import SparseGGUFError
+from .validate import check_tokenizer_metadata, validate_gguf
 
 
 @contextlib.contextmanager
@@ -37,6 +38,8 @@ class Tokenizer:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
+        # llama.cpp aborts the process on some malformed files: validate before it ever sees the file
+        check_tokenizer_metadata(validate_gguf(path), str(path))
         try:
             with quiet_stderr():
                 self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
