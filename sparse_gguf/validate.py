@@ -193,10 +193,17 @@ def _walk(c: _Cursor, layout: GGUFLayout) -> None:
             if etype == GGUFValueType.STRING:
                 c.need(8 * n, f"array {key!r}")
                 shortest = -1
+                # llama.cpp asserts (aborts) when two tokens are the same string (llama-vocab.cpp:
+                # GGML_ASSERT(id_to_token.size() == token_to_id.size())), so the vocabulary is checked here
+                seen = set() if key == "tokenizer.ggml.tokens" else None
                 for i in range(n):
                     s = c.string(MAX_STRING_BYTES, f"element {i} of {key!r}")
                     _utf8(s, f"element {i} of {key!r}")
                     shortest = len(s) if shortest < 0 else min(shortest, len(s))
+                    if seen is not None:
+                        if s in seen:
+                            raise _Bad(f"token {i} of the vocabulary ({s[:40]!r}) appears twice")
+                        seen.add(s)
                 info.min_str_bytes = shortest
             else:
                 code, size = _SCALAR[etype]
@@ -316,6 +323,9 @@ _TOKENIZER_ARRAYS = {
     "tokenizer.ggml.merges": GGUFValueType.STRING,
     "tokenizer.ggml.added_tokens": GGUFValueType.STRING,
 }
+# the tokenizer families of the supported architectures (BPE and SentencePiece); llama.cpp's others (rwkv, t5,
+# bert, ...) have their own assertions on the vocabulary and are not needed here
+TOKENIZER_MODELS = ("gpt2", "llama")
 _PER_TOKEN = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 _TOKENIZER_STRINGS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
 
@@ -339,6 +349,9 @@ def check_tokenizer_metadata(layout: GGUFLayout, where: str = "") -> None:
         info = layout.arrays.get("tokenizer.ggml.precompiled_charsmap")
         if info is None or info.elem_type not in (GGUFValueType.UINT8, GGUFValueType.INT8):
             bad("metadata tokenizer.ggml.precompiled_charsmap must be an array of UINT8")
+    model = layout.scalars.get("tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        bad(f"tokenizer model {model!r} is not supported (supported: {', '.join(TOKENIZER_MODELS)})")
     tokens = layout.arrays.get("tokenizer.ggml.tokens")
     if tokens is None:
         bad("the model has no tokenizer.ggml.tokens (vocabulary)")

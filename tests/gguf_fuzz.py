@@ -1,0 +1,235 @@
+"""Hostile GGUF files for the fuzz tests (tests/test_hostile_gguf.py) and the long run (benchmarks/fuzz_gguf.py).
+
+* ``small_model(path)`` writes a small but complete llama model (64-token gpt2 vocabulary, 1 layer) that loads
+  in sparse-gguf and in llama.cpp, so mutations start from a file every loader accepts;
+* ``structure(data)`` lists where the header's structural fields are (counts, string lengths, value types,
+  array lengths, dimension counts, dimensions, tensor types, offsets), found by walking the header the way
+  sparse_gguf.validate does, so mutations can aim at them;
+* ``mutate(data, fields, rng)`` applies one random mutation: flip bytes, set a structural field to an
+  interesting value, truncate, insert or delete bytes;
+* ``check_loads(path)`` is the property: every path that reads a model file (info/metadata, config, weights)
+  either works or raises SparseGGUFError. Anything else escaping is a bug.
+
+This is a helper module, not a test file.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+
+# ---- a small complete model -----------------------------------------------------------------------------
+
+N_EMBD, N_FF, N_HEAD, N_HEAD_KV = 64, 128, 4, 2
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _vocab() -> tuple[list[str], list[int], list[str]]:
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ċ", "Ġ"] + letters
+    merges = [f"{a} {b}" for a, b in (("t", "h"), ("th", "e"), ("a", "n"), ("Ġ", "t"), ("i", "n"))]
+    tokens += [m.replace(" ", "") for m in merges]
+    while len(tokens) < 64:
+        tokens.append(f"<extra_{len(tokens)}>")
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    return tokens, types, merges
+
+
+def small_model(path: Path, arch: str = "llama") -> Path:
+    """A 1-layer llama with a 64-token gpt2 vocabulary and a chat template; F32 norms, Q8_0 matrices."""
+    tokens, types, merges = _vocab()
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("fuzz-base")
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def mat(name, rows, cols):
+        data = gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.1,
+                                    gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    hd = N_EMBD // N_HEAD
+    mat("token_embd.weight", len(tokens), N_EMBD)
+    w.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(N_EMBD, np.float32))
+    mat("blk.0.attn_q.weight", N_HEAD * hd, N_EMBD)
+    mat("blk.0.attn_k.weight", N_HEAD_KV * hd, N_EMBD)
+    mat("blk.0.attn_v.weight", N_HEAD_KV * hd, N_EMBD)
+    mat("blk.0.attn_output.weight", N_EMBD, N_HEAD * hd)
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(N_EMBD, np.float32))
+    mat("blk.0.ffn_gate.weight", N_FF, N_EMBD)
+    mat("blk.0.ffn_up.weight", N_FF, N_EMBD)
+    mat("blk.0.ffn_down.weight", N_EMBD, N_FF)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+# ---- where the structural fields are ----------------------------------------------------------------------
+
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def structure(data: bytes, max_array_walk: int = 1 << 20) -> list[tuple[int, int, str]]:
+    """(offset, size, kind) of the header's structural fields of a well-formed little-endian GGUF file."""
+    out: list[tuple[int, int, str]] = [(8, 8, "count"), (16, 8, "count")]
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+    pos = 24
+
+    def string(kind: str) -> None:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", data, pos)
+        out.append((pos, 8, kind))
+        pos += 8 + n
+
+    for _ in range(n_kv):
+        string("key_len")
+        (vt,) = struct.unpack_from("<I", data, pos)
+        out.append((pos, 4, "value_type"))
+        pos += 4
+        if vt == 9:
+            et, n = struct.unpack_from("<IQ", data, pos)
+            out.append((pos, 4, "value_type"))
+            out.append((pos + 4, 8, "array_len"))
+            pos += 12
+            if et == 8:
+                for i in range(n):
+                    if i < 8 or i >= n - 2:      # the first and last few string lengths
+                        string("str_len")
+                    else:
+                        (m,) = struct.unpack_from("<Q", data, pos)
+                        pos += 8 + m
+            else:
+                pos += n * _SIZES[et]
+        elif vt == 8:
+            string("str_len")
+        else:
+            out.append((pos, _SIZES[vt], "value"))
+            pos += _SIZES[vt]
+    for _ in range(n_tensors):
+        string("name_len")
+        (nd,) = struct.unpack_from("<I", data, pos)
+        out.append((pos, 4, "n_dims"))
+        pos += 4
+        for _ in range(nd):
+            out.append((pos, 8, "dim"))
+            pos += 8
+        out.append((pos, 4, "tensor_type"))
+        out.append((pos + 4, 8, "offset"))
+        pos += 12
+    out.append((pos, 0, "header_end"))
+    return out
+
+
+def header_end(fields: list[tuple[int, int, str]]) -> int:
+    return fields[-1][0]
+
+
+_INTERESTING = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536,
+                2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def mutate(data: bytes, fields: list[tuple[int, int, str]], rng: random.Random) -> tuple[bytes, str]:
+    """One random mutation of `data`; returns (new bytes, description)."""
+    end = header_end(fields)
+    buf = bytearray(data)
+    kind = rng.choice(["field", "field", "field", "flip", "truncate", "insert", "delete", "swap_type"])
+    if kind in ("field", "swap_type"):
+        typed = [f for f in fields if f[1] > 0 and (kind == "field" or f[2] in ("value_type", "tensor_type"))]
+        off, size, what = rng.choice(typed)
+        if rng.random() < 0.6:
+            v = rng.choice(_INTERESTING)
+        elif what in ("value_type", "tensor_type"):
+            v = rng.randrange(0, 45)
+        else:
+            old = int.from_bytes(buf[off:off + size], "little")
+            v = max(0, old + rng.choice([-64, -32, -8, -1, 1, 8, 32, 64, old, len(data)]))
+        v %= 1 << (8 * size)
+        buf[off:off + size] = v.to_bytes(size, "little")
+        return bytes(buf), f"{what}@{off}={v}"
+    if kind == "flip":
+        n = rng.choice([1, 1, 2, 4, 16])
+        for _ in range(n):
+            i = rng.randrange(0, end if rng.random() < 0.9 else len(buf))
+            buf[i] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randrange(1, 256)
+        return bytes(buf), f"flip x{n}"
+    if kind == "truncate":
+        cut = rng.randrange(0, end + 64) if rng.random() < 0.7 else rng.randrange(0, len(buf))
+        return bytes(buf[:cut]), f"truncate@{cut}"
+    if kind == "insert":
+        i = rng.randrange(0, end)
+        junk = bytes(rng.randrange(256) for _ in range(rng.choice([1, 4, 8, 13])))
+        return bytes(buf[:i] + junk + buf[i:]), f"insert@{i}"
+    i = rng.randrange(0, end)
+    n = rng.choice([1, 4, 8, 13])
+    return bytes(buf[:i] + buf[i + n:]), f"delete@{i}+{n}"
+
+
+# ---- the property -------------------------------------------------------------------------------------------
+
+def check_loads(path: Path, weights: bool = True) -> str:
+    """Read `path` along every route a user can take (info's describe, metadata values, config, weights).
+    Returns "ok" or "refused: <message>"; anything other than SparseGGUFError propagates (a bug)."""
+    from sparse_gguf.config import ModelConfig
+    from sparse_gguf.errors import SparseGGUFError
+    from sparse_gguf.gguf_file import all_metadata, open_gguf
+    from sparse_gguf.info import describe
+    from sparse_gguf.weights import load_weights
+
+    try:
+        describe(path)
+        reader = open_gguf(path)
+        all_metadata(reader)
+        cfg = ModelConfig.from_gguf(reader)
+        if weights:
+            load_weights(reader, cfg)
+        return "ok"
+    except SparseGGUFError as e:
+        msg = str(e)
+        assert "\n" not in msg, msg
+        return "refused: " + msg
+
+
+# Run in a child process: llama.cpp may abort the process on a file that slipped through validation.
+TOKENIZER_CHILD = r"""
+import sys
+from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.tokenizer import Tokenizer
+for line in sys.stdin:
+    path = line.strip()
+    print("BEGIN", path, flush=True)
+    try:
+        tok = Tokenizer(path)
+        tok.encode("hello there")
+        if tok.chat_template:
+            tok.chat_prompt([{"role": "user", "content": "hi"}])
+        print("OK", path, flush=True)
+    except SparseGGUFError as e:
+        print("REFUSED", path, str(e).replace("\n", " "), flush=True)
+"""
