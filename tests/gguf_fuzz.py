@@ -41,49 +41,74 @@ def _vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def small_model(path: Path, arch: str = "llama") -> Path:
-    """A 1-layer llama with a 64-token gpt2 vocabulary and a chat template; F32 norms, Q8_0 matrices."""
+def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None) -> Path:
+    """A 1-layer llama with a 64-token gpt2 vocabulary and a chat template; F32 norms, Q8_0 matrices.
+
+    kv: key -> (value, GGUFValueType[, element type]) to add or replace, or None to leave the key out.
+    tensors: name -> raw tensor spec (array, GGMLQuantizationType or None for float arrays) or None to leave out.
+    """
+    from gguf import GGMLQuantizationType as QT
+    from gguf import GGUFValueType as VT
+
     tokens, types, merges = _vocab()
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("fuzz-base")
-    w.add_block_count(1)
-    w.add_context_length(256)
-    w.add_embedding_length(N_EMBD)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
-
-    def mat(name, rows, cols):
-        data = gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.1,
-                                    gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-
     hd = N_EMBD // N_HEAD
-    mat("token_embd.weight", len(tokens), N_EMBD)
-    w.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(N_EMBD, np.float32))
-    mat("blk.0.attn_q.weight", N_HEAD * hd, N_EMBD)
-    mat("blk.0.attn_k.weight", N_HEAD_KV * hd, N_EMBD)
-    mat("blk.0.attn_v.weight", N_HEAD_KV * hd, N_EMBD)
-    mat("blk.0.attn_output.weight", N_EMBD, N_HEAD * hd)
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(N_EMBD, np.float32))
-    mat("blk.0.ffn_gate.weight", N_FF, N_EMBD)
-    mat("blk.0.ffn_up.weight", N_FF, N_EMBD)
-    mat("blk.0.ffn_down.weight", N_EMBD, N_FF)
+    meta: dict = {
+        "general.name": ("fuzz-base", VT.STRING),
+        "llama.block_count": (1, VT.UINT32),
+        "llama.context_length": (256, VT.UINT32),
+        "llama.embedding_length": (N_EMBD, VT.UINT32),
+        "llama.feed_forward_length": (N_FF, VT.UINT32),
+        "llama.attention.head_count": (N_HEAD, VT.UINT32),
+        "llama.attention.head_count_kv": (N_HEAD_KV, VT.UINT32),
+        "llama.rope.freq_base": (10000.0, VT.FLOAT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, VT.FLOAT32),
+        "llama.rope.dimension_count": (hd, VT.UINT32),
+        "llama.vocab_size": (len(tokens), VT.UINT32),
+        "tokenizer.ggml.model": ("gpt2", VT.STRING),
+        "tokenizer.ggml.pre": ("default", VT.STRING),
+        "tokenizer.ggml.tokens": (tokens, VT.ARRAY, VT.STRING),
+        "tokenizer.ggml.token_type": (types, VT.ARRAY, VT.INT32),
+        "tokenizer.ggml.merges": (merges, VT.ARRAY, VT.STRING),
+        "tokenizer.ggml.bos_token_id": (0, VT.UINT32),
+        "tokenizer.ggml.eos_token_id": (2, VT.UINT32),
+        "tokenizer.ggml.add_bos_token": (False, VT.BOOL),
+        "tokenizer.chat_template": (CHAT_TEMPLATE, VT.STRING),
+    }
+    meta.update(kv or {})
+
+    def mat(rows, cols):
+        data = gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.1, QT.Q8_0)
+        return data, QT.Q8_0
+
+    ones = (np.ones(N_EMBD, np.float32), None)
+    tens: dict = {
+        "token_embd.weight": mat(len(tokens), N_EMBD),
+        "output_norm.weight": ones,
+        "blk.0.attn_norm.weight": ones,
+        "blk.0.attn_q.weight": mat(N_HEAD * hd, N_EMBD),
+        "blk.0.attn_k.weight": mat(N_HEAD_KV * hd, N_EMBD),
+        "blk.0.attn_v.weight": mat(N_HEAD_KV * hd, N_EMBD),
+        "blk.0.attn_output.weight": mat(N_EMBD, N_HEAD * hd),
+        "blk.0.ffn_norm.weight": ones,
+        "blk.0.ffn_gate.weight": mat(N_FF, N_EMBD),
+        "blk.0.ffn_up.weight": mat(N_FF, N_EMBD),
+        "blk.0.ffn_down.weight": mat(N_EMBD, N_FF),
+    }
+    tens.update(tensors or {})
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, spec in meta.items():
+        if spec is not None:
+            w.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
+    for name, spec in tens.items():
+        if spec is None:
+            continue
+        data, qtype = spec
+        if qtype is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
