@@ -85,7 +85,15 @@ def _refused(path: Path, *needles: str) -> str:
 
 # ---- hand-made structural damage ----------------------------------------------------------------------
 
+def _uint8_array_2_60(d: bytes) -> bytes:
+    """token_type turned into a UINT8 array of 2**60 elements: GGUFReader loops for ever on it (each element
+    past the end of the file reads as 0 bytes, and it walks elements one by one)."""
+    off = _key_value_offset(d, "tokenizer.ggml.token_type")
+    return _patch(_patch(d, off + 4, "<I", int(VT.UINT8)), off + 8, "<Q", 2**60)
+
+
 STRUCTURAL = {
+    "uint8 array 2**60 long": (_uint8_array_2_60, ["token_type", "elements"]),
     # name: (mutator(data) -> data, words the message must contain)
     "kv count 2**63": (lambda d: _patch(d, 16, "<Q", 2**63), ["metadata key count"]),
     "tensor count 2**40": (lambda d: _patch(d, 8, "<Q", 2**40), ["tensor count"]),
@@ -226,8 +234,8 @@ def _run_cli(*args, stdin=None):
 
 
 def test_cli_one_line_errors(base, tmp_path):
-    hang = tmp_path / "hang.gguf"        # gguf-py alone would loop ~2**60 times on this file
-    hang.write_bytes(_patch(base, _key_value_offset(base, "tokenizer.ggml.token_type") + 8, "<Q", 2**60))
+    hang = tmp_path / "hang.gguf"        # gguf-py alone loops ~2**60 times on this file
+    hang.write_bytes(_uint8_array_2_60(base))
     abort = small_model(tmp_path / "abort.gguf", kv={"tokenizer.ggml.tokens": (["a"] * 64, VT.ARRAY, VT.STRING)})
     for args in (("info", hang), ("chat", abort), ("info", abort)):
         proc = _run_cli(*args, stdin="hi\n")
@@ -290,6 +298,9 @@ def test_fuzzed_files_do_not_abort_llama_cpp(base, tmp_path):
             continue
         paths.append(p)
     assert len(paths) == 60
+    # and files known to make llama.cpp abort (GGML_ASSERT) unless validation refuses them first
+    for case in ("duplicate token", "token_type of strings", "merges of integers", "empty merge"):
+        paths.append(small_model(tmp_path / f"{case.replace(' ', '_')}.gguf", kv=TOKENIZER_LIES[case][0]))
     proc = subprocess.run([sys.executable, "-c", TOKENIZER_CHILD], cwd=REPO, input="".join(f"{p}\n" for p in paths),
                           capture_output=True, text=True, timeout=600)
     done = [l for l in proc.stdout.splitlines() if l.startswith(("OK", "REFUSED"))]
