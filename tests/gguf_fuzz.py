@@ -182,11 +182,16 @@ _INTERESTING = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 31, 32, 33, 63, 64, 255, 256,
 
 def mutate(data: bytes, fields: list[tuple[int, int, str]], rng: random.Random) -> tuple[bytes, str]:
     """One random mutation of `data`; returns (new bytes, description)."""
-    end = header_end(fields)
     buf = bytearray(data)
+    if len(buf) < 2:
+        return bytes(buf) + b"G", "append"
+    end = max(1, min(header_end(fields), len(buf)))   # earlier mutations may have cut or shifted the file
     kind = rng.choice(["field", "field", "field", "flip", "truncate", "insert", "delete", "swap_type"])
+    typed = [f for f in fields if f[1] > 0 and f[0] + f[1] <= len(buf)
+             and (kind == "field" or f[2] in ("value_type", "tensor_type"))]
+    if kind in ("field", "swap_type") and not typed:
+        kind = "flip"
     if kind in ("field", "swap_type"):
-        typed = [f for f in fields if f[1] > 0 and (kind == "field" or f[2] in ("value_type", "tensor_type"))]
         off, size, what = rng.choice(typed)
         if rng.random() < 0.6:
             v = rng.choice(_INTERESTING)
@@ -228,12 +233,11 @@ def check_loads(path: Path, weights: bool = True) -> str:
     from sparse_gguf.weights import load_weights
 
     try:
-        describe(path)
-        reader = open_gguf(path)
-        all_metadata(reader)
-        cfg = ModelConfig.from_gguf(reader)
+        describe(path)                          # open_gguf, every metadata value, ModelConfig
         if weights:
-            load_weights(reader, cfg)
+            reader = open_gguf(path)
+            all_metadata(reader)
+            load_weights(reader, ModelConfig.from_gguf(reader))
         return "ok"
     except SparseGGUFError as e:
         msg = str(e)
