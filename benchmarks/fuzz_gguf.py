@@ -1,6 +1,6 @@
 """Long fuzz run of the GGUF loaders: `python benchmarks/fuzz_gguf.py --minutes 10`.
 
-Mutates a small complete model and the default model's real header (tests/gguf_fuzz.py: flip bytes, set
+Mutates two small complete models (plain and converted, with a sparsity plan) and the default model's real header (tests/gguf_fuzz.py: flip bytes, set
 structural fields to interesting values, truncate, insert/delete bytes; 1-3 mutations stacked) and checks the
 property of gguf_fuzz.check_loads: every file loads (describe, metadata, config, weights) or raises
 SparseGGUFError. Every --tokenizer-every-th file that passes validation is also collected for llama.cpp's
@@ -61,8 +61,8 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fuzz_gguf_"))
-    small = small_model(work / "base.gguf").read_bytes()
-    small_fields = structure(small)
+    smalls = [small_model(work / "base.gguf").read_bytes(), small_model(work / "sparse.gguf", sparse=True).read_bytes()]
+    small_fields = [structure(b) for b in smalls]
     dm = default_model_path().read_bytes()
     dm_fields = structure(dm)
     dm_head, dm_size = dm[:header_end(dm_fields) + 64], len(dm)
@@ -75,7 +75,8 @@ def main() -> int:
     n = 0
     while time.monotonic() < t_end:
         use_default = rng.random() < args.default_share
-        data, fields = (dm_head, dm_fields) if use_default else (small, small_fields)
+        k = rng.randrange(2)
+        data, fields = (dm_head, dm_fields) if use_default else (smalls[k], small_fields[k])
         descs = []
         for _ in range(rng.choice([1, 1, 2, 3])):
             data, d = mutate(data, fields, rng)

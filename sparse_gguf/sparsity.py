@@ -17,6 +17,7 @@ from gguf import GGUFReader
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import metadata
+from .validate import check_sparse_metadata
 
 FORMAT_VERSION = 1
 MODE_DENSE = 0
@@ -131,6 +132,7 @@ class SparsityPlan:
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader, cfg: ModelConfig) -> "SparsityPlan | None":
+        check_sparse_metadata(reader, cfg)       # types of the plan's keys and tensors (untrusted files)
         version = metadata(reader, KEY_VERSION)
         if version is None:
             return None

@@ -454,3 +454,24 @@ def check_config(cfg) -> None:
                               f"{cfg.head_dim}")
     if not 1 <= cfg.n_vocab <= MAX_ARRAY_LEN:
         raise SparseGGUFError(f"vocabulary size {cfg.n_vocab} is out of range [1, {MAX_ARRAY_LEN}]")
+
+
+def check_sparse_metadata(reader, cfg) -> None:
+    """A converted file's sparsity plan (docs/FORMAT.md) has the types the decoder assumes: an integer
+    format version, one integer mode per layer, F32 threshold tensors; raise SparseGGUFError otherwise."""
+    from .sparsity import KEY_MODES, KEY_VERSION, TENSOR_THRESHOLD, TENSOR_UP_THRESHOLD
+
+    version = reader.fields.get(KEY_VERSION)
+    if version is None:
+        return
+    if len(version.types) != 1 or version.types[0] not in INT_TYPES:
+        raise SparseGGUFError(f"metadata {KEY_VERSION} must be an integer")
+    modes = reader.fields.get(KEY_MODES)
+    if modes is not None and (modes.types[:1] != [GGUFValueType.ARRAY] or len(modes.types) != 2
+                              or modes.types[1] not in INT_TYPES):
+        raise SparseGGUFError(f"metadata {KEY_MODES} must be a list of integers")
+    names = {TENSOR_THRESHOLD.format(il=il) for il in range(cfg.n_layer)}
+    names |= {TENSOR_UP_THRESHOLD.format(il=il) for il in range(cfg.n_layer)}
+    for t in reader.tensors:
+        if t.name in names and (int(t.tensor_type) != int(GGMLQuantizationType.F32) or len(t.shape) != 1):
+            raise SparseGGUFError(f"tensor {t.name} must be a 1-D F32 tensor")

@@ -7,8 +7,8 @@
   sparse_gguf.validate does, so mutations can aim at them;
 * ``mutate(data, fields, rng)`` applies one random mutation: flip bytes, set a structural field to an
   interesting value, truncate, insert or delete bytes;
-* ``check_loads(path)`` is the property: every path that reads a model file (info/metadata, config, weights)
-  either works or raises SparseGGUFError. Anything else escaping is a bug.
+* ``check_loads(path)`` is the property: every path that reads a model file (info/metadata, config, weights,
+  sparsity plan) either works or raises SparseGGUFError. Anything else escaping is a bug.
 
 This is a helper module, not a test file.
 """
@@ -41,7 +41,7 @@ def _vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None) -> Path:
+def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None, sparse: bool = False) -> Path:
     """A 1-layer llama with a 64-token gpt2 vocabulary and a chat template; F32 norms, Q8_0 matrices.
 
     kv: key -> (value, GGUFValueType[, element type]) to add or replace, or None to leave the key out.
@@ -75,6 +75,9 @@ def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None)
         "tokenizer.ggml.add_bos_token": (False, VT.BOOL),
         "tokenizer.chat_template": (CHAT_TEMPLATE, VT.STRING),
     }
+    if sparse:                 # a converted file: sparsity plan keys and threshold tensors (docs/FORMAT.md)
+        meta["sparse_gguf.version"] = (1, VT.UINT32)
+        meta["sparse_gguf.ffn.mode"] = ([1], VT.ARRAY, VT.UINT32)
     meta.update(kv or {})
 
     def mat(rows, cols):
@@ -95,6 +98,9 @@ def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None)
         "blk.0.ffn_up.weight": mat(N_FF, N_EMBD),
         "blk.0.ffn_down.weight": mat(N_EMBD, N_FF),
     }
+    if sparse:
+        tens["blk.0.ffn_thresh.weight"] = (np.full(N_FF, 0.01, np.float32), None)
+        tens["blk.0.ffn_up_thresh.weight"] = (np.full(N_FF, 0.01, np.float32), None)
     tens.update(tensors or {})
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -230,6 +236,7 @@ def check_loads(path: Path, weights: bool = True) -> str:
     from sparse_gguf.errors import SparseGGUFError
     from sparse_gguf.gguf_file import all_metadata, open_gguf
     from sparse_gguf.info import describe
+    from sparse_gguf.sparsity import SparsityPlan
     from sparse_gguf.weights import load_weights
 
     try:
@@ -237,7 +244,15 @@ def check_loads(path: Path, weights: bool = True) -> str:
         if weights:
             reader = open_gguf(path)
             all_metadata(reader)
-            load_weights(reader, ModelConfig.from_gguf(reader))
+            cfg = ModelConfig.from_gguf(reader)
+            load_weights(reader, cfg)
+            SparsityPlan.from_gguf(reader, cfg)
+            del reader
+            from sparse_gguf.model import Model
+
+            Model(path, n_ctx=8, n_threads=1)       # rope tables, KV cache
+            # (not eval: weights of NaN/inf are valid GGUF, and the Numba kernels then raise
+            # ZeroDivisionError, which the CLI reports as one line; see README "Safety")
         return "ok"
     except SparseGGUFError as e:
         msg = str(e)

@@ -49,6 +49,12 @@ def base(tmp_path_factory) -> bytes:
     return small_model(tmp_path_factory.mktemp("fuzz") / "base.gguf").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def sparse_base(tmp_path_factory) -> bytes:
+    """A converted file: with a sparsity plan (sparse_gguf.* keys, threshold tensors)."""
+    return small_model(tmp_path_factory.mktemp("fuzz") / "sparse.gguf", sparse=True).read_bytes()
+
+
 def _key_value_offset(data: bytes, key: str) -> int:
     """Offset of the value-type field that follows `key` in a well-formed file."""
     kb = key.encode()
@@ -185,10 +191,23 @@ SEMANTIC = {
 }
 
 
-@pytest.mark.parametrize("case", list(SEMANTIC))
+SPARSE = {
+    "version a string": ({"sparse_gguf.version": ("1", VT.STRING)}, {}, "sparse_gguf.version"),
+    "modes strings": ({"sparse_gguf.ffn.mode": (["threshold"], VT.ARRAY, VT.STRING)}, {}, "sparse_gguf.ffn.mode"),
+    "modes too short": ({"sparse_gguf.ffn.mode": ([1, 1], VT.ARRAY, VT.UINT32)}, {}, "one mode per layer"),
+    "unknown mode": ({"sparse_gguf.ffn.mode": ([7], VT.ARRAY, VT.UINT32)}, {}, "unknown FFN mode"),
+    "threshold quantized": ({}, {"blk.0.ffn_thresh.weight": (np.zeros((1, 4 * 34), np.uint8), QT.Q8_0)},
+                            "ffn_thresh"),
+    "threshold too short": ({}, {"blk.0.ffn_thresh.weight": (np.zeros(64, np.float32), None)}, "ffn_thresh"),
+    "threshold missing": ({}, {"blk.0.ffn_thresh.weight": None}, "ffn_thresh"),
+}
+
+
+@pytest.mark.parametrize("case", list(SEMANTIC) + [f"sparse: {c}" for c in SPARSE])
 def test_lying_metadata_refused(tmp_path, case):
-    kv, tensors, needle = SEMANTIC[case]
-    p = small_model(tmp_path / "lie.gguf", kv=kv, tensors=tensors)
+    sparse = case.startswith("sparse: ")
+    kv, tensors, needle = SPARSE[case[8:]] if sparse else SEMANTIC[case]
+    p = small_model(tmp_path / "lie.gguf", kv=kv, tensors=tensors, sparse=sparse)
     result = check_loads(p)
     assert result.startswith("refused: "), result
     assert needle in result, result
@@ -221,6 +240,7 @@ def test_small_model_loads_everywhere(tmp_path):
     """The fuzz base is a complete model: the property has something to break."""
     p = small_model(tmp_path / "ok.gguf")
     assert check_loads(p) == "ok"
+    assert check_loads(small_model(tmp_path / "sparse.gguf", sparse=True)) == "ok"
     tok = Tokenizer(p)
     assert tok.n_vocab == 64
     assert tok.chat_prompt([{"role": "user", "content": "the"}])
@@ -247,11 +267,11 @@ def test_cli_one_line_errors(base, tmp_path):
 
 # ---- fuzzing --------------------------------------------------------------------------------------------
 
-@given(seed=st.integers(0, 2**64 - 1), n=st.integers(1, 3))
-def test_fuzz_small_model(base, tmp_path, seed, n):
+@given(seed=st.integers(0, 2**64 - 1), n=st.integers(1, 3), converted=st.booleans())
+def test_fuzz_small_model(base, sparse_base, tmp_path, seed, n, converted):
     rng = random.Random(seed)
-    fields = structure(base)
-    data = base
+    data = sparse_base if converted else base
+    fields = structure(data)
     for _ in range(n):
         data, _ = mutate(data, fields, rng)
     p = tmp_path / "fuzz.gguf"
