@@ -257,7 +257,8 @@ def test_cli_one_line_errors(base, tmp_path):
     hang = tmp_path / "hang.gguf"        # gguf-py alone loops ~2**60 times on this file
     hang.write_bytes(_uint8_array_2_60(base))
     abort = small_model(tmp_path / "abort.gguf", kv={"tokenizer.ggml.tokens": (["a"] * 64, VT.ARRAY, VT.STRING)})
-    for args in (("info", hang), ("chat", abort), ("info", abort)):
+    for args in (("info", hang), ("chat", abort), ("info", abort),
+                 ("bench", "--baseline", abort, "--tests", "tg1", "--reps", "1")):   # llama.cpp's full load
         proc = _run_cli(*args, stdin="hi\n")
         assert proc.returncode == 1, proc.stderr
         assert "Traceback" not in proc.stderr
