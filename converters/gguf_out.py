@@ -37,7 +37,7 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGUFEndian
 
-__all__ = ["KV_PREFIX", "write_model", "file_sha256", "gguf_value_type"]
+__all__ = ["KV_PREFIX", "write_model", "file_sha256", "gguf_value_type", "check_free_space"]
 
 KV_PREFIX = "sparse_gguf."
 
@@ -317,6 +317,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_free_space(out_path: os.PathLike[str] | str, need: int) -> None:
+    """Raise OSError(ENOSPC) unless the file system of out_path's directory has `need` bytes free.
+    The converter calls it before calibrating (minutes) with the source size, and write_model again with
+    its estimate of the output."""
+    out_path = Path(out_path)
+    out_dir = out_path.parent if str(out_path.parent) else Path(".")
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough free disk space in {out_dir.resolve()} to write {out_path.name}: "
+                                    f"need about {_fmt_bytes(need)}, only {_fmt_bytes(free)} available")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
@@ -456,10 +468,7 @@ def write_model(
            + sum(GGUFWriter.ggml_pad(t.nbytes, align) for t in plan)
            + _SIZE_MARGIN)
     out_dir = out_path.parent if str(out_path.parent) else Path(".")
-    free = shutil.disk_usage(out_dir).free
-    if free < est:
-        raise OSError(errno.ENOSPC, f"not enough free disk space in {out_dir.resolve()} to write {out_path.name}: "
-                                    f"need about {_fmt_bytes(est)}, only {_fmt_bytes(free)} available")
+    check_free_space(out_path, est)
 
     # ---- write
     _remove_stale_temps(out_path)

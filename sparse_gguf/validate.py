@@ -366,10 +366,8 @@ def check_tokenizer_metadata(layout: GGUFLayout, where: str = "") -> None:
         bad("metadata tokenizer.ggml.merges holds an empty merge")
     for key, vtype in layout.types.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
-            if vtype not in INT_TYPES:
+            if vtype not in INT_TYPES:   # out-of-range ids are fine: llama.cpp warns and uses its default
                 bad(f"metadata {key} must be an integer")
-            if not 0 <= int(layout.scalars[key]) < tokens.length:
-                bad(f"metadata {key} = {layout.scalars[key]} is not a token id (vocabulary of {tokens.length})")
         elif key.startswith("tokenizer.ggml.add_") and vtype != GGUFValueType.BOOL:
             bad(f"metadata {key} must be a bool")
 

@@ -125,3 +125,15 @@ def test_cli_convert_refuses_to_overwrite_input(src, tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "overwrite the input" in lines[0], proc.stderr
     assert file_sha256(src) == before
+
+
+def test_convert_checks_free_space_before_calibrating(src, tmp_path, monkeypatch):
+    """Not enough room for the output: refused at once (before the model is even loaded), nothing written."""
+    from converters import convert as convert_mod
+
+    usage = gguf_out.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(gguf_out.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(convert_mod, "Model", None)          # loading would fail loudly: it must not happen
+    with pytest.raises(OSError, match="free disk space"):
+        convert_mod.convert(src, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

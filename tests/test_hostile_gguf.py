@@ -220,7 +220,6 @@ TOKENIZER_LIES = {
     "merges of integers": ({"tokenizer.ggml.merges": ([1, 2], VT.ARRAY, VT.UINT32)}, "merges"),
     "empty merge": ({"tokenizer.ggml.merges": (["t h", ""], VT.ARRAY, VT.STRING)}, "empty merge"),
     "duplicate token": ({"tokenizer.ggml.tokens": (["a"] * 64, VT.ARRAY, VT.STRING)}, "twice"),
-    "bos id out of range": ({"tokenizer.ggml.bos_token_id": (64, VT.UINT32)}, "bos_token_id"),
     "bos id a string": ({"tokenizer.ggml.bos_token_id": ("0", VT.STRING)}, "bos_token_id"),
     "tokenizer model rwkv": ({"tokenizer.ggml.model": ("rwkv", VT.STRING)}, "rwkv"),
     "no vocabulary": ({"tokenizer.ggml.tokens": None, "tokenizer.ggml.token_type": None}, "tokens"),
@@ -234,6 +233,12 @@ def test_tokenizer_lies_refused_before_llama_cpp(tmp_path, case):
     p = small_model(tmp_path / "tok.gguf", kv=kv)
     with pytest.raises(SparseGGUFError, match=needle):
         Tokenizer(p)
+
+
+def test_out_of_range_special_id_tolerated(tmp_path):
+    """Real files sometimes carry a padding id == n_vocab; llama.cpp ignores it, so validation must not refuse."""
+    p = small_model(tmp_path / "pad.gguf", kv={"tokenizer.ggml.padding_token_id": (64, VT.UINT32)})
+    assert Tokenizer(p).n_vocab == 64
 
 
 def test_small_model_loads_everywhere(tmp_path):
