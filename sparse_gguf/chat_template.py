@@ -16,6 +16,7 @@ Every failure -- syntax error, `raise_exception`, sandbox violation, a bound -- 
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any
@@ -32,6 +33,7 @@ class TemplateLimit(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=1)
 def _environment():
     import jinja2
     import jinja2.ext

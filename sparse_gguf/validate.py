@@ -43,8 +43,8 @@ MAX_KV_COUNT = 1 << 16            # real models: 30-60 keys
 MAX_TENSOR_COUNT = 1 << 20        # real models: a few hundred to a few thousand tensors
 MAX_KEY_BYTES = (1 << 16) - 1     # the spec's limit for keys
 MAX_STRING_BYTES = 16 << 20       # one string value (chat templates are the longest: tens of KiB)
-MAX_ARRAY_LEN = 1 << 22           # one array (the largest vocabularies have ~262k tokens)
-MAX_ARRAY_ELEMENTS = 1 << 23      # all arrays together (gguf-py makes a numpy object per element)
+MAX_ARRAY_LEN = 1 << 21           # one array (the largest vocabularies have ~262k tokens)
+MAX_ARRAY_ELEMENTS = 1 << 22      # all arrays together (gguf-py makes two numpy objects per element)
 MAX_TENSOR_NAME_BYTES = 63        # llama.cpp's GGML_MAX_NAME (64) including the terminating NUL
 MAX_DIMS = 4                      # GGML_MAX_DIMS
 MAX_ELEMENTS = 1 << 62            # product of a tensor's dimensions
@@ -350,6 +350,8 @@ def check_tokenizer_metadata(layout: GGUFLayout, where: str = "") -> None:
         if info is None or info.elem_type not in (GGUFValueType.UINT8, GGUFValueType.INT8):
             bad("metadata tokenizer.ggml.precompiled_charsmap must be an array of UINT8")
     model = layout.scalars.get("tokenizer.ggml.model")
+    if model is None:
+        bad("the model has no tokenizer (tokenizer.ggml.model)")
     if model not in TOKENIZER_MODELS:
         bad(f"tokenizer model {model!r} is not supported (supported: {', '.join(TOKENIZER_MODELS)})")
     tokens = layout.arrays.get("tokenizer.ggml.tokens")

@@ -108,7 +108,7 @@ STRUCTURAL = {
     "vocab array 2**60 long": (lambda d: _patch(d, _key_value_offset(d, "tokenizer.ggml.tokens") + 8, "<Q",
                                                 2**60), ["tokenizer.ggml.tokens", "elements"]),
     "int array past the end": (lambda d: _patch(d, _key_value_offset(d, "tokenizer.ggml.token_type") + 8, "<Q",
-                                                2**22 - 1), ["token_type"]),
+                                                2**21 - 1), ["token_type"]),
     "string length 2**40": (lambda d: _patch(d, _key_value_offset(d, "general.name") + 4, "<Q", 2**40),
                             ["general.name"]),
     "unknown value type": (lambda d: _patch(d, _key_value_offset(d, "general.name"), "<I", 13),
@@ -223,6 +223,7 @@ TOKENIZER_LIES = {
     "bos id a string": ({"tokenizer.ggml.bos_token_id": ("0", VT.STRING)}, "bos_token_id"),
     "tokenizer model rwkv": ({"tokenizer.ggml.model": ("rwkv", VT.STRING)}, "rwkv"),
     "no vocabulary": ({"tokenizer.ggml.tokens": None, "tokenizer.ggml.token_type": None}, "tokens"),
+    "no tokenizer model": ({"tokenizer.ggml.model": None}, "no tokenizer"),
     "charsmap of floats": ({"tokenizer.ggml.precompiled_charsmap": ([1.0], VT.ARRAY, VT.FLOAT32)}, "charsmap"),
 }
 
