@@ -173,6 +173,9 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
             raise SparseGGUFError(f"{f}: cannot read calibration text ({e})") from None
     if calib_only and not user_texts:
         raise SparseGGUFError("--calib-only needs at least one --calib FILE")
+    from .gguf_out import check_free_space
+
+    check_free_space(out, src.stat().st_size)      # before minutes of calibration; write_model checks again
 
     model = Model(src, n_ctx=CHUNK * 2, n_threads=threads)
     if model.sparsity is not None:

@@ -5,9 +5,11 @@ same encoded value, arrays and strings included), copies every tensor byte-for-b
 type and shape in its original order (tensors named in ``replace_tensors`` are swapped in place), then
 appends ``extra_tensors``.  New metadata keys (``sparse_gguf.*`` only) get explicit GGUF value types.
 
-The file is written safely: to a hidden temporary file in the destination directory, fsync'ed, then
-``os.replace``'d onto the destination; on any exception (KeyboardInterrupt included) the temporary file
-is removed and a pre-existing destination is left untouched.  Tensor data is streamed from the source
+The file is written safely: to a hidden temporary file in the destination directory, fsync'ed, read back
+and verified (gguf-py parses it; keys, tensor names/types/shapes/offsets as planned; each tensor's SHA-256
+read from disk equals that of the bytes written), then ``os.replace``'d onto the destination; on any
+exception (KeyboardInterrupt included) the temporary file is removed and a pre-existing destination is left
+untouched. A temp file left by a killed writer (its pid is in the name) is removed by the next write.  Tensor data is streamed from the source
 file with ordinary reads into one small reusable buffer (not through the reader's memory map), so the
 resident memory stays bounded regardless of the model size.
 
@@ -35,7 +37,7 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGUFEndian
 
-__all__ = ["KV_PREFIX", "write_model", "file_sha256", "gguf_value_type"]
+__all__ = ["KV_PREFIX", "write_model", "file_sha256", "gguf_value_type", "check_free_space"]
 
 KV_PREFIX = "sparse_gguf."
 
@@ -263,10 +265,36 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _remove_stale_temps(out_path: Path) -> None:
+    """Remove temp files an earlier, killed write of out_path left (named with their writer's pid): a crash
+    (SIGKILL, power loss) cannot run cleanup, so the next write does it. Temps of live writers are kept."""
+    prefix = f".{out_path.name}."
+    try:
+        entries = list(out_path.parent.iterdir()) if str(out_path.parent) else list(Path(".").iterdir())
+    except OSError:
+        return
+    for p in entries:
+        parts = p.name[len(prefix):].split(".")
+        if not (p.name.startswith(prefix) and p.name.endswith(".tmp") and len(parts) == 3 and parts[0].isdigit()):
+            continue
+        pid = int(parts[0])
+        try:
+            os.kill(pid, 0)
+            continue                        # its writer is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def _create_temp(out_path: Path) -> Path:
     """Create (exclusively) an empty hidden temp file next to out_path; the mode honours the umask."""
     for _ in range(100):
-        tmp = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -289,12 +317,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_free_space(out_path: os.PathLike[str] | str, need: int) -> None:
+    """Raise OSError(ENOSPC) unless the file system of out_path's directory has `need` bytes free.
+    The converter calls it before calibrating (minutes) with the source size, and write_model again with
+    its estimate of the output."""
+    out_path = Path(out_path)
+    out_dir = out_path.parent if str(out_path.parent) else Path(".")
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough free disk space in {out_dir.resolve()} to write {out_path.name}: "
+                                    f"need about {_fmt_bytes(need)}, only {_fmt_bytes(free)} available")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _verify_written(path: Path, plan: list["_OutTensor"], keys: list[str], digests: list[bytes]) -> None:
+    """Read the finished temp file back before it replaces anything: gguf-py must parse it, with the planned
+    metadata keys in order and the planned tensors (names, types, shapes, sizes, aligned offsets), and every
+    tensor's bytes, read back from disk, must hash to what was written. Raises OSError(EIO) otherwise."""
+    def fail(msg: str):
+        raise OSError(errno.EIO, f"verification of the written file failed: {msg}")
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:
+        fail(f"gguf-py cannot parse it ({type(e).__name__}: {e})")
+    got_keys = [k for k in reader.fields if k not in _HEADER_PSEUDO_FIELDS]
+    if got_keys != keys:
+        fail(f"metadata keys differ ({len(got_keys)} read, {len(keys)} written)")
+    if len(reader.tensors) != len(plan):
+        fail(f"{len(reader.tensors)} tensors read, {len(plan)} written")
+    size = os.stat(path).st_size
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        for t, p, digest in zip(reader.tensors, plan, digests):
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if (t.name, int(t.tensor_type), shape, int(t.n_bytes)) != (p.name, int(p.ggml_type), p.np_shape, p.nbytes):
+                fail(f"tensor {p.name!r} reads back as {t.name!r} {type_name_of(t.tensor_type)} {list(shape)}")
+            if t.data_offset % reader.alignment or t.data_offset + t.n_bytes > size:
+                fail(f"tensor {p.name!r} is misplaced")
+            h = hashlib.sha256()
+            f.seek(int(t.data_offset))
+            left = int(t.n_bytes)
+            while left > 0:
+                n = f.readinto(view[:min(left, _COPY_CHUNK)])
+                if not n:
+                    fail(f"tensor {p.name!r} is cut short")
+                h.update(view[:n])
+                left -= n
+            if h.digest() != digest:
+                fail(f"tensor {p.name!r} does not read back as written (checksum)")
+    del reader
+
+
+def type_name_of(qtype) -> str:
+    try:
+        return GGMLQuantizationType(int(qtype)).name
+    except ValueError:
+        return f"type {int(qtype)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,13 +468,12 @@ def write_model(
            + sum(GGUFWriter.ggml_pad(t.nbytes, align) for t in plan)
            + _SIZE_MARGIN)
     out_dir = out_path.parent if str(out_path.parent) else Path(".")
-    free = shutil.disk_usage(out_dir).free
-    if free < est:
-        raise OSError(errno.ENOSPC, f"not enough free disk space in {out_dir.resolve()} to write {out_path.name}: "
-                                    f"need about {_fmt_bytes(est)}, only {_fmt_bytes(free)} available")
+    check_free_space(out_path, est)
 
     # ---- write
+    _remove_stale_temps(out_path)
     tmp = _create_temp(out_path)
+    digests: list[bytes] = []       # sha256 of each tensor's bytes as written, checked on reading back
     writer: _Writer | None = None
     src_file = None
     try:
@@ -430,6 +516,7 @@ def write_model(
         for t in plan:
             if fout.tell() != data_start + rel:
                 raise AssertionError(f"tensor {t.name!r} would start at the wrong offset")
+            h = hashlib.sha256()
             if t.src_offset is not None:
                 pos, left = t.src_offset, t.nbytes
                 while left > 0:
@@ -443,8 +530,11 @@ def write_model(
                                 raise OSError(f"unexpected end of source file while copying {t.name!r}")
                             got += n
                         fout.write(view[:k])
+                        h.update(view[:k])
                     else:
-                        fout.write(reader.data[pos:pos + k].tobytes())
+                        chunk = reader.data[pos:pos + k].tobytes()
+                        fout.write(chunk)
+                        h.update(chunk)
                     pos += k
                     left -= k
                     done += k
@@ -455,8 +545,10 @@ def write_model(
                 if reader.endianess != native and data.dtype.itemsize > 1:
                     data = data.byteswap()
                 fout.write(memoryview(data).cast("B"))
+                h.update(memoryview(data).cast("B"))
                 del data
                 done += t.nbytes
+            digests.append(h.digest())
             writer.write_padding(fout, t.nbytes)
             rel += GGUFWriter.ggml_pad(t.nbytes, align)
             if progress is not None:
@@ -466,6 +558,9 @@ def write_model(
         os.fsync(fout.fileno())
         writer.close()
         writer = None
+        keys = [_ARCH_KEY] + [k for k in reader.fields if k not in _HEADER_PSEUDO_FIELDS and k != _ARCH_KEY]
+        keys += [k for k in extra_kv if k not in reader.fields]
+        _verify_written(tmp, plan, keys, digests)
         os.replace(tmp, out_path)
     except BaseException:
         if writer is not None:

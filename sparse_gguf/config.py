@@ -14,6 +14,7 @@ from gguf import GGUFReader
 
 from .errors import SparseGGUFError
 from .gguf_file import metadata
+from .validate import check_config, check_model_metadata
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader) -> "ModelConfig":
+        check_model_metadata(reader)         # types and ranges of the keys read below (untrusted files)
         arch = metadata(reader, "general.architecture")
         if arch is None:
             raise SparseGGUFError("GGUF file has no general.architecture")
@@ -144,7 +146,7 @@ class ModelConfig:
                 swa_layers = tuple((il + 1) % GEMMA3_SWA_PATTERN != 0 for il in range(n_layer))
             rope_base_swa = float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
 
-        return cls(
+        cfg = cls(
             arch=arch, traits=traits, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
             n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v, n_vocab=n_vocab,
             n_ctx_train=int(get("context_length", 2048)),
@@ -157,3 +159,5 @@ class ModelConfig:
             attn_scale=attn_scale, final_softcap=float(get("final_logit_softcapping", 0.0) or 0.0)
             if arch == "gemma3" else 0.0, swa_window=swa_window, swa_layers=swa_layers, rope_base_swa=rope_base_swa,
         )
+        check_config(cfg)
+        return cfg

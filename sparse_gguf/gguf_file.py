@@ -1,7 +1,8 @@
 """Open a GGUF file with gguf-py's memory-mapped GGUFReader, turning every way it can fail into one clear line.
 
-gguf-py does the parsing (we do not write a second GGUF parser); this module checks what a user can get
-wrong before and after it: a missing, empty, non-GGUF or truncated file, and tensors that point past the end.
+gguf-py does the parsing (we do not write a second GGUF parser); before it runs, sparse_gguf.validate walks
+the header with explicit limits (a hostile file must not make the reader loop, allocate or map on its say-so);
+after it, tensors that point past the end are refused.
 """
 
 from __future__ import annotations
@@ -13,22 +14,14 @@ import numpy as np
 from gguf import GGUFReader, GGMLQuantizationType
 
 from .errors import SparseGGUFError
+from .validate import validate_gguf
 
 GGUF_MAGIC = b"GGUF"
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise SparseGGUFError(f"{path}: cannot read ({e.strerror or e})") from None
-    if size == 0:
-        raise SparseGGUFError(f"{path}: empty file, not a GGUF model")
-    if magic != GGUF_MAGIC:
-        raise SparseGGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    size = validate_gguf(path).file_size     # empty, not GGUF, damaged or hostile: one line, nothing mapped
     try:
         reader = GGUFReader(path, "r")
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged headers

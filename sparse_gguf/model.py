@@ -16,6 +16,7 @@ from numba_kernels import ops, qgemv, simd, sparse_ffn
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import open_gguf
+from .resources import check_kv_memory
 from .rope import RopeTable
 from .sparsity import (AttentionWindow, SparsityPlan, TopKSparsity, attention_window_from_gguf,
                        output_candidates_from_gguf)
@@ -41,6 +42,7 @@ class Model:
         self.path = Path(path)
         reader = open_gguf(self.path)      # dropped after loading: its parsed tokenizer fields are large
         self.cfg = cfg = ModelConfig.from_gguf(reader)
+        check_kv_memory(cfg, int(n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX)))   # before loading anything large
         self.weights: ModelWeights = load_weights(reader, cfg)
         self.sparsity: SparsityPlan | None = SparsityPlan.from_gguf(reader, cfg)   # None: a plain GGUF
         self.dense = dense                   # ignore the file's sparsity plan

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import SparseGGUFError
 from .tokenizer import quiet_stderr
+from .validate import check_tokenizer_metadata, validate_gguf
 
 
 class LlamaCppEngine:
@@ -20,6 +21,7 @@ class LlamaCppEngine:
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int, logits_all: bool = False):
         import llama_cpp
 
+        check_tokenizer_metadata(validate_gguf(path), str(path))   # llama.cpp aborts on some malformed files
         try:
             with quiet_stderr():
                 self.llm = llama_cpp.Llama(

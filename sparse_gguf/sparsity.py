@@ -17,6 +17,7 @@ from gguf import GGUFReader
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import metadata
+from .validate import check_sparse_metadata
 
 FORMAT_VERSION = 2         # 2: neuron-major down_t tensors, attention/output keys
 MODE_DENSE = 0
@@ -162,6 +163,7 @@ class SparsityPlan:
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader, cfg: ModelConfig) -> "SparsityPlan | None":
+        check_sparse_metadata(reader, cfg)       # types of the plan's keys and tensors (untrusted files)
         version = metadata(reader, KEY_VERSION)
         if version is None:
             return None

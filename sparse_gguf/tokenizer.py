@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from .chat_template import render_chat_template
 from .errors import SparseGGUFError
+from .validate import check_tokenizer_metadata, validate_gguf
 
 
 @contextlib.contextmanager
@@ -37,6 +39,8 @@ class Tokenizer:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
+        # llama.cpp aborts the process on some malformed files: validate before it ever sees the file
+        check_tokenizer_metadata(validate_gguf(path), str(path))
         try:
             with quiet_stderr():
                 self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -75,19 +79,15 @@ class Tokenizer:
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Render messages with the model's own chat template and tokenize them as llama-cpp-python does."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         if not self.chat_template:
             raise SparseGGUFError("this model has no chat template (tokenizer.chat_template)")
         bos = self._llm._model.token_get_text(self.bos_id) if self.bos_id >= 0 else ""
         eos = self._llm._model.token_get_text(self.eos_id) if self.eos_id >= 0 else ""
-        formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
-                                        add_generation_prompt=add_generation_prompt)
-        try:
-            result = formatter(messages=messages)
-        except Exception as e:
-            raise SparseGGUFError(f"chat template failed to render: {e}") from None
-        return self.encode(result.prompt, add_bos=not result.added_special, special=True)
+        # sandboxed and bounded in time and size (the template comes from the file); renders as
+        # llama-cpp-python's Jinja2ChatFormatter does, which marks its prompt as carrying its own BOS
+        prompt = render_chat_template(self.chat_template, messages, bos_token=bos, eos_token=eos,
+                                      add_generation_prompt=add_generation_prompt)
+        return self.encode(prompt, add_bos=False, special=True)
 
 
 class StreamDecoder:

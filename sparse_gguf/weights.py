@@ -150,9 +150,9 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
             return None
         if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
             raise SparseGGUFError(f"tensor {name} has type {type_name(t.tensor_type)}; 1-D tensors must be F32/F16/BF16")
+        if int(t.n_elements) != size:
+            raise SparseGGUFError(f"tensor {name} has {int(t.n_elements)} elements, expected {size}")
         v = dequant.dequantize(t.data.view(np.uint8).reshape(-1), int(t.tensor_type), size).reshape(-1)
-        if v.shape[0] != size:
-            raise SparseGGUFError(f"tensor {name} has {v.shape[0]} elements, expected {size}")
         return np.ascontiguousarray(v, dtype=np.float32)
 
     def matrix(name: str, n_rows: int, n_cols: int) -> QuantMatrix:
