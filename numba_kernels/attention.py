@@ -32,7 +32,7 @@ from .actquant import f16_round
 _NO_QH = np.empty((0, 0), np.uint8)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_keys_q4(k, keys_q4, keys_d):
     """k: (n, D) float32 keys (D a multiple of 32) -> keys_q4: (n, D/2) uint8, keys_d: (n, D/32) uint16 (fp16)."""
     n, D = k.shape
@@ -60,7 +60,7 @@ def quantize_keys_q4(k, keys_q4, keys_d):
                 keys_q4[j, 16 * (nb - 1) + i] = codes[o + i] | (codes[o + 16 + i] << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _f16_bits(x):
     """An fp16-representable float32 (normal or zero, as f16_round returns for these scales) -> fp16 bits."""
     if x == 0:
@@ -73,14 +73,14 @@ def _f16_bits(x):
     return np.uint16((exp16 << 10) | mant)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_queries(q, xq, xd, xs):
     """q: (n, D) float32 query rows -> Q8 blocks for qgemv: xq (n, D) int8, xd, xs (n, D/32) float32."""
     for h in range(q.shape[0]):
         qgemv.quantize_q8_into(q[h], xq[h], xd[h], xs[h])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, out):
     """Cheap scores of cached positions 0..n_pos-1 for one query token, per query head.
 
@@ -96,7 +96,7 @@ def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, out):
                          qgemv._ALL_ROWS, out[h], lo, min(n_pos, lo + 1024))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, out):
     """Prefill: cheap scores for T queries at positions p0..p0+T-1, each against positions 0..its own.
 
@@ -111,7 +111,7 @@ def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, out):
                          qgemv._ALL_ROWS, out[h, t], 0, p0 + t + 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _kth_largest(v, n, k, buf):
     """The k-th largest of v[:n] (1 <= k <= n): quickselect (median-of-three pivots) on a copy in buf (n,)."""
     for j in range(n):
@@ -143,7 +143,7 @@ def _kth_largest(v, n, k, buf):
     return buf[want]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
     """Positions one query attends to, ascending, into idx; returns how many.
 
@@ -187,7 +187,7 @@ def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _softmax_f16(p, n):
     """In place: p[:n] = fp16-rounded softmax(p[:n]) (not fastmath: f16_round needs exact IEEE rounding)."""
     m = -np.inf
@@ -204,13 +204,13 @@ def _softmax_f16(p, n):
         p[t] = f16_round(p[t] * inv)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _round_f16_into(x, out):
     for i in range(x.shape[0]):
         out[i] = f16_round(x[i])
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx, n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
@@ -250,7 +250,7 @@ def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window,
             out[h, i] = acc[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def window_mask(cheap, G, p0, sinks, window, topk, scores):
     """Prefill: apply the windowed top-k choice to exact scores, in place.
 

@@ -1,5 +1,6 @@
 """Numba kernels for everything in a decoder layer that is not a weight matrix: norms, rope, activations,
-attention over the KV cache. Arrays are float32 and C-contiguous; shapes are given per function.
+attention over the KV cache. Arrays are float32 and C-contiguous; shapes are given per function. Kernels use numpy's error model: a NaN or
+inf from a damaged file propagates to the logits (Model.eval reports it) instead of raising mid-layer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from numba import njit, prange
 from .actquant import f16_round
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """x, out: (T, n); w: (n,). out = x / sqrt(mean(x^2) + eps) * w (mean accumulated in float64)."""
     T, n = x.shape
@@ -25,7 +26,7 @@ def rmsnorm(x, w, eps, out):
             out[t, i] = x[t, i] * inv * w[i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rmsnorm_heads(x, w, eps):
     """In place over the last axis. x: (T, n_heads, head_dim); w: (head_dim,) (qwen3/gemma3 QK-norm)."""
     T, H, D = x.shape
@@ -39,7 +40,7 @@ def rmsnorm_heads(x, w, eps):
                 x[t, h, i] = x[t, h, i] * inv * w[i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rope(x, cos, sin, neox):
     """Rotate in place. x: (T, n_heads, head_dim); cos, sin: (T, n_rot/2).
 
@@ -64,7 +65,7 @@ def rope(x, cos, sin, neox):
                     x[t, h, 2 * i + 1] = a * s + b * c
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def swiglu(gate, up):
     """In place into gate: silu(gate) * up. gate, up: (T, n_ff)."""
     T, n = gate.shape
@@ -74,7 +75,7 @@ def swiglu(gate, up):
             gate[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def silu(x):
     """In place: x / (1 + exp(-x)). x: (T, n)."""
     T, n = x.shape
@@ -84,7 +85,7 @@ def silu(x):
             x[t, i] = g / (np.float32(1.0) + math.exp(-g))
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_tanh(x):
     """In place: GELU with the tanh approximation. x: (T, n)."""
     T, n = x.shape
@@ -106,7 +107,7 @@ def geglu(gate, up):
     np.multiply(g16, up, out=gate)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def attention_decode(q, k_cache, v_cache, start, end, scale, out):
     """One query token against cached positions [start, end).
 
@@ -148,7 +149,7 @@ def attention_decode(q, k_cache, v_cache, start, end, scale, out):
             out[h, i] = acc[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def masked_softmax_f16(scores, p0, window):
     """In place over the last axis, for prefill. scores: (n_rows, T, L) raw q.k*scale for T queries at
     positions p0..p0+T-1 against keys 0..L-1. Causal mask (and, with window > 0, keys > pos - window only);

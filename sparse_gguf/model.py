@@ -132,6 +132,9 @@ class Model:
             chunk = tokens[s:s + PREFILL_CHUNK]
             last_chunk = s + PREFILL_CHUNK >= tokens.size
             out = self._forward(chunk, logits_all)
+            if not np.isfinite(out[-1]).all():
+                raise SparseGGUFError(f"{self.path.name}: the model computed non-finite logits "
+                                      "(NaN or inf weights in the file?)")
             if logits_all:
                 outs.append(out)
             elif last_chunk:

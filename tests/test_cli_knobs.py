@@ -50,3 +50,19 @@ def test_bad_knobs_are_one_line_errors(tiny_model, tmp_path):
     assert_clean_error(run_cli("bench", model, "--tests", "tg2", "--plot", tmp_path / "p.png",
                                "--plot-depths", "a,b"), "--plot-depths")
     assert_clean_error(run_cli("chat", model, "--output-top", "-1", stdin="hi\n"), "output")
+
+
+def test_nan_weights_give_one_line_error(tiny_model, tmp_path):
+    """NaN weights are valid GGUF; the engine reports the non-finite logits in one line, no traceback."""
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    path = tmp_path / "nan.gguf"
+    shutil.copy(tiny_model("llama", "F32"), path)
+    reader = GGUFReader(path, "r+")
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    norm.data[:] = np.nan
+    del reader
+    assert_clean_error(run_cli("chat", path, "--max-tokens", "2", stdin="hi\n"), "non-finite")
