@@ -119,6 +119,7 @@ class SparseLlama:
         self.last_n_tokens_size = last_n_tokens_size
         self._seed = seed
         self._cached: list[int] = []          # tokens whose K/V are in the engine's cache, in order
+        self._prompt_logits: tuple[list[int], object] | None = None   # the last prompt and its logits
         if verbose:
             print(f"sparse-gguf: {path.name}, {self.model.cfg.arch}, n_ctx {self.model.n_ctx}, "
                   f"{self.model.n_threads} threads", file=sys.stderr)
@@ -144,6 +145,7 @@ class SparseLlama:
     def reset(self) -> None:
         self.model.reset()
         self._cached = []
+        self._prompt_logits = None
 
     def set_seed(self, seed: int) -> None:
         self._seed = seed
@@ -162,6 +164,14 @@ class SparseLlama:
                 mirostat_eta, seed, top_h) -> SamplingParams:
         if seed is None:
             seed = None if self._seed == LLAMA_DEFAULT_SEED else self._seed
+        try:
+            return self._make_params(temperature, top_k, top_p, min_p, repeat_penalty, mirostat_mode,
+                                     mirostat_tau, mirostat_eta, seed, top_h)
+        except SparseGGUFError as e:
+            raise UnsupportedOptionError(str(e)) from None
+
+    def _make_params(self, temperature, top_k, top_p, min_p, repeat_penalty, mirostat_mode, mirostat_tau,
+                     mirostat_eta, seed, top_h) -> SamplingParams:
         return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                               min_p=float(min_p), seed=seed, repeat_penalty=float(repeat_penalty),
                               repeat_last_n=self.last_n_tokens_size, mirostat_mode=int(mirostat_mode),
@@ -183,10 +193,18 @@ class SparseLlama:
         """Yield the generated text in pieces. Stops at an end-of-generation token, a stop string (not
         emitted), max_tokens or the deadline (time.monotonic(); finish_reason "length"). The engine's cache
         keeps the prompt's longest prefix shared with the previous call."""
-        keep = min(common_prefix(self._cached, prompt), len(prompt) - 1)
-        self.model.truncate(keep)
-        self._cached = self._cached[:keep]
-        logits = self.model.eval(prompt[keep:])
+        if self._prompt_logits is not None and self._prompt_logits[0] == prompt \
+                and common_prefix(self._cached, prompt) == len(prompt):
+            # The same prompt again: reuse its logits rather than re-evaluating its last token alone, whose
+            # logits would differ in the last bits from the batched prefill's (and could flip a greedy tie).
+            logits = self._prompt_logits[1]
+            self.model.truncate(len(prompt))
+        else:
+            keep = min(common_prefix(self._cached, prompt), len(prompt) - 1)
+            self.model.truncate(keep)
+            self._cached = self._cached[:keep]
+            logits = self.model.eval(prompt[keep:])
+            self._prompt_logits = (list(prompt), logits)
         self._cached = list(prompt)
         sampler = Sampler(params)
         decoder = StreamDecoder(self.tokenizer_)

@@ -84,7 +84,8 @@ def top_h_keep(probs: np.ndarray, alpha: float) -> int:
     plogp = np.cumsum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0))
     h = np.log(s) - plogp / s                               # h[n-1] = entropy of the first n tokens
     over = np.nonzero(h > bound + 1e-12)[0]
-    return int(over[0]) if over.size else len(p)             # h[0] == 0, so at least one token stays
+    keep = int(over[0]) if over.size else len(p)              # h[0] == 0, so at least one token stays
+    return max(1, min(keep, int(np.count_nonzero(p > 0))))   # zero-probability tokens add no entropy: leave them
 
 
 class Sampler:
