@@ -118,7 +118,8 @@ class Sampler:
         if p.min_p > 0.0:
             keep = probs >= p.min_p * probs[0]
             order, cand = order[keep], cand[keep]
-        probs = _softmax(cand / p.temperature)
+        probs = np.exp((cand - cand[0]) / p.temperature)            # cand[0] is the largest
+        probs /= probs.sum()
         if p.top_h > 0.0:
             # on the tempered distribution: the paper's point is to stay coherent at high temperatures
             keep = top_h_keep(probs, p.top_h)
