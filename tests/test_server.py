@@ -140,11 +140,25 @@ def test_short_load_every_request_completes_or_gets_503(server):
     assert s["errors"] == 0, s["error_samples"]
     assert set(s["statuses"]) <= {"200", "503"}, s
     assert s["incomplete_200"] == 0 and s["completed"] > 0, s
+    assert s["status_503"] > 0, s                       # 8 clients > 1 running + 2 queued: the bound holds
     assert proc.poll() is None
     assert s["rss_peak_mib"] < before + 300, s          # bounded: no growth with the number of requests
     # still serving after the storm
     r = stream_chat("127.0.0.1", port, {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
                                         "max_tokens": 4})
+    assert r["status"] == 200 and r["done"]
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(server):
+    _, port, _ = server
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            body = json.dumps({"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True}).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert b"200 OK" in s.recv(4096)                # headers (and maybe a first event), then hang up
+    r = stream_chat("127.0.0.1", port, {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                                        "max_tokens": 4}, timeout=60)
     assert r["status"] == 200 and r["done"]
 
 
