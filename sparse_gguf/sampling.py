@@ -107,9 +107,11 @@ class Sampler:
             return int(np.argmax(logits))
         if p.mirostat_mode == 2:
             return self._mirostat_v2(logits / p.temperature)
-        order = np.argsort(-logits, kind="stable")                  # candidates, most likely first
-        if p.top_k > 0:
-            order = order[: p.top_k]
+        if 0 < p.top_k < logits.size:                                # partial sort: only the k best
+            part = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
+            order = part[np.lexsort((part, -logits[part]))]         # most likely first, ties by token id
+        else:
+            order = np.argsort(-logits, kind="stable")               # candidates, most likely first
         cand = logits[order]
         probs = _softmax(cand)
         if p.top_p < 1.0:

@@ -105,6 +105,7 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
         assert len(first_reply.strip()) > 5
         child.expect("> ")
         child.sendline("Write a very long story about a dragon, with many chapters.")
+        child.expect_exact("many chapters.\r\n")                  # the terminal's echo of the input
         child.expect(r"\w+ \w+ \w+")                                # the reply is streaming
         child.sendintr()                                            # Ctrl-C in mid-reply
         child.expect(r"\[reply stopped\]")
@@ -124,4 +125,5 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
     assert child.exitstatus == 0, child.before
     msgs = json.loads(save.read_text())["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    assert len(msgs[3]["content"].split()) >= 3                  # the stopped reply was kept as far as it got
     assert msgs[4]["content"] == "Thanks! \nBye."
