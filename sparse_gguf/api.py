@@ -191,7 +191,8 @@ class SparseLlama:
     def _generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stops: list[str],
                   run: _Run, deadline: float | None = None) -> Iterator[str]:
         """Yield the generated text in pieces. Stops at an end-of-generation token, a stop string (not
-        emitted), max_tokens or the deadline (time.monotonic(); finish_reason "length"). The engine's cache
+        emitted), max_tokens or the deadline (a time.monotonic() value, or a callable that returns True when
+        it is time to stop; finish_reason "length"). The engine's cache
         keeps the prompt's longest prefix shared with the previous call."""
         if self._prompt_logits is not None and self._prompt_logits[0] == prompt \
                 and common_prefix(self._cached, prompt) == len(prompt):
@@ -227,7 +228,8 @@ class SparseLlama:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if i + 1 == max_tokens or (deadline is not None and time.monotonic() > deadline):
+            if i + 1 == max_tokens or (deadline is not None and (
+                    deadline() if callable(deadline) else time.monotonic() > deadline)):
                 break
             logits = self.model.eval([token])
             self._cached.append(token)

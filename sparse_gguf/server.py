@@ -11,7 +11,8 @@ Under load:
   to the cap; a generation stops after `request_timeout` seconds (finish_reason "length"); a streaming
   client that does not read for `request_timeout` seconds is dropped;
 - malformed JSON and invalid fields get 400 with an OpenAI-style error body; other failures 500;
-- SIGTERM or SIGINT: stop accepting, end open streams, exit 0.
+- SIGTERM or SIGINT: stop accepting, end open streams at their next token (a final chunk, finish_reason
+  "length", then [DONE]), exit 0.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the request models defined inside create_app
@@ -118,6 +119,7 @@ class BodyLimit:
 
 def create_app(llm, settings: ServerSettings, model_id: str):
     """The FastAPI app serving `llm` (a SparseLlama, or anything with its two create_* methods)."""
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -218,7 +220,9 @@ def create_app(llm, settings: ServerSettings, model_id: str):
             return JSONResponse(error_body("server busy: timed out waiting in the queue", "server_error"),
                                 status_code=503, headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        kwargs["deadline"] = time.monotonic() + settings.request_timeout
+        t_end = time.monotonic() + settings.request_timeout
+        stop_now = threading.Event()          # set on server shutdown: the stream ends at the next token
+        kwargs["deadline"] = lambda: stop_now.is_set() or time.monotonic() > t_end
         try:
             result = await loop.run_in_executor(executor, partial(fn, **kwargs))
         except SparseGGUFError as e:        # bad options, prompt too long for the context
@@ -231,10 +235,14 @@ def create_app(llm, settings: ServerSettings, model_id: str):
             release()
             return JSONResponse(result)
 
+        shutdown = anyio.Event()              # sse-starlette sets it when uvicorn begins its shutdown
+
         async def events():
             it = result
             try:
                 while True:
+                    if shutdown.is_set():
+                        stop_now.set()        # finish with a final chunk and [DONE] rather than a cut
                     chunk = await loop.run_in_executor(executor, next, it, None)
                     if chunk is None:
                         break
@@ -247,6 +255,7 @@ def create_app(llm, settings: ServerSettings, model_id: str):
                 release()
 
         return EventSourceResponse(events(), sep="\n", send_timeout=settings.request_timeout,
+                                   shutdown_event=shutdown, shutdown_grace_period=3.0,
                                    background=BackgroundTask(release))
 
     @app.post("/v1/completions")

@@ -177,3 +177,30 @@ def test_admission_refuses_beyond_one_running_plus_the_queue():
     assert [a.try_enter() for _ in range(4)] == [True, True, True, False]
     a.leave()
     assert a.try_enter() and not a.try_enter()
+
+
+def test_sigterm_during_a_stream_ends_it_with_done_and_exits_cleanly(tmp_path):
+    log = tmp_path / "stderr.txt"
+    port = free_port()
+    proc = start_server(port, "--ctx", "2048", "--max-tokens-cap", "1000", log=log)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                               "stream": True, "max_tokens": 1000, "temperature": 1.0, "seed": 3}).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            data = b""
+            while data.count(b'"content"') < 3:               # the reply is streaming
+                data += s.recv(65536)
+            proc.send_signal(signal.SIGTERM)
+            while chunk := s.recv(65536):
+                data += chunk
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [l for l in data.decode().splitlines() if l.startswith("data: ")]   # (inside chunked framing)
+    assert events[-1] == "data: [DONE]", events[-3:]
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] in ("length", "stop") and last["choices"][0]["delta"] == {}
+    assert "Traceback" not in log.read_text() and "ERROR" not in log.read_text(), log.read_text()
