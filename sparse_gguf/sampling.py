@@ -106,7 +106,17 @@ class Sampler:
         if p.temperature <= 0:
             return int(np.argmax(logits))
         if p.mirostat_mode == 2:
-            return self._mirostat_v2(logits / p.temperature)
+            order, probs = self.mirostat_candidates(logits / p.temperature)
+            idx = int(self.rng.choice(len(order), p=probs))
+            self.mirostat_update(probs[idx])
+            return int(order[idx])
+        order, probs = self.candidates(logits)
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The truncation chain (top-k, top-p, min-p, temperature, top-H) on penalised logits: the kept token
+        ids, most likely first, and the probabilities the draw uses."""
+        p = self.params
         if 0 < p.top_k < logits.size:                                # partial sort: only the k best
             part = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
             order = part[np.lexsort((part, -logits[part]))]         # most likely first, ties by token id
@@ -126,19 +136,19 @@ class Sampler:
             # on the tempered distribution: the paper's point is to stay coherent at high temperatures
             keep = top_h_keep(probs, p.top_h)
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(len(order), p=probs)])
+        return order, probs
 
-    def _mirostat_v2(self, logits: np.ndarray) -> int:
-        """Mirostat 2.0 (Basu et al., arXiv:2007.14966) as llama.cpp's llama_sampler_mirostat_v2 does it:
-        softmax, drop the candidates whose surprise -log2(p) exceeds mu (keep at least one), renormalise,
-        draw, then mu -= eta * (surprise of the drawn token under the renormalised set - tau)."""
-        p = self.params
+    # Mirostat 2.0 (Basu et al., "Mirostat: A Neural Text Decoding Algorithm that Directly Controls
+    # Perplexity", arXiv:2007.14966) as llama.cpp's llama_sampler_mirostat_v2 does it: softmax, drop the
+    # candidates whose surprise -log2(p) exceeds mu (keeping at least one), renormalise, draw, then
+    # mu -= eta * (surprise of the drawn token under the renormalised set - tau).
+
+    def mirostat_candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(-logits, kind="stable")
         probs = _softmax(logits[order])
         keep = max(1, int(np.count_nonzero(-np.log2(probs) <= self.mu)))   # sorted: a prefix
         order = order[:keep]
-        probs = _softmax(logits[order])
-        idx = int(self.rng.choice(keep, p=probs))
-        surprise = -np.log2(probs[idx])
-        self.mu -= p.mirostat_eta * (surprise - p.mirostat_tau)
-        return int(order[idx])
+        return order, _softmax(logits[order])
+
+    def mirostat_update(self, p_drawn: float) -> None:
+        self.mu -= self.params.mirostat_eta * (-np.log2(p_drawn) - self.params.mirostat_tau)

@@ -153,3 +153,81 @@ def test_bad_sampling_parameters_are_refused():
     for kw in ({"mirostat_mode": 1}, {"top_h": 1.5}, {"top_p": 0.0}, {"repeat_penalty": 0.0}):
         with pytest.raises(SparseGGUFError):
             SamplingParams(**kw).validate()
+
+
+# ---- against llama.cpp's own samplers (through llama-cpp-python's C API) -------------------------------
+
+def _llama_apply(smpl, logits):
+    """Run one llama.cpp sampler on logits; returns (kept token ids as a set, logits after, selected id)."""
+    import ctypes
+
+    import llama_cpp as L
+
+    n = len(logits)
+    data = (L.llama_token_data * n)(*[L.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits)])
+    arr = L.llama_token_data_array(data=ctypes.cast(data, ctypes.POINTER(L.llama_token_data)), size=n,
+                                   selected=-1, sorted=False)
+    L.llama_sampler_apply(smpl, ctypes.byref(arr))
+    kept = {data[i].id for i in range(arr.size)}
+    after = np.zeros(n)
+    for i in range(arr.size):
+        after[data[i].id] = data[i].logit
+    return kept, after, (data[arr.selected].id if arr.selected >= 0 else None)
+
+
+def _random_logits(seed: int, n: int = 200) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    return (r.standard_normal(n) * r.uniform(0.5, 4.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_truncation_sets_equal_llama_cpp(seed):
+    import llama_cpp as L
+
+    logits = _random_logits(seed)
+    cases = [(dict(top_k=k), L.llama_sampler_init_top_k(k)) for k in (1, 5, 40)]
+    cases += [(dict(top_p=q), L.llama_sampler_init_top_p(q, 1)) for q in (0.3, 0.8, 0.95)]
+    cases += [(dict(min_p=m), L.llama_sampler_init_min_p(m, 1)) for m in (0.02, 0.1, 0.5)]
+    for kw, smpl in cases:
+        params = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
+        order, _ = Sampler(SamplingParams(**params)).candidates(logits.astype(np.float64))
+        assert set(order.tolist()) == _llama_apply(smpl, logits)[0], kw
+        L.llama_sampler_free(smpl)
+
+
+def test_repeat_penalty_equals_llama_cpp():
+    import llama_cpp as L
+
+    logits = _random_logits(9, 50)
+    prev = [3, 7, 7, 11, 3, 40, 2]
+    # The binding declares (n_vocab, last_n, repeat, freq, present); the C function of recent llama.cpp takes
+    # (last_n, repeat, freq, present). Passing 4 for both integers means last_n = 4 either way.
+    smpl = L.llama_sampler_init_penalties(4, 4, 1.3, 0.0, 0.0)  # last 4 tokens: 11, 3, 40, 2
+    for t in prev:
+        L.llama_sampler_accept(smpl, t)
+    _, ref, _ = _llama_apply(smpl, logits)
+    ours = apply_repeat_penalty(logits, prev, 1.3, 4)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    assert ours[7] == pytest.approx(logits[7])                 # outside the window: untouched
+    L.llama_sampler_free(smpl)
+
+
+def test_mirostat_v2_truncation_and_mu_follow_llama_cpp():
+    """Feed llama.cpp's Mirostat v2 sampler and ours the same logits for 30 steps. llama.cpp draws with its
+    own generator, so ours is told which token llama.cpp drew and updates mu with it; the set each keeps
+    (which depends on mu, hence on every earlier update) must agree at every step."""
+    import llama_cpp as L
+
+    tau, eta = 3.0, 0.2
+    smpl = L.llama_sampler_init_mirostat_v2(1234, tau, eta)
+    ours = Sampler(SamplingParams(temperature=1.0, mirostat_mode=2, mirostat_tau=tau, mirostat_eta=eta))
+    sizes = []
+    for step in range(30):
+        logits = _random_logits(100 + step)
+        kept, _, drawn = _llama_apply(smpl, logits)
+        order, probs = ours.mirostat_candidates(logits.astype(np.float64))
+        assert set(order.tolist()) == kept, step
+        ours.mirostat_update(probs[order.tolist().index(drawn)])
+        sizes.append(len(kept))
+    assert len(set(sizes)) > 3                                 # mu really moved the cut
+    L.llama_sampler_free(smpl)
