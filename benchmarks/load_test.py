@@ -145,7 +145,10 @@ def run_load(host: str, port: int, clients: int = 8, seconds: float = 120, max_t
             "completed": len(ok), "status_503": statuses.get("503", 0), "statuses": statuses,
             "incomplete_200": sum(1 for r in results if r["status"] == 200 and not r["done"]),
             "errors": len(errors), "error_samples": errors[:5], "latency_p50_s": pct(0.50),
-            "latency_p95_s": pct(0.95), "rss_start_mib": start_rss, "rss_peak_mib": max(rss) if rss else None}
+            "latency_p95_s": pct(0.95), "rss_start_mib": start_rss, "rss_peak_mib": max(rss) if rss else None,
+            # the peak within each tenth of the run: flat at the end means bounded, rising means growth
+            "rss_peak_by_tenth_mib": [round(max(rss[i * len(rss) // 10:(i + 1) * len(rss) // 10] or [0]), 1)
+                                      for i in range(10)] if len(rss) >= 10 else None}
 
 
 def main() -> None:
