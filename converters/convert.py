@@ -18,8 +18,9 @@ import numpy as np
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
-from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_MODES, KEY_VERSION, MODE_NAMES, TENSOR_THRESHOLD,
-                                   TENSOR_UP_THRESHOLD)
+from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES,
+                                   KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, TENSOR_DOWN_T, TENSOR_THRESHOLD,
+                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT)
 from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data
@@ -30,6 +31,15 @@ HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
 MIN_TOP1 = 0.92            # default floor on held-out top-1 agreement with dense
 GEN_TOKENS = 64            # tokens the model writes per built-in prompt
 ALLOCATION_SECONDS = 180   # time the greedy refinement may take
+# Decode defaults written into the file. Windowed attention: 4 sinks + 256 recent + the best 256 older
+# positions (516 attended at most; Spark Transformer attends to 256, and ~512 cost KL ~0.02 at 2k context on
+# SmolLM2, MEASURED.md). Calibration chunks are shorter than 516 tokens, so `eval` on long text measures it.
+ATTENTION = AttentionWindow(sinks=4, window=256, topk=256)
+OUTPUT_CANDIDATES = 64     # exact logits for the best 64 rows after 4-bit scoring (KL ~0.004, MEASURED.md)
+# A layer gets a neuron-major down (Q8_0, numba_kernels.sparse_ffn) when reading only its active rows costs
+# less than this fraction of reading the original down; otherwise its down stage is dropped (a skipped down
+# row would save nothing and still cost quality).
+DOWN_T_MAX_RATIO = 0.9
 
 
 @dataclass
@@ -43,11 +53,12 @@ class ConvertResult:
     calib_tokens: int
     heldout_tokens: int
     seconds: float
+    down_t: list[bool]            # per layer: neuron-major down written (down stage really skips rows)
 
     def layer_table(self) -> list[dict]:
         return [{"layer": il, "mode": MODE_NAMES[1 if lv > 0 else 0], "level": round(lv, 4),
-                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4)}
-                for il, (lv, su, sd) in enumerate(zip(self.levels, self.skipped_up, self.skipped))]
+                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4), "down_t": bool(dt)}
+                for il, (lv, su, sd, dt) in enumerate(zip(self.levels, self.skipped_up, self.skipped, self.down_t))]
 
 
 def default_output_path(src: Path) -> Path:
@@ -100,21 +111,47 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
     return train, held
 
 
-def ffn_bytes_ratio(model: Model, skipped_up: list[float], skipped_down: list[float]) -> float:
-    """FFN weight bytes read per token with the plan, relative to dense: gate in full, up and down only
-    for the neurons that pass their stage."""
+def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: list[float]) -> float:
+    """FFN weight bytes the decode kernels read per token with the plan, relative to dense: gate in full, up
+    only for the neurons that pass the up stage, down only for the active neurons where the layer has a
+    neuron-major down (else all of down)."""
     dense = sparse = 0.0
-    for L, su, sd in zip(model.weights.layers, skipped_up, skipped_down):
+    for L, layer, su, sd in zip(model.weights.layers, plan.layers, skipped_up, skipped_down):
         dense += L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes
-        sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + L.w_down.nbytes * (1.0 - sd)
+        down = layer.down_t.nbytes * (1.0 - sd) if layer.down_t is not None else L.w_down.nbytes
+        sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + down
     return sparse / dense
+
+
+def down_t_rows(model: Model, il: int) -> np.ndarray:
+    """Layer il's down in the block-major neuron layout, float32 (n_embd/32 * n_ff, 32), to quantize to Q8_0."""
+    from numba_kernels import dequant, sparse_ffn
+    L = model.weights.layers[il]
+    return sparse_ffn.block_major_rows(dequant.dequantize(L.w_down.raw, L.w_down.qtype, L.w_down.n_cols))
+
+
+def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
+    """Per layer, by bytes read: attach a neuron-major Q8_0 down where reading only the active rows is
+    cheaper (DOWN_T_MAX_RATIO); elsewhere drop the down stage (threshold 0), which costs nothing to skip."""
+    from gguf import GGMLQuantizationType, quants
+    for il, (layer, sd) in enumerate(zip(plan.layers, skipped_down)):
+        if not layer.active:
+            continue
+        L = model.weights.layers[il]
+        dt_bytes = L.w_down.n_rows // 32 * L.w_down.n_cols * 34 if L.w_down.n_rows % 32 == 0 else None
+        if dt_bytes is not None and (1.0 - sd) * dt_bytes < DOWN_T_MAX_RATIO * L.w_down.nbytes:
+            raw = quants.quantize(down_t_rows(model, il), GGMLQuantizationType.Q8_0)
+            layer.down_t = DownT.from_raw(raw, L.w_down.n_cols)
+        else:
+            layer.threshold = np.zeros_like(layer.threshold)
 
 
 def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top1: float = MIN_TOP1,
             sparsity: float | None = None,
             calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
             progress=lambda msg: None, write_progress=None,
-            allocation_seconds: float = ALLOCATION_SECONDS) -> ConvertResult:
+            allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
+            output_candidates: int = OUTPUT_CANDIDATES) -> ConvertResult:
     t_start = time.time()
     src = Path(src)
     out = Path(out) if out else default_output_path(src)
@@ -142,7 +179,10 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     train, held = calibration_chunks(model, tok, user_texts, calib_only, progress)
     progress(f"collecting activations over {sum(map(len, train))} tokens")
     stats = collect_stats(model, train)
-    probe = QualityProbe(model, held)
+    probe = QualityProbe(model, held)          # dense reference logits
+    if output_candidates < 0:
+        raise SparseGGUFError("--output-top must be >= 0")
+    model.set_output_candidates(output_candidates)   # from here on, every measured plan includes it
     if sparsity is not None:
         levels = [sparsity] * model.cfg.n_layer
     else:
@@ -150,9 +190,15 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         levels = allocate(stats, probe, budget_kl, min_top1, deadline=time.time() + allocation_seconds,
                           progress=progress)
     plan = plan_for(stats, levels)
-    summary, skipped_up, skipped = measured_sparsity(probe, plan)
-    result = ConvertResult(out, levels, skipped_up, skipped, summary, ffn_bytes_ratio(model, skipped_up, skipped),
-                           sum(map(len, train)), sum(map(len, held)), 0.0)
+    if any(layer.active for layer in plan.layers):
+        _, _, skipped = measured_sparsity(probe, plan)
+        progress("choosing the down layout per layer")
+        choose_down_t(model, plan, skipped)
+    summary, skipped_up, skipped = measured_sparsity(probe, plan)    # the plan as it will run
+    result = ConvertResult(out, levels, skipped_up, skipped, summary,
+                           ffn_bytes_ratio(model, plan, skipped_up, skipped),
+                           sum(map(len, train)), sum(map(len, held)), 0.0,
+                           [layer.down_t is not None for layer in plan.layers])
 
     from .gguf_out import file_sha256, write_model
 
@@ -174,6 +220,10 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         "sparse_gguf.estimate.top1": float(summary["top1_agreement"]),
         "sparse_gguf.estimate.ffn_bytes_ratio": float(result.ffn_bytes_ratio),
         "sparse_gguf.layer_table": json.dumps(result.layer_table()),
+        KEY_ATTN_SINKS: attention.sinks,
+        KEY_ATTN_WINDOW: attention.window,
+        KEY_ATTN_TOPK: attention.topk,
+        KEY_OUTPUT_CANDIDATES: model.output_candidates,
     }
     from gguf import GGMLQuantizationType
 
@@ -183,6 +233,8 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
             extra_tensors[TENSOR_THRESHOLD.format(il=il)] = (layer.threshold, GGMLQuantizationType.F32)
             if layer.up_threshold is not None:
                 extra_tensors[TENSOR_UP_THRESHOLD.format(il=il)] = (layer.up_threshold, GGMLQuantizationType.F32)
+            if layer.down_t is not None:
+                extra_tensors[TENSOR_DOWN_T.format(il=il)] = (down_t_rows(model, il), GGMLQuantizationType.Q8_0)
     progress(f"writing {out}")
     write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=write_progress)
     result.seconds = time.time() - t_start

@@ -757,6 +757,37 @@ def _dot_q8_scalar(w, woff, x, xoff):
     return s
 
 
+@intrinsic
+def load_i8x8(typingctx, q, qoff):
+    """8 int8 at q.flat[qoff] sign-extended to an i32x8 (feed it to vfma to scale and accumulate). Generic
+    LLVM vector IR: runs on every CPU (the sparse FFN's down rows use it)."""
+    if not (_is_byte_array(q) and isinstance(qoff, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = _load_vec(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(_I8, 8))
+        return builder.sext(v, _V8I32)
+
+    return i32x8(q, qoff), codegen
+
+
+@intrinsic
+def store_f32x8(typingctx, out, off, v):
+    """out.flat[off:off+8] = v for a float32 array out (unaligned vector store)."""
+    if not (isinstance(out, types.Array) and out.dtype == types.float32 and isinstance(off, types.Integer)
+            and v == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        o = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(arr.data, [o]), _V8F32.as_pointer())
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, off, v), codegen
+
+
 # --------------------------------------------------------------------------------------------------
 # Public, path-dispatched building blocks (call from @njit code; `path` is a token from token())
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ class BenchResult:
     test: str
     n_threads: int
     samples_ts: list[float] = field(default_factory=list)
-    bytes_per_token: int = 0
+    bytes_per_token: float = 0.0      # decode: bytes one token reads (weights + KV cache), as the engine reports
+    depth: int = 0
 
     @property
     def avg_ts(self) -> float:
@@ -67,9 +68,15 @@ class BenchResult:
         d = {"engine": self.engine, "test": self.test, "n_threads": self.n_threads,
              "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts, "samples_ts": list(self.samples_ts)}
         if self.bytes_per_token and self.test.startswith("tg"):
-            d["bytes_per_token"] = self.bytes_per_token
-            d["weight_gb_s"] = self.avg_ts * self.bytes_per_token / 1e9
+            d["bytes_per_token"] = int(self.bytes_per_token)
+            d["gb_s"] = self.avg_ts * self.bytes_per_token / 1e9      # achieved read bandwidth (roofline)
         return d
+
+
+def llama_cpp_bytes_per_token(weight_bytes: int, cfg, n_keys: int) -> float:
+    """What llama.cpp's dense decode reads per token: every weight once, and K and V (f16) of every cached
+    position in every layer."""
+    return float(weight_bytes + n_keys * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * 2 * 2)
 
 
 def _tokens(n: int, n_vocab: int, seed: int) -> list[int]:
@@ -102,10 +109,11 @@ def run_once(engine, test: BenchTest, n_vocab: int, depth_ready: bool) -> float:
 
 
 def run_bench(engines: list, tests: list[BenchTest], n_threads: int, reps: int, n_vocab: int,
-              bytes_per_token: int, progress=None) -> list[BenchResult]:
+              bytes_per_token, progress=None) -> list[BenchResult]:
+    """bytes_per_token(engine, test) -> bytes one decoded token reads on that engine (after a run)."""
     results = []
     for test in tests:
-        rows = [BenchResult(e.name, test.name, n_threads, bytes_per_token=bytes_per_token) for e in engines]
+        rows = [BenchResult(e.name, test.name, n_threads, depth=test.depth) for e in engines]
         for e in engines:                      # warm-up (JIT, page cache); also builds the depth context
             if progress:
                 progress(f"{e.name} {test.name} warm-up")
@@ -115,5 +123,41 @@ def run_bench(engines: list, tests: list[BenchTest], n_threads: int, reps: int, 
                 if progress:
                     progress(f"{e.name} {test.name} rep {rep + 1}/{reps}")
                 row.samples_ts.append(run_once(e, test, n_vocab, depth_ready=bool(test.depth)))
+        for e, row in zip(engines, rows):
+            if test.kind == "tg":
+                row.bytes_per_token = bytes_per_token(e, test)
         results.extend(rows)
     return results
+
+
+def plot_depth_curve(results: list[BenchResult], out_path: str | Path, title: str) -> None:
+    """Decode tokens/s against context depth, one line per engine, written as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SparseGGUFError("--plot needs matplotlib: pip install 'sparse-gguf[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for engine in dict.fromkeys(r.engine for r in results):
+        rows = sorted((r for r in results if r.engine == engine and r.test.startswith("tg")), key=lambda r: r.depth)
+        if rows:
+            ax.errorbar([r.depth for r in rows], [r.avg_ts for r in rows], yerr=[r.stddev_ts for r in rows],
+                        marker="o", capsize=3, label=engine)
+    ax.set_xlabel("context depth (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(out_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SparseGGUFError(f"{out_path}: cannot write the plot ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)

@@ -78,6 +78,11 @@ class EvalStats:
 
 
 def evaluate(model_engine, reference_engine, chunks: list[list[int]], progress=None) -> dict:
+    """Both engines score each chunk in one batch; a sparse-gguf Model is asked to make the choices decode
+    would make (windowed attention), so the figures describe generation."""
+    for engine in (model_engine, reference_engine):
+        if hasattr(engine, "prefill_like_decode"):
+            engine.prefill_like_decode = True
     stats = EvalStats.empty()
     for i, chunk in enumerate(chunks):
         if progress:

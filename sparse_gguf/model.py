@@ -10,15 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from numba_kernels import ops
+from numba_kernels import attention as attn_kernels
+from numba_kernels import ops, qgemv, simd, sparse_ffn
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import open_gguf
 from .rope import RopeTable
-from .sparsity import SparsityPlan
+from .sparsity import (AttentionWindow, SparsityPlan, TopKSparsity, attention_window_from_gguf,
+                       output_candidates_from_gguf)
 from .threads import set_threads
-from .weights import ModelWeights, load_weights, release_mapped_pages
+from .weights import ModelWeights, QuantMatrix, load_weights, q4_copy, release_mapped_pages
 
 PREFILL_CHUNK = 512   # tokens per prefill step (bounds the attention score matrix)
 DEFAULT_CTX = 4096
@@ -28,13 +30,34 @@ class Model:
     """A loaded model and its run state (KV cache + number of cached positions)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
-                 dense: bool = False):
+                 dense: bool = False, *, attn_window: int | None = None, attn_topk: int | None = None,
+                 attn_sinks: int | None = None, output_candidates: int | None = None,
+                 ffn_sparsity: float | None = None):
+        """dense: ignore the file's sparse plan (FFN thresholds, windowed attention, output candidates).
+        attn_window / attn_topk / attn_sinks / output_candidates override the file's (or, with dense, the
+        dense) settings: attn_window=0 is full attention, output_candidates=0 exact logits for every row.
+        ffn_sparsity replaces the file's FFN thresholds by a per-token rule: skip the down row of that fraction
+        of neurons, the least important by |a_j| ||down[:, j]|| (0: dense FFN)."""
         self.path = Path(path)
         reader = open_gguf(self.path)      # dropped after loading: its parsed tokenizer fields are large
         self.cfg = cfg = ModelConfig.from_gguf(reader)
         self.weights: ModelWeights = load_weights(reader, cfg)
         self.sparsity: SparsityPlan | None = SparsityPlan.from_gguf(reader, cfg)   # None: a plain GGUF
         self.dense = dense                   # ignore the file's sparsity plan
+        if ffn_sparsity is not None:
+            if not 0.0 <= ffn_sparsity < 1.0:
+                raise SparseGGUFError(f"--ffn-sparsity must be in [0, 1), got {ffn_sparsity}")
+            self.dense = dense = dense or ffn_sparsity == 0.0
+        self.ffn_topk = TopKSparsity.build(self.weights, ffn_sparsity) if ffn_sparsity else None
+        file_attn = AttentionWindow() if dense else attention_window_from_gguf(reader)
+        self.attn = AttentionWindow(
+            file_attn.sinks if attn_sinks is None else int(attn_sinks),
+            file_attn.window if attn_window is None else int(attn_window),
+            file_attn.topk if attn_topk is None else int(attn_topk))
+        if self.attn.enabled and cfg.head_dim % 32:
+            raise SparseGGUFError(f"windowed attention needs head_dim a multiple of 32, this model has {cfg.head_dim}")
+        n_cand = (0 if dense else output_candidates_from_gguf(reader)) if output_candidates is None else int(output_candidates)
+        self.set_output_candidates(n_cand)
         # calibration hook: observer(layer, ffn_input (T, n_embd), act(g), up, act(g)*up (each (T, n_ff)))
         self.ffn_observer = None
         release_mapped_pages(reader)
@@ -54,6 +77,22 @@ class Model:
         self.k_cache = np.zeros(shape, dtype=np.float32)
         self.v_cache = np.zeros(shape, dtype=np.float32)
         self.n_past = 0
+        if self.attn.enabled:
+            # 4-bit keys for cheap scoring (Q4_0 rows, layout: numba_kernels.attention), and decode scratch
+            nb = cfg.head_dim // 32
+            self.keys_q4 = np.zeros(shape[:3] + (cfg.head_dim // 2,), dtype=np.uint8)   # (n_layer, n_kv, n_ctx, hd/2)
+            self.keys_d = np.zeros(shape[:3] + (nb,), dtype=np.uint16)                  # (n_layer, n_kv, n_ctx, nb) fp16
+            self._cheap = np.empty((cfg.n_head, self.n_ctx), dtype=np.float32)         # cheap scores, one token
+            self._qq = (np.empty((cfg.n_head, cfg.head_dim), np.int8),                 # the query's Q8 blocks
+                        np.empty((cfg.n_head, nb), np.float32), np.empty((cfg.n_head, nb), np.float32))
+            self._picked = np.empty((cfg.n_head_kv, self.n_ctx), dtype=np.int64)    # attended positions
+            self._n_picked = np.empty(cfg.n_head_kv, dtype=np.int64)
+        # what the last eval computed: mean fraction of FFN neurons whose down row was used, and mean number of
+        # positions a query attended to (over layers and kv heads; for decode, the last token)
+        self.step_stats: dict[str, float] = {}
+        # Prefill attends to every position (exact, and fast in BLAS) unless this is set: then each query of a
+        # batch makes the windowed top-k choice decode would make, so `eval` measures what generation computes.
+        self.prefill_like_decode = False
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -63,6 +102,14 @@ class Model:
 
     def reset(self) -> None:
         self.n_past = 0
+
+    def set_output_candidates(self, n: int) -> None:
+        """Score the vocabulary with a 4-bit copy of the output matrix and give the best n rows exact logits
+        (0: every row exact). Needs n_embd a multiple of 32; ignored when n >= n_vocab."""
+        if n < 0:
+            raise SparseGGUFError(f"output candidates must be >= 0, got {n}")
+        self.output_candidates = int(n) if 0 < n < self.cfg.n_vocab and self.cfg.n_embd % 32 == 0 else 0
+        self.output_q4: QuantMatrix | None = q4_copy(self.weights.output) if self.output_candidates else None
 
     def truncate(self, n: int) -> None:
         """Forget cached positions >= n (reuse a shared prompt prefix)."""
@@ -100,6 +147,9 @@ class Model:
         cos_g, sin_g = self.rope.get(p0, T)                          # (T, n_rot/2)
         cos_l, sin_l = self.rope_local.get(p0, T) if self.rope_local else (cos_g, sin_g)
         h = np.empty_like(x)                                         # (T, n_embd) normed input
+        self._ffn_used, self._attended = [], []
+        # bytes one token reads: every weight matrix, minus up rows skipped (_ffn), plus the KV cache (_attention)
+        self._bytes = float(self.weights.decode_bytes) if T == 1 else 0.0
 
         for il, L in enumerate(w.layers):
             local = cfg.swa_layers[il]
@@ -122,6 +172,10 @@ class Model:
             ops.rope(k, cos, sin, tr.rope_neox)
             self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2).astype(np.float16)
             self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2).astype(np.float16)
+            if self.attn.enabled:
+                for kvh in range(cfg.n_head_kv):
+                    attn_kernels.quantize_keys_q4(self.k_cache[il, kvh, p0:p0 + T], self.keys_q4[il, kvh, p0:p0 + T],
+                                                  self.keys_d[il, kvh, p0:p0 + T])
             if tr.prescale_q:                                        # gemma3 scales q itself, in f32
                 q *= np.float32(cfg.attn_scale)
             attn = self._attention(il, q, p0, T, cfg.swa_window if local else 0)   # (T, n_head*head_dim)
@@ -137,14 +191,41 @@ class Model:
             x += f
 
         self.n_past += T
+        self.step_stats = {"ffn_active_fraction": float(np.mean(self._ffn_used)),
+                           "attended_tokens": float(np.mean(self._attended))}
+        if T == 1:
+            if self.output_candidates:
+                out = self.weights.output
+                self._bytes += self.output_q4.nbytes - out.nbytes + self.output_candidates * out.nbytes / out.n_rows
+            self.step_stats["bytes"] = self._bytes
         xs = x if logits_all else x[-1:]
         hs = np.empty_like(xs)
         ops.rmsnorm(np.ascontiguousarray(xs), w.output_norm, eps, hs)
-        logits = w.output.matmul(hs)                                 # (T or 1, n_vocab)
+        logits = self._output_logits(hs)                             # (T or 1, n_vocab)
         if w.output_bias is not None:
             logits += w.output_bias
         if cfg.final_softcap > 0:
             logits = np.tanh(logits / cfg.final_softcap) * np.float32(cfg.final_softcap)
+        return logits
+
+    def _output_logits(self, hs: np.ndarray) -> np.ndarray:
+        """hs: (T, n_embd) normed final states -> (T, n_vocab) logits (before bias and softcap).
+
+        With output candidates, every row is first scored with the 4-bit copy of the output matrix; the
+        `output_candidates` best rows then get exact logits and the others keep their 4-bit estimate (so the
+        softmax still sees the whole vocabulary). On the default model this reads about half the bytes of
+        the Q8_0 matrix for KL ~0.004 (MEASURED.md)."""
+        out = self.weights.output
+        if not self.output_candidates:
+            return out.matmul(hs)
+        logits = self.output_q4.matmul(hs)                           # (T, n_vocab) estimates
+        C = self.output_candidates
+        cand = np.argpartition(logits, -C, axis=1)[:, -C:]           # (T, C) best rows per token
+        if hs.shape[0] == 1 and out.packed is not None:
+            exact = qgemv.gemv_rows(out.packed, cand[0], hs[0])[None]
+        else:                                                        # prefill/eval: same numbers, computed dense
+            exact = np.take_along_axis(out.matmul(hs), cand, axis=1)
+        np.put_along_axis(logits, cand, exact, axis=1)
         return logits
 
     def _ffn(self, il: int, L, h: np.ndarray) -> np.ndarray:
@@ -154,24 +235,47 @@ class Model:
         is below the up threshold skip up (and down), then those whose |act(g)*u| is below the down threshold
         skip down. Here the skipped work is masked out of the dense computation, so results equal what a
         kernel that never reads the skipped rows computes."""
-        plan = self.sparsity.layers[il] if self.sparsity is not None and not self.dense else None
+        if self.ffn_topk is not None:
+            plan = self.ffn_topk.layers[il]
+        else:
+            plan = self.sparsity.layers[il] if self.sparsity is not None and not self.dense else None
         gate = L.w_gate.matmul(h)                                    # (T, n_ff)
-        up = L.w_up.matmul(h)
         if plan is None and self.ffn_observer is None:               # plain dense path
+            up = L.w_up.matmul(h)
             if self.cfg.traits.activation == "gelu":
                 ops.geglu(gate, up)
             else:
                 ops.swiglu(gate, up)                                 # gate now holds a = act(g) * u
+            self._ffn_used.append(1.0)
             return L.w_down.matmul(gate)
         g_act = self._activation(gate)                               # (T, n_ff) act(g)
         if plan is not None and plan.up_threshold is not None:
-            up[np.abs(g_act) < plan.up_threshold] = 0.0
+            keep_up = np.abs(g_act) >= plan.up_threshold             # (T, n_ff)
+            if h.shape[0] == 1 and L.w_up.packed is not None:        # decode: read only the kept rows of up
+                rows = np.flatnonzero(keep_up[0]).astype(np.int32)
+                up = np.zeros_like(gate)
+                up[0, rows] = qgemv.gemv_rows(L.w_up.packed, rows, h[0])
+            else:
+                up = L.w_up.matmul(h)
+                up[~keep_up] = 0.0
+        else:
+            up = L.w_up.matmul(h)
         a = g_act * up                                               # (T, n_ff)
         if plan is not None and plan.active:
             plan.drop_inactive(a)
+        self._ffn_used.append(float(np.count_nonzero(a)) / a.size)
+        if plan is not None and plan.up_threshold is not None:
+            self._bytes += L.w_up.nbytes * (float(np.count_nonzero(keep_up)) / keep_up.size - 1.0)
         if self.ffn_observer is not None:
             self.ffn_observer(il, h, g_act, up, a)
-        return L.w_down.matmul(a)
+        down_t = getattr(plan, "down_t", None)
+        if down_t is None:
+            return L.w_down.matmul(a)
+        if h.shape[0] == 1:                                          # decode: only the active neurons' rows
+            rows = np.flatnonzero(a[0]).astype(np.int32)
+            self._bytes += rows.size * down_t.row_bytes() - L.w_down.nbytes
+            return sparse_ffn.down_rows(down_t.packed, down_t.n_ff, rows, a[0, rows])[None]
+        return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
     def _activation(self, gate: np.ndarray) -> np.ndarray:
         """act(gate) as a new array, computed as the fused dense kernels compute it."""
@@ -185,15 +289,33 @@ class Model:
 
     def _attention(self, il: int, q: np.ndarray, p0: int, T: int, window: int) -> np.ndarray:
         """q: (T, n_head, head_dim) at positions p0..p0+T-1 -> (T, n_head*head_dim).
-        Causal; with window > 0 a query at position p sees keys at positions > p - window."""
+        Causal; with window > 0 (a sliding-window layer) a query at position p sees keys at positions
+        > p - window. Other layers use windowed top-k attention (self.attn) once the context is longer than
+        what it attends to; prefill makes the same choice per query as decode would."""
         cfg = self.cfg
         scale = np.float32(1.0 if cfg.traits.prescale_q else cfg.attn_scale)
         kc, vc = self.k_cache[il], self.v_cache[il]                  # (n_head_kv, n_ctx, head_dim)
         n_keys = p0 + T
+        top_k = window == 0 and self.attn.enabled and n_keys > self.attn.max_attended
+        if T > 1 and not self.prefill_like_decode:
+            top_k = False
         if T == 1:
-            start = max(0, n_keys - window) if window else 0
             out = np.empty((cfg.n_head, cfg.head_dim), dtype=np.float32)
+            if top_k:
+                xq, xd, xs = self._qq
+                attn_kernels.quantize_queries(q[0], xq, xd, xs)
+                attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_keys, self._cheap)
+                attn_kernels.attention_decode_windowed(
+                    np.ascontiguousarray(q[0]), kc, vc, self._cheap, n_keys, self.attn.sinks, self.attn.window,
+                    self.attn.topk, scale, out, self._picked, self._n_picked)
+                self._attended.append(float(self._n_picked.mean()))
+                self._bytes += (self._n_picked.sum() * kc.shape[2] * kc.itemsize * 2
+                                + n_keys * (self.keys_q4.shape[3] + self.keys_d.shape[3] * 2) * cfg.n_head_kv)
+                return out.reshape(1, -1)
+            start = max(0, n_keys - window) if window else 0
             ops.attention_decode(np.ascontiguousarray(q[0]), kc, vc, start, n_keys, scale, out)
+            self._attended.append(float(n_keys - start))
+            self._bytes += (n_keys - start) * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
             return out.reshape(1, -1)
         G = cfg.n_gqa
         K = kc[:, :n_keys]                                           # (n_kv, L, hd)
@@ -202,6 +324,26 @@ class Model:
         qg = q16.reshape(T, cfg.n_head_kv, G, cfg.head_dim).transpose(1, 2, 0, 3)   # (n_kv, G, T, hd)
         scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2))    # (n_kv, G, T, L)
         scores *= scale
+        if top_k:
+            attn_kernels.window_mask(self._cheap_scores(il, q, p0), G, p0, self.attn.sinks, self.attn.window,
+                                     self.attn.topk, scores)
+        last = scores[:, 0, -1]                                      # (n_kv, L) the last query's scores
+        self._attended.append(float(np.count_nonzero(np.isfinite(last))) / cfg.n_head_kv if top_k else
+                              float(min(n_keys, window) if window else n_keys))
         ops.masked_softmax_f16(scores.reshape(-1, T, n_keys), p0, window)   # probabilities, rounded to f16
         out = np.matmul(scores, V[:, None])                          # (n_kv, G, T, hd)
         return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, cfg.n_head * cfg.head_dim)
+
+    def _cheap_scores(self, il: int, q: np.ndarray, p0: int) -> np.ndarray:
+        """Prefill's cheap scores, as decode computes them: q (T, n_head, hd) at positions p0.. ->
+        (n_head, T, p0 + T) (entries after each query's position unset)."""
+        cfg = self.cfg
+        T, nb = q.shape[0], cfg.head_dim // 32
+        xq = np.empty(q.shape, np.int8)
+        xd = np.empty((T, cfg.n_head, nb), np.float32)
+        xs = np.empty_like(xd)
+        attn_kernels.quantize_queries(q.reshape(T * cfg.n_head, -1), xq.reshape(T * cfg.n_head, -1),
+                                      xd.reshape(T * cfg.n_head, -1), xs.reshape(T * cfg.n_head, -1))
+        cheap = np.empty((cfg.n_head, T, p0 + T), np.float32)
+        attn_kernels.score_keys_prefill(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, p0, cheap)
+        return cheap

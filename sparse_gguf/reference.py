@@ -30,6 +30,7 @@ class LlamaCppEngine:
             raise SparseGGUFError(f"{path}: llama.cpp could not load the model ({e})") from None
         self.n_ctx = n_ctx
         self.logits_all = logits_all
+        self.step_stats: dict[str, float] = {}     # set by the caller that knows the model (bench)
 
     @property
     def n_past(self) -> int:

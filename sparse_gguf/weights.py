@@ -83,6 +83,22 @@ class QuantMatrix:
         return dequant.take_rows(self.raw, self.qtype, self.n_cols, np.asarray(ids, dtype=np.int64))
 
 
+LOWBIT_TILE_ROWS = 4096
+
+
+def q4_copy(m: QuantMatrix) -> QuantMatrix:
+    """A Q4_0 re-quantization of m (n_cols a multiple of 32), for cheap candidate scoring: about half the bytes
+    of a Q8_0 matrix. Built in tiles of rows, so no float32 copy of the whole matrix is kept."""
+    from gguf import quants
+    tiles = []
+    for r0 in range(0, m.n_rows, LOWBIT_TILE_ROWS):
+        r1 = min(m.n_rows, r0 + LOWBIT_TILE_ROWS)
+        rows = dequant.dequantize(m.raw[r0:r1], m.qtype, m.n_cols)          # (rows, n_cols) float32
+        tiles.append(quants.quantize(rows, GGMLQuantizationType.Q4_0))     # (rows, n_cols/32*18) uint8
+    raw = np.ascontiguousarray(np.concatenate(tiles))
+    return QuantMatrix(m.name + ".q4", raw, int(GGMLQuantizationType.Q4_0), m.n_rows, m.n_cols)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray            # (n_embd,)
@@ -111,6 +127,12 @@ class ModelWeights:
     layers: list[LayerWeights]
     rope_freqs: np.ndarray | None    # (rope_dims/2,) llama3-style frequency divisors, if the file has them
     output_bias: np.ndarray | None = None   # (n_vocab,) qwen2 files may have one
+
+    @property
+    def decode_bytes(self) -> int:
+        """Weight bytes a dense decode step reads: every layer matrix, the output matrix, one embedding row."""
+        per_layer = sum(m.nbytes for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
+        return per_layer + self.output.nbytes + self.token_embd.nbytes // self.token_embd.n_rows
 
 
 def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:

@@ -54,16 +54,23 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     before, after = all_metadata(open_gguf(src)), all_metadata(open_gguf(out))
     for key, value in before.items():
         assert after[key] == value, key
-    assert after["sparse_gguf.version"] == 1
+    assert after["sparse_gguf.version"] == 2
     assert after["sparse_gguf.source.path"] == str(src.resolve())
     assert len(after["sparse_gguf.source.sha256"]) == 64
     assert len(json.loads(after["sparse_gguf.layer_table"])) == 2
+    # decode defaults for windowed attention and the output layer, read back by the engine
+    assert (after["sparse_gguf.attention.sinks"], after["sparse_gguf.attention.window"],
+            after["sparse_gguf.attention.topk"], after["sparse_gguf.output.candidates"]) == (4, 256, 256, 64)
+    m = Model(out, n_ctx=64)
+    assert (m.attn.sinks, m.attn.window, m.attn.topk, m.output_candidates) == (4, 256, 256, 64)
+    d = Model(out, n_ctx=64, dense=True)
+    assert not d.attn.enabled and d.output_candidates == 0 and d.dense
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     a, b = Tokenizer(src), Tokenizer(out)
     assert a.chat_prompt(msgs) == b.chat_prompt(msgs)
     assert a.encode("Some text, numbers 123.") == b.encode("Some text, numbers 123.")
     info = run_cli("info", out, "--json")
-    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 1
+    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 2
 
 
 def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_model, tmp_path, test_text):
@@ -71,7 +78,8 @@ def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_model, tmp_path, tes
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
     res = convert(src, sparsity=0.0, calib_files=(calib,), calib_only=True)
-    np.testing.assert_array_equal(_logits(res.out_path), _logits(src))
+    # the FFN is dense at sparsity 0; the output layer's candidate scoring is a separate setting
+    np.testing.assert_array_equal(_logits(res.out_path, output_candidates=0), _logits(src))
 
 
 def test_budget_is_met_with_default_calibration(tiny_model, tmp_path):

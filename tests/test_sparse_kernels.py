@@ -1,0 +1,334 @@
+"""The sparse decode kernels against their dense references: windowed top-k attention (numba_kernels.attention),
+the predicted-neuron FFN path, output-layer candidate scoring and the run-time knobs of Model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numba_kernels import attention as A
+from numba_kernels import ops, simd
+from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.model import Model
+from sparse_gguf.sparsity import MODE_THRESHOLD, LayerSparsity, SparsityPlan
+
+RNG = np.random.default_rng(7)
+
+
+def kv_cache(n_kv: int, n_ctx: int, D: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((n_kv, n_ctx, D)).astype(np.float16).astype(np.float32)
+    v = rng.standard_normal((n_kv, n_ctx, D)).astype(np.float16).astype(np.float32)
+    return k, v
+
+
+def quantized_keys(k):
+    n_kv, n_ctx, D = k.shape
+    kq = np.zeros((n_kv, n_ctx, D // 2), np.uint8)
+    kd = np.zeros((n_kv, n_ctx, D // 32), np.uint16)
+    for h in range(n_kv):
+        A.quantize_keys_q4(k[h], kq[h], kd[h])
+    return kq, kd
+
+
+def dequantized_keys(kq, kd, D):
+    """Inverse of the documented layout, written independently of the kernels (head_dim 64: one block pair)."""
+    assert D == 64
+    codes = np.concatenate([kq & 15, kq >> 4], axis=-1).astype(np.float32) - 8      # (.., 64): dims 0..31, 32..63
+    d = kd.view(np.float16).astype(np.float32)                                      # (.., 2)
+    return codes * np.repeat(d, 32, axis=-1)
+
+
+def reference_selection(comb, n_pos, sinks, window, topk):
+    """Positions a query at n_pos - 1 attends to, by plain numpy (stable: ties go to earlier positions)."""
+    lo = min(sinks, n_pos)
+    hi = max(lo, n_pos - window)
+    old = np.arange(lo, hi)
+    if len(old) > topk:
+        order = np.argsort(-comb[lo:hi], kind="stable")[:topk]
+        old = np.sort(old[order])
+    return np.concatenate([np.arange(lo), old, np.arange(hi, n_pos)]).astype(np.int64)
+
+
+def test_key_quantization_matches_layout_and_error_bound():
+    k, _ = kv_cache(2, 50, 64)
+    k[0, 3] = 0.0                                          # an all-zero key
+    kq, kd = quantized_keys(k)
+    deq = dequantized_keys(kq, kd, 64)
+    d = np.repeat(kd.view(np.float16).astype(np.float32), 32, axis=-1)
+    assert np.all(np.abs(deq - k) <= 0.5 * d + 1e-6)       # round to nearest code
+    assert np.all(deq[0, 3] == 0)
+    # the scale is max|k| / 7 of each 32-block, in fp16
+    amax = np.abs(k.reshape(2, 50, 2, 32)).max(-1)
+    np.testing.assert_allclose(kd.view(np.float16).astype(np.float32), (amax / 7).astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_cheap_scores_equal_dequantized_dot(path):
+    n_kv, G, D, n_pos = 2, 3, 64, 300
+    k, _ = kv_cache(n_kv, 320, D)
+    kq, kd = quantized_keys(k)
+    q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
+    xq, xd, xs = np.empty((n_kv * G, D), np.int8), np.empty((n_kv * G, 2), np.float32), np.empty((n_kv * G, 2), np.float32)
+    A.quantize_queries(q, xq, xd, xs)
+    out = np.full((n_kv * G, 320), np.nan, np.float32)
+    A.score_keys(simd.token(path), kq, kd, xq, xd, xs, n_pos, out)
+    qdeq = xq.astype(np.float32) * np.repeat(xd, 32, axis=-1)           # the quantized query's values
+    ref = np.einsum("hd,hnd->hn", qdeq, np.repeat(dequantized_keys(kq, kd, D), G, axis=0))
+    np.testing.assert_allclose(out[:, :n_pos], ref[:, :n_pos], rtol=1e-4, atol=1e-3)
+    assert np.isnan(out[:, n_pos:]).all()                               # rows past n_pos untouched
+
+
+@pytest.mark.parametrize("n_pos,sinks,window,topk", [
+    (40, 4, 8, 8), (40, 0, 1, 5), (40, 4, 8, 100), (12, 4, 8, 8), (3, 4, 8, 8), (1000, 4, 64, 64), (200, 0, 16, 0)])
+def test_selection_matches_numpy(n_pos, sinks, window, topk):
+    G = 3
+    scores = RNG.standard_normal((G, n_pos)).astype(np.float32)
+    scores[:, 10:20] = 1.5                                 # ties
+    comb = scores.max(axis=0)
+    idx = np.empty(n_pos, np.int64)
+    n = A.select_positions(scores, G, n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32),
+                           np.empty(n_pos, np.float32))
+    np.testing.assert_array_equal(idx[:n], reference_selection(comb, n_pos, sinks, window, topk))
+
+
+def test_kth_largest_on_ties_and_edges():
+    for n in (1, 2, 5, 300):
+        for trial in range(10):
+            v = RNG.standard_normal(n).astype(np.float32)
+            if trial % 2:
+                v = np.round(v).astype(np.float32)        # many equal values
+            buf = np.empty(n, np.float32)
+            for k in {1, (n + 1) // 2, n}:
+                assert A._kth_largest(v, n, k, buf) == np.sort(v)[::-1][k - 1]
+
+
+def test_windowed_attention_covering_everything_equals_dense():
+    n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
+    k, v = kv_cache(n_kv, n_ctx, D)
+    q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
+    scale = np.float32(0.125)
+    dense = np.empty((n_kv * G, D), np.float32)
+    ops.attention_decode(q, k, v, 0, n_pos, scale, dense)
+    scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
+    for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
+        out = np.empty_like(dense)
+        n_att = np.empty(n_kv, np.int64)
+        A.attention_decode_windowed(q, k, v, scores, n_pos, sinks, window, topk, scale, out,
+                                    np.empty((n_kv, n_ctx), np.int64), n_att)
+        assert (n_att == n_pos).all()
+        # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
+        # neighbouring fp16 value: differences stay at that level (fp16 ulp ~ 6e-5 at 0.1)
+        np.testing.assert_allclose(out, dense, rtol=0, atol=5e-4)
+
+
+def test_windowed_attention_equals_dense_over_the_chosen_positions():
+    """With fewer positions than the context, the result is exact attention over exactly the chosen set."""
+    n_kv, G, D, n_ctx, n_pos = 2, 2, 64, 512, 400
+    k, v = kv_cache(n_kv, n_ctx, D, seed=3)
+    q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
+    scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
+    out = np.empty((n_kv * G, D), np.float32)
+    n_att = np.empty(n_kv, np.int64)
+    A.attention_decode_windowed(q, k, v, scores, n_pos, 4, 32, 16, np.float32(0.125), out,
+                                np.empty((n_kv, n_ctx), np.int64), n_att)
+    assert (n_att == 4 + 32 + 16).all()
+    for kvh in range(n_kv):
+        comb = scores[kvh * G:(kvh + 1) * G].max(axis=0)
+        sel = reference_selection(comb, n_pos, 4, 32, 16)
+        ref = np.empty((G, D), np.float32)
+        ops.attention_decode(q[kvh * G:(kvh + 1) * G], k[kvh:kvh + 1, sel].copy(), v[kvh:kvh + 1, sel].copy(),
+                             0, len(sel), np.float32(0.125), ref)
+        np.testing.assert_allclose(out[kvh * G:(kvh + 1) * G], ref, rtol=0, atol=5e-4)
+
+
+def test_prefill_mask_makes_the_same_choice_as_decode():
+    n_kv, G, D, T, p0 = 2, 3, 64, 48, 100
+    L = p0 + T
+    k, _ = kv_cache(n_kv, L, D, seed=5)
+    kq, kd = quantized_keys(k)
+    q = RNG.standard_normal((T, n_kv * G, D)).astype(np.float32)
+    xq = np.empty(q.shape, np.int8)
+    xd = np.empty((T, n_kv * G, 2), np.float32)
+    xs = np.empty_like(xd)
+    A.quantize_queries(q.reshape(-1, D), xq.reshape(-1, D), xd.reshape(-1, 2), xs.reshape(-1, 2))
+    cheap = np.empty((n_kv * G, T, L), np.float32)
+    tok = simd.token()
+    A.score_keys_prefill(tok, kq, kd, xq, xd, xs, p0, cheap)
+    scores = np.zeros((n_kv, G, T, L), np.float32)
+    A.window_mask(cheap, G, p0, 4, 16, 20, scores)
+    for t in range(T):
+        one = np.empty((n_kv * G, L), np.float32)
+        A.score_keys(tok, kq, kd, xq[t], xd[t], xs[t], p0 + t + 1, one)
+        np.testing.assert_array_equal(one[:, :p0 + t + 1], cheap[:, t, :p0 + t + 1])
+        for kvh in range(n_kv):
+            idx = np.empty(L, np.int64)
+            n = A.select_positions(one[kvh * G:(kvh + 1) * G], G, p0 + t + 1, 4, 16, 20, idx,
+                                   np.empty(L, np.float32), np.empty(L, np.float32))
+            kept = np.flatnonzero(np.isfinite(scores[kvh, 0, t, :p0 + t + 1]))
+            np.testing.assert_array_equal(kept, idx[:n])
+
+
+# ---- the model with its knobs -----------------------------------------------------------------------
+
+
+def kl_rows(a, b):
+    def logp(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    la, lb = logp(a.astype(np.float64)), logp(b.astype(np.float64))
+    return (np.exp(la) * (la - lb)).sum(axis=-1)
+
+
+def tokens(n, seed=0):
+    return np.random.default_rng(seed).integers(100, 30000, n).tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_windowed_model_decode_matches_its_prefill_and_covering_window_is_dense(tiny_model, arch):
+    path = tiny_model(arch, "Q8_0")
+    toks = tokens(160)
+    dense = Model(path, n_ctx=192).eval(toks, logits_all=True)
+    # a window that covers the context: identical to dense
+    cover = Model(path, n_ctx=192, attn_sinks=4, attn_window=200, attn_topk=8)
+    np.testing.assert_array_equal(cover.eval(toks, logits_all=True), dense)
+    # a real window: decode one token at a time equals the batched emulation (prefill_like_decode)
+    # (the kernel tests pin down that both make the same choice for the same query; here the queries differ
+    # by decode-vs-prefill rounding, which can move a near-tie across the top-k boundary)
+    m = Model(path, n_ctx=192, attn_sinks=4, attn_window=32, attn_topk=64)
+    m.prefill_like_decode = True
+    batched = m.eval(toks, logits_all=True)
+    m.reset()
+    m.eval(toks[:40])
+    step = np.stack([m.eval([t]) for t in toks[40:]])
+    if arch != "gemma3":                                  # (gemma3's sliding-window layers attend to fewer)
+        assert m.step_stats["attended_tokens"] == 4 + 32 + 64
+    kl = kl_rows(batched[40:], step)
+    assert kl.mean() < 0.01, kl.mean()
+    assert not np.allclose(batched[40:], dense[40:], atol=1e-3)   # the window does change the result
+
+
+def test_output_candidates_exact_for_the_best_rows(tiny_model):
+    path = tiny_model("llama", "Q8_0")
+    toks = tokens(20)
+    dense = Model(path, n_ctx=64).eval(toks, logits_all=True)
+    m = Model(path, n_ctx=64, output_candidates=64)
+    assert m.output_q4 is not None and m.output_q4.nbytes < 0.6 * m.weights.output.nbytes
+    batched = m.eval(toks, logits_all=True)
+    m.reset()
+    m.eval(toks[:-1])
+    last = m.eval(toks[-1:])                              # decode: the gemv_rows path
+    d = Model(path, n_ctx=64)
+    d.eval(toks[:-1])
+    dense_last = d.eval(toks[-1:])
+    for row, ref in ((batched[-1], dense[-1]), (last, dense_last)):
+        top = np.argsort(ref)[-10:]
+        np.testing.assert_allclose(row[top], ref[top], rtol=1e-4, atol=1e-4)   # exact where it matters
+        assert row.argmax() == ref.argmax()
+    assert (batched.argmax(1) == dense.argmax(1)).mean() >= 0.95
+    full = Model(path, n_ctx=64, output_candidates=0)
+    np.testing.assert_array_equal(full.eval(toks, logits_all=True), dense)
+
+
+def test_sparse_ffn_with_every_neuron_active_equals_dense(tiny_model):
+    path = tiny_model("llama", "Q4_1")
+    toks = tokens(12)
+    dense = Model(path, n_ctx=32)
+    m = Model(path, n_ctx=32)
+    n_ff = m.cfg.n_ff
+    m.sparsity = SparsityPlan([LayerSparsity(MODE_THRESHOLD, np.zeros(n_ff, np.float32), np.zeros(n_ff, np.float32))
+                               for _ in range(m.cfg.n_layer)])
+    for t in toks:                                        # decode: gate in full, up through gemv_rows
+        np.testing.assert_array_equal(m.eval([t]), dense.eval([t]))
+    assert m.step_stats["ffn_active_fraction"] > 0.99
+
+
+def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
+    """Reading only the kept up rows gives the same numbers as computing all of up and masking."""
+    path = tiny_model("llama", "Q4_1")
+    toks = tokens(12, seed=1)
+    m = Model(path, n_ctx=32)
+    n_ff = m.cfg.n_ff
+    rng = np.random.default_rng(0)
+    m.sparsity = SparsityPlan([LayerSparsity(MODE_THRESHOLD, rng.uniform(0, 0.02, n_ff).astype(np.float32),
+                                             rng.uniform(0, 0.2, n_ff).astype(np.float32))
+                               for _ in range(m.cfg.n_layer)])
+    step = np.stack([m.eval([t]) for t in toks])          # gemv_rows path (T == 1)
+    m.reset()
+    masked = m.eval(toks, logits_all=True)                # T <= 16: per-row GEMV of all of up, then masked
+    np.testing.assert_allclose(step, masked, rtol=1e-5, atol=1e-5)
+    assert 0.05 < 1 - m.step_stats["ffn_active_fraction"] < 0.95
+
+
+def test_ffn_sparsity_knob(tiny_model):
+    path = tiny_model("llama", "Q8_0")
+    toks = tokens(24)
+    dense = Model(path, n_ctx=32).eval(toks, logits_all=True)
+    np.testing.assert_array_equal(Model(path, n_ctx=32, ffn_sparsity=0.0).eval(toks, logits_all=True), dense)
+    m = Model(path, n_ctx=32, ffn_sparsity=0.25)
+    out = m.eval(toks, logits_all=True)
+    assert abs(m.step_stats["ffn_active_fraction"] - 0.75) < 0.01
+    assert not np.array_equal(out, dense)
+    with pytest.raises(SparseGGUFError):
+        Model(path, n_ctx=32, ffn_sparsity=1.5)
+
+
+def test_bad_knobs_are_refused(tiny_model):
+    path = tiny_model("llama", "F32")
+    with pytest.raises(SparseGGUFError):
+        Model(path, n_ctx=32, attn_window=-1)
+    with pytest.raises(SparseGGUFError):
+        Model(path, n_ctx=32, output_candidates=-5)
+
+
+# ---- neuron-major down (numba_kernels.sparse_ffn) ---------------------------------------------------
+
+
+def test_block_major_layout_roundtrip():
+    from numba_kernels import sparse_ffn
+    down = RNG.standard_normal((96, 40)).astype(np.float32)          # (n_embd, n_ff)
+    rows = sparse_ffn.block_major_rows(down)
+    assert rows.shape == (3 * 40, 32)
+    np.testing.assert_array_equal(rows[2 * 40 + 7], down[64:96, 7])  # row b*n_ff + j = down[32b:32b+32, j]
+    np.testing.assert_array_equal(sparse_ffn.dense_from_block_major(rows, 40), down)
+
+
+@pytest.mark.parametrize("path", ["scalar", None])
+@pytest.mark.parametrize("frac", [1.0, 0.37, 0.0])
+def test_down_rows_equals_dense_product(path, frac):
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import qgemv, sparse_ffn
+    n_embd, n_ff = 128, 300
+    down = RNG.standard_normal((n_embd, n_ff)).astype(np.float32)
+    raw = quants.quantize(sparse_ffn.block_major_rows(down), QT.Q8_0)
+    pm = qgemv.pack(raw, QT.Q8_0, 32)
+    W = sparse_ffn.dense_from_block_major(quants.dequantize(raw, QT.Q8_0), n_ff)   # the stored weights
+    rows = np.sort(RNG.choice(n_ff, int(frac * n_ff), replace=False)).astype(np.int32)
+    coef = RNG.standard_normal(rows.size).astype(np.float32)
+    out = sparse_ffn.down_rows(pm, n_ff, rows, coef, path=path)
+    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-5)
+    if frac == 1.0:                           # every neuron active: the dense product
+        a = np.zeros(n_ff, np.float32)
+        a[rows] = coef
+        np.testing.assert_allclose(out, W @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_down_t_decode_matches_prefill(tiny_model, tmp_path, test_text):
+    import shutil
+    from converters.convert import convert
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny_model("llama", "Q8_0"), src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    res = convert(src, sparsity=0.4, calib_files=(calib,), calib_only=True)
+    assert all(res.down_t)                    # Q8_0 down at 40% sparsity: the neuron layout pays
+    m = Model(res.out_path, n_ctx=64)
+    assert all(layer.down_t is not None for layer in m.sparsity.layers)
+    toks = tokens(24, seed=3)
+    batched = m.eval(toks, logits_all=True)   # prefill: a @ down_t (dense product of the same weights)
+    m.reset()
+    step = np.stack([m.eval([t]) for t in toks])   # decode: only the active rows of down_t
+    assert kl_rows(batched, step).mean() < 0.01
+    st = m.step_stats
+    assert st["bytes"] < Model(src, n_ctx=64).weights.decode_bytes   # fewer bytes than dense decode
+    assert 0.4 < 1 - st["ffn_active_fraction"] < 0.8
