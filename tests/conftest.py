@@ -36,3 +36,11 @@ def default_model():
 @pytest.fixture(scope="session")
 def test_text() -> str:
     return (DATA / "prose_test.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def sparse_llm(default_model):
+    """SparseLlama on the default model, shared by the API tests (n_ctx 512)."""
+    from sparse_gguf import SparseLlama
+
+    return SparseLlama(str(default_model), n_ctx=512, verbose=False)

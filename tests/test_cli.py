@@ -193,3 +193,20 @@ def test_chat_greedy_reply_is_deterministic_and_seeded_sampling_repeats():
     c = run_cli(*args, "--seed", "5", stdin="Tell me about the sun.\n")
     d = run_cli(*args, "--seed", "5", stdin="Tell me about the sun.\n")
     assert c.returncode == 0 and c.stdout == d.stdout
+
+
+def test_serve_bad_input(tmp_path):
+    import socket
+
+    assert_clean_error(run_cli("serve", tmp_path / "nope.gguf"), "no such file")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert_clean_error(run_cli("serve", "--port", port), "cannot listen")
+    assert_clean_error(run_cli("serve", "--max-tokens-cap", "0"), "max_tokens_cap")
+
+
+def test_chat_bad_sampler_options():
+    assert_clean_error(run_cli("chat", "--mirostat", "1", stdin="hi\n"), "mirostat_mode")
+    assert_clean_error(run_cli("chat", "--top-h", "2", stdin="hi\n"), "top_h")
