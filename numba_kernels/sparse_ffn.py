@@ -89,3 +89,30 @@ def dense_from_block_major(rows: np.ndarray, n_ff: int) -> np.ndarray:
     """Inverse of block_major_rows: (n_embd/32 * n_ff, 32) -> (n_embd, n_ff) (prefill's matmul uses it)."""
     nb = rows.shape[0] // n_ff
     return np.ascontiguousarray(rows.reshape(nb, n_ff, 32).transpose(0, 2, 1)).reshape(nb * 32, n_ff)
+
+
+@njit(cache=True, error_model="numpy")
+def rows_at_least(x, threshold, rows):
+    """rows[:n] = the j with |x[j]| >= threshold[j], ascending; returns n. x, threshold: (n_ff,)."""
+    n = 0
+    for j in range(x.shape[0]):
+        if abs(x[j]) >= threshold[j]:
+            rows[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
+    """The down stage of a threshold layer from the up stage's output: a_j = act(g_j) * u_j for the neurons
+    that computed up (rows_up, with up_vals in the same order); keeps those with |a_j| >= threshold[j] into
+    rows[:n] / coef[:n]; returns n."""
+    n = 0
+    for u in range(rows_up.shape[0]):
+        j = rows_up[u]
+        a = g_act[j] * up_vals[u]
+        if abs(a) >= threshold[j]:
+            rows[n] = j
+            coef[n] = a
+            n += 1
+    return n

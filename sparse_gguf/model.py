@@ -18,7 +18,7 @@ from .errors import SparseGGUFError
 from .gguf_file import open_gguf
 from .resources import check_kv_memory
 from .rope import RopeTable
-from .sparsity import (AttentionWindow, SparsityPlan, TopKSparsity, attention_window_from_gguf,
+from .sparsity import (AttentionWindow, LayerSparsity, SparsityPlan, TopKSparsity, attention_window_from_gguf,
                        output_candidates_from_gguf)
 from .threads import set_threads
 from .weights import ModelWeights, QuantMatrix, load_weights, q4_copy, release_mapped_pages
@@ -225,11 +225,13 @@ class Model:
             return out.matmul(hs)
         logits = self.output_q4.matmul(hs)                           # (T, n_vocab) estimates
         C = self.output_candidates
-        cand = np.argpartition(logits, -C, axis=1)[:, -C:]           # (T, C) best rows per token
-        if hs.shape[0] == 1 and out.packed is not None:
+        if hs.shape[0] == 1 and out.packed is not None:              # decode
+            cand = attn_kernels.top_rows(logits[0], C, np.empty(logits.shape[1], np.float32))[None]
             exact = qgemv.gemv_rows(out.packed, cand[0], hs[0])[None]
-        else:                                                        # prefill/eval: same numbers, computed dense
-            exact = np.take_along_axis(out.matmul(hs), cand, axis=1)
+            logits[0, cand[0]] = exact[0]
+            return logits
+        cand = np.argpartition(logits, -C, axis=1)[:, -C:]           # (T, C) best rows per token
+        exact = np.take_along_axis(out.matmul(hs), cand, axis=1)     # prefill/eval: same numbers, computed dense
         np.put_along_axis(logits, cand, exact, axis=1)
         return logits
 
@@ -254,6 +256,9 @@ class Model:
             self._ffn_used.append(1.0)
             return L.w_down.matmul(gate)
         g_act = self._activation(gate)                               # (T, n_ff) act(g)
+        if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity)
+                and plan.up_threshold is not None and L.w_up.packed is not None):
+            return self._ffn_decode_threshold(L, plan, h[0], g_act[0])
         if plan is not None and plan.up_threshold is not None:
             keep_up = np.abs(g_act) >= plan.up_threshold             # (T, n_ff)
             if h.shape[0] == 1 and L.w_up.packed is not None:        # decode: read only the kept rows of up
@@ -281,6 +286,27 @@ class Model:
             self._bytes += rows.size * down_t.row_bytes() - L.w_down.nbytes
             return sparse_ffn.down_rows(down_t.packed, down_t.n_ff, rows, a[0, rows])[None]
         return a @ down_t.dense().T                                  # (T, n_embd), the same weights
+
+    def _ffn_decode_threshold(self, L, plan: LayerSparsity, x: np.ndarray, g_act: np.ndarray) -> np.ndarray:
+        """One token through a threshold layer, reading only what it needs: up rows where |act(g)| passes,
+        then down rows (neuron-major down_t) where |act(g) * u| passes. The same numbers as the masked path.
+        x: (n_embd,) normed input, g_act: (n_ff,) act(gate) -> (1, n_embd)."""
+        n_ff = g_act.shape[0]
+        if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
+            self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
+                                 np.empty(n_ff, np.int32), np.empty(n_ff, np.float32))
+        rows_up, up_vals, rows, coef = self._ffn_scratch
+        n_up = sparse_ffn.rows_at_least(g_act, plan.up_threshold, rows_up)
+        qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], x, out=up_vals[:n_up])
+        n = sparse_ffn.active_products(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold, rows, coef)
+        self._ffn_used.append(n / n_ff)
+        self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
+        if plan.down_t is not None:
+            self._bytes += n * plan.down_t.row_bytes() - L.w_down.nbytes
+            return sparse_ffn.down_rows(plan.down_t.packed, n_ff, rows[:n], coef[:n])[None]
+        a = np.zeros((1, n_ff), np.float32)
+        a[0, rows[:n]] = coef[:n]
+        return L.w_down.matmul(a)
 
     def _activation(self, gate: np.ndarray) -> np.ndarray:
         """act(gate) as a new array, computed as the fused dense kernels compute it."""
