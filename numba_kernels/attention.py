@@ -144,27 +144,6 @@ def _kth_largest(v, n, k, buf):
 
 
 @njit(cache=True, error_model="numpy")
-def top_rows(x, k, buf):
-    """Indices (int32, ascending) of the k largest values of x (1 <= k <= len(x); ties: the earlier ones).
-    buf: (len(x),) float32 scratch. Used for the output layer's candidates (faster than np.argpartition)."""
-    n = x.shape[0]
-    thr = _kth_largest(x, n, k, buf)
-    n_above = 0
-    for j in range(n):
-        n_above += x[j] > thr
-    ties = k - n_above
-    idx = np.empty(k, np.int32)
-    m = 0
-    for j in range(n):
-        if x[j] > thr or (x[j] == thr and ties > 0):
-            if x[j] == thr:
-                ties -= 1
-            idx[m] = j
-            m += 1
-    return idx
-
-
-@njit(cache=True, error_model="numpy")
 def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
     """Positions one query attends to, ascending, into idx; returns how many.
 
