@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -93,7 +94,14 @@ def test_commands_and_save(tiny_session_parts, tmp_path):
 def test_chat_through_a_pseudo_terminal(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     save = tmp_path / "conv.json"
-    child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "400", "--ctx", "1024",
+    # Warm the Numba cache on the same paths first (a long prompt's prefill, decode): on a clean checkout the
+    # first use of a kernel compiles it, and a Ctrl-C landing during a compile is handled only afterwards,
+    # when a short reply may already be over.
+    warm = subprocess.run([sys.executable, "-m", "cli", "chat", "--temp", "0", "--max-tokens", "4", "--ctx", "2048"],
+                          cwd=REPO, input="Write a very long story about a dragon, with many chapters.\n",
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr
+    child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "1500", "--ctx", "2048",
                                            "--save", str(save)],
                           cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(40, 200))
     try:
