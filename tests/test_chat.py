@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -103,7 +104,10 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
     assert warm.returncode == 0, warm.stderr
     child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "1500", "--ctx", "2048",
                                            "--save", str(save)],
-                          cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(40, 200))
+                          cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(40, 200),
+                          # a test run started in the background (`cmd &` in a script) ignores SIGINT, and the
+                          # child would inherit that: give it the default disposition, as a terminal's shell does
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("stops a reply")
         child.expect("> ")
