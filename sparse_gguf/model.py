@@ -60,6 +60,7 @@ class Model:
             raise SparseGGUFError(f"windowed attention needs head_dim a multiple of 32, this model has {cfg.head_dim}")
         n_cand = (0 if dense else output_candidates_from_gguf(reader)) if output_candidates is None else int(output_candidates)
         self.set_output_candidates(n_cand)
+        self._dense_decode_bytes = float(self.weights.decode_bytes)   # a sum over every matrix: once, not per token
         # calibration hook: observer(layer, ffn_input (T, n_embd), act(g), up, act(g)*up (each (T, n_ff)))
         self.ffn_observer = None
         release_mapped_pages(reader)
@@ -154,7 +155,7 @@ class Model:
         h = np.empty_like(x)                                         # (T, n_embd) normed input
         self._ffn_used, self._attended = [], []
         # bytes one token reads: every weight matrix, minus up rows skipped (_ffn), plus the KV cache (_attention)
-        self._bytes = float(self.weights.decode_bytes) if T == 1 else 0.0
+        self._bytes = self._dense_decode_bytes if T == 1 else 0.0
 
         for il, L in enumerate(w.layers):
             local = cfg.swa_layers[il]
