@@ -418,7 +418,8 @@ def convert(
         t.add_column(col, justify="right" if col not in ("mode", "down layout") else "left")
     for row in result.layer_table():
         t.add_row(str(row["layer"]), row["mode"], f"{row['level']:.3f}", f"{row['up_skipped']:.3f}",
-                  f"{row['down_skipped']:.3f}", "by neuron (Q8_0)" if row["down_t"] else "original")
+                  f"{row['down_skipped']:.3f}",
+                  {"q8_0": "by neuron (Q8_0)", "bundle": "by neuron (exact)"}.get(row["down_layout"], "original"))
     con.print(t)
     con.print(f"held-out estimate vs dense: KL {d['kl_mean']:.4f} nats, top-1 {d['top1_agreement']:.3f}; "
               f"FFN bytes per token {d['ffn_bytes_ratio']:.1%} of dense")

@@ -55,12 +55,29 @@ class ConvertResult:
     calib_tokens: int
     heldout_tokens: int
     seconds: float
-    down_t: list[bool]            # per layer: neuron-major down written (down stage really skips rows)
+    down_t: list[bool]            # per layer: neuron-major Q8_0 down written to the file
+    down_layout: list[str]        # per layer: how decode reads down (DOWN_LAYOUTS)
 
     def layer_table(self) -> list[dict]:
         return [{"layer": il, "mode": MODE_NAMES[1 if lv > 0 else 0], "level": round(lv, 4),
-                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4), "down_t": bool(dt)}
-                for il, (lv, su, sd, dt) in enumerate(zip(self.levels, self.skipped_up, self.skipped, self.down_t))]
+                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4), "down_t": bool(dt), "down_layout": dl}
+                for il, (lv, su, sd, dt, dl) in enumerate(zip(self.levels, self.skipped_up, self.skipped,
+                                                              self.down_t, self.down_layout))]
+
+
+DOWN_LAYOUTS = {"original": "all of down (dense layer, or skipping would save no bytes)",
+                "bundle": "the active neurons' columns, regrouped at load (exact; Q4_0/Q4_1)",
+                "q8_0": "the active neurons' rows of the file's neuron-major Q8_0 ffn_down_t"}
+
+
+def down_layout(model: Model, layer, il: int) -> str:
+    if not layer.active:
+        return "original"
+    if layer.down_t is not None:
+        return "q8_0"
+    if model.weights.layers[il].w_down.column_bundle() is not None:
+        return "bundle"       # even with the down cut at 0, neurons that skipped up skip down
+    return "original"
 
 
 def default_output_path(src: Path) -> Path:
@@ -120,7 +137,13 @@ def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: l
     dense = sparse = 0.0
     for L, layer, su, sd in zip(model.weights.layers, plan.layers, skipped_up, skipped_down):
         dense += L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes
-        down = layer.down_t.nbytes * (1.0 - sd) if layer.down_t is not None else L.w_down.nbytes
+        bundle = L.w_down.column_bundle() if layer.active else None
+        if layer.down_t is not None:
+            down = layer.down_t.nbytes * (1.0 - sd)
+        elif bundle is not None:      # codes of the active neurons; every group's scales (an upper bound)
+            down = bundle.codes.nbytes * (1.0 - sd) + bundle.scales.nbytes
+        else:
+            down = L.w_down.nbytes
         sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + down
     return sparse / dense
 
@@ -133,13 +156,19 @@ def down_t_rows(model: Model, il: int) -> np.ndarray:
 
 
 def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
-    """Per layer, by bytes read: attach a neuron-major Q8_0 down where reading only the active rows is
-    cheaper (DOWN_T_MAX_RATIO); elsewhere drop the down stage (threshold 0), which costs nothing to skip."""
+    """Per layer, by bytes read. A Q4_0/Q4_1 down needs nothing in the file: the decoder regroups it by neuron
+    at load time, exactly and at (about) the same size (QuantMatrix.column_bundle), so skipped down rows save
+    bytes.
+    Other types get a neuron-major Q8_0 down where reading only the active rows is cheaper
+    (DOWN_T_MAX_RATIO); elsewhere the down stage is dropped (threshold 0), which costs nothing to skip."""
     from gguf import GGMLQuantizationType, quants
     for il, (layer, sd) in enumerate(zip(plan.layers, skipped_down)):
         if not layer.active:
             continue
         L = model.weights.layers[il]
+        bundle = L.w_down.column_bundle()
+        if bundle is not None and bundle.codes.nbytes * (1.0 - sd) + bundle.scales.nbytes < L.w_down.nbytes:
+            continue
         dt_bytes = L.w_down.n_rows // 32 * L.w_down.n_cols * 34 if L.w_down.n_rows % 32 == 0 else None
         if dt_bytes is not None and (1.0 - sd) * dt_bytes < DOWN_T_MAX_RATIO * L.w_down.nbytes:
             raw = quants.quantize(down_t_rows(model, il), GGMLQuantizationType.Q8_0)
@@ -203,7 +232,8 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     result = ConvertResult(out, levels, skipped_up, skipped, summary,
                            ffn_bytes_ratio(model, plan, skipped_up, skipped),
                            sum(map(len, train)), sum(map(len, held)), 0.0,
-                           [layer.down_t is not None for layer in plan.layers])
+                           [layer.down_t is not None for layer in plan.layers],
+                           [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)])
 
     from .gguf_out import file_sha256, write_model
 

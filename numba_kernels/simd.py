@@ -788,6 +788,82 @@ def store_f32x8(typingctx, out, off, v):
     return types.none(out, off, v), codegen
 
 
+@intrinsic
+def load_nib_lo8(typingctx, q, qoff):
+    """Low nibbles of the 8 bytes at q.flat[qoff] as an i32x8 (values 0..15). Generic LLVM vector IR."""
+    if not (_is_byte_array(q) and isinstance(qoff, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = _load_vec(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(_I8, 8))
+        return builder.and_(builder.zext(v, _V8I32), _vconst(_V8I32, 0x0F))
+
+    return i32x8(q, qoff), codegen
+
+
+@intrinsic
+def load_nib_hi8(typingctx, q, qoff):
+    """High nibbles of the 8 bytes at q.flat[qoff] as an i32x8 (values 0..15). Generic LLVM vector IR."""
+    if not (_is_byte_array(q) and isinstance(qoff, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = _load_vec(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(_I8, 8))
+        return builder.lshr(builder.zext(v, _V8I32), _vconst(_V8I32, 4))
+
+    return i32x8(q, qoff), codegen
+
+
+def _make_load_f16x8(hw: bool):
+    @intrinsic
+    def _load_f16x8(typingctx, h, off):
+        """8 fp16 bits at h.flat[off] (a uint16 array) -> f32x8: `fpext <8 x half>` (vcvtph2ps) with hw,
+        else _f16_soft's bit trick lane-wise."""
+        if not (isinstance(h, types.Array) and h.dtype == types.uint16 and isinstance(off, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            o = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = builder.bitcast(builder.gep(arr.data, [o]), ir.VectorType(_I16, 8).as_pointer())
+            v = builder.load(ptr, align=2)
+            if hw:
+                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32)
+            v = builder.zext(v, _V8I32)
+            c = lambda x: _vconst(_V8I32, x)   # noqa: E731
+            o = builder.shl(builder.and_(v, c(0x7FFF)), c(13))
+            f = builder.fmul(builder.bitcast(o, _V8F32), _vconst(_V8F32, 2.0**112))
+            fi = builder.bitcast(f, _V8I32)
+            infnan = builder.icmp_unsigned(">=", builder.and_(v, c(0x7C00)), c(0x7C00))
+            fi = builder.select(infnan, builder.or_(o, c(0x7F800000)), fi)
+            sign = builder.shl(builder.and_(v, c(0x8000)), c(16))
+            return builder.bitcast(builder.or_(fi, sign), _V8F32)
+
+        return f32x8(h, off), codegen
+
+    return _load_f16x8
+
+
+_load_f16x8_hw = _make_load_f16x8(True)
+_load_f16x8_soft = _make_load_f16x8(False)
+
+
+@intrinsic
+def vmuladd(typingctx, acc, x, y):
+    """acc + x * y for f32x8 acc and x; y an f32x8 or a float (splatted). 'contract': one vfmadd."""
+    if not (acc == f32x8 and x == f32x8 and (isinstance(y, types.Float) or y == f32x8)):
+        return None
+    vec_y = y == f32x8
+
+    def codegen(context, builder, sig, args):
+        a, xv, yv = args
+        if not vec_y:
+            yv = _splat(builder, context.cast(builder, yv, sig.args[2], types.float32), _V8F32)
+        return builder.fadd(a, builder.fmul(xv, yv, flags=("contract",)), flags=("contract",))
+
+    return f32x8(acc, x, y), codegen
+
+
 # --------------------------------------------------------------------------------------------------
 # Public, path-dispatched building blocks (call from @njit code; `path` is a token from token())
 # --------------------------------------------------------------------------------------------------
@@ -1004,3 +1080,16 @@ def _ov_f16(path, h):
         return lambda path, h: _f16_hw(h)
     if k is not None:
         return lambda path, h: _f16_soft(h)
+
+
+def load_f16x8(path, h, off):
+    """8 fp16 values (uint16 bits) at h.flat[off] as an f32x8 (vector paths only)."""
+
+
+@overload(load_f16x8, inline="always")
+def _ov_load_f16x8(path, h, off):
+    k = _kind(path)
+    if k is not None and k != "scalar" and F16_NATIVE:
+        return lambda path, h, off: _load_f16x8_hw(h, off)
+    if k is not None and k != "scalar":
+        return lambda path, h, off: _load_f16x8_soft(h, off)

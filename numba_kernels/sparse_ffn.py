@@ -116,3 +116,168 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
             coef[n] = a
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact neuron-major bundles of a Q4_0 / Q4_1 down matrix
+# --------------------------------------------------------------------------------------------------
+#
+# A Q4_1 down stores w[r, j] = d[r, g] * q[r, j] + m[r, g] with 4-bit codes q and one (d, m) fp16 pair per
+# output row r and group g = j // 32 of 32 neurons (Q4_0 is the case m = -8 d). The bundle keeps exactly
+# these numbers, regrouped so that a neuron's codes are contiguous:
+#
+#     codes  (n_ff, n_embd/2) uint8    codes[j, 16c + t] = q[32c + t, j] | q[32c + 16 + t, j] << 4
+#     scales (n_ff/32, n_embd/32, 2, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], [g, c, 1, t] = m[...]
+#
+# The same bytes as the original (a neuron's 4-bit column plus, per group, the scales), and no
+# re-quantization, so no quality cost. For the active neurons A of group g:
+#
+#     sum_{j in A} a_j w[r, j] = d[r, g] * (sum_{j in A} a_j q[r, j]) + m[r, g] * (sum_{j in A} a_j)
+#
+# so a token reads the codes of its active neurons (n_embd/2 bytes each) and the scales of the groups that
+# hold at least one active neuron (4 n_embd bytes per group).
+
+def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
+    """raw: the GGUF bytes of a Q4_0/Q4_1 down matrix, (n_embd, n_ff/32 * block bytes) uint8 ->
+    (codes (n_ff, n_embd/2) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16) as described above."""
+    from gguf import GGMLQuantizationType as Q
+    bs = {int(Q.Q4_0): 18, int(Q.Q4_1): 20}[int(qtype)]
+    n_embd = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n_embd, n_ff // 32, bs)
+    d = blocks[:, :, 0:2].copy().view(np.uint16)[..., 0]                # (n_embd, n_groups) fp16 bits
+    if bs == 20:
+        m = blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]
+        qs = blocks[:, :, 4:20]
+    else:
+        m16 = (d.view(np.float16).astype(np.float32) * np.float32(-8.0)).astype(np.float16)
+        if not np.array_equal(m16.astype(np.float32), d.view(np.float16).astype(np.float32) * np.float32(-8.0)):
+            raise ValueError("Q4_0 scale too large to bundle exactly (|8 d| overflows fp16)")
+        m = m16.view(np.uint16)
+        qs = blocks[:, :, 2:18]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_embd, n_ff)   # (n_embd, n_ff) codes 0..15
+    qt = q.T.reshape(n_ff, n_embd // 32, 2, 16)                              # [j, c, half, t]
+    codes = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8).reshape(n_ff, n_embd // 2)
+    dm = np.stack([d.T, m.T], axis=1)                                        # (n_groups, 2, n_embd)
+    scales = np.ascontiguousarray(dm.reshape(n_ff // 32, 2, n_embd // 32, 32).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(codes), scales
+
+
+@njit(cache=True, error_model="numpy")
+def group_starts(rows, n_groups, gstart):
+    """For ascending active rows: gstart[g]:gstart[g+1] are the rows of group g (neurons 32g..32g+31).
+    Returns the number of groups with an active neuron."""
+    u = 0
+    k = rows.shape[0]
+    n_active = 0
+    for g in range(n_groups):
+        gstart[g] = u
+        while u < k and rows[u] < 32 * (g + 1):
+            u += 1
+        if u > gstart[g]:
+            n_active += 1
+    gstart[n_groups] = u
+    return n_active
+
+
+@njit(cache=True, error_model="numpy")
+def _group_coef_sums(coef, gstart, gsum):
+    for g in range(gsum.shape[0]):
+        s = np.float32(0.0)
+        for u in range(gstart[g], gstart[g + 1]):
+            s += coef[u]
+        gsum[g] = s
+
+
+@njit(cache=True, error_model="numpy")
+def dequantized_coefs(rows, xq, xd, coef):
+    """coef[u] = xd[rows[u] // 32] * xq[rows[u]]: the active neurons' values after Q8 block quantization."""
+    for u in range(rows.shape[0]):
+        j = rows[u]
+        coef[u] = xd[j // 32] * np.float32(xq[j])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bundle_rows_vec(path, codes, scales, rows, coef, gstart, gsum, out):
+    n_chunks = out.shape[0] // 32
+    half = codes.shape[1]
+    n_groups = gstart.shape[0] - 1
+    for c in prange(n_chunks):
+        o0 = simd._vzero()
+        o1 = simd._vzero()
+        o2 = simd._vzero()
+        o3 = simd._vzero()
+        for g in range(n_groups):
+            s = gstart[g]
+            e = gstart[g + 1]
+            if s == e:
+                continue
+            a0 = simd._vzero()
+            a1 = simd._vzero()
+            a2 = simd._vzero()
+            a3 = simd._vzero()
+            for u in range(s, e):
+                base = np.int64(rows[u]) * half + 16 * c
+                a = coef[u]
+                a0 = simd._vfma(a0, simd.load_nib_lo8(codes, base), a)
+                a1 = simd._vfma(a1, simd.load_nib_lo8(codes, base + 8), a)
+                a2 = simd._vfma(a2, simd.load_nib_hi8(codes, base), a)
+                a3 = simd._vfma(a3, simd.load_nib_hi8(codes, base + 8), a)
+            off = (g * n_chunks + c) * 64
+            sg = gsum[g]
+            o0 = simd.vmuladd(simd.vmuladd(o0, simd.load_f16x8(path, scales, off), a0),
+                              simd.load_f16x8(path, scales, off + 32), sg)
+            o1 = simd.vmuladd(simd.vmuladd(o1, simd.load_f16x8(path, scales, off + 8), a1),
+                              simd.load_f16x8(path, scales, off + 40), sg)
+            o2 = simd.vmuladd(simd.vmuladd(o2, simd.load_f16x8(path, scales, off + 16), a2),
+                              simd.load_f16x8(path, scales, off + 48), sg)
+            o3 = simd.vmuladd(simd.vmuladd(o3, simd.load_f16x8(path, scales, off + 24), a3),
+                              simd.load_f16x8(path, scales, off + 56), sg)
+        simd.store_f32x8(out, 32 * c, o0)
+        simd.store_f32x8(out, 32 * c + 8, o1)
+        simd.store_f32x8(out, 32 * c + 16, o2)
+        simd.store_f32x8(out, 32 * c + 24, o3)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bundle_rows_plain(path, codes, scales, rows, coef, gstart, gsum, out):
+    n_chunks = out.shape[0] // 32
+    n_groups = gstart.shape[0] - 1
+    for c in prange(n_chunks):
+        o = np.zeros(32, np.float32)
+        acc = np.empty(32, np.float32)
+        for g in range(n_groups):
+            if gstart[g] == gstart[g + 1]:
+                continue
+            acc[:] = 0.0
+            for u in range(gstart[g], gstart[g + 1]):
+                a = coef[u]
+                for t in range(16):
+                    b = codes[rows[u], 16 * c + t]
+                    acc[t] += a * np.float32(b & 15)
+                    acc[t + 16] += a * np.float32(b >> 4)
+            for t in range(32):
+                o[t] += (simd.f16_to_f32(path, scales[g, c, 0, t]) * acc[t]
+                         + simd.f16_to_f32(path, scales[g, c, 1, t]) * gsum[g])
+        out[32 * c:32 * c + 32] = o
+
+
+def bundle_rows(codes: np.ndarray, scales: np.ndarray, rows: np.ndarray, coef: np.ndarray,
+                out: np.ndarray | None = None, gsum: np.ndarray | None = None,
+                path: str | None = None) -> tuple[np.ndarray, int]:
+    """out (n_embd,) = sum_u coef[u] * down[:, rows[u]] from a bundle (bundle_q4); rows (k,) int32 ascending.
+    gsum (n_ff/32,): the per-group sums of coef for the m term (None: summed here; the model passes the
+    fp16-rounded sums of llama.cpp's Q8_1 activations). Returns (out, number of groups read).
+    path: SIMD path name (None: default); "scalar" runs plain Numba."""
+    n_groups = scales.shape[0]
+    n_embd = scales.shape[1] * 32
+    if out is None:
+        out = np.empty(n_embd, np.float32)
+    gstart = np.empty(n_groups + 1, np.int64)
+    n_read = group_starts(rows, n_groups, gstart)
+    if gsum is None:
+        gsum = np.empty(n_groups, np.float32)
+        _group_coef_sums(coef, gstart, gsum)
+    tok = simd.token(path)
+    kernel = _bundle_rows_plain if simd.path_name(tok) == "scalar" else _bundle_rows_vec
+    kernel(tok, codes, scales, rows, coef, gstart, gsum, out)
+    return out, n_read

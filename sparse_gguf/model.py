@@ -281,7 +281,13 @@ class Model:
             self.ffn_observer(il, h, g_act, up, a)
         down_t = getattr(plan, "down_t", None)
         if down_t is None:
-            return L.w_down.matmul(a)
+            bundle = L.w_down.column_bundle() if h.shape[0] == 1 and plan is not None else None
+            if bundle is None:
+                return L.w_down.matmul(a)
+            rows = np.flatnonzero(a[0]).astype(np.int32)             # decode: only the active neurons' codes
+            out, nbytes = bundle.product(rows, a[0, rows])
+            self._bytes += nbytes - L.w_down.nbytes
+            return out[None]
         if h.shape[0] == 1:                                          # decode: only the active neurons' rows
             rows = np.flatnonzero(a[0]).astype(np.int32)
             self._bytes += rows.size * down_t.row_bytes() - L.w_down.nbytes
@@ -305,6 +311,11 @@ class Model:
         if plan.down_t is not None:
             self._bytes += n * plan.down_t.row_bytes() - L.w_down.nbytes
             return sparse_ffn.down_rows(plan.down_t.packed, n_ff, rows[:n], coef[:n])[None]
+        bundle = L.w_down.column_bundle()
+        if bundle is not None:
+            out, nbytes = bundle.product(rows[:n], coef[:n])
+            self._bytes += nbytes - L.w_down.nbytes
+            return out[None]
         a = np.zeros((1, n_ff), np.float32)
         a[0, rows[:n]] = coef[:n]
         return L.w_down.matmul(a)

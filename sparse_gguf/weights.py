@@ -82,6 +82,45 @@ class QuantMatrix:
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_cols) float32."""
         return dequant.take_rows(self.raw, self.qtype, self.n_cols, np.asarray(ids, dtype=np.int64))
 
+    def column_bundle(self) -> "ColumnBundle | None":
+        """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4), built on first use:
+        for a down matrix, a product over a few active neurons then reads only their columns. None when the
+        type has no exact bundle (Q4_0 and Q4_1 have one) or the shape does not divide into 32s."""
+        if not hasattr(self, "_bundle"):
+            self._bundle = None
+            if (self.qtype in (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))
+                    and self.n_rows % 32 == 0 and self.n_cols % 32 == 0):
+                from numba_kernels import sparse_ffn
+                try:
+                    self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
+                                                self.qtype)
+                except ValueError:           # a Q4_0 scale whose 8x overflows fp16: keep the plain layout
+                    pass
+        return self._bundle
+
+
+@dataclass
+class ColumnBundle:
+    """A Q4_0/Q4_1 matrix regrouped so that each column's 4-bit codes are contiguous (layout and maths:
+    numba_kernels.sparse_ffn); exact, and the same number of bytes."""
+    codes: np.ndarray                # (n_cols, n_rows/2) uint8
+    scales: np.ndarray               # (n_cols/32, n_rows/32, 2, 32) uint16 fp16 bits (d, m)
+    qtype: int                       # the original type: the activations are quantized as for it
+
+    def product(self, cols: np.ndarray, coef: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """(W[:, cols] @ coef (n_rows,), bytes read); cols (k,) int32 ascending. Like the dense GEMV (and
+        llama.cpp), the activation vector is first quantized to Q8 blocks, so with every column active the
+        result equals W @ x up to float summation order."""
+        from numba_kernels import sparse_ffn
+        n_cols = self.codes.shape[0]
+        x = np.zeros(n_cols, np.float32)
+        x[cols] = coef
+        xq = qgemv.quantize_for(self.qtype, x, qgemv.new_q8(n_cols))
+        cq = np.empty(cols.size, np.float32)
+        sparse_ffn.dequantized_coefs(cols, xq.q, xq.d, cq)
+        out, n_groups = sparse_ffn.bundle_rows(self.codes, self.scales, cols, cq, out, xq.s)
+        return out, cols.size * self.codes.shape[1] + n_groups * self.scales[0].nbytes
+
 
 LOWBIT_TILE_ROWS = 4096
 

@@ -333,3 +333,57 @@ def test_converted_down_t_decode_matches_prefill(tiny_model, tmp_path, test_text
     assert st["bytes"] < Model(src, n_ctx=64).weights.decode_bytes   # fewer bytes than dense decode
     assert 0.4 < 1 - st["ffn_active_fraction"] < 0.8
 
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_column_bundle_layout_holds_the_same_weights(qtype):
+    """bundle_q4 regroups without re-quantizing: decoding its documented layout by hand gives gguf-py's
+    dequantization of the original matrix, bit for bit."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    n_embd, n_ff = 96, 160
+    raw = quants.quantize(RNG.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
+    codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
+    assert codes.shape == (n_ff, n_embd // 2) and scales.shape == (n_ff // 32, n_embd // 32, 2, 32)
+    # the same size as the original for Q4_1; Q4_0 gains an m = -8 d per block (20 bytes a block, not 18)
+    assert codes.nbytes + scales.nbytes == raw.nbytes * (1 if qtype == "Q4_1" else 20 / 18)
+    q = np.concatenate([codes.reshape(n_ff, n_embd // 32, 16) & 15, codes.reshape(n_ff, n_embd // 32, 16) >> 4],
+                       axis=2).reshape(n_ff, n_embd).T.astype(np.float32)       # (n_embd, n_ff) codes
+    dm = scales.view(np.float16).astype(np.float32)                             # [g, c, (d|m), t]
+    d = dm[:, :, 0, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)         # (n_embd, n_ff)
+    m = dm[:, :, 1, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)
+    np.testing.assert_array_equal(d * q + m, quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff))
+
+
+@pytest.mark.parametrize("path", ["scalar", None, "generic"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("frac", [1.0, 0.4, 1 / 160, 0.0])
+def test_bundle_rows_equals_dense_product(path, qtype, frac):
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    if path == "generic" and "generic" not in simd.AVAILABLE_PATHS:
+        pytest.skip("no generic path here")
+    n_embd, n_ff = 96, 160
+    raw = quants.quantize(RNG.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
+    W = quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff)
+    codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
+    rows = np.sort(RNG.choice(n_ff, int(round(frac * n_ff)), replace=False)).astype(np.int32)
+    coef = RNG.standard_normal(rows.size).astype(np.float32)
+    out, n_groups = sparse_ffn.bundle_rows(codes, scales, rows, coef, path=path)
+    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-5)
+    assert n_groups == len(set(rows // 32))                  # scales read only for groups with an active neuron
+
+
+def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
+    """All columns active: the bundle (activations quantized as llama.cpp does) gives the dense GEMV's result."""
+    from numba_kernels import qgemv
+    m = Model(tiny_model("llama", "Q4_1"), n_ctx=8)
+    for L in m.weights.layers[:2]:
+        W = L.w_down
+        x = RNG.standard_normal(W.n_cols).astype(np.float32)
+        out, nbytes = W.column_bundle().product(np.arange(W.n_cols, dtype=np.int32), x)
+        np.testing.assert_allclose(out, qgemv.gemv(W.packed, x), rtol=1e-5, atol=1e-5)
+        assert nbytes == W.nbytes
+    assert m.weights.layers[0].w_gate.column_bundle() is not None
+    m8 = Model(tiny_model("llama", "Q8_0"), n_ctx=8)
+    assert m8.weights.layers[0].w_down.column_bundle() is None   # no exact bundle for Q8_0: file's down_t instead
