@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
+from .actquant import f16_round
 
 
 @njit(cache=True, parallel=True)
@@ -189,6 +190,50 @@ def _group_coef_sums(coef, gstart, gsum):
 
 
 @njit(cache=True, error_model="numpy")
+def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gstart, gsum):
+    """The down stage of a threshold layer, ready for bundle_rows, in one pass: a_j = act(g_j) * u_j for the
+    neurons that computed up (rows_up ascending, up_vals in the same order), kept where |a_j| >= threshold[j]
+    into rows[:n]; then, per group of 32 neurons, the kept values quantized exactly as qgemv.quantize_for
+    quantizes the (sparse) activation vector for a Q4_0/Q4_1 matrix (llama.cpp's x86 Q8_0/Q8_1: d = fp16(amax/127),
+    q = rint(a * 127/amax)): coef[:n] = d * q, gsum[g] = the block sum term (fp16(d_unrounded * sum q) with
+    sum_fp16, i.e. Q8_1, else fp16(d) * sum q), gstart as group_starts. Returns (n, groups with a kept neuron).
+    Not fastmath: the rounding must be IEEE's."""
+    n_groups = gsum.shape[0]
+    k = rows_up.shape[0]
+    n = 0
+    u = 0
+    n_read = 0
+    for g in range(n_groups):
+        gstart[g] = n
+        amax = np.float32(0.0)
+        while u < k and rows_up[u] < 32 * (g + 1):
+            j = rows_up[u]
+            a = g_act[j] * up_vals[u]
+            if abs(a) >= threshold[j]:
+                rows[n] = j
+                coef[n] = a
+                n += 1
+                if abs(a) > amax:
+                    amax = abs(a)
+            u += 1
+        if n == gstart[g]:
+            gsum[g] = 0.0
+            continue
+        n_read += 1
+        d = amax / np.float32(127.0)
+        idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+        dr = f16_round(d)
+        s = 0
+        for v in range(gstart[g], n):
+            q = int(np.rint(coef[v] * idd))
+            s += q
+            coef[v] = dr * np.float32(q)
+        gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else dr * np.float32(s)
+    gstart[n_groups] = n
+    return n, n_read
+
+
+@njit(cache=True, error_model="numpy")
 def dequantized_coefs(rows, xq, xd, coef):
     """coef[u] = xd[rows[u] // 32] * xq[rows[u]]: the active neurons' values after Q8 block quantization."""
     for u in range(rows.shape[0]):
@@ -277,7 +322,12 @@ def bundle_rows(codes: np.ndarray, scales: np.ndarray, rows: np.ndarray, coef: n
     if gsum is None:
         gsum = np.empty(n_groups, np.float32)
         _group_coef_sums(coef, gstart, gsum)
+    bundle_rows_grouped(codes, scales, rows, coef, gstart, gsum, out, path)
+    return out, n_read
+
+
+def bundle_rows_grouped(codes, scales, rows, coef, gstart, gsum, out, path: str | None = None) -> None:
+    """bundle_rows with the groups already found (group_starts or down_coefs_q8)."""
     tok = simd.token(path)
     kernel = _bundle_rows_plain if simd.path_name(tok) == "scalar" else _bundle_rows_vec
     kernel(tok, codes, scales, rows, coef, gstart, gsum, out)
-    return out, n_read

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from numba_kernels import attention as attn_kernels
 from numba_kernels import ops, qgemv, simd, sparse_ffn
@@ -301,21 +302,26 @@ class Model:
         n_ff = g_act.shape[0]
         if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
             self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
-                                 np.empty(n_ff, np.int32), np.empty(n_ff, np.float32))
-        rows_up, up_vals, rows, coef = self._ffn_scratch
+                                 np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
+                                 np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32))
+        rows_up, up_vals, rows, coef, gstart, gsum = self._ffn_scratch
         n_up = sparse_ffn.rows_at_least(g_act, plan.up_threshold, rows_up)
         qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], x, out=up_vals[:n_up])
+        self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
+        bundle = L.w_down.column_bundle() if plan.down_t is None else None
+        if bundle is not None:           # down from the exact column bundle: one pass prepares its input
+            n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold,
+                                                   bundle.qtype == GGMLQuantizationType.Q4_1, rows, coef, gstart, gsum)
+            self._ffn_used.append(n / n_ff)
+            out = np.empty(L.w_down.n_rows, np.float32)
+            sparse_ffn.bundle_rows_grouped(bundle.codes, bundle.scales, rows[:n], coef[:n], gstart, gsum, out)
+            self._bytes += bundle.bytes_read(n, n_groups) - L.w_down.nbytes
+            return out[None]
         n = sparse_ffn.active_products(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold, rows, coef)
         self._ffn_used.append(n / n_ff)
-        self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         if plan.down_t is not None:
             self._bytes += n * plan.down_t.row_bytes() - L.w_down.nbytes
             return sparse_ffn.down_rows(plan.down_t.packed, n_ff, rows[:n], coef[:n])[None]
-        bundle = L.w_down.column_bundle()
-        if bundle is not None:
-            out, nbytes = bundle.product(rows[:n], coef[:n])
-            self._bytes += nbytes - L.w_down.nbytes
-            return out[None]
         a = np.zeros((1, n_ff), np.float32)
         a[0, rows[:n]] = coef[:n]
         return L.w_down.matmul(a)

@@ -119,7 +119,11 @@ class ColumnBundle:
         cq = np.empty(cols.size, np.float32)
         sparse_ffn.dequantized_coefs(cols, xq.q, xq.d, cq)
         out, n_groups = sparse_ffn.bundle_rows(self.codes, self.scales, cols, cq, out, xq.s)
-        return out, cols.size * self.codes.shape[1] + n_groups * self.scales[0].nbytes
+        return out, self.bytes_read(cols.size, n_groups)
+
+    def bytes_read(self, n_cols: int, n_groups: int) -> int:
+        """Bytes a product over n_cols columns in n_groups groups of 32 reads: their codes and the groups' scales."""
+        return n_cols * self.codes.shape[1] + n_groups * self.scales[0].nbytes
 
 
 LOWBIT_TILE_ROWS = 4096
