@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import qgemv
+from . import qgemv, simd
 from .actquant import f16_round
 
 _NO_QH = np.empty((0, 0), np.uint8)
@@ -143,43 +143,74 @@ def _kth_largest(v, n, k, buf):
     return buf[want]
 
 
+_STRIDE = 16                           # selection samples every _STRIDE-th score for its first threshold
+
+
 @njit(cache=True, error_model="numpy")
-def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
+def _top_candidates(comb, lo, hi, k, cand_v, cand_j):
+    """Positions j in [lo, hi) with comb[j] >= t0, ascending, into cand_j (values into cand_v); returns how
+    many (>= k: the k best of comb[lo:hi] are among them). 1 <= k <= hi - lo.
+
+    t0 is a sample's order statistic: the r-th largest of every _STRIDE-th score, with r = k / _STRIDE plus
+    three binomial standard deviations, so typically ~2k positions pass; should fewer than k pass (an
+    unlucky or adversarial layout), every position is taken. One pass over the scores, whose branch is
+    rarely taken (predictable)."""
+    n = hi - lo
+    ns = n // _STRIDE
+    kk = k // _STRIDE
+    r = kk + 3 * int(math.sqrt(kk)) + 2
+    t0 = -np.inf
+    if r <= ns:
+        for u in range(ns):
+            cand_v[u] = comb[lo + u * _STRIDE]
+        t0 = _kth_largest(cand_v, ns, r, cand_v)
+    m = 0
+    for j in range(lo, hi):
+        c = comb[j]
+        if c >= t0:
+            cand_v[m] = c
+            cand_j[m] = j
+            m += 1
+    if m < k:
+        m = 0
+        for j in range(lo, hi):
+            cand_v[m] = comb[j]
+            cand_j[m] = j
+            m += 1
+    return m
+
+
+@njit(cache=True, error_model="numpy")
+def select_from_combined(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
     """Positions one query attends to, ascending, into idx; returns how many.
 
-    scores: (G, >= n_pos) cheap scores of positions 0..n_pos-1 for the G query heads of one kv head (the
+    comb: (>= n_pos,) cheap scores of positions 0..n_pos-1, combined over the query heads of one kv head (the
     query is at n_pos - 1). Keeps positions < sinks, positions >= n_pos - window, and the topk best of the
-    rest by max over the G heads (ties: the earlier positions). comb, buf: (>= n_pos,) float32 scratch."""
+    rest (ties: the earlier positions). cand_v, buf: (>= n_pos,) float32 scratch."""
     old_lo = min(sinks, n_pos)
     old_hi = max(old_lo, n_pos - window)
     n = 0
     for j in range(old_lo):
         idx[n] = j
         n += 1
-    n_old = old_hi - old_lo
-    if n_old <= topk:
+    if old_hi - old_lo <= topk:
         for j in range(old_lo, old_hi):
             idx[n] = j
             n += 1
     elif topk > 0:
-        for u in range(n_old):                     # loops in this order vectorize
-            comb[u] = scores[0, old_lo + u]
-        for g in range(1, G):
-            for u in range(n_old):
-                comb[u] = max(comb[u], scores[g, old_lo + u])
-        thr = _kth_largest(comb, n_old, topk, buf)
+        cand_j = idx[n:]                           # candidates are ascending and compacted in place below
+        m = _top_candidates(comb, old_lo, old_hi, topk, cand_v, cand_j)
+        thr = _kth_largest(cand_v, m, topk, buf)
         n_above = 0
-        for u in range(n_old):
-            n_above += comb[u] > thr
+        for u in range(m):
+            n_above += cand_v[u] > thr
         ties = topk - n_above
-        for u in range(n_old):
-            c = comb[u]
-            if c >= thr:
+        for u in range(m):
+            c = cand_v[u]
+            if c > thr or (c == thr and ties > 0):
                 if c == thr:
-                    if ties == 0:
-                        continue
                     ties -= 1
-                idx[n] = old_lo + u
+                idx[n] = cand_j[u]
                 n += 1
     for j in range(old_hi, n_pos):
         idx[n] = j
@@ -188,20 +219,63 @@ def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
 
 
 @njit(cache=True, error_model="numpy")
-def _softmax_f16(p, n):
-    """In place: p[:n] = fp16-rounded softmax(p[:n]) (not fastmath: f16_round needs exact IEEE rounding)."""
+def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
+    """select_from_combined on the max over G heads: scores (G, >= n_pos) of one kv head's query heads.
+    comb, buf: (>= n_pos,) float32 scratch."""
+    for u in range(n_pos):                         # loops in this order vectorize
+        comb[u] = scores[0, u]
+    for g in range(1, G):
+        for u in range(n_pos):
+            comb[u] = max(comb[u], scores[g, u])
+    return select_from_combined(comb, n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32), buf)
+
+
+_NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}   # elementwise fastmath: vectorizes, keeps order
+
+
+@njit(cache=True, fastmath=_NO_REASSOC, inline="always", error_model="numpy")
+def _exp_nonpos(x):
+    """exp(x) for x <= 0 (a score minus its maximum), float32, within ~4 ulp of exp; 0 below -87.
+
+    exp(x) = 2^n exp(r), n = rint(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two for the
+    subtraction), exp(r) by its degree-6 Taylor polynomial (remainder < 2e-7 relative), 2^n built in the
+    exponent bits. No libm call, so loops over it vectorize (Numba has no vector expf without SVML)."""
+    x0 = np.float32(x)
+    x = max(x0, np.float32(-87.0))
+    n = np.rint(x * np.float32(1.4426950408889634))
+    r = x - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.4286068203094172e-06)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * scale if x0 >= np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _exp_shifted(s, n, e):
+    """e[:n] = exp(s[:n] - max(s[:n])); returns their sum (float64) as float32's reciprocal, for _round_probs."""
     m = -np.inf
     for t in range(n):
-        if p[t] > m:
-            m = p[t]
+        m = max(m, s[t])
+    for t in range(n):
+        e[t] = _exp_nonpos(s[t] - m)
     total = 0.0
     for t in range(n):
-        e = np.float32(math.exp(p[t] - m))
-        p[t] = e
-        total += e
-    inv = np.float32(1.0 / total)
-    for t in range(n):
-        p[t] = f16_round(p[t] * inv)
+        total += e[t]
+    return np.float32(1.0 / total)
+
+
+@njit(cache=True, error_model="numpy")
+def _round_probs(e, inv, lo, hi, p):
+    """p[lo:hi] = fp16(e[lo:hi] * inv): the probabilities as llama.cpp's f16 p.v product sees them (not
+    fastmath: f16_round needs exact IEEE rounding)."""
+    for t in range(lo, hi):
+        p[t] = f16_round(e[t] * inv)
 
 
 @njit(cache=True, error_model="numpy")
@@ -210,15 +284,33 @@ def _round_f16_into(x, out):
         out[i] = f16_round(x[i])
 
 
+_AHEAD = 16                            # rows prefetched ahead of the exact part's gathers
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(cache, kvh, j):
+    """Prefetch row j of cache[kvh] (D fp16 values: one cache line per 32)."""
+    D = cache.shape[2]
+    off = (kvh * cache.shape[1] + j) * D
+    for i in range(0, D, 32):
+        simd.prefetch(cache, off + i)
+
+
+_SPLIT = 2                             # position ranges per kv head in the exact part (3 kv heads, 2 threads)
+
+
 @njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx, n_attended):
+def attention_decode_windowed(path, q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx,
+                              n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
-    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) holding f16-rounded values; scores:
-    (n_head, >= n_pos) from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended:
-    (n_kv,) int64, set to the number of positions each kv head attended. Same rounding as
-    ops.attention_decode (q and the probabilities to fp16). Selection runs per kv head, then the exact part
-    per query head (so 2 threads share 9 heads better than 3 kv heads)."""
+    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; scores: (n_head, >= n_pos)
+    from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended: (n_kv,) int64, set
+    to the number of positions each kv head attended. Same rounding as ops.attention_decode (q and the
+    probabilities to fp16). Each chosen K and V row is read once for the G query heads of its kv head; the
+    exact part runs over (kv head, range of the chosen positions) items so 2 threads share 3 kv heads: q.k
+    for the item's range, then the softmax of the whole row (each item of a kv head recomputes it: cheaper
+    than another parallel launch) and p.v over the item's range into a partial sum."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
@@ -227,27 +319,60 @@ def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window,
         buf = np.empty(n_pos, np.float32)
         n_attended[kvh] = select_positions(scores[kvh * G:(kvh + 1) * G], G, n_pos, sinks, window, topk,
                                            idx[kvh], comb, buf)
-    for h in prange(n_head):
-        kvh = h // G
+    qh = np.empty((n_head, D), np.float32)
+    for h in range(n_head):
+        _round_f16_into(q[h], qh[h])
+    n_max = n_attended.max()
+    s = np.empty((n_head, n_max), np.float32)      # q.k * scale
+    for item in prange(n_kv * _SPLIT):
+        kvh = item // _SPLIT
         n = n_attended[kvh]
-        qh = np.empty(D, dtype=np.float32)
-        p = np.empty(n, dtype=np.float32)
-        acc = np.zeros(D, dtype=np.float32)
-        _round_f16_into(q[h], qh)
-        for t in range(n):
+        lo = n * (item % _SPLIT) // _SPLIT
+        hi = n * (item % _SPLIT + 1) // _SPLIT
+        krow = np.empty(D, np.float32)
+        for t in range(lo, min(hi, lo + _AHEAD)):
+            _prefetch_row(k_cache, kvh, idx[kvh, t])
+            _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
+        for t in range(lo, hi):
+            if t + _AHEAD < hi:                    # the rows are scattered: keep _AHEAD of them in flight
+                _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
+                _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
             j = idx[kvh, t]
-            s = np.float32(0.0)
             for i in range(D):
-                s += qh[i] * k_cache[kvh, j, i]
-            p[t] = s * scale
-        _softmax_f16(p, n)
-        for t in range(n):
+                krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
+            for g in range(G):
+                h = kvh * G + g
+                acc = np.float32(0.0)
+                for i in range(D):
+                    acc += qh[h, i] * krow[i]
+                s[h, t] = acc * scale
+    part = np.zeros((n_kv * _SPLIT, G, D), np.float32)
+    for item in prange(n_kv * _SPLIT):
+        kvh = item // _SPLIT
+        n = n_attended[kvh]
+        lo = n * (item % _SPLIT) // _SPLIT
+        hi = n * (item % _SPLIT + 1) // _SPLIT
+        e = np.empty(n, np.float32)
+        p = np.empty((G, n), np.float32)
+        for g in range(G):
+            inv = _exp_shifted(s[kvh * G + g], n, e)
+            _round_probs(e, inv, lo, hi, p[g])
+        vrow = np.empty(D, np.float32)
+        for t in range(lo, hi):
             j = idx[kvh, t]
-            w = p[t]
             for i in range(D):
-                acc[i] += w * v_cache[kvh, j, i]
-        for i in range(D):
-            out[h, i] = acc[i]
+                vrow[i] = simd.f16_to_f32(path, v_cache[kvh, j, i])
+            for g in range(G):
+                w = p[g, t]
+                for i in range(D):
+                    part[item, g, i] += w * vrow[i]
+    for kvh in range(n_kv):
+        for g in range(G):
+            for i in range(D):
+                acc = np.float32(0.0)
+                for r in range(_SPLIT):
+                    acc += part[kvh * _SPLIT + r, g, i]
+                out[kvh * G + g, i] = acc
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

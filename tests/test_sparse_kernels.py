@@ -22,6 +22,11 @@ def kv_cache(n_kv: int, n_ctx: int, D: int, seed: int = 0):
     return k, v
 
 
+def bits(x):
+    """float32 values that are fp16-representable -> their fp16 bits, as the kernels read the KV cache."""
+    return x.astype(np.float16).view(np.uint16)
+
+
 def quantized_keys(k):
     n_kv, n_ctx, D = k.shape
     kq = np.zeros((n_kv, n_ctx, D // 2), np.uint8)
@@ -103,18 +108,53 @@ def test_kth_largest_on_ties_and_edges():
                 assert A._kth_largest(v, n, k, buf) == np.sort(v)[::-1][k - 1]
 
 
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_f16_conversion_is_exact_for_every_bit_pattern(path):
+    """The KV cache is read as fp16 bits: every pattern (subnormals, inf, NaN included) converts as numpy does."""
+    from numba import njit
+
+    @njit
+    def convert(tok, h, out):
+        for i in range(h.size):
+            out[i] = simd.f16_to_f32(tok, h[i])
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(h.size, np.float32)
+    convert(simd.token(path), h, out)
+    ref = h.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+    assert np.isnan(out[np.isnan(ref)]).all()
+
+
+def test_fast_exp_is_close_to_exp():
+    from numba import njit
+
+    @njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = A._exp_nonpos(x[i])
+
+    x = -np.concatenate([np.linspace(0, 100, 100001), RNG.uniform(0, 30, 10000)]).astype(np.float32)
+    out = np.empty_like(x)
+    exps(x, out)
+    ref = np.exp(x.astype(np.float64))
+    normal = x >= -87
+    np.testing.assert_allclose(out[normal], ref[normal], rtol=5e-7, atol=0)
+    assert (out[~normal] == 0).all()
+
+
 def test_windowed_attention_covering_everything_equals_dense():
     n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
     k, v = kv_cache(n_kv, n_ctx, D)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
     scale = np.float32(0.125)
     dense = np.empty((n_kv * G, D), np.float32)
-    ops.attention_decode(q, k, v, 0, n_pos, scale, dense)
+    ops.attention_decode(simd.token(), q, bits(k), bits(v), 0, n_pos, scale, dense)
     scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
     for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
         out = np.empty_like(dense)
         n_att = np.empty(n_kv, np.int64)
-        A.attention_decode_windowed(q, k, v, scores, n_pos, sinks, window, topk, scale, out,
+        A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale, out,
                                     np.empty((n_kv, n_ctx), np.int64), n_att)
         assert (n_att == n_pos).all()
         # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
@@ -130,14 +170,14 @@ def test_windowed_attention_equals_dense_over_the_chosen_positions():
     scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    A.attention_decode_windowed(q, k, v, scores, n_pos, 4, 32, 16, np.float32(0.125), out,
+    A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, 4, 32, 16, np.float32(0.125), out,
                                 np.empty((n_kv, n_ctx), np.int64), n_att)
     assert (n_att == 4 + 32 + 16).all()
     for kvh in range(n_kv):
         comb = scores[kvh * G:(kvh + 1) * G].max(axis=0)
         sel = reference_selection(comb, n_pos, 4, 32, 16)
         ref = np.empty((G, D), np.float32)
-        ops.attention_decode(q[kvh * G:(kvh + 1) * G], k[kvh:kvh + 1, sel].copy(), v[kvh:kvh + 1, sel].copy(),
+        ops.attention_decode(simd.token(), q[kvh * G:(kvh + 1) * G], bits(k[kvh:kvh + 1, sel]), bits(v[kvh:kvh + 1, sel]),
                              0, len(sel), np.float32(0.125), ref)
         np.testing.assert_allclose(out[kvh * G:(kvh + 1) * G], ref, rtol=0, atol=5e-4)
 
