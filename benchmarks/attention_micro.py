@@ -30,11 +30,11 @@ def layer_data(n_layers: int, n_pos: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     k = rng.standard_normal((n_layers, N_KV, n_pos, D)).astype(np.float16)
     v = rng.standard_normal((n_layers, N_KV, n_pos, D)).astype(np.float16)
-    kq = np.zeros((n_layers, N_KV, n_pos, D // 2), np.uint8)
-    kd = np.zeros((n_layers, N_KV, n_pos, D // 32), np.uint16)
+    kq = np.zeros((n_layers, N_KV, A.n_tiles(n_pos), 4 * D), np.uint8)
+    kd = np.zeros((n_layers, N_KV, A.n_tiles(n_pos), 8 * (D // 32)), np.uint16)
     for il in range(n_layers):
         for h in range(N_KV):
-            A.quantize_keys_q4(k[il, h].astype(np.float32), kq[il, h], kd[il, h])
+            A.quantize_keys_q4(k[il, h].astype(np.float32), 0, kq[il, h], kd[il, h])
     return k.view(np.uint16), v.view(np.uint16), kq, kd
 
 
@@ -45,7 +45,7 @@ def bench(n_pos: int, window: int, topk: int, reps: int, n_layers: int) -> dict[
     xq = np.empty((n_head, D), np.int8)
     xd = np.empty((n_head, D // 32), np.float32)
     xs = np.empty_like(xd)
-    cheap = np.empty((n_head, n_pos), np.float32)
+    cheap = np.empty((N_KV, n_pos), np.float32)
     out = np.empty((n_head, D), np.float32)
     picked = np.empty((N_KV, n_pos), np.int64)
     n_picked = np.empty(N_KV, np.int64)

@@ -8,15 +8,19 @@ must keep; Quest / SparQ-style selection (Tang et al., 2024; Ribar et al., 2023)
 approximate q.k; Spark Transformer attends to at most 256 tokens. Measured here on SmolLM2 (MEASURED.md):
 selecting with 4-bit keys is as good as selecting with exact keys.
 
-4-bit keys are a Q4_0 matrix per (layer, kv head) whose rows are cached positions, in qgemv's packed layout
-(head_dim a multiple of 32, nb = head_dim / 32 blocks per row):
-    keys_q4[.., pos, :]  uint8 (head_dim/2,)  codes n = clip(round(k / d_b), -7, 7) + 8 in qgemv's paired order
-                                                (head_dim 64: byte i = n_i | n_{32+i} << 4)
-    keys_d[.., pos, :]   uint16 (nb,)          d_b = fp16(max|k| over block b / 7), fp16 bits
-so a query's cheap scores are one qgemv Q4_0 GEMV over the rows against the Q8-quantized query (the same
-SIMD kernel as the weights). A kv head shared by G query heads (grouped-query attention) keeps the positions
-that score best for any of its heads: max over its G heads. Decode and prefill compute every score with the
-same row kernel, so both choose the same positions.
+4-bit keys are Q4_0 rows (head_dim a multiple of 32, nb = head_dim / 32 blocks per row): codes
+n = clip(round(k / d_b), -7, 7) + 8 with d_b = fp16(max|k| over block b / 7), packed in qgemv's paired
+order (head_dim 64: byte i = n_i | n_{32+i} << 4; an odd last block packs i | 16+i). Rows are stored in
+tiles of 8 consecutive positions, interleaved so that one 32-byte load holds 4 bytes of each of the 8 rows
+(simd's 8-row tiles: the SIMD lane of a row is its position in the tile):
+    keys_q4[.., tile, 32 c + 4 j + i]   uint8, (n_tiles, 4 head_dim)  byte 4c+i of row (position) 8 tile + j
+    keys_d[.., tile, 8 b + j]           uint16, (n_tiles, 8 nb)       d_b of position 8 tile + j, fp16 bits
+A query's cheap score of a position is the Q4_0 dot product against the Q8-quantized query,
+    sum_b d_b (xd_b sum_{i in b} n_i xq_i - 8 xs_b)        (xd_b, xs_b: the query block's scale and d*sum)
+computed 8 positions at a time with integer dot products per lane. A kv head shared by G query heads
+(grouped-query attention) keeps the positions that score best for any of its heads: the kernels write
+only the max over its G heads (`comb`). Decode and prefill compute it with the same tile function, so
+both choose the same positions.
 """
 
 from __future__ import annotations
@@ -25,39 +29,53 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from . import qgemv, simd
 from .actquant import f16_round
 
-_NO_QH = np.empty((0, 0), np.uint8)
+TILE = 8                               # positions per tile of the 4-bit keys
+
+
+@njit(cache=True)
+def n_tiles(n_ctx):
+    """Tiles holding positions 0..n_ctx-1."""
+    return (n_ctx + TILE - 1) // TILE
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_keys_q4(k, keys_q4, keys_d):
-    """k: (n, D) float32 keys (D a multiple of 32) -> keys_q4: (n, D/2) uint8, keys_d: (n, D/32) uint16 (fp16)."""
+def quantize_keys_q4(k, p0, keys_q4, keys_d):
+    """k: (n, D) float32 keys of positions p0..p0+n-1 (D a multiple of 32) -> their rows of the tiled
+    keys_q4: (n_tiles, 4 D) uint8 and keys_d: (n_tiles, 8 nb) uint16 (fp16) of one kv head."""
     n, D = k.shape
     nb = D // 32
     codes = np.empty(D, np.uint8)
-    for j in range(n):
+    row = np.empty(D // 2, np.uint8)
+    for u in range(n):
+        pos = p0 + u
+        tile, j = pos // TILE, pos % TILE
         for b in range(nb):
             amax = np.float32(0.0)
             for i in range(32):
-                a = abs(k[j, 32 * b + i])
+                a = abs(k[u, 32 * b + i])
                 if a > amax:
                     amax = a
             d = f16_round(amax / np.float32(7.0))
-            keys_d[j, b] = _f16_bits(d)
+            keys_d[tile, TILE * b + j] = _f16_bits(d)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             for i in range(32):
-                codes[32 * b + i] = min(7, max(-7, int(np.rint(k[j, 32 * b + i] * inv)))) + 8
-        # paired order: blocks 2p and 2p+1 share 32 bytes; an odd last block packs j | 16+j
+                codes[32 * b + i] = min(7, max(-7, int(np.rint(k[u, 32 * b + i] * inv)))) + 8
+        # paired order: blocks 2p and 2p+1 share 32 bytes; an odd last block packs i | 16+i
         for p in range(nb // 2):
             for i in range(32):
-                keys_q4[j, 32 * p + i] = codes[64 * p + i] | (codes[64 * p + 32 + i] << 4)
+                row[32 * p + i] = codes[64 * p + i] | (codes[64 * p + 32 + i] << 4)
         if nb & 1:
             o = 32 * (nb - 1)
             for i in range(16):
-                keys_q4[j, 16 * (nb - 1) + i] = codes[o + i] | (codes[o + 16 + i] << 4)
+                row[16 * (nb - 1) + i] = codes[o + i] | (codes[o + 16 + i] << 4)
+        for c in range(D // 8):
+            for i in range(4):
+                keys_q4[tile, 32 * c + 4 * j + i] = row[4 * c + i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -80,35 +98,141 @@ def quantize_queries(q, xq, xd, xs):
         qgemv.quantize_q8_into(q[h], xq[h], xd[h], xs[h])
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _score_tiles(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """out[o_off + 8 (t - t_lo) + j] = max over query heads h0..h0+G-1 of the cheap score of position
+    8 t + j, for tiles t_lo..t_hi-1 of kv head kvh, stopping after n_out values (a partial last tile).
+
+    keys_q4: (n_kv, n_tiles, 4 D), keys_d: (n_kv, n_tiles, 8 nb); xq: (n_q, D) int8, xd, xs: (n_q, nb).
+    Vector paths: one SIMD lane per position of the tile (simd.tile_dot); heads outermost, so each head's
+    broadcast query bytes stay in registers across the tiles (the tiles, ~36 bytes a position, stay in L1)."""
+    D = xq.shape[1]
+    nb = D // 32
+    row_q = keys_q4.shape[2]                   # 4 D bytes a tile
+    row_d = keys_d.shape[2]                    # 8 nb scales a tile
+    tmp = np.empty(TILE, np.float32)
+    for g in range(G):
+        h = h0 + g
+        xo = h * D
+        for t in range(t_lo, t_hi):
+            qo = (kvh * keys_q4.shape[1] + t) * row_q
+            do = (kvh * keys_d.shape[1] + t) * row_d
+            f = simd.vzero(path)
+            c = simd.vzero(path)
+            for p in range(nb // 2):
+                a_lo = simd.izero(path)
+                a_hi = simd.izero(path)
+                for cc in range(8):
+                    a_lo, a_hi = simd.tile_dot(path, a_lo, a_hi, keys_q4, qo + 32 * (8 * p + cc), xq,
+                                               xo + 64 * p + 4 * cc, xo + 64 * p + 32 + 4 * cc)
+                d_lo = simd.load_f16x8(path, keys_d, do + TILE * 2 * p)
+                d_hi = simd.load_f16x8(path, keys_d, do + TILE * (2 * p + 1))
+                f = simd.vfma(path, f, a_lo, simd.vscal(path, d_lo, xd[h, 2 * p]))
+                f = simd.vfma(path, f, a_hi, simd.vscal(path, d_hi, xd[h, 2 * p + 1]))
+                c = simd.vadd(path, c, simd.vadd(path, simd.vscal(path, d_lo, xs[h, 2 * p]),
+                                                 simd.vscal(path, d_hi, xs[h, 2 * p + 1])))
+            if nb & 1:                         # odd last block: 16 bytes, nibbles i | 16+i
+                b = nb - 1
+                a_lo = simd.izero(path)
+                a_hi = simd.izero(path)
+                for cc in range(4):
+                    a_lo, a_hi = simd.tile_dot(path, a_lo, a_hi, keys_q4, qo + 32 * (8 * (nb // 2) + cc), xq,
+                                               xo + 32 * b + 4 * cc, xo + 32 * b + 16 + 4 * cc)
+                d_b = simd.load_f16x8(path, keys_d, do + TILE * b)
+                f = simd.vfma(path, f, a_lo, simd.vscal(path, d_b, xd[h, b]))
+                f = simd.vfma(path, f, a_hi, simd.vscal(path, d_b, xd[h, b]))
+                c = simd.vadd(path, c, simd.vscal(path, d_b, xs[h, b]))
+            s = simd.vadd(path, f, simd.vscal(path, c, np.float32(-8.0)))
+            o = o_off + TILE * (t - t_lo)
+            m = min(TILE, n_out - TILE * (t - t_lo))
+            if m == TILE:
+                if g > 0:
+                    simd.vstore(path, tmp, 0, s)
+                    for j in range(TILE):
+                        out[o + j] = max(out[o + j], tmp[j])
+                else:
+                    simd.vstore(path, out, o, s)
+            else:
+                simd.vstore(path, tmp, 0, s)
+                for j in range(m):
+                    out[o + j] = tmp[j] if g == 0 else max(out[o + j], tmp[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _score_tiles_plain(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """_score_tiles in plain loops (the scalar path): the same integer block dots, one position at a time."""
+    D = xq.shape[1]
+    nb = D // 32
+    for t in range(t_lo, t_hi):
+        for j in range(min(TILE, n_out - TILE * (t - t_lo))):
+            best = -np.inf
+            for g in range(G):
+                h = h0 + g
+                f = np.float32(0.0)
+                c = np.float32(0.0)
+                for b in range(nb):
+                    dot = 0
+                    for i in range(32):
+                        if b < 2 * (nb // 2):                        # paired: byte 32p+i = dims 64p+i | 64p+32+i
+                            byte, shift = 32 * (b // 2) + i, 4 * (b & 1)
+                        else:                                       # odd last block: byte 16b+i = dims i | 16+i
+                            byte, shift = 16 * b + (i & 15), 4 * (i >> 4)
+                        nib = (np.int32(keys_q4[kvh, t, 32 * (byte // 4) + 4 * j + byte % 4]) >> shift) & 15
+                        dot += nib * np.int32(xq[h, 32 * b + i])
+                    d = simd.f16_to_f32(path, keys_d[kvh, t, TILE * b + j])
+                    f += d * xd[h, b] * np.float32(dot)
+                    c += d * xs[h, b]
+                best = max(best, f - np.float32(8.0) * c)
+            out[o_off + TILE * (t - t_lo) + j] = best
+
+
+def _score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """_score_tiles on the vector paths, _score_tiles_plain on the scalar one (chosen at compile time)."""
+
+
+@overload(_score_span, inline="always")
+def _ov_score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    f = _score_tiles_plain if simd.path_kind(path) == "scalar" else _score_tiles
+    return lambda path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out: f(
+        path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out)
+
+
+_CHUNK_TILES = 128                     # tiles (1024 positions) per parallel item of score_keys
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, out):
-    """Cheap scores of cached positions 0..n_pos-1 for one query token, per query head.
+def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, comb):
+    """Cheap scores of cached positions 0..n_pos-1 for one query token, max over each kv head's query heads.
 
-    keys_q4: (n_kv, n_ctx, D/2), keys_d: (n_kv, n_ctx, nb) of one layer; xq/xd/xs: the query's Q8 blocks
-    (n_head, ...); out: (n_head, >= n_pos) float32."""
-    n_head = xq.shape[0]
-    G = n_head // keys_q4.shape[0]
-    n_chunks = (n_pos + 1023) // 1024
-    for item in prange(n_head * n_chunks):
-        h = item // n_chunks
-        lo = (item - h * n_chunks) * 1024
-        qgemv._span_q4_0(path, keys_q4[h // G], keys_d[h // G], _NO_QH, xq[h], xd[h], xs[h],
-                         qgemv._ALL_ROWS, out[h], lo, min(n_pos, lo + 1024))
+    keys_q4, keys_d: one layer's tiled 4-bit keys (n_kv, n_tiles, ..); xq/xd/xs: the query's Q8 blocks
+    (n_head, ...); comb: (n_kv, >= n_pos) float32 (entries from n_pos on are left unwritten)."""
+    n_kv = keys_q4.shape[0]
+    G = xq.shape[0] // n_kv
+    nt = n_tiles(n_pos)
+    n_chunks = (nt + _CHUNK_TILES - 1) // _CHUNK_TILES
+    for item in prange(n_kv * n_chunks):
+        kvh = item // n_chunks
+        t_lo = (item - kvh * n_chunks) * _CHUNK_TILES
+        _score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, kvh * G, G, t_lo, min(nt, t_lo + _CHUNK_TILES),
+                    comb[kvh], TILE * t_lo, n_pos - TILE * t_lo)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, out):
+def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, comb):
     """Prefill: cheap scores for T queries at positions p0..p0+T-1, each against positions 0..its own.
 
-    xq/xd/xs: (T, n_head, ...) Q8 blocks; out: (n_head, T, L) float32 (entries after a query's position are
-    left unwritten). Same row kernel as score_keys, so decode would compute the same numbers."""
-    T, n_head = xq.shape[0], xq.shape[1]
-    G = n_head // keys_q4.shape[0]
-    for item in prange(n_head * T):
-        h = item // T
-        t = item - h * T
-        qgemv._span_q4_0(path, keys_q4[h // G], keys_d[h // G], _NO_QH, xq[t, h], xd[t, h], xs[t, h],
-                         qgemv._ALL_ROWS, out[h, t], 0, p0 + t + 1)
+    xq/xd/xs: (T, n_head, ...) Q8 blocks; comb: (n_kv, T, L) float32, max over each kv head's query heads
+    (entries after a query's position are left unwritten). The same tile function as score_keys, so decode
+    would compute the same numbers."""
+    T = xq.shape[0]
+    n_kv = keys_q4.shape[0]
+    G = xq.shape[1] // n_kv
+    for item in prange(n_kv * T):
+        kvh = item // T
+        t = item - kvh * T
+        n_pos = p0 + t + 1
+        _score_span(path, keys_q4, keys_d, kvh, xq[t], xd[t], xs[t], kvh * G, G, 0, n_tiles(n_pos), comb[kvh, t],
+                    0, n_pos)
 
 
 @njit(cache=True, error_model="numpy")
@@ -181,7 +305,7 @@ def _top_candidates(comb, lo, hi, k, cand_v, cand_j):
 
 
 @njit(cache=True, error_model="numpy")
-def select_from_combined(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
+def select_positions(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
     """Positions one query attends to, ascending, into idx; returns how many.
 
     comb: (>= n_pos,) cheap scores of positions 0..n_pos-1, combined over the query heads of one kv head (the
@@ -216,18 +340,6 @@ def select_from_combined(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
         idx[n] = j
         n += 1
     return n
-
-
-@njit(cache=True, error_model="numpy")
-def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
-    """select_from_combined on the max over G heads: scores (G, >= n_pos) of one kv head's query heads.
-    comb, buf: (>= n_pos,) float32 scratch."""
-    for u in range(n_pos):                         # loops in this order vectorize
-        comb[u] = scores[0, u]
-    for g in range(1, G):
-        for u in range(n_pos):
-            comb[u] = max(comb[u], scores[g, u])
-    return select_from_combined(comb, n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32), buf)
 
 
 _NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}   # elementwise fastmath: vectorizes, keeps order
@@ -300,11 +412,11 @@ _SPLIT = 2                             # position ranges per kv head in the exac
 
 
 @njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attention_decode_windowed(path, q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx,
+def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx,
                               n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
-    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; scores: (n_head, >= n_pos)
+    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; comb: (n_kv, >= n_pos)
     from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended: (n_kv,) int64, set
     to the number of positions each kv head attended. Same rounding as ops.attention_decode (q and the
     probabilities to fp16). Each chosen K and V row is read once for the G query heads of its kv head; the
@@ -315,10 +427,8 @@ def attention_decode_windowed(path, q, k_cache, v_cache, scores, n_pos, sinks, w
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
     for kvh in prange(n_kv):
-        comb = np.empty(n_pos, np.float32)
-        buf = np.empty(n_pos, np.float32)
-        n_attended[kvh] = select_positions(scores[kvh * G:(kvh + 1) * G], G, n_pos, sinks, window, topk,
-                                           idx[kvh], comb, buf)
+        n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
+                                           np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
     qh = np.empty((n_head, D), np.float32)
     for h in range(n_head):
         _round_f16_into(q[h], qh[h])
@@ -376,10 +486,10 @@ def attention_decode_windowed(path, q, k_cache, v_cache, scores, n_pos, sinks, w
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def window_mask(cheap, G, p0, sinks, window, topk, scores):
+def window_mask(comb, G, p0, sinks, window, topk, scores):
     """Prefill: apply the windowed top-k choice to exact scores, in place.
 
-    cheap: (n_head, T, L) cheap scores of T queries at positions p0..p0+T-1 (score_keys_prefill); scores:
+    comb: (n_kv, T, L) cheap scores of T queries at positions p0..p0+T-1 (score_keys_prefill); scores:
     (n_kv, G, T, L) exact q.k*scale. Every key at or before a query that decode would not attend to becomes
     -inf (keys after the query are left to the causal mask)."""
     n_kv = scores.shape[0]
@@ -389,9 +499,8 @@ def window_mask(cheap, G, p0, sinks, window, topk, scores):
         t = item - kvh * T
         n_pos = p0 + t + 1
         idx = np.empty(n_pos, np.int64)
-        comb = np.empty(n_pos, np.float32)
-        buf = np.empty(n_pos, np.float32)
-        n = select_positions(cheap[kvh * G:(kvh + 1) * G, t], G, n_pos, sinks, window, topk, idx, comb, buf)
+        n = select_positions(comb[kvh, t], n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32),
+                             np.empty(n_pos, np.float32))
         keep = np.zeros(n_pos, np.bool_)
         for u in range(n):
             keep[idx[u]] = True
