@@ -8,15 +8,19 @@ must keep; Quest / SparQ-style selection (Tang et al., 2024; Ribar et al., 2023)
 approximate q.k; Spark Transformer attends to at most 256 tokens. Measured here on SmolLM2 (MEASURED.md):
 selecting with 4-bit keys is as good as selecting with exact keys.
 
-4-bit keys are a Q4_0 matrix per (layer, kv head) whose rows are cached positions, in qgemv's packed layout
-(head_dim a multiple of 32, nb = head_dim / 32 blocks per row):
-    keys_q4[.., pos, :]  uint8 (head_dim/2,)  codes n = clip(round(k / d_b), -7, 7) + 8 in qgemv's paired order
-                                                (head_dim 64: byte i = n_i | n_{32+i} << 4)
-    keys_d[.., pos, :]   uint16 (nb,)          d_b = fp16(max|k| over block b / 7), fp16 bits
-so a query's cheap scores are one qgemv Q4_0 GEMV over the rows against the Q8-quantized query (the same
-SIMD kernel as the weights). A kv head shared by G query heads (grouped-query attention) keeps the positions
-that score best for any of its heads: max over its G heads. Decode and prefill compute every score with the
-same row kernel, so both choose the same positions.
+4-bit keys are Q4_0 rows (head_dim a multiple of 32, nb = head_dim / 32 blocks per row): codes
+n = clip(round(k / d_b), -7, 7) + 8 with d_b = fp16(max|k| over block b / 7), packed in qgemv's paired
+order (head_dim 64: byte i = n_i | n_{32+i} << 4; an odd last block packs i | 16+i). Rows are stored in
+tiles of 8 consecutive positions, interleaved so that one 32-byte load holds 4 bytes of each of the 8 rows
+(simd's 8-row tiles: the SIMD lane of a row is its position in the tile):
+    keys_q4[.., tile, 32 c + 4 j + i]   uint8, (n_tiles, 4 head_dim)  byte 4c+i of row (position) 8 tile + j
+    keys_d[.., tile, 8 b + j]           uint16, (n_tiles, 8 nb)       d_b of position 8 tile + j, fp16 bits
+A query's cheap score of a position is the Q4_0 dot product against the Q8-quantized query,
+    sum_b d_b (xd_b sum_{i in b} n_i xq_i - 8 xs_b)        (xd_b, xs_b: the query block's scale and d*sum)
+computed 8 positions at a time with integer dot products per lane. A kv head shared by G query heads
+(grouped-query attention) keeps the positions that score best for any of its heads: the kernels write
+only the max over its G heads (`comb`). Decode and prefill compute it with the same tile function, so
+both choose the same positions.
 """
 
 from __future__ import annotations
@@ -25,39 +29,53 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
-from . import qgemv
+from . import qgemv, simd
 from .actquant import f16_round
 
-_NO_QH = np.empty((0, 0), np.uint8)
+TILE = 8                               # positions per tile of the 4-bit keys
+
+
+@njit(cache=True)
+def n_tiles(n_ctx):
+    """Tiles holding positions 0..n_ctx-1."""
+    return (n_ctx + TILE - 1) // TILE
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_keys_q4(k, keys_q4, keys_d):
-    """k: (n, D) float32 keys (D a multiple of 32) -> keys_q4: (n, D/2) uint8, keys_d: (n, D/32) uint16 (fp16)."""
+def quantize_keys_q4(k, p0, keys_q4, keys_d):
+    """k: (n, D) float32 keys of positions p0..p0+n-1 (D a multiple of 32) -> their rows of the tiled
+    keys_q4: (n_tiles, 4 D) uint8 and keys_d: (n_tiles, 8 nb) uint16 (fp16) of one kv head."""
     n, D = k.shape
     nb = D // 32
     codes = np.empty(D, np.uint8)
-    for j in range(n):
+    row = np.empty(D // 2, np.uint8)
+    for u in range(n):
+        pos = p0 + u
+        tile, j = pos // TILE, pos % TILE
         for b in range(nb):
             amax = np.float32(0.0)
             for i in range(32):
-                a = abs(k[j, 32 * b + i])
+                a = abs(k[u, 32 * b + i])
                 if a > amax:
                     amax = a
             d = f16_round(amax / np.float32(7.0))
-            keys_d[j, b] = _f16_bits(d)
+            keys_d[tile, TILE * b + j] = _f16_bits(d)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             for i in range(32):
-                codes[32 * b + i] = min(7, max(-7, int(np.rint(k[j, 32 * b + i] * inv)))) + 8
-        # paired order: blocks 2p and 2p+1 share 32 bytes; an odd last block packs j | 16+j
+                codes[32 * b + i] = min(7, max(-7, int(np.rint(k[u, 32 * b + i] * inv)))) + 8
+        # paired order: blocks 2p and 2p+1 share 32 bytes; an odd last block packs i | 16+i
         for p in range(nb // 2):
             for i in range(32):
-                keys_q4[j, 32 * p + i] = codes[64 * p + i] | (codes[64 * p + 32 + i] << 4)
+                row[32 * p + i] = codes[64 * p + i] | (codes[64 * p + 32 + i] << 4)
         if nb & 1:
             o = 32 * (nb - 1)
             for i in range(16):
-                keys_q4[j, 16 * (nb - 1) + i] = codes[o + i] | (codes[o + 16 + i] << 4)
+                row[16 * (nb - 1) + i] = codes[o + i] | (codes[o + 16 + i] << 4)
+        for c in range(D // 8):
+            for i in range(4):
+                keys_q4[tile, 32 * c + 4 * j + i] = row[4 * c + i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -80,35 +98,141 @@ def quantize_queries(q, xq, xd, xs):
         qgemv.quantize_q8_into(q[h], xq[h], xd[h], xs[h])
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _score_tiles(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """out[o_off + 8 (t - t_lo) + j] = max over query heads h0..h0+G-1 of the cheap score of position
+    8 t + j, for tiles t_lo..t_hi-1 of kv head kvh, stopping after n_out values (a partial last tile).
+
+    keys_q4: (n_kv, n_tiles, 4 D), keys_d: (n_kv, n_tiles, 8 nb); xq: (n_q, D) int8, xd, xs: (n_q, nb).
+    Vector paths: one SIMD lane per position of the tile (simd.tile_dot); heads outermost, so each head's
+    broadcast query bytes stay in registers across the tiles (the tiles, ~36 bytes a position, stay in L1)."""
+    D = xq.shape[1]
+    nb = D // 32
+    row_q = keys_q4.shape[2]                   # 4 D bytes a tile
+    row_d = keys_d.shape[2]                    # 8 nb scales a tile
+    tmp = np.empty(TILE, np.float32)
+    for g in range(G):
+        h = h0 + g
+        xo = h * D
+        for t in range(t_lo, t_hi):
+            qo = (kvh * keys_q4.shape[1] + t) * row_q
+            do = (kvh * keys_d.shape[1] + t) * row_d
+            f = simd.vzero(path)
+            c = simd.vzero(path)
+            for p in range(nb // 2):
+                a_lo = simd.izero(path)
+                a_hi = simd.izero(path)
+                for cc in range(8):
+                    a_lo, a_hi = simd.tile_dot(path, a_lo, a_hi, keys_q4, qo + 32 * (8 * p + cc), xq,
+                                               xo + 64 * p + 4 * cc, xo + 64 * p + 32 + 4 * cc)
+                d_lo = simd.load_f16x8(path, keys_d, do + TILE * 2 * p)
+                d_hi = simd.load_f16x8(path, keys_d, do + TILE * (2 * p + 1))
+                f = simd.vfma(path, f, a_lo, simd.vscal(path, d_lo, xd[h, 2 * p]))
+                f = simd.vfma(path, f, a_hi, simd.vscal(path, d_hi, xd[h, 2 * p + 1]))
+                c = simd.vadd(path, c, simd.vadd(path, simd.vscal(path, d_lo, xs[h, 2 * p]),
+                                                 simd.vscal(path, d_hi, xs[h, 2 * p + 1])))
+            if nb & 1:                         # odd last block: 16 bytes, nibbles i | 16+i
+                b = nb - 1
+                a_lo = simd.izero(path)
+                a_hi = simd.izero(path)
+                for cc in range(4):
+                    a_lo, a_hi = simd.tile_dot(path, a_lo, a_hi, keys_q4, qo + 32 * (8 * (nb // 2) + cc), xq,
+                                               xo + 32 * b + 4 * cc, xo + 32 * b + 16 + 4 * cc)
+                d_b = simd.load_f16x8(path, keys_d, do + TILE * b)
+                f = simd.vfma(path, f, a_lo, simd.vscal(path, d_b, xd[h, b]))
+                f = simd.vfma(path, f, a_hi, simd.vscal(path, d_b, xd[h, b]))
+                c = simd.vadd(path, c, simd.vscal(path, d_b, xs[h, b]))
+            s = simd.vadd(path, f, simd.vscal(path, c, np.float32(-8.0)))
+            o = o_off + TILE * (t - t_lo)
+            m = min(TILE, n_out - TILE * (t - t_lo))
+            if m == TILE:
+                if g > 0:
+                    simd.vstore(path, tmp, 0, s)
+                    for j in range(TILE):
+                        out[o + j] = max(out[o + j], tmp[j])
+                else:
+                    simd.vstore(path, out, o, s)
+            else:
+                simd.vstore(path, tmp, 0, s)
+                for j in range(m):
+                    out[o + j] = tmp[j] if g == 0 else max(out[o + j], tmp[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _score_tiles_plain(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """_score_tiles in plain loops (the scalar path): the same integer block dots, one position at a time."""
+    D = xq.shape[1]
+    nb = D // 32
+    for t in range(t_lo, t_hi):
+        for j in range(min(TILE, n_out - TILE * (t - t_lo))):
+            best = -np.inf
+            for g in range(G):
+                h = h0 + g
+                f = np.float32(0.0)
+                c = np.float32(0.0)
+                for b in range(nb):
+                    dot = 0
+                    for i in range(32):
+                        if b < 2 * (nb // 2):                        # paired: byte 32p+i = dims 64p+i | 64p+32+i
+                            byte, shift = 32 * (b // 2) + i, 4 * (b & 1)
+                        else:                                       # odd last block: byte 16b+i = dims i | 16+i
+                            byte, shift = 16 * b + (i & 15), 4 * (i >> 4)
+                        nib = (np.int32(keys_q4[kvh, t, 32 * (byte // 4) + 4 * j + byte % 4]) >> shift) & 15
+                        dot += nib * np.int32(xq[h, 32 * b + i])
+                    d = simd.f16_to_f32(path, keys_d[kvh, t, TILE * b + j])
+                    f += d * xd[h, b] * np.float32(dot)
+                    c += d * xs[h, b]
+                best = max(best, f - np.float32(8.0) * c)
+            out[o_off + TILE * (t - t_lo) + j] = best
+
+
+def _score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    """_score_tiles on the vector paths, _score_tiles_plain on the scalar one (chosen at compile time)."""
+
+
+@overload(_score_span, inline="always")
+def _ov_score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out):
+    f = _score_tiles_plain if simd.path_kind(path) == "scalar" else _score_tiles
+    return lambda path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out: f(
+        path, keys_q4, keys_d, kvh, xq, xd, xs, h0, G, t_lo, t_hi, out, o_off, n_out)
+
+
+_CHUNK_TILES = 128                     # tiles (1024 positions) per parallel item of score_keys
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, out):
-    """Cheap scores of cached positions 0..n_pos-1 for one query token, per query head.
+def score_keys(path, keys_q4, keys_d, xq, xd, xs, n_pos, comb):
+    """Cheap scores of cached positions 0..n_pos-1 for one query token, max over each kv head's query heads.
 
-    keys_q4: (n_kv, n_ctx, D/2), keys_d: (n_kv, n_ctx, nb) of one layer; xq/xd/xs: the query's Q8 blocks
-    (n_head, ...); out: (n_head, >= n_pos) float32."""
-    n_head = xq.shape[0]
-    G = n_head // keys_q4.shape[0]
-    n_chunks = (n_pos + 1023) // 1024
-    for item in prange(n_head * n_chunks):
-        h = item // n_chunks
-        lo = (item - h * n_chunks) * 1024
-        qgemv._span_q4_0(path, keys_q4[h // G], keys_d[h // G], _NO_QH, xq[h], xd[h], xs[h],
-                         qgemv._ALL_ROWS, out[h], lo, min(n_pos, lo + 1024))
+    keys_q4, keys_d: one layer's tiled 4-bit keys (n_kv, n_tiles, ..); xq/xd/xs: the query's Q8 blocks
+    (n_head, ...); comb: (n_kv, >= n_pos) float32 (entries from n_pos on are left unwritten)."""
+    n_kv = keys_q4.shape[0]
+    G = xq.shape[0] // n_kv
+    nt = n_tiles(n_pos)
+    n_chunks = (nt + _CHUNK_TILES - 1) // _CHUNK_TILES
+    for item in prange(n_kv * n_chunks):
+        kvh = item // n_chunks
+        t_lo = (item - kvh * n_chunks) * _CHUNK_TILES
+        _score_span(path, keys_q4, keys_d, kvh, xq, xd, xs, kvh * G, G, t_lo, min(nt, t_lo + _CHUNK_TILES),
+                    comb[kvh], TILE * t_lo, n_pos - TILE * t_lo)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, out):
+def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, comb):
     """Prefill: cheap scores for T queries at positions p0..p0+T-1, each against positions 0..its own.
 
-    xq/xd/xs: (T, n_head, ...) Q8 blocks; out: (n_head, T, L) float32 (entries after a query's position are
-    left unwritten). Same row kernel as score_keys, so decode would compute the same numbers."""
-    T, n_head = xq.shape[0], xq.shape[1]
-    G = n_head // keys_q4.shape[0]
-    for item in prange(n_head * T):
-        h = item // T
-        t = item - h * T
-        qgemv._span_q4_0(path, keys_q4[h // G], keys_d[h // G], _NO_QH, xq[t, h], xd[t, h], xs[t, h],
-                         qgemv._ALL_ROWS, out[h, t], 0, p0 + t + 1)
+    xq/xd/xs: (T, n_head, ...) Q8 blocks; comb: (n_kv, T, L) float32, max over each kv head's query heads
+    (entries after a query's position are left unwritten). The same tile function as score_keys, so decode
+    would compute the same numbers."""
+    T = xq.shape[0]
+    n_kv = keys_q4.shape[0]
+    G = xq.shape[1] // n_kv
+    for item in prange(n_kv * T):
+        kvh = item // T
+        t = item - kvh * T
+        n_pos = p0 + t + 1
+        _score_span(path, keys_q4, keys_d, kvh, xq[t], xd[t], xs[t], kvh * G, G, 0, n_tiles(n_pos), comb[kvh, t],
+                    0, n_pos)
 
 
 @njit(cache=True, error_model="numpy")
@@ -143,43 +267,74 @@ def _kth_largest(v, n, k, buf):
     return buf[want]
 
 
+_STRIDE = 16                           # selection samples every _STRIDE-th score for its first threshold
+
+
 @njit(cache=True, error_model="numpy")
-def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
+def _top_candidates(comb, lo, hi, k, cand_v, cand_j):
+    """Positions j in [lo, hi) with comb[j] >= t0, ascending, into cand_j (values into cand_v); returns how
+    many (>= k: the k best of comb[lo:hi] are among them). 1 <= k <= hi - lo.
+
+    t0 is a sample's order statistic: the r-th largest of every _STRIDE-th score, with r = k / _STRIDE plus
+    three binomial standard deviations, so typically ~2k positions pass; should fewer than k pass (an
+    unlucky or adversarial layout), every position is taken. One pass over the scores, whose branch is
+    rarely taken (predictable)."""
+    n = hi - lo
+    ns = n // _STRIDE
+    kk = k // _STRIDE
+    r = kk + 3 * int(math.sqrt(kk)) + 2
+    t0 = -np.inf
+    if r <= ns:
+        for u in range(ns):
+            cand_v[u] = comb[lo + u * _STRIDE]
+        t0 = _kth_largest(cand_v, ns, r, cand_v)
+    m = 0
+    for j in range(lo, hi):
+        c = comb[j]
+        if c >= t0:
+            cand_v[m] = c
+            cand_j[m] = j
+            m += 1
+    if m < k:
+        m = 0
+        for j in range(lo, hi):
+            cand_v[m] = comb[j]
+            cand_j[m] = j
+            m += 1
+    return m
+
+
+@njit(cache=True, error_model="numpy")
+def select_positions(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
     """Positions one query attends to, ascending, into idx; returns how many.
 
-    scores: (G, >= n_pos) cheap scores of positions 0..n_pos-1 for the G query heads of one kv head (the
+    comb: (>= n_pos,) cheap scores of positions 0..n_pos-1, combined over the query heads of one kv head (the
     query is at n_pos - 1). Keeps positions < sinks, positions >= n_pos - window, and the topk best of the
-    rest by max over the G heads (ties: the earlier positions). comb, buf: (>= n_pos,) float32 scratch."""
+    rest (ties: the earlier positions). cand_v, buf: (>= n_pos,) float32 scratch."""
     old_lo = min(sinks, n_pos)
     old_hi = max(old_lo, n_pos - window)
     n = 0
     for j in range(old_lo):
         idx[n] = j
         n += 1
-    n_old = old_hi - old_lo
-    if n_old <= topk:
+    if old_hi - old_lo <= topk:
         for j in range(old_lo, old_hi):
             idx[n] = j
             n += 1
     elif topk > 0:
-        for u in range(n_old):                     # loops in this order vectorize
-            comb[u] = scores[0, old_lo + u]
-        for g in range(1, G):
-            for u in range(n_old):
-                comb[u] = max(comb[u], scores[g, old_lo + u])
-        thr = _kth_largest(comb, n_old, topk, buf)
+        cand_j = idx[n:]                           # candidates are ascending and compacted in place below
+        m = _top_candidates(comb, old_lo, old_hi, topk, cand_v, cand_j)
+        thr = _kth_largest(cand_v, m, topk, buf)
         n_above = 0
-        for u in range(n_old):
-            n_above += comb[u] > thr
+        for u in range(m):
+            n_above += cand_v[u] > thr
         ties = topk - n_above
-        for u in range(n_old):
-            c = comb[u]
-            if c >= thr:
+        for u in range(m):
+            c = cand_v[u]
+            if c > thr or (c == thr and ties > 0):
                 if c == thr:
-                    if ties == 0:
-                        continue
                     ties -= 1
-                idx[n] = old_lo + u
+                idx[n] = cand_j[u]
                 n += 1
     for j in range(old_hi, n_pos):
         idx[n] = j
@@ -187,21 +342,52 @@ def select_positions(scores, G, n_pos, sinks, window, topk, idx, comb, buf):
     return n
 
 
-@njit(cache=True, error_model="numpy")
-def _softmax_f16(p, n):
-    """In place: p[:n] = fp16-rounded softmax(p[:n]) (not fastmath: f16_round needs exact IEEE rounding)."""
+_NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}   # elementwise fastmath: vectorizes, keeps order
+
+
+@njit(cache=True, fastmath=_NO_REASSOC, inline="always", error_model="numpy")
+def _exp_nonpos(x):
+    """exp(x) for x <= 0 (a score minus its maximum), float32, within ~4 ulp of exp; 0 below -87.
+
+    exp(x) = 2^n exp(r), n = rint(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two for the
+    subtraction), exp(r) by its degree-6 Taylor polynomial (remainder < 2e-7 relative), 2^n built in the
+    exponent bits. No libm call, so loops over it vectorize (Numba has no vector expf without SVML)."""
+    x0 = np.float32(x)
+    x = max(x0, np.float32(-87.0))
+    n = np.rint(x * np.float32(1.4426950408889634))
+    r = x - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.4286068203094172e-06)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * scale if x0 >= np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _exp_shifted(s, n, e):
+    """e[:n] = exp(s[:n] - max(s[:n])); returns their sum (float64) as float32's reciprocal, for _round_probs."""
     m = -np.inf
     for t in range(n):
-        if p[t] > m:
-            m = p[t]
+        m = max(m, s[t])
+    for t in range(n):
+        e[t] = _exp_nonpos(s[t] - m)
     total = 0.0
     for t in range(n):
-        e = np.float32(math.exp(p[t] - m))
-        p[t] = e
-        total += e
-    inv = np.float32(1.0 / total)
-    for t in range(n):
-        p[t] = f16_round(p[t] * inv)
+        total += e[t]
+    return np.float32(1.0 / total)
+
+
+@njit(cache=True, error_model="numpy")
+def _round_probs(e, inv, lo, hi, p):
+    """p[lo:hi] = fp16(e[lo:hi] * inv): the probabilities as llama.cpp's f16 p.v product sees them (not
+    fastmath: f16_round needs exact IEEE rounding)."""
+    for t in range(lo, hi):
+        p[t] = f16_round(e[t] * inv)
 
 
 @njit(cache=True, error_model="numpy")
@@ -210,51 +396,100 @@ def _round_f16_into(x, out):
         out[i] = f16_round(x[i])
 
 
+_AHEAD = 16                            # rows prefetched ahead of the exact part's gathers
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(cache, kvh, j):
+    """Prefetch row j of cache[kvh] (D fp16 values: one cache line per 32)."""
+    D = cache.shape[2]
+    off = (kvh * cache.shape[1] + j) * D
+    for i in range(0, D, 32):
+        simd.prefetch(cache, off + i)
+
+
+_SPLIT = 2                             # position ranges per kv head in the exact part (3 kv heads, 2 threads)
+
+
 @njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attention_decode_windowed(q, k_cache, v_cache, scores, n_pos, sinks, window, topk, scale, out, idx, n_attended):
+def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx,
+                              n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
-    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) holding f16-rounded values; scores:
-    (n_head, >= n_pos) from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended:
-    (n_kv,) int64, set to the number of positions each kv head attended. Same rounding as
-    ops.attention_decode (q and the probabilities to fp16). Selection runs per kv head, then the exact part
-    per query head (so 2 threads share 9 heads better than 3 kv heads)."""
+    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; comb: (n_kv, >= n_pos)
+    from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended: (n_kv,) int64, set
+    to the number of positions each kv head attended. Same rounding as ops.attention_decode (q and the
+    probabilities to fp16). Each chosen K and V row is read once for the G query heads of its kv head; the
+    exact part runs over (kv head, range of the chosen positions) items so 2 threads share 3 kv heads: q.k
+    for the item's range, then the softmax of the whole row (each item of a kv head recomputes it: cheaper
+    than another parallel launch) and p.v over the item's range into a partial sum."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
     for kvh in prange(n_kv):
-        comb = np.empty(n_pos, np.float32)
-        buf = np.empty(n_pos, np.float32)
-        n_attended[kvh] = select_positions(scores[kvh * G:(kvh + 1) * G], G, n_pos, sinks, window, topk,
-                                           idx[kvh], comb, buf)
-    for h in prange(n_head):
-        kvh = h // G
+        n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
+                                           np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
+    qh = np.empty((n_head, D), np.float32)
+    for h in range(n_head):
+        _round_f16_into(q[h], qh[h])
+    n_max = n_attended.max()
+    s = np.empty((n_head, n_max), np.float32)      # q.k * scale
+    for item in prange(n_kv * _SPLIT):
+        kvh = item // _SPLIT
         n = n_attended[kvh]
-        qh = np.empty(D, dtype=np.float32)
-        p = np.empty(n, dtype=np.float32)
-        acc = np.zeros(D, dtype=np.float32)
-        _round_f16_into(q[h], qh)
-        for t in range(n):
+        lo = n * (item % _SPLIT) // _SPLIT
+        hi = n * (item % _SPLIT + 1) // _SPLIT
+        krow = np.empty(D, np.float32)
+        for t in range(lo, min(hi, lo + _AHEAD)):
+            _prefetch_row(k_cache, kvh, idx[kvh, t])
+            _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
+        for t in range(lo, hi):
+            if t + _AHEAD < hi:                    # the rows are scattered: keep _AHEAD of them in flight
+                _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
+                _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
             j = idx[kvh, t]
-            s = np.float32(0.0)
             for i in range(D):
-                s += qh[i] * k_cache[kvh, j, i]
-            p[t] = s * scale
-        _softmax_f16(p, n)
-        for t in range(n):
+                krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
+            for g in range(G):
+                h = kvh * G + g
+                acc = np.float32(0.0)
+                for i in range(D):
+                    acc += qh[h, i] * krow[i]
+                s[h, t] = acc * scale
+    part = np.zeros((n_kv * _SPLIT, G, D), np.float32)
+    for item in prange(n_kv * _SPLIT):
+        kvh = item // _SPLIT
+        n = n_attended[kvh]
+        lo = n * (item % _SPLIT) // _SPLIT
+        hi = n * (item % _SPLIT + 1) // _SPLIT
+        e = np.empty(n, np.float32)
+        p = np.empty((G, n), np.float32)
+        for g in range(G):
+            inv = _exp_shifted(s[kvh * G + g], n, e)
+            _round_probs(e, inv, lo, hi, p[g])
+        vrow = np.empty(D, np.float32)
+        for t in range(lo, hi):
             j = idx[kvh, t]
-            w = p[t]
             for i in range(D):
-                acc[i] += w * v_cache[kvh, j, i]
-        for i in range(D):
-            out[h, i] = acc[i]
+                vrow[i] = simd.f16_to_f32(path, v_cache[kvh, j, i])
+            for g in range(G):
+                w = p[g, t]
+                for i in range(D):
+                    part[item, g, i] += w * vrow[i]
+    for kvh in range(n_kv):
+        for g in range(G):
+            for i in range(D):
+                acc = np.float32(0.0)
+                for r in range(_SPLIT):
+                    acc += part[kvh * _SPLIT + r, g, i]
+                out[kvh * G + g, i] = acc
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def window_mask(cheap, G, p0, sinks, window, topk, scores):
+def window_mask(comb, G, p0, sinks, window, topk, scores):
     """Prefill: apply the windowed top-k choice to exact scores, in place.
 
-    cheap: (n_head, T, L) cheap scores of T queries at positions p0..p0+T-1 (score_keys_prefill); scores:
+    comb: (n_kv, T, L) cheap scores of T queries at positions p0..p0+T-1 (score_keys_prefill); scores:
     (n_kv, G, T, L) exact q.k*scale. Every key at or before a query that decode would not attend to becomes
     -inf (keys after the query are left to the causal mask)."""
     n_kv = scores.shape[0]
@@ -264,9 +499,8 @@ def window_mask(cheap, G, p0, sinks, window, topk, scores):
         t = item - kvh * T
         n_pos = p0 + t + 1
         idx = np.empty(n_pos, np.int64)
-        comb = np.empty(n_pos, np.float32)
-        buf = np.empty(n_pos, np.float32)
-        n = select_positions(cheap[kvh * G:(kvh + 1) * G, t], G, n_pos, sinks, window, topk, idx, comb, buf)
+        n = select_positions(comb[kvh, t], n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32),
+                             np.empty(n_pos, np.float32))
         keep = np.zeros(n_pos, np.bool_)
         for u in range(n):
             keep[idx[u]] = True

@@ -10,6 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import simd
 from .actquant import f16_round
 
 
@@ -108,10 +109,11 @@ def geglu(gate, up):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def attention_decode(q, k_cache, v_cache, start, end, scale, out):
+def attention_decode(path, q, k_cache, v_cache, start, end, scale, out):
     """One query token against cached positions [start, end).
 
-    q: (n_head, head_dim); k_cache, v_cache: (n_head_kv, n_ctx, head_dim) holding f16-rounded values;
+    path: simd.token() (how fp16 is converted); q: (n_head, head_dim) float32; k_cache, v_cache:
+    (n_head_kv, n_ctx, head_dim) uint16, fp16 bits;
     out: (n_head, head_dim). Query head h reads kv head h // (n_head / n_head_kv) (grouped-query attention).
     Rounds like llama.cpp's f16 KV path: q is rounded to f16 before q.k, the probabilities before p.v.
     """
@@ -129,7 +131,7 @@ def attention_decode(q, k_cache, v_cache, start, end, scale, out):
         for j in range(n):
             s = np.float32(0.0)
             for i in range(D):
-                s += qh[i] * k_cache[kvh, start + j, i]
+                s += qh[i] * simd.f16_to_f32(path, k_cache[kvh, start + j, i])
             s *= scale
             scores[j] = s
             if s > m:
@@ -144,7 +146,7 @@ def attention_decode(q, k_cache, v_cache, start, end, scale, out):
         for j in range(n):
             p = f16_round(scores[j] * inv)
             for i in range(D):
-                acc[i] += p * v_cache[kvh, start + j, i]
+                acc[i] += p * simd.f16_to_f32(path, v_cache[kvh, start + j, i])
         for i in range(D):
             out[h, i] = acc[i]
 

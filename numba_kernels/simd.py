@@ -104,6 +104,7 @@ __all__ = [
     "dot_q5_i32",
     "dot_q8_i32",
     "f16_to_f32",
+    "prefetch",
     "vscale",
     "f32x8",
     "i32x8",
@@ -187,6 +188,11 @@ def _initial_path() -> str:
 
 
 _current: str = _initial_path()
+
+
+def path_kind(path) -> str | None:
+    """Path name for a token's Numba type, for overloads in other modules that pick an implementation."""
+    return _kind(path)
 
 
 def _kind(path) -> str | None:
@@ -671,6 +677,26 @@ def _f16_soft(typingctx, h):
     return types.float32(h), codegen
 
 
+@intrinsic
+def prefetch(typingctx, ary, off):
+    """Hint the cache line holding &ary.flat[off] (element offset) into all cache levels (`llvm.prefetch`,
+    read, locality 3): for gathers of rows at known, scattered positions, whose loads would otherwise each
+    wait on DRAM in turn. No path token: it is the same on every path (a no-op where the target has none)."""
+    if not (isinstance(ary, types.Array) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        o = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(arr.data, [o]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(ary, off), codegen
+
+
 # --------------------------------------------------------------------------------------------------
 # Scalar (plain Numba) reference implementations
 # --------------------------------------------------------------------------------------------------
@@ -1093,3 +1119,205 @@ def _ov_load_f16x8(path, h, off):
         return lambda path, h, off: _load_f16x8_hw(h, off)
     if k is not None and k != "scalar":
         return lambda path, h, off: _load_f16x8_soft(h, off)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8-row tiles: one vector lane per row (vector paths only)
+# --------------------------------------------------------------------------------------------------
+#
+# For scoring many short rows against one vector (numba_kernels.attention's 4-bit keys), the rows are
+# stored interleaved by 8 so that a 32-byte load holds 4 bytes of each of 8 rows: lane j of every
+# product is row j's partial dot, accumulated across the row without any horizontal reduction.
+# (Row-major rows instead need a horizontal sum per row, which costs more than the row's dot itself.)
+
+_V8I16 = ir.VectorType(_I16, 8)
+
+
+def _f16_soft_vec_ir(builder, v):
+    """_f16_soft_ir lane-wise on an <8 x i16> vector -> <8 x float>."""
+    c = lambda x: _vconst(_V8I32, x)  # noqa: E731
+    v = builder.zext(v, _V8I32)
+    o = builder.shl(builder.and_(v, c(0x7FFF)), c(13))
+    f = builder.fmul(builder.bitcast(o, _V8F32), _vconst(_V8F32, 2.0**112))
+    fi = builder.bitcast(f, _V8I32)
+    infnan = builder.icmp_unsigned(">=", builder.and_(v, c(0x7C00)), c(0x7C00))
+    fi = builder.select(infnan, builder.or_(o, c(0x7F800000)), fi)
+    sign = builder.shl(builder.and_(v, c(0x8000)), c(16))
+    return builder.bitcast(builder.or_(fi, sign), _V8F32)
+
+
+def _elem_ptr(context, builder, aryty, ary, off, offty, ty):
+    """&ary.flat[off] (element offset) as a ty*."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    o = context.cast(builder, off, offty, types.intp)
+    return builder.bitcast(builder.gep(arr.data, [o]), ty.as_pointer())
+
+
+def _make_tile_dot(kind):
+    @intrinsic
+    def _tile_dot(typingctx, acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi):
+        """Accumulate one 4-byte column of an 8-row tile of packed nibbles: w[woff:woff+32] holds bytes
+        4c..4c+3 of rows 0..7 (row j in bytes 4j..4j+3). Lane j of acc_lo += its low nibbles . x[xoff_lo:+4],
+        lane j of acc_hi += its high nibbles . x[xoff_hi:+4] (x int8, each 4 bytes broadcast to all lanes)."""
+        if not (acc_lo == i32x8 and acc_hi == i32x8 and _is_byte_array(w) and _is_byte_array(x)
+                and all(isinstance(t, types.Integer) for t in (woff, xoff_lo, xoff_hi))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            alo, ahi, wa, wo, xa, xl, xh = args
+            q = _load_vec(context, builder, sig.args[2], wa, wo, sig.args[3], _V32I8)
+            lo = builder.and_(q, _vconst(_V32I8, 0x0F))
+            hi = builder.lshr(q, _vconst(_V32I8, 4))
+            out = []
+            for acc, xo, xt in ((alo, xl, sig.args[5]), (ahi, xh, sig.args[6])):
+                x4 = builder.load(_elem_ptr(context, builder, sig.args[4], xa, xo, xt, _I32), align=1)
+                xb = builder.bitcast(_splat(builder, x4, _V8I32), _V32I8)
+                u = lo if acc is alo else hi
+                if kind == "vnni":
+                    dpbusd = _x86_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+                    out.append(builder.call(dpbusd, [acc, builder.bitcast(u, _V8I32), builder.bitcast(xb, _V8I32)]))
+                else:
+                    out.append(builder.add(acc, _madd(builder, kind, u, xb)))
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return types.UniTuple(i32x8, 2)(acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi), codegen
+
+    return _tile_dot
+
+
+_TILE_DOT = _variants(_make_tile_dot)
+
+
+def _make_load_f16x8(hw: bool):
+    @intrinsic
+    def _load(typingctx, a, off):
+        """<8 x float> from 8 fp16 bit patterns at &a.flat[off] (a: uint16 array)."""
+        if not (isinstance(a, types.Array) and a.dtype == types.uint16 and isinstance(off, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8I16), align=2)
+            if hw:
+                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32)
+            return _f16_soft_vec_ir(builder, v)
+
+        return f32x8(a, off), codegen
+
+    return _load
+
+
+_load_f16x8_hw = _make_load_f16x8(True)
+_load_f16x8_soft = _make_load_f16x8(False)
+
+
+@intrinsic
+def _izero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8I32, None)
+
+    return i32x8(), codegen
+
+
+@intrinsic
+def _vscal(typingctx, v, s):
+    """v * splat(s)."""
+    if not (v == f32x8 and isinstance(s, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sv = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _V8F32)
+        return builder.fmul(args[0], sv, flags=("contract",))
+
+    return f32x8(v, s), codegen
+
+
+@intrinsic
+def _vmax(typingctx, a, b):
+    if not (a == f32x8 and b == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def _vstore(typingctx, a, off, v):
+    """&a.flat[off:off+8] = v (a: float32 array)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(off, types.Integer) and v == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8F32), align=4)
+        return context.get_dummy_value()
+
+    return types.none(a, off, v), codegen
+
+
+def tile_dot(path, acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi):
+    """See _make_tile_dot: (acc_lo, acc_hi) + one 4-byte column of an 8-row nibble tile. Vector paths only."""
+
+
+def load_f16x8(path, a, off):
+    """8 fp16 values (uint16 bits at &a.flat[off]) as an f32x8. Vector paths only."""
+
+
+def izero(path):
+    """i32x8 zero. Vector paths only."""
+
+
+def vscal(path, v, s):
+    """f32x8 v times the float s. Vector paths only."""
+
+
+def vmax(path, a, b):
+    """Lane-wise max of two f32x8 (a NaN in a gives b's lane). Vector paths only."""
+
+
+def vstore(path, a, off, v):
+    """Store an f32x8 to float32 array a at flat element offset off. Vector paths only."""
+
+
+def _vector_kind(path):
+    k = _kind(path)
+    return k if k not in (None, "scalar") else None
+
+
+@overload(tile_dot, inline="always")
+def _ov_tile_dot(path, acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi):
+    k = _vector_kind(path)
+    if k is not None:
+        f = _TILE_DOT[k]
+        return lambda path, acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi: f(acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi)
+
+
+@overload(load_f16x8, inline="always")
+def _ov_load_f16x8(path, a, off):
+    if _vector_kind(path) is not None:
+        f = _load_f16x8_hw if F16_NATIVE else _load_f16x8_soft
+        return lambda path, a, off: f(a, off)
+
+
+@overload(izero, inline="always")
+def _ov_izero(path):
+    if _vector_kind(path) is not None:
+        return lambda path: _izero()
+
+
+@overload(vscal, inline="always")
+def _ov_vscal(path, v, s):
+    if _vector_kind(path) is not None:
+        return lambda path, v, s: _vscal(v, s)
+
+
+@overload(vmax, inline="always")
+def _ov_vmax(path, a, b):
+    if _vector_kind(path) is not None:
+        return lambda path, a, b: _vmax(a, b)
+
+
+@overload(vstore, inline="always")
+def _ov_vstore(path, a, off, v):
+    if _vector_kind(path) is not None:
+        return lambda path, a, off, v: _vstore(a, off, v)

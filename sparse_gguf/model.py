@@ -76,17 +76,19 @@ class Model:
         # gemma3's local (sliding-window) layers use their own rope base and no scaling.
         self.rope_local = RopeTable(cfg.rope_dims, cfg.rope_base_swa) if any(cfg.swa_layers) else None
 
-        # KV cache: (n_layer, n_head_kv, n_ctx, head_dim) float32, values rounded to f16 as llama.cpp stores them.
+        # KV cache: (n_layer, n_head_kv, n_ctx, head_dim) float16, as llama.cpp stores it (kernels read the bits
+        # through uint16 views).
         shape = (cfg.n_layer, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
-        self.k_cache = np.zeros(shape, dtype=np.float32)
-        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self.k_cache = np.zeros(shape, dtype=np.float16)
+        self.v_cache = np.zeros(shape, dtype=np.float16)
         self.n_past = 0
         if self.attn.enabled:
             # 4-bit keys for cheap scoring (Q4_0 rows, layout: numba_kernels.attention), and decode scratch
             nb = cfg.head_dim // 32
-            self.keys_q4 = np.zeros(shape[:3] + (cfg.head_dim // 2,), dtype=np.uint8)   # (n_layer, n_kv, n_ctx, hd/2)
-            self.keys_d = np.zeros(shape[:3] + (nb,), dtype=np.uint16)                  # (n_layer, n_kv, n_ctx, nb) fp16
-            self._cheap = np.empty((cfg.n_head, self.n_ctx), dtype=np.float32)         # cheap scores, one token
+            tiles = shape[:2] + (attn_kernels.n_tiles(self.n_ctx),)
+            self.keys_q4 = np.zeros(tiles + (4 * cfg.head_dim,), dtype=np.uint8)     # (n_layer, n_kv, n_tiles, 4 hd)
+            self.keys_d = np.zeros(tiles + (8 * nb,), dtype=np.uint16)               # (n_layer, n_kv, n_tiles, 8 nb) fp16
+            self._cheap = np.empty((cfg.n_head_kv, self.n_ctx), dtype=np.float32)    # cheap scores, max over G heads
             self._qq = (np.empty((cfg.n_head, cfg.head_dim), np.int8),                 # the query's Q8 blocks
                         np.empty((cfg.n_head, nb), np.float32), np.empty((cfg.n_head, nb), np.float32))
             self._picked = np.empty((cfg.n_head_kv, self.n_ctx), dtype=np.int64)    # attended positions
@@ -181,8 +183,8 @@ class Model:
             self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2).astype(np.float16)
             if self.attn.enabled:
                 for kvh in range(cfg.n_head_kv):
-                    attn_kernels.quantize_keys_q4(self.k_cache[il, kvh, p0:p0 + T], self.keys_q4[il, kvh, p0:p0 + T],
-                                                  self.keys_d[il, kvh, p0:p0 + T])
+                    attn_kernels.quantize_keys_q4(self.k_cache[il, kvh, p0:p0 + T].astype(np.float32), p0,
+                                                  self.keys_q4[il, kvh], self.keys_d[il, kvh])
             if tr.prescale_q:                                        # gemma3 scales q itself, in f32
                 q *= np.float32(cfg.attn_scale)
             attn = self._attention(il, q, p0, T, cfg.swa_window if local else 0)   # (T, n_head*head_dim)
@@ -343,7 +345,7 @@ class Model:
         what it attends to; prefill makes the same choice per query as decode would."""
         cfg = self.cfg
         scale = np.float32(1.0 if cfg.traits.prescale_q else cfg.attn_scale)
-        kc, vc = self.k_cache[il], self.v_cache[il]                  # (n_head_kv, n_ctx, head_dim)
+        kc, vc = self.k_cache[il], self.v_cache[il]                  # (n_head_kv, n_ctx, head_dim) float16
         n_keys = p0 + T
         top_k = window == 0 and self.attn.enabled and n_keys > self.attn.max_attended
         if T > 1 and not self.prefill_like_decode:
@@ -355,20 +357,21 @@ class Model:
                 attn_kernels.quantize_queries(q[0], xq, xd, xs)
                 attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_keys, self._cheap)
                 attn_kernels.attention_decode_windowed(
-                    np.ascontiguousarray(q[0]), kc, vc, self._cheap, n_keys, self.attn.sinks, self.attn.window,
+                    simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16), self._cheap, n_keys, self.attn.sinks, self.attn.window,
                     self.attn.topk, scale, out, self._picked, self._n_picked)
                 self._attended.append(float(self._n_picked.mean()))
                 self._bytes += (self._n_picked.sum() * kc.shape[2] * kc.itemsize * 2
-                                + n_keys * (self.keys_q4.shape[3] + self.keys_d.shape[3] * 2) * cfg.n_head_kv)
+                                + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
                 return out.reshape(1, -1)
             start = max(0, n_keys - window) if window else 0
-            ops.attention_decode(np.ascontiguousarray(q[0]), kc, vc, start, n_keys, scale, out)
+            ops.attention_decode(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16),
+                                 start, n_keys, scale, out)
             self._attended.append(float(n_keys - start))
             self._bytes += (n_keys - start) * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
             return out.reshape(1, -1)
         G = cfg.n_gqa
-        K = kc[:, :n_keys]                                           # (n_kv, L, hd)
-        V = vc[:, :n_keys]
+        K = kc[:, :n_keys].astype(np.float32)                        # (n_kv, L, hd)
+        V = vc[:, :n_keys].astype(np.float32)
         q16 = q.astype(np.float16).astype(np.float32)                # llama.cpp rounds q to f16 for q.k
         qg = q16.reshape(T, cfg.n_head_kv, G, cfg.head_dim).transpose(1, 2, 0, 3)   # (n_kv, G, T, hd)
         scores = np.matmul(qg, K[:, None].transpose(0, 1, 3, 2))    # (n_kv, G, T, L)
@@ -385,7 +388,7 @@ class Model:
 
     def _cheap_scores(self, il: int, q: np.ndarray, p0: int) -> np.ndarray:
         """Prefill's cheap scores, as decode computes them: q (T, n_head, hd) at positions p0.. ->
-        (n_head, T, p0 + T) (entries after each query's position unset)."""
+        (n_head_kv, T, p0 + T), max over each kv head's query heads (entries after each query's position unset)."""
         cfg = self.cfg
         T, nb = q.shape[0], cfg.head_dim // 32
         xq = np.empty(q.shape, np.int8)
@@ -393,6 +396,6 @@ class Model:
         xs = np.empty_like(xd)
         attn_kernels.quantize_queries(q.reshape(T * cfg.n_head, -1), xq.reshape(T * cfg.n_head, -1),
                                       xd.reshape(T * cfg.n_head, -1), xs.reshape(T * cfg.n_head, -1))
-        cheap = np.empty((cfg.n_head, T, p0 + T), np.float32)
+        cheap = np.empty((cfg.n_head_kv, T, p0 + T), np.float32)
         attn_kernels.score_keys_prefill(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, p0, cheap)
         return cheap

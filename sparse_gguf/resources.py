@@ -1,6 +1,6 @@
 """Memory bounds checked before anything large is allocated: the KV cache against the memory available.
 
-The KV cache is two float32 arrays of shape (n_layer, n_head_kv, n_ctx, head_dim) (sparse_gguf.model), so a
+The KV cache is two float16 arrays of shape (n_layer, n_head_kv, n_ctx, head_dim) (sparse_gguf.model), so a
 context size is refused up front, with the figure, when it cannot fit in MemAvailable (/proc/meminfo) --
 instead of the process being killed by the OOM killer half-way through a chat. The weights themselves are
 memory-mapped (gguf-py's np.memmap), not read into memory.
@@ -14,8 +14,8 @@ GB = 1e9
 
 
 def kv_cache_bytes(cfg, n_ctx: int) -> int:
-    """Bytes of K and V caches: 2 x (n_layer, n_head_kv, n_ctx, head_dim) float32."""
-    return 2 * cfg.n_layer * cfg.n_head_kv * int(n_ctx) * cfg.head_dim * 4
+    """Bytes of K and V caches: 2 x (n_layer, n_head_kv, n_ctx, head_dim) float16."""
+    return 2 * cfg.n_layer * cfg.n_head_kv * int(n_ctx) * cfg.head_dim * 2
 
 
 def mem_available_bytes() -> int | None:

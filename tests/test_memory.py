@@ -43,9 +43,9 @@ def test_kv_cache_figure():
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(n_layer=30, n_head_kv=3, head_dim=64)
-    assert kv_cache_bytes(cfg, 1000) == 2 * 30 * 3 * 1000 * 64 * 4
+    assert kv_cache_bytes(cfg, 1000) == 2 * 30 * 3 * 1000 * 64 * 2
     check_kv_memory(cfg, 1000, available=kv_cache_bytes(cfg, 1000))
-    with pytest.raises(SparseGGUFError, match=r"--ctx 10000000 needs 460\.8 GB for the KV cache, 20\.1 GB available"):
+    with pytest.raises(SparseGGUFError, match=r"--ctx 10000000 needs 230\.4 GB for the KV cache, 20\.1 GB available"):
         check_kv_memory(cfg, 10_000_000, available=int(20.1e9))
 
 

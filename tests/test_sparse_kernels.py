@@ -22,20 +22,29 @@ def kv_cache(n_kv: int, n_ctx: int, D: int, seed: int = 0):
     return k, v
 
 
+def bits(x):
+    """float32 values that are fp16-representable -> their fp16 bits, as the kernels read the KV cache."""
+    return x.astype(np.float16).view(np.uint16)
+
+
 def quantized_keys(k):
     n_kv, n_ctx, D = k.shape
-    kq = np.zeros((n_kv, n_ctx, D // 2), np.uint8)
-    kd = np.zeros((n_kv, n_ctx, D // 32), np.uint16)
+    kq = np.zeros((n_kv, A.n_tiles(n_ctx), 4 * D), np.uint8)
+    kd = np.zeros((n_kv, A.n_tiles(n_ctx), 8 * (D // 32)), np.uint16)
     for h in range(n_kv):
-        A.quantize_keys_q4(k[h], kq[h], kd[h])
+        A.quantize_keys_q4(k[h, :n_ctx // 2], 0, kq[h], kd[h])          # in two calls, as prefill chunks do
+        A.quantize_keys_q4(k[h, n_ctx // 2:], n_ctx // 2, kq[h], kd[h])
     return kq, kd
 
 
 def dequantized_keys(kq, kd, D):
     """Inverse of the documented layout, written independently of the kernels (head_dim 64: one block pair)."""
     assert D == 64
-    codes = np.concatenate([kq & 15, kq >> 4], axis=-1).astype(np.float32) - 8      # (.., 64): dims 0..31, 32..63
-    d = kd.view(np.float16).astype(np.float32)                                      # (.., 2)
+    n_kv, nt = kq.shape[:2]
+    rows = kq.reshape(n_kv, nt, D // 8, 8, 4).transpose(0, 1, 3, 2, 4).reshape(n_kv, nt * 8, D // 2)
+    codes = np.concatenate([rows & 15, rows >> 4], axis=-1).astype(np.float32) - 8  # (.., 64): dims 0..31, 32..63
+    d = kd.reshape(n_kv, nt, 2, 8).transpose(0, 1, 3, 2).reshape(n_kv, nt * 8, 2)
+    d = d.view(np.float16).astype(np.float32)                                      # (.., 2)
     return codes * np.repeat(d, 32, axis=-1)
 
 
@@ -54,29 +63,50 @@ def test_key_quantization_matches_layout_and_error_bound():
     k, _ = kv_cache(2, 50, 64)
     k[0, 3] = 0.0                                          # an all-zero key
     kq, kd = quantized_keys(k)
-    deq = dequantized_keys(kq, kd, 64)
-    d = np.repeat(kd.view(np.float16).astype(np.float32), 32, axis=-1)
+    deq = dequantized_keys(kq, kd, 64)[:, :50]
+    d = np.repeat(kd.reshape(2, -1, 2, 8).transpose(0, 1, 3, 2).reshape(2, -1, 2)[:, :50]
+                  .view(np.float16).astype(np.float32), 32, axis=-1)
     assert np.all(np.abs(deq - k) <= 0.5 * d + 1e-6)       # round to nearest code
     assert np.all(deq[0, 3] == 0)
     # the scale is max|k| / 7 of each 32-block, in fp16
     amax = np.abs(k.reshape(2, 50, 2, 32)).max(-1)
-    np.testing.assert_allclose(kd.view(np.float16).astype(np.float32), (amax / 7).astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(d[..., ::32], (amax / 7).astype(np.float16).astype(np.float32))
 
 
 @pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
-def test_cheap_scores_equal_dequantized_dot(path):
-    n_kv, G, D, n_pos = 2, 3, 64, 300
+@pytest.mark.parametrize("n_pos", [300, 301, 7])
+def test_cheap_scores_equal_dequantized_dot(path, n_pos):
+    """score_keys writes, per kv head, the max over its G query heads of the 4-bit-key . Q8-query products."""
+    n_kv, G, D = 2, 3, 64
     k, _ = kv_cache(n_kv, 320, D)
     kq, kd = quantized_keys(k)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
     xq, xd, xs = np.empty((n_kv * G, D), np.int8), np.empty((n_kv * G, 2), np.float32), np.empty((n_kv * G, 2), np.float32)
     A.quantize_queries(q, xq, xd, xs)
-    out = np.full((n_kv * G, 320), np.nan, np.float32)
+    out = np.full((n_kv, 320), np.nan, np.float32)
     A.score_keys(simd.token(path), kq, kd, xq, xd, xs, n_pos, out)
     qdeq = xq.astype(np.float32) * np.repeat(xd, 32, axis=-1)           # the quantized query's values
-    ref = np.einsum("hd,hnd->hn", qdeq, np.repeat(dequantized_keys(kq, kd, D), G, axis=0))
+    per_head = np.einsum("hd,hnd->hn", qdeq, np.repeat(dequantized_keys(kq, kd, D), G, axis=0))
+    ref = per_head.reshape(n_kv, G, -1).max(axis=1)
     np.testing.assert_allclose(out[:, :n_pos], ref[:, :n_pos], rtol=1e-4, atol=1e-3)
-    assert np.isnan(out[:, n_pos:]).all()                               # rows past n_pos untouched
+    assert np.isnan(out[:, n_pos:]).all()                               # positions from n_pos on untouched
+
+
+def test_vector_scores_equal_plain_scores():
+    """The tiled SIMD kernel and the plain loops compute the same integer dots: equal up to float order."""
+    n_kv, G, D, n_pos = 3, 3, 64, 1001
+    k, _ = kv_cache(n_kv, 1024, D, seed=2)
+    kq, kd = quantized_keys(k)
+    q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
+    xq, xd, xs = np.empty((n_kv * G, D), np.int8), np.empty((n_kv * G, 2), np.float32), np.empty((n_kv * G, 2), np.float32)
+    A.quantize_queries(q, xq, xd, xs)
+    outs = []
+    for path in simd.AVAILABLE_PATHS:
+        out = np.empty((n_kv, 1024), np.float32)
+        A.score_keys(simd.token(path), kq, kd, xq, xd, xs, n_pos, out)
+        outs.append(out[:, :n_pos])
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_pos,sinks,window,topk", [
@@ -87,7 +117,7 @@ def test_selection_matches_numpy(n_pos, sinks, window, topk):
     scores[:, 10:20] = 1.5                                 # ties
     comb = scores.max(axis=0)
     idx = np.empty(n_pos, np.int64)
-    n = A.select_positions(scores, G, n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32),
+    n = A.select_positions(comb, n_pos, sinks, window, topk, idx, np.empty(n_pos, np.float32),
                            np.empty(n_pos, np.float32))
     np.testing.assert_array_equal(idx[:n], reference_selection(comb, n_pos, sinks, window, topk))
 
@@ -103,18 +133,53 @@ def test_kth_largest_on_ties_and_edges():
                 assert A._kth_largest(v, n, k, buf) == np.sort(v)[::-1][k - 1]
 
 
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_f16_conversion_is_exact_for_every_bit_pattern(path):
+    """The KV cache is read as fp16 bits: every pattern (subnormals, inf, NaN included) converts as numpy does."""
+    from numba import njit
+
+    @njit
+    def convert(tok, h, out):
+        for i in range(h.size):
+            out[i] = simd.f16_to_f32(tok, h[i])
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(h.size, np.float32)
+    convert(simd.token(path), h, out)
+    ref = h.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+    assert np.isnan(out[np.isnan(ref)]).all()
+
+
+def test_fast_exp_is_close_to_exp():
+    from numba import njit
+
+    @njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = A._exp_nonpos(x[i])
+
+    x = -np.concatenate([np.linspace(0, 100, 100001), RNG.uniform(0, 30, 10000)]).astype(np.float32)
+    out = np.empty_like(x)
+    exps(x, out)
+    ref = np.exp(x.astype(np.float64))
+    normal = x >= -87
+    np.testing.assert_allclose(out[normal], ref[normal], rtol=5e-7, atol=0)
+    assert (out[~normal] == 0).all()
+
+
 def test_windowed_attention_covering_everything_equals_dense():
     n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
     k, v = kv_cache(n_kv, n_ctx, D)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
     scale = np.float32(0.125)
     dense = np.empty((n_kv * G, D), np.float32)
-    ops.attention_decode(q, k, v, 0, n_pos, scale, dense)
-    scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
+    ops.attention_decode(simd.token(), q, bits(k), bits(v), 0, n_pos, scale, dense)
+    scores = RNG.standard_normal((n_kv, n_ctx)).astype(np.float32)
     for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
         out = np.empty_like(dense)
         n_att = np.empty(n_kv, np.int64)
-        A.attention_decode_windowed(q, k, v, scores, n_pos, sinks, window, topk, scale, out,
+        A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale, out,
                                     np.empty((n_kv, n_ctx), np.int64), n_att)
         assert (n_att == n_pos).all()
         # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
@@ -127,17 +192,16 @@ def test_windowed_attention_equals_dense_over_the_chosen_positions():
     n_kv, G, D, n_ctx, n_pos = 2, 2, 64, 512, 400
     k, v = kv_cache(n_kv, n_ctx, D, seed=3)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
-    scores = RNG.standard_normal((n_kv * G, n_ctx)).astype(np.float32)
+    scores = RNG.standard_normal((n_kv, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    A.attention_decode_windowed(q, k, v, scores, n_pos, 4, 32, 16, np.float32(0.125), out,
+    A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, 4, 32, 16, np.float32(0.125), out,
                                 np.empty((n_kv, n_ctx), np.int64), n_att)
     assert (n_att == 4 + 32 + 16).all()
     for kvh in range(n_kv):
-        comb = scores[kvh * G:(kvh + 1) * G].max(axis=0)
-        sel = reference_selection(comb, n_pos, 4, 32, 16)
+        sel = reference_selection(scores[kvh], n_pos, 4, 32, 16)
         ref = np.empty((G, D), np.float32)
-        ops.attention_decode(q[kvh * G:(kvh + 1) * G], k[kvh:kvh + 1, sel].copy(), v[kvh:kvh + 1, sel].copy(),
+        ops.attention_decode(simd.token(), q[kvh * G:(kvh + 1) * G], bits(k[kvh:kvh + 1, sel]), bits(v[kvh:kvh + 1, sel]),
                              0, len(sel), np.float32(0.125), ref)
         np.testing.assert_allclose(out[kvh * G:(kvh + 1) * G], ref, rtol=0, atol=5e-4)
 
@@ -152,19 +216,19 @@ def test_prefill_mask_makes_the_same_choice_as_decode():
     xd = np.empty((T, n_kv * G, 2), np.float32)
     xs = np.empty_like(xd)
     A.quantize_queries(q.reshape(-1, D), xq.reshape(-1, D), xd.reshape(-1, 2), xs.reshape(-1, 2))
-    cheap = np.empty((n_kv * G, T, L), np.float32)
+    cheap = np.empty((n_kv, T, L), np.float32)
     tok = simd.token()
     A.score_keys_prefill(tok, kq, kd, xq, xd, xs, p0, cheap)
     scores = np.zeros((n_kv, G, T, L), np.float32)
     A.window_mask(cheap, G, p0, 4, 16, 20, scores)
     for t in range(T):
-        one = np.empty((n_kv * G, L), np.float32)
+        one = np.empty((n_kv, L), np.float32)
         A.score_keys(tok, kq, kd, xq[t], xd[t], xs[t], p0 + t + 1, one)
         np.testing.assert_array_equal(one[:, :p0 + t + 1], cheap[:, t, :p0 + t + 1])
         for kvh in range(n_kv):
             idx = np.empty(L, np.int64)
-            n = A.select_positions(one[kvh * G:(kvh + 1) * G], G, p0 + t + 1, 4, 16, 20, idx,
-                                   np.empty(L, np.float32), np.empty(L, np.float32))
+            n = A.select_positions(one[kvh], p0 + t + 1, 4, 16, 20, idx, np.empty(L, np.float32),
+                                   np.empty(L, np.float32))
             kept = np.flatnonzero(np.isfinite(scores[kvh, 0, t, :p0 + t + 1]))
             np.testing.assert_array_equal(kept, idx[:n])
 
