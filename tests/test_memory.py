@@ -60,7 +60,7 @@ def test_cli_refuses_huge_ctx_up_front(default_model):
     assert proc.returncode == 1
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: --ctx 100000000 needs 4608.0 GB for the KV cache,"), lines[0]
+    assert lines[0].startswith("error: --ctx 100000000 needs 2304.0 GB for the KV cache,"), lines[0]
     assert lines[0].endswith("GB available")
 
 

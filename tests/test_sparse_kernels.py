@@ -434,7 +434,8 @@ def test_bundle_rows_equals_dense_product(path, qtype, frac):
     rows = np.sort(RNG.choice(n_ff, int(round(frac * n_ff)), replace=False)).astype(np.int32)
     coef = RNG.standard_normal(rows.size).astype(np.float32)
     out, n_groups = sparse_ffn.bundle_rows(codes, scales, rows, coef, path=path)
-    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-5)
+    scale = float((np.abs(W[:, rows]) @ np.abs(coef)).max()) if rows.size else 1.0   # bounds float32 summation error
+    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-6 * max(1.0, scale))
     assert n_groups == len(set(rows // 32))                  # scales read only for groups with an active neuron
 
 
