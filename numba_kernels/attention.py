@@ -423,39 +423,93 @@ def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, win
     exact part runs over (kv head, range of the chosen positions) items so 2 threads share 3 kv heads: q.k
     for the item's range, then the softmax of the whole row (each item of a kv head recomputes it: cheaper
     than another parallel launch) and p.v over the item's range into a partial sum."""
+    for kvh in prange(k_cache.shape[0]):
+        n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
+                                           np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
+    attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s):
+    """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], each K row converted once for the
+    G query heads of kv head kvh. The rows may be scattered: K and V rows are prefetched _AHEAD ahead."""
+    D = k_cache.shape[2]
+    krow = np.empty(D, np.float32)
+    for t in range(lo, min(hi, lo + _AHEAD)):
+        _prefetch_row(k_cache, kvh, idx[kvh, t])
+        _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
+    for t in range(lo, hi):
+        if t + _AHEAD < hi:
+            _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
+            _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
+        j = idx[kvh, t]
+        for i in range(D):
+            krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
+        for g in range(G):
+            h = kvh * G + g
+            acc = np.float32(0.0)
+            for i in range(D):
+                acc += qh[h, i] * krow[i]
+            s[h, t] = acc * scale
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D)."""
+    G, D = acc.shape
+    vrow = np.empty(D, np.float32)
+    for t in range(lo, hi):
+        j = idx[kvh, t]
+        for i in range(D):
+            vrow[i] = simd.f16_to_f32(path, v_cache[kvh, j, i])
+        for g in range(G):
+            w = p[g, t]
+            for i in range(D):
+                acc[g, i] += w * vrow[i]
+
+
+_ONE_PASS_MAX = 256        # up to this many positions per kv head: one parallel launch, a kv head per item
+
+
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out):
+    """Exact attention of one query token over the positions idx[kvh, :n_attended[kvh]] of each kv head
+    (ascending; the windowed choice, or a contiguous range for plain decode). Shapes and rounding as in
+    attention_decode_windowed.
+
+    Short rows run as one parallel loop over kv heads (each launch costs microseconds). Long rows run over
+    (kv head, half of the positions) items so 2 threads share 3 kv heads: q.k for the item's half, then the
+    softmax of the whole row (each item of a kv head recomputes it: cheaper than another launch) and p.v
+    over the item's half into a partial sum."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
-    for kvh in prange(n_kv):
-        n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
-                                           np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
     qh = np.empty((n_head, D), np.float32)
     for h in range(n_head):
         _round_f16_into(q[h], qh[h])
     n_max = n_attended.max()
     s = np.empty((n_head, n_max), np.float32)      # q.k * scale
+    if n_max <= _ONE_PASS_MAX:
+        for kvh in prange(n_kv):
+            n = n_attended[kvh]
+            _qk_range(path, qh, k_cache, v_cache, kvh, idx, 0, n, G, scale, s)
+            e = np.empty(n, np.float32)
+            p = np.empty((G, n), np.float32)
+            for g in range(G):
+                inv = _exp_shifted(s[kvh * G + g], n, e)
+                _round_probs(e, inv, 0, n, p[g])
+            acc = np.zeros((G, D), np.float32)
+            _pv_range(path, p, v_cache, kvh, idx, 0, n, acc)
+            for g in range(G):
+                for i in range(D):
+                    out[kvh * G + g, i] = acc[g, i]
+        return
     for item in prange(n_kv * _SPLIT):
         kvh = item // _SPLIT
         n = n_attended[kvh]
         lo = n * (item % _SPLIT) // _SPLIT
         hi = n * (item % _SPLIT + 1) // _SPLIT
-        krow = np.empty(D, np.float32)
-        for t in range(lo, min(hi, lo + _AHEAD)):
-            _prefetch_row(k_cache, kvh, idx[kvh, t])
-            _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
-        for t in range(lo, hi):
-            if t + _AHEAD < hi:                    # the rows are scattered: keep _AHEAD of them in flight
-                _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
-                _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
-            j = idx[kvh, t]
-            for i in range(D):
-                krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
-            for g in range(G):
-                h = kvh * G + g
-                acc = np.float32(0.0)
-                for i in range(D):
-                    acc += qh[h, i] * krow[i]
-                s[h, t] = acc * scale
+        _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s)
     part = np.zeros((n_kv * _SPLIT, G, D), np.float32)
     for item in prange(n_kv * _SPLIT):
         kvh = item // _SPLIT
@@ -467,15 +521,7 @@ def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, win
         for g in range(G):
             inv = _exp_shifted(s[kvh * G + g], n, e)
             _round_probs(e, inv, lo, hi, p[g])
-        vrow = np.empty(D, np.float32)
-        for t in range(lo, hi):
-            j = idx[kvh, t]
-            for i in range(D):
-                vrow[i] = simd.f16_to_f32(path, v_cache[kvh, j, i])
-            for g in range(G):
-                w = p[g, t]
-                for i in range(D):
-                    part[item, g, i] += w * vrow[i]
+        _pv_range(path, p, v_cache, kvh, idx, lo, hi, part[item])
     for kvh in range(n_kv):
         for g in range(G):
             for i in range(D):

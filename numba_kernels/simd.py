@@ -875,6 +875,21 @@ _load_f16x8_soft = _make_load_f16x8(False)
 
 
 @intrinsic
+def load_f32x8(typingctx, a, off):
+    """a.flat[off:off+8] of a float32 array as an f32x8 (unaligned vector load)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        o = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(arr.data, [o]), _V8F32.as_pointer())
+        return builder.load(ptr, align=4)
+
+    return f32x8(a, off), codegen
+
+
+@intrinsic
 def vmuladd(typingctx, acc, x, y):
     """acc + x * y for f32x8 acc and x; y an f32x8 or a float (splatted). 'contract': one vfmadd."""
     if not (acc == f32x8 and x == f32x8 and (isinstance(y, types.Float) or y == f32x8)):

@@ -241,46 +241,88 @@ def dequantized_coefs(rows, xq, xd, coef):
         coef[u] = xd[j // 32] * np.float32(xq[j])
 
 
+@njit(cache=True, error_model="numpy")
+def _split_groups(gstart, n_parts, bounds):
+    """bounds[p]:bounds[p+1] = the groups of part p, cut so the parts hold about equal numbers of rows."""
+    n_groups = gstart.shape[0] - 1
+    k = gstart[n_groups]
+    g = 0
+    bounds[0] = 0
+    for p in range(1, n_parts):
+        while g < n_groups and gstart[g] < k * p // n_parts:
+            g += 1
+        bounds[p] = g
+    bounds[n_parts] = n_groups
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _bundle_rows_vec(path, codes, scales, rows, coef, gstart, gsum, out):
-    n_chunks = out.shape[0] // 32
+    """Threads take contiguous ranges of groups, balanced by rows. Within a group the active rows are read in
+    order, each whole (n_embd/2 contiguous bytes, two neurons at a time), into a per-group accumulator that
+    stays in L1; then d * acc + m * sum goes into the thread's partial output. Reading in address order lets
+    the hardware prefetchers stream the codes (a loop over 32-output chunks inside the group read them
+    with a stride and ran at half the bandwidth)."""
+    n_embd = out.shape[0]
     half = codes.shape[1]
     n_groups = gstart.shape[0] - 1
-    for c in prange(n_chunks):
-        o0 = simd._vzero()
-        o1 = simd._vzero()
-        o2 = simd._vzero()
-        o3 = simd._vzero()
-        for g in range(n_groups):
+    n_parts = 2 if gstart[n_groups] >= 64 else 1
+    bounds = np.empty(n_parts + 1, np.int64)
+    _split_groups(gstart, n_parts, bounds)
+    partial = np.zeros((n_parts, n_embd), np.float32)
+    for part in prange(n_parts):
+        po = partial[part]
+        acc = np.empty(n_embd, np.float32)
+        for g in range(bounds[part], bounds[part + 1]):
             s = gstart[g]
             e = gstart[g + 1]
             if s == e:
                 continue
-            a0 = simd._vzero()
-            a1 = simd._vzero()
-            a2 = simd._vzero()
-            a3 = simd._vzero()
-            for u in range(s, e):
-                base = np.int64(rows[u]) * half + 16 * c
-                a = coef[u]
-                a0 = simd._vfma(a0, simd.load_nib_lo8(codes, base), a)
-                a1 = simd._vfma(a1, simd.load_nib_lo8(codes, base + 8), a)
-                a2 = simd._vfma(a2, simd.load_nib_hi8(codes, base), a)
-                a3 = simd._vfma(a3, simd.load_nib_hi8(codes, base + 8), a)
-            off = (g * n_chunks + c) * 64
+            acc[:] = 0.0
+            u = s
+            while u + 1 < e:                          # two rows per pass: half the accumulator traffic
+                b0 = np.int64(rows[u]) * half
+                b1 = np.int64(rows[u + 1]) * half
+                c0 = coef[u]
+                c1 = coef[u + 1]
+                for o in range(0, n_embd, 32):
+                    q = o // 2
+                    v0 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o), simd.load_nib_lo8(codes, b0 + q), c0),
+                                    simd.load_nib_lo8(codes, b1 + q), c1)
+                    v1 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 8), simd.load_nib_lo8(codes, b0 + q + 8), c0),
+                                    simd.load_nib_lo8(codes, b1 + q + 8), c1)
+                    v2 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 16), simd.load_nib_hi8(codes, b0 + q), c0),
+                                    simd.load_nib_hi8(codes, b1 + q), c1)
+                    v3 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 24), simd.load_nib_hi8(codes, b0 + q + 8), c0),
+                                    simd.load_nib_hi8(codes, b1 + q + 8), c1)
+                    simd.store_f32x8(acc, o, v0)
+                    simd.store_f32x8(acc, o + 8, v1)
+                    simd.store_f32x8(acc, o + 16, v2)
+                    simd.store_f32x8(acc, o + 24, v3)
+                u += 2
+            if u < e:
+                b0 = np.int64(rows[u]) * half
+                c0 = coef[u]
+                for o in range(0, n_embd, 32):
+                    q = o // 2
+                    simd.store_f32x8(acc, o, simd._vfma(simd.load_f32x8(acc, o), simd.load_nib_lo8(codes, b0 + q), c0))
+                    simd.store_f32x8(acc, o + 8, simd._vfma(simd.load_f32x8(acc, o + 8),
+                                                            simd.load_nib_lo8(codes, b0 + q + 8), c0))
+                    simd.store_f32x8(acc, o + 16, simd._vfma(simd.load_f32x8(acc, o + 16),
+                                                             simd.load_nib_hi8(codes, b0 + q), c0))
+                    simd.store_f32x8(acc, o + 24, simd._vfma(simd.load_f32x8(acc, o + 24),
+                                                             simd.load_nib_hi8(codes, b0 + q + 8), c0))
             sg = gsum[g]
-            o0 = simd.vmuladd(simd.vmuladd(o0, simd.load_f16x8(path, scales, off), a0),
-                              simd.load_f16x8(path, scales, off + 32), sg)
-            o1 = simd.vmuladd(simd.vmuladd(o1, simd.load_f16x8(path, scales, off + 8), a1),
-                              simd.load_f16x8(path, scales, off + 40), sg)
-            o2 = simd.vmuladd(simd.vmuladd(o2, simd.load_f16x8(path, scales, off + 16), a2),
-                              simd.load_f16x8(path, scales, off + 48), sg)
-            o3 = simd.vmuladd(simd.vmuladd(o3, simd.load_f16x8(path, scales, off + 24), a3),
-                              simd.load_f16x8(path, scales, off + 56), sg)
-        simd.store_f32x8(out, 32 * c, o0)
-        simd.store_f32x8(out, 32 * c + 8, o1)
-        simd.store_f32x8(out, 32 * c + 16, o2)
-        simd.store_f32x8(out, 32 * c + 24, o3)
+            base = g * (n_embd // 32) * 64                # scales[g]: per 32-output chunk, 32 d then 32 m
+            for o in range(0, n_embd, 8):
+                so = base + (o // 32) * 64 + o % 32
+                simd.store_f32x8(po, o, simd.vmuladd(simd.vmuladd(simd.load_f32x8(po, o),
+                                 simd.load_f16x8(path, scales, so), simd.load_f32x8(acc, o)),
+                                 simd.load_f16x8(path, scales, so + 32), sg))
+    for i in range(n_embd):
+        t = np.float32(0.0)
+        for part in range(n_parts):
+            t += partial[part, i]
+        out[i] = t
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -364,8 +364,11 @@ class Model:
                                 + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
                 return out.reshape(1, -1)
             start = max(0, n_keys - window) if window else 0
-            ops.attention_decode(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16),
-                                 start, n_keys, scale, out)
+            if getattr(self, "_all_positions", None) is None:      # (n_kv, n_ctx): row kvh = 0, 1, 2, ...
+                self._all_positions = np.tile(np.arange(self.n_ctx, dtype=np.int64), (cfg.n_head_kv, 1))
+            attn_kernels.attend_positions(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16),
+                                          vc.view(np.uint16), self._all_positions[:, start:],
+                                          np.full(cfg.n_head_kv, n_keys - start, np.int64), scale, out)
             self._attended.append(float(n_keys - start))
             self._bytes += (n_keys - start) * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
             return out.reshape(1, -1)
