@@ -128,14 +128,40 @@ def attention_decode(path, q, k_cache, v_cache, start, end, scale, out):
             qh[i] = f16_round(q[h, i])
         scores = np.empty(n, dtype=np.float32)
         m = -np.inf
-        for j in range(n):
+        j = 0
+        while j + 8 <= n:
+            # 8 rows at once: 8 independent sums, so the adds pipeline instead of waiting on each other; each
+            # row still sums in the plain sequential order (no fastmath), so results are bit-identical to a
+            # row-at-a-time loop (and track llama.cpp's as closely)
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+            for i in range(D):
+                qi = qh[i]
+                s0 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j, i])
+                s1 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 1, i])
+                s2 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 2, i])
+                s3 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 3, i])
+                s4 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 4, i])
+                s5 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 5, i])
+                s6 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 6, i])
+                s7 += qi * simd.f16_to_f32(path, k_cache[kvh, start + j + 7, i])
+            scores[j] = s0 * scale
+            scores[j + 1] = s1 * scale
+            scores[j + 2] = s2 * scale
+            scores[j + 3] = s3 * scale
+            scores[j + 4] = s4 * scale
+            scores[j + 5] = s5 * scale
+            scores[j + 6] = s6 * scale
+            scores[j + 7] = s7 * scale
+            j += 8
+        while j < n:
             s = np.float32(0.0)
             for i in range(D):
                 s += qh[i] * simd.f16_to_f32(path, k_cache[kvh, start + j, i])
-            s *= scale
-            scores[j] = s
-            if s > m:
-                m = s
+            scores[j] = s * scale
+            j += 1
+        for j in range(n):
+            if scores[j] > m:
+                m = scores[j]
         total = 0.0
         for j in range(n):
             e = np.float32(math.exp(scores[j] - m))

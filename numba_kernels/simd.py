@@ -840,38 +840,70 @@ def load_nib_hi8(typingctx, q, qoff):
     return i32x8(q, qoff), codegen
 
 
-def _make_load_f16x8(hw: bool):
-    @intrinsic
-    def _load_f16x8(typingctx, h, off):
-        """8 fp16 bits at h.flat[off] (a uint16 array) -> f32x8: `fpext <8 x half>` (vcvtph2ps) with hw,
-        else _f16_soft's bit trick lane-wise."""
-        if not (isinstance(h, types.Array) and h.dtype == types.uint16 and isinstance(off, types.Integer)):
-            return None
+@intrinsic
+def nib_pair_i16(typingctx, q, off0, off1, x0, x1):
+    """Column-bundle building block: the 16 code bytes at q.flat[off0] (column j0) and q.flat[off1] (column
+    j1), each holding 32 4-bit codes (byte t: row t low nibble, row 16 + t high nibble), times the int8
+    values x0 and x1: returns (rows 0..15, rows 16..31) of q0 * x0 + q1 * x1 as 16 int16 lanes each, carried
+    bitcast in an i32x8 (|lane| <= 2 * 15 * 128, so 8 calls can be summed in int16 with add_i16). Generic
+    LLVM vector IR (x86: vpmovzxbw / vpmullw / vpaddw)."""
+    if not (_is_byte_array(q) and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1))):
+        return None
 
-        def codegen(context, builder, sig, args):
-            arr = context.make_array(sig.args[0])(context, builder, args[0])
-            o = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = builder.bitcast(builder.gep(arr.data, [o]), ir.VectorType(_I16, 8).as_pointer())
-            v = builder.load(ptr, align=2)
-            if hw:
-                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32)
-            v = builder.zext(v, _V8I32)
-            c = lambda x: _vconst(_V8I32, x)   # noqa: E731
-            o = builder.shl(builder.and_(v, c(0x7FFF)), c(13))
-            f = builder.fmul(builder.bitcast(o, _V8F32), _vconst(_V8F32, 2.0**112))
-            fi = builder.bitcast(f, _V8I32)
-            infnan = builder.icmp_unsigned(">=", builder.and_(v, c(0x7C00)), c(0x7C00))
-            fi = builder.select(infnan, builder.or_(o, c(0x7F800000)), fi)
-            sign = builder.shl(builder.and_(v, c(0x8000)), c(16))
-            return builder.bitcast(builder.or_(fi, sign), _V8F32)
+    def codegen(context, builder, sig, args):
+        qa, o0, o1, a0, a1 = args
+        b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], _V16I8)
+        b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], _V16I8)
+        s0 = _splat(builder, builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I16), _V16I16)
+        s1 = _splat(builder, builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I16), _V16I16)
+        out = []
+        for lo in (True, False):
+            n0 = builder.and_(b0, _vconst(_V16I8, 0x0F)) if lo else builder.lshr(b0, _vconst(_V16I8, 4))
+            n1 = builder.and_(b1, _vconst(_V16I8, 0x0F)) if lo else builder.lshr(b1, _vconst(_V16I8, 4))
+            p = builder.add(builder.mul(builder.zext(n0, _V16I16), s0), builder.mul(builder.zext(n1, _V16I16), s1))
+            out.append(builder.bitcast(p, _V8I32))
+        return context.make_tuple(builder, sig.return_type, out)
 
-        return f32x8(h, off), codegen
-
-    return _load_f16x8
+    return types.UniTuple(i32x8, 2)(q, off0, off1, x0, x1), codegen
 
 
-_load_f16x8_hw = _make_load_f16x8(True)
-_load_f16x8_soft = _make_load_f16x8(False)
+@intrinsic
+def add_i16(typingctx, a, b):
+    """Lane-wise int16 sum of two i32x8 carrying 16 int16 lanes (nib_pair_i16)."""
+    if not (a == i32x8 and b == i32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = builder.add(builder.bitcast(args[0], _V16I16), builder.bitcast(args[1], _V16I16))
+        return builder.bitcast(s, _V8I32)
+
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def widen_i16(typingctx, a):
+    """16 int16 lanes (carried in an i32x8) -> (lanes 0..7, lanes 8..15) sign-extended to i32x8."""
+    if a != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        w = builder.sext(builder.bitcast(args[0], _V16I16), ir.VectorType(_I32, 16))
+        return context.make_tuple(builder, sig.return_type, [_shuffle(builder, w, None, range(0, 8)),
+                                                             _shuffle(builder, w, None, range(8, 16))])
+
+    return types.UniTuple(i32x8, 2)(a), codegen
+
+
+@intrinsic
+def add_i32(typingctx, a, b):
+    """Lane-wise int32 sum of two i32x8."""
+    if not (a == i32x8 and b == i32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return i32x8(a, b), codegen
 
 
 @intrinsic
@@ -1121,19 +1153,6 @@ def _ov_f16(path, h):
         return lambda path, h: _f16_hw(h)
     if k is not None:
         return lambda path, h: _f16_soft(h)
-
-
-def load_f16x8(path, h, off):
-    """8 fp16 values (uint16 bits) at h.flat[off] as an f32x8 (vector paths only)."""
-
-
-@overload(load_f16x8, inline="always")
-def _ov_load_f16x8(path, h, off):
-    k = _kind(path)
-    if k is not None and k != "scalar" and F16_NATIVE:
-        return lambda path, h, off: _load_f16x8_hw(h, off)
-    if k is not None and k != "scalar":
-        return lambda path, h, off: _load_f16x8_soft(h, off)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -190,13 +190,14 @@ def _group_coef_sums(coef, gstart, gsum):
 
 
 @njit(cache=True, error_model="numpy")
-def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gstart, gsum):
+def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gstart, gsum, xq, gd):
     """The down stage of a threshold layer, ready for bundle_rows, in one pass: a_j = act(g_j) * u_j for the
     neurons that computed up (rows_up ascending, up_vals in the same order), kept where |a_j| >= threshold[j]
     into rows[:n]; then, per group of 32 neurons, the kept values quantized exactly as qgemv.quantize_for
     quantizes the (sparse) activation vector for a Q4_0/Q4_1 matrix (llama.cpp's x86 Q8_0/Q8_1: d = fp16(amax/127),
     q = rint(a * 127/amax)): coef[:n] = d * q, gsum[g] = the block sum term (fp16(d_unrounded * sum q) with
-    sum_fp16, i.e. Q8_1, else fp16(d) * sum q), gstart as group_starts. Returns (n, groups with a kept neuron).
+    sum_fp16, i.e. Q8_1, else fp16(d) * sum q), gstart as group_starts; also the parts: xq[:n] = q (int8) and
+    gd[g] = d (for the integer kernel). Returns (n, groups with a kept neuron).
     Not fastmath: the rounding must be IEEE's."""
     n_groups = gsum.shape[0]
     k = rows_up.shape[0]
@@ -218,6 +219,7 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gsta
             u += 1
         if n == gstart[g]:
             gsum[g] = 0.0
+            gd[g] = 0.0
             continue
         n_read += 1
         d = amax / np.float32(127.0)
@@ -228,7 +230,9 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gsta
             q = int(np.rint(coef[v] * idd))
             s += q
             coef[v] = dr * np.float32(q)
+            xq[v] = q
         gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else dr * np.float32(s)
+        gd[g] = dr
     gstart[n_groups] = n
     return n, n_read
 
@@ -319,6 +323,85 @@ def _bundle_rows_vec(path, codes, scales, rows, coef, gstart, gsum, out):
                                  simd.load_f16x8(path, scales, so), simd.load_f32x8(acc, o)),
                                  simd.load_f16x8(path, scales, so + 32), sg))
     for i in range(n_embd):
+        t = np.float32(0.0)
+        for part in range(n_parts):
+            t += partial[part, i]
+        out[i] = t
+
+
+_PAIRS_I16 = 8             # column pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
+    """out (n_embd,) = sum over the active columns of their Q8 values times the bundle's columns, as llama.cpp's
+    Q4_1 x Q8_1 dot computes it: per group g and output r, d[r,g] * gd[g] * (sum_j xq_j q[r,j]) (an exact
+    integer sum) + m[r,g] * gsum[g]. rows/xq/gd/gstart/gsum from down_coefs_q8. Vector paths only.
+
+    Threads take contiguous ranges of groups, balanced by rows; within a group, per 32-output chunk, the
+    integer sums stay in registers: pairs of columns are multiplied in int16 (nib_pair_i16), 8 pairs summed
+    in int16, then widened into int32."""
+    n_chunks = out.shape[0] // 32
+    half = codes.shape[1]
+    n_groups = gstart.shape[0] - 1
+    n_parts = 2 if gstart[n_groups] >= 64 else 1
+    bounds = np.empty(n_parts + 1, np.int64)
+    _split_groups(gstart, n_parts, bounds)
+    partial = np.zeros((n_parts, out.shape[0]), np.float32)
+    for part in prange(n_parts):
+        po = partial[part]
+        for g in range(bounds[part], bounds[part + 1]):
+            s = gstart[g]
+            e = gstart[g + 1]
+            if s == e:
+                continue
+            xdg = gd[g]
+            sg = gsum[g]
+            for c in range(n_chunks):
+                i0 = simd.izero(path)
+                i1 = simd.izero(path)
+                i2 = simd.izero(path)
+                i3 = simd.izero(path)
+                u = s
+                while u < e:
+                    h_lo = simd.izero(path)
+                    h_hi = simd.izero(path)
+                    stop = min(e, u + 2 * _PAIRS_I16)
+                    while u < stop:
+                        o0 = np.int64(rows[u]) * half + 16 * c
+                        x0 = np.int64(xq[u])
+                        if u + 1 < stop:
+                            o1 = np.int64(rows[u + 1]) * half + 16 * c
+                            x1 = np.int64(xq[u + 1])
+                        else:
+                            o1 = o0
+                            x1 = np.int64(0)
+                        p_lo, p_hi = simd.nib_pair_i16(codes, o0, o1, x0, x1)
+                        h_lo = simd.add_i16(h_lo, p_lo)
+                        h_hi = simd.add_i16(h_hi, p_hi)
+                        u += 2
+                    w0, w1 = simd.widen_i16(h_lo)
+                    w2, w3 = simd.widen_i16(h_hi)
+                    i0 = simd.add_i32(i0, w0)
+                    i1 = simd.add_i32(i1, w1)
+                    i2 = simd.add_i32(i2, w2)
+                    i3 = simd.add_i32(i3, w3)
+                off = (g * n_chunks + c) * 64
+                o = 32 * c
+                z = simd._vzero()
+                simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
+                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off), xdg)),
+                                 simd.load_f16x8(path, scales, off + 32), sg))
+                simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
+                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 8), xdg)),
+                                 simd.load_f16x8(path, scales, off + 40), sg))
+                simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
+                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 16), xdg)),
+                                 simd.load_f16x8(path, scales, off + 48), sg))
+                simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
+                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
+                                 simd.load_f16x8(path, scales, off + 56), sg))
+    for i in range(out.shape[0]):
         t = np.float32(0.0)
         for part in range(n_parts):
             t += partial[part, i]

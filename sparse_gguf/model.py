@@ -305,18 +305,25 @@ class Model:
         if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
             self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
                                  np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
-                                 np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32))
-        rows_up, up_vals, rows, coef, gstart, gsum = self._ffn_scratch
+                                 np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32),
+                                 np.empty(n_ff, np.int8), np.empty(n_ff // 32, np.float32))
+        rows_up, up_vals, rows, coef, gstart, gsum, xq, gd = self._ffn_scratch
         n_up = sparse_ffn.rows_at_least(g_act, plan.up_threshold, rows_up)
         qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], x, out=up_vals[:n_up])
         self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         bundle = L.w_down.column_bundle() if plan.down_t is None else None
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input
             n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold,
-                                                   bundle.qtype == GGMLQuantizationType.Q4_1, rows, coef, gstart, gsum)
+                                                   bundle.qtype == GGMLQuantizationType.Q4_1, rows, coef, gstart,
+                                                   gsum, xq, gd)
             self._ffn_used.append(n / n_ff)
             out = np.empty(L.w_down.n_rows, np.float32)
-            sparse_ffn.bundle_rows_grouped(bundle.codes, bundle.scales, rows[:n], coef[:n], gstart, gsum, out)
+            tok = simd.token()
+            if simd.path_name(tok) == "scalar":
+                sparse_ffn.bundle_rows_grouped(bundle.codes, bundle.scales, rows[:n], coef[:n], gstart, gsum, out,
+                                               "scalar")
+            else:
+                sparse_ffn.bundle_rows_q8(tok, bundle.codes, bundle.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
             self._bytes += bundle.bytes_read(n, n_groups) - L.w_down.nbytes
             return out[None]
         n = sparse_ffn.active_products(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold, rows, coef)
@@ -364,11 +371,8 @@ class Model:
                                 + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
                 return out.reshape(1, -1)
             start = max(0, n_keys - window) if window else 0
-            if getattr(self, "_all_positions", None) is None:      # (n_kv, n_ctx): row kvh = 0, 1, 2, ...
-                self._all_positions = np.tile(np.arange(self.n_ctx, dtype=np.int64), (cfg.n_head_kv, 1))
-            attn_kernels.attend_positions(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16),
-                                          vc.view(np.uint16), self._all_positions[:, start:],
-                                          np.full(cfg.n_head_kv, n_keys - start, np.int64), scale, out)
+            ops.attention_decode(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16),
+                                 start, n_keys, scale, out)
             self._attended.append(float(n_keys - start))
             self._bytes += (n_keys - start) * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
             return out.reshape(1, -1)

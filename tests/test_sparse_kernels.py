@@ -317,11 +317,17 @@ def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
     m.sparsity = SparsityPlan([LayerSparsity(MODE_THRESHOLD, rng.uniform(0, 0.02, n_ff).astype(np.float32),
                                              rng.uniform(0, 0.2, n_ff).astype(np.float32))
                                for _ in range(m.cfg.n_layer)])
-    step = np.stack([m.eval([t]) for t in toks])          # gemv_rows path (T == 1)
+    step = np.stack([m.eval([t]) for t in toks])          # decode: gemv_rows for up, the column bundle for down
+    assert 0.05 < 1 - m.step_stats["ffn_active_fraction"] < 0.95
     m.reset()
     masked = m.eval(toks, logits_all=True)                # T <= 16: per-row GEMV of all of up, then masked
-    np.testing.assert_allclose(step, masked, rtol=1e-5, atol=1e-5)
-    assert 0.05 < 1 - m.step_stats["ffn_active_fraction"] < 0.95
+    assert kl_rows(masked, step).mean() < 0.01   # attention differs in the last bits; thresholds amplify that
+    h = rng.standard_normal((1, m.cfg.n_embd)).astype(np.float32)
+    for il, L in enumerate(m.weights.layers):              # the FFN alone: the same numbers either way
+        m._ffn_used, m._bytes = [], 0.0
+        one = m._ffn(il, L, h)                             # T == 1: reads only the kept rows
+        two = m._ffn(il, L, np.repeat(h, 2, axis=0))       # T == 2: computes everything, then masks
+        np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_ffn_sparsity_knob(tiny_model):
@@ -452,3 +458,40 @@ def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
     assert m.weights.layers[0].w_gate.column_bundle() is not None
     m8 = Model(tiny_model("llama", "Q8_0"), n_ctx=8)
     assert m8.weights.layers[0].w_down.column_bundle() is None   # no exact bundle for Q8_0: file's down_t instead
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.02])
+def test_integer_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep):
+    """down_coefs_q8 + bundle_rows_q8 (the decode path) against qgemv's dense GEMV of the same sparse
+    activation vector (which quantizes it to Q8 blocks the same way), and against the float bundle kernel."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import qgemv, sparse_ffn
+    rng = np.random.default_rng(11)
+    n_embd, n_ff = 96, 256
+    raw = quants.quantize(rng.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
+    codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
+    g_act = rng.standard_normal(n_ff).astype(np.float32)
+    rows_up = np.sort(rng.choice(n_ff, int(0.8 * n_ff), replace=False)).astype(np.int32)
+    up_vals = rng.standard_normal(rows_up.size).astype(np.float32)
+    a_all = g_act[rows_up] * up_vals
+    cut = np.quantile(np.abs(a_all), 1 - keep) if keep < 1 else 0.0
+    threshold = np.full(n_ff, cut, np.float32)
+    rows, coef, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.float32), np.empty(n_ff, np.int8)
+    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, threshold, qtype == "Q4_1", rows, coef, gstart,
+                                           gsum, xq, gd)
+    assert n == np.count_nonzero(np.abs(a_all) >= cut) and n_groups == len(set(rows[:n] // 32))
+    a = np.zeros(n_ff, np.float32)                       # the sparse activation vector the masked path builds
+    a[rows[:n]] = g_act[rows[:n]] * up_vals[np.searchsorted(rows_up, rows[:n])]
+    want = qgemv.gemv(qgemv.pack(raw, QT[qtype], n_ff), a)
+    tol = 1e-5 * max(1.0, float(np.abs(want).max()))
+    for path in simd.AVAILABLE_PATHS:
+        if path == "scalar":
+            continue
+        out = np.empty(n_embd, np.float32)
+        sparse_ffn.bundle_rows_q8(simd.token(path), codes, scales, rows[:n], xq[:n], gd, gstart, gsum, out)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=tol)
+    out = np.empty(n_embd, np.float32)
+    sparse_ffn.bundle_rows_grouped(codes, scales, rows[:n], coef[:n], gstart, gsum, out, "scalar")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=tol)
