@@ -125,42 +125,62 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 #
 # A Q4_1 down stores w[r, j] = d[r, g] * q[r, j] + m[r, g] with 4-bit codes q and one (d, m) fp16 pair per
 # output row r and group g = j // 32 of 32 neurons (Q4_0 is the case m = -8 d). The bundle keeps exactly
-# these numbers, regrouped so that a neuron's codes are contiguous:
+# these numbers, regrouped by neuron. A neuron's codes for one 32-output chunk c are 16 bytes (byte t: row
+# 32c + t in the low nibble, row 32c + 16 + t in the high one); four chunks make a 64-byte piece, one cache
+# line, and a group's 32 neurons store piece by piece:
 #
-#     codes  (n_ff, n_embd/2) uint8    codes[j, 16c + t] = q[32c + t, j] | q[32c + 16 + t, j] << 4
-#     scales (n_ff/32, n_embd/32, 2, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], [g, c, 1, t] = m[...]
+#     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, piece p = c // 4, neuron j = 32g + l:
+#            codes[g, 2048 p + l * plen(p) + 16 (c % 4) + t],  plen(p) = 16 * min(4, n_embd/32 - 4p)
+#     scales (n_ff/32, n_embd/32, 2, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], [g, c, 1, t] = m
 #
-# The same bytes as the original (a neuron's 4-bit column plus, per group, the scales), and no
-# re-quantization, so no quality cost. For the active neurons A of group g:
+# so a token reads whole cache lines of its active neurons only, and reads them in address order (group by
+# group, piece by piece), which the hardware prefetchers can follow. For the active neurons A of group g:
 #
 #     sum_{j in A} a_j w[r, j] = d[r, g] * (sum_{j in A} a_j q[r, j]) + m[r, g] * (sum_{j in A} a_j)
 #
-# so a token reads the codes of its active neurons (n_embd/2 bytes each) and the scales of the groups that
-# hold at least one active neuron (4 n_embd bytes per group).
+# and with a_j quantized to Q8 blocks as llama.cpp quantizes activations (a_j = xd_g * xq_j), the sum over j
+# is an exact integer sum: the same arithmetic as llama.cpp's Q4_1 x Q8_1 dot, over the active neurons only.
+# Bytes read: n_embd/2 per active neuron, plus 4 n_embd for the scales of each group with an active neuron.
+
 
 def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
     """raw: the GGUF bytes of a Q4_0/Q4_1 down matrix, (n_embd, n_ff/32 * block bytes) uint8 ->
-    (codes (n_ff, n_embd/2) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16) as described above."""
+    (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16), laid out as above."""
     from gguf import GGMLQuantizationType as Q
     bs = {int(Q.Q4_0): 18, int(Q.Q4_1): 20}[int(qtype)]
     n_embd = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n_embd, n_ff // 32, bs)
+    n_groups, n_chunks = n_ff // 32, n_embd // 32
+    blocks = np.ascontiguousarray(raw).reshape(n_embd, n_groups, bs)
     d = blocks[:, :, 0:2].copy().view(np.uint16)[..., 0]                # (n_embd, n_groups) fp16 bits
     if bs == 20:
         m = blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]
         qs = blocks[:, :, 4:20]
     else:
-        m16 = (d.view(np.float16).astype(np.float32) * np.float32(-8.0)).astype(np.float16)
-        if not np.array_equal(m16.astype(np.float32), d.view(np.float16).astype(np.float32) * np.float32(-8.0)):
+        d32 = d.view(np.float16).astype(np.float32)
+        m16 = (d32 * np.float32(-8.0)).astype(np.float16)
+        if not np.array_equal(m16.astype(np.float32), d32 * np.float32(-8.0)):
             raise ValueError("Q4_0 scale too large to bundle exactly (|8 d| overflows fp16)")
         m = m16.view(np.uint16)
         qs = blocks[:, :, 2:18]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_embd, n_ff)   # (n_embd, n_ff) codes 0..15
-    qt = q.T.reshape(n_ff, n_embd // 32, 2, 16)                              # [j, c, half, t]
-    codes = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8).reshape(n_ff, n_embd // 2)
+    qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
+    chunk = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8)       # (n_ff, n_chunks, 16)
+    chunk = chunk.reshape(n_groups, 32, n_chunks, 16)                        # [g, l, c, t]
+    codes = np.empty((n_groups, 16 * n_embd), np.uint8)
+    for p in range(0, n_chunks, 4):                                          # piece by piece, neuron-major
+        c1 = min(n_chunks, p + 4)
+        codes[:, 512 * p:512 * c1] = chunk[:, :, p:c1, :].reshape(n_groups, -1)
     dm = np.stack([d.T, m.T], axis=1)                                        # (n_groups, 2, n_embd)
-    scales = np.ascontiguousarray(dm.reshape(n_ff // 32, 2, n_embd // 32, 32).transpose(0, 2, 1, 3))
-    return np.ascontiguousarray(codes), scales
+    scales = np.ascontiguousarray(dm.reshape(n_groups, 2, n_chunks, 32).transpose(0, 2, 1, 3))
+    return codes, scales
+
+
+@njit(cache=True, inline="always")
+def code_offset(n_chunks, l, c):
+    """Offset within a group's codes of neuron l's 16 bytes for output chunk c (layout above)."""
+    p = c >> 2
+    plen = 16 * min(4, n_chunks - 4 * p)
+    return 2048 * p + l * plen + 16 * (c & 3)
 
 
 @njit(cache=True, error_model="numpy")
@@ -181,29 +201,20 @@ def group_starts(rows, n_groups, gstart):
 
 
 @njit(cache=True, error_model="numpy")
-def _group_coef_sums(coef, gstart, gsum):
-    for g in range(gsum.shape[0]):
-        s = np.float32(0.0)
-        for u in range(gstart[g], gstart[g + 1]):
-            s += coef[u]
-        gsum[g] = s
-
-
-@njit(cache=True, error_model="numpy")
-def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gstart, gsum, xq, gd):
-    """The down stage of a threshold layer, ready for bundle_rows, in one pass: a_j = act(g_j) * u_j for the
-    neurons that computed up (rows_up ascending, up_vals in the same order), kept where |a_j| >= threshold[j]
-    into rows[:n]; then, per group of 32 neurons, the kept values quantized exactly as qgemv.quantize_for
-    quantizes the (sparse) activation vector for a Q4_0/Q4_1 matrix (llama.cpp's x86 Q8_0/Q8_1: d = fp16(amax/127),
-    q = rint(a * 127/amax)): coef[:n] = d * q, gsum[g] = the block sum term (fp16(d_unrounded * sum q) with
-    sum_fp16, i.e. Q8_1, else fp16(d) * sum q), gstart as group_starts; also the parts: xq[:n] = q (int8) and
-    gd[g] = d (for the integer kernel). Returns (n, groups with a kept neuron).
-    Not fastmath: the rounding must be IEEE's."""
+def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, xq, gd, gstart, gsum):
+    """The down stage of a threshold layer, ready for bundle_rows_q8, in one pass: a_j = act(g_j) * u_j for
+    the neurons that computed up (rows_up ascending, up_vals in the same order), kept where |a_j| >=
+    threshold[j] into rows[:n]; per group of 32 neurons, the kept values quantized exactly as
+    qgemv.quantize_for quantizes the (sparse) activation vector for a Q4_0/Q4_1 matrix (llama.cpp's x86
+    Q8_0/Q8_1): gd[g] = fp16(amax/127), xq[:n] = rint(a * 127/amax), gsum[g] = the block-sum term
+    (fp16(amax/127 * sum q) with sum_fp16, i.e. Q8_1, else gd[g] * sum q); gstart as group_starts.
+    Returns (n, groups with a kept neuron). Not fastmath: the rounding must be IEEE's."""
     n_groups = gsum.shape[0]
     k = rows_up.shape[0]
     n = 0
     u = 0
     n_read = 0
+    a_kept = np.empty(32, np.float32)
     for g in range(n_groups):
         gstart[g] = n
         amax = np.float32(0.0)
@@ -212,37 +223,27 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, coef, gsta
             a = g_act[j] * up_vals[u]
             if abs(a) >= threshold[j]:
                 rows[n] = j
-                coef[n] = a
+                a_kept[n - gstart[g]] = a
                 n += 1
                 if abs(a) > amax:
                     amax = abs(a)
             u += 1
+        gsum[g] = 0.0
+        gd[g] = 0.0
         if n == gstart[g]:
-            gsum[g] = 0.0
-            gd[g] = 0.0
             continue
         n_read += 1
         d = amax / np.float32(127.0)
         idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
-        dr = f16_round(d)
         s = 0
         for v in range(gstart[g], n):
-            q = int(np.rint(coef[v] * idd))
+            q = int(np.rint(a_kept[v - gstart[g]] * idd))
             s += q
-            coef[v] = dr * np.float32(q)
             xq[v] = q
-        gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else dr * np.float32(s)
-        gd[g] = dr
+        gd[g] = f16_round(d)
+        gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
     gstart[n_groups] = n
     return n, n_read
-
-
-@njit(cache=True, error_model="numpy")
-def dequantized_coefs(rows, xq, xd, coef):
-    """coef[u] = xd[rows[u] // 32] * xq[rows[u]]: the active neurons' values after Q8 block quantization."""
-    for u in range(rows.shape[0]):
-        j = rows[u]
-        coef[u] = xd[j // 32] * np.float32(xq[j])
 
 
 @njit(cache=True, error_model="numpy")
@@ -259,90 +260,12 @@ def _split_groups(gstart, n_parts, bounds):
     bounds[n_parts] = n_groups
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _bundle_rows_vec(path, codes, scales, rows, coef, gstart, gsum, out):
-    """Threads take contiguous ranges of groups, balanced by rows. Within a group the active rows are read in
-    order, each whole (n_embd/2 contiguous bytes, two neurons at a time), into a per-group accumulator that
-    stays in L1; then d * acc + m * sum goes into the thread's partial output. Reading in address order lets
-    the hardware prefetchers stream the codes (a loop over 32-output chunks inside the group read them
-    with a stride and ran at half the bandwidth)."""
-    n_embd = out.shape[0]
-    half = codes.shape[1]
-    n_groups = gstart.shape[0] - 1
-    n_parts = 2 if gstart[n_groups] >= 64 else 1
-    bounds = np.empty(n_parts + 1, np.int64)
-    _split_groups(gstart, n_parts, bounds)
-    partial = np.zeros((n_parts, n_embd), np.float32)
-    for part in prange(n_parts):
-        po = partial[part]
-        acc = np.empty(n_embd, np.float32)
-        for g in range(bounds[part], bounds[part + 1]):
-            s = gstart[g]
-            e = gstart[g + 1]
-            if s == e:
-                continue
-            acc[:] = 0.0
-            u = s
-            while u + 1 < e:                          # two rows per pass: half the accumulator traffic
-                b0 = np.int64(rows[u]) * half
-                b1 = np.int64(rows[u + 1]) * half
-                c0 = coef[u]
-                c1 = coef[u + 1]
-                for o in range(0, n_embd, 32):
-                    q = o // 2
-                    v0 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o), simd.load_nib_lo8(codes, b0 + q), c0),
-                                    simd.load_nib_lo8(codes, b1 + q), c1)
-                    v1 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 8), simd.load_nib_lo8(codes, b0 + q + 8), c0),
-                                    simd.load_nib_lo8(codes, b1 + q + 8), c1)
-                    v2 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 16), simd.load_nib_hi8(codes, b0 + q), c0),
-                                    simd.load_nib_hi8(codes, b1 + q), c1)
-                    v3 = simd._vfma(simd._vfma(simd.load_f32x8(acc, o + 24), simd.load_nib_hi8(codes, b0 + q + 8), c0),
-                                    simd.load_nib_hi8(codes, b1 + q + 8), c1)
-                    simd.store_f32x8(acc, o, v0)
-                    simd.store_f32x8(acc, o + 8, v1)
-                    simd.store_f32x8(acc, o + 16, v2)
-                    simd.store_f32x8(acc, o + 24, v3)
-                u += 2
-            if u < e:
-                b0 = np.int64(rows[u]) * half
-                c0 = coef[u]
-                for o in range(0, n_embd, 32):
-                    q = o // 2
-                    simd.store_f32x8(acc, o, simd._vfma(simd.load_f32x8(acc, o), simd.load_nib_lo8(codes, b0 + q), c0))
-                    simd.store_f32x8(acc, o + 8, simd._vfma(simd.load_f32x8(acc, o + 8),
-                                                            simd.load_nib_lo8(codes, b0 + q + 8), c0))
-                    simd.store_f32x8(acc, o + 16, simd._vfma(simd.load_f32x8(acc, o + 16),
-                                                             simd.load_nib_hi8(codes, b0 + q), c0))
-                    simd.store_f32x8(acc, o + 24, simd._vfma(simd.load_f32x8(acc, o + 24),
-                                                             simd.load_nib_hi8(codes, b0 + q + 8), c0))
-            sg = gsum[g]
-            base = g * (n_embd // 32) * 64                # scales[g]: per 32-output chunk, 32 d then 32 m
-            for o in range(0, n_embd, 8):
-                so = base + (o // 32) * 64 + o % 32
-                simd.store_f32x8(po, o, simd.vmuladd(simd.vmuladd(simd.load_f32x8(po, o),
-                                 simd.load_f16x8(path, scales, so), simd.load_f32x8(acc, o)),
-                                 simd.load_f16x8(path, scales, so + 32), sg))
-    for i in range(n_embd):
-        t = np.float32(0.0)
-        for part in range(n_parts):
-            t += partial[part, i]
-        out[i] = t
-
-
-_PAIRS_I16 = 8             # column pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
+_PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
-    """out (n_embd,) = sum over the active columns of their Q8 values times the bundle's columns, as llama.cpp's
-    Q4_1 x Q8_1 dot computes it: per group g and output r, d[r,g] * gd[g] * (sum_j xq_j q[r,j]) (an exact
-    integer sum) + m[r,g] * gsum[g]. rows/xq/gd/gstart/gsum from down_coefs_q8. Vector paths only.
-
-    Threads take contiguous ranges of groups, balanced by rows; within a group, per 32-output chunk, the
-    integer sums stay in registers: pairs of columns are multiplied in int16 (nib_pair_i16), 8 pairs summed
-    in int16, then widened into int32."""
+def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
     n_chunks = out.shape[0] // 32
-    half = codes.shape[1]
     n_groups = gstart.shape[0] - 1
     n_parts = 2 if gstart[n_groups] >= 64 else 1
     bounds = np.empty(n_parts + 1, np.int64)
@@ -357,6 +280,7 @@ def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                 continue
             xdg = gd[g]
             sg = gsum[g]
+            gbase = np.int64(g) * codes.shape[1]
             for c in range(n_chunks):
                 i0 = simd.izero(path)
                 i1 = simd.izero(path)
@@ -368,10 +292,10 @@ def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                     h_hi = simd.izero(path)
                     stop = min(e, u + 2 * _PAIRS_I16)
                     while u < stop:
-                        o0 = np.int64(rows[u]) * half + 16 * c
+                        o0 = gbase + code_offset(n_chunks, rows[u] - 32 * g, c)
                         x0 = np.int64(xq[u])
                         if u + 1 < stop:
-                            o1 = np.int64(rows[u + 1]) * half + 16 * c
+                            o1 = gbase + code_offset(n_chunks, rows[u + 1] - 32 * g, c)
                             x1 = np.int64(xq[u + 1])
                         else:
                             o1 = o0
@@ -386,7 +310,7 @@ def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                     i1 = simd.add_i32(i1, w1)
                     i2 = simd.add_i32(i2, w2)
                     i3 = simd.add_i32(i3, w3)
-                off = (g * n_chunks + c) * 64
+                off = (g * n_chunks + c) * 64              # scales[g, c]: 32 d, then 32 m
                 o = 32 * c
                 z = simd._vzero()
                 simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
@@ -409,50 +333,36 @@ def bundle_rows_q8(path, codes, scales, rows, xq, gd, gstart, gsum, out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bundle_rows_plain(path, codes, scales, rows, coef, gstart, gsum, out):
+def _bundle_rows_plain(path, codes, scales, rows, xq, gd, gstart, gsum, out):
     n_chunks = out.shape[0] // 32
     n_groups = gstart.shape[0] - 1
     for c in prange(n_chunks):
         o = np.zeros(32, np.float32)
-        acc = np.empty(32, np.float32)
+        acc = np.zeros(32, np.int64)
         for g in range(n_groups):
             if gstart[g] == gstart[g + 1]:
                 continue
-            acc[:] = 0.0
+            acc[:] = 0
             for u in range(gstart[g], gstart[g + 1]):
-                a = coef[u]
+                base = code_offset(n_chunks, rows[u] - 32 * g, c)
+                x = np.int64(xq[u])
                 for t in range(16):
-                    b = codes[rows[u], 16 * c + t]
-                    acc[t] += a * np.float32(b & 15)
-                    acc[t + 16] += a * np.float32(b >> 4)
+                    b = codes[g, base + t]
+                    acc[t] += x * np.int64(b & 15)
+                    acc[t + 16] += x * np.int64(b >> 4)
             for t in range(32):
-                o[t] += (simd.f16_to_f32(path, scales[g, c, 0, t]) * acc[t]
+                o[t] += (simd.f16_to_f32(path, scales[g, c, 0, t]) * gd[g] * np.float32(acc[t])
                          + simd.f16_to_f32(path, scales[g, c, 1, t]) * gsum[g])
         out[32 * c:32 * c + 32] = o
 
 
-def bundle_rows(codes: np.ndarray, scales: np.ndarray, rows: np.ndarray, coef: np.ndarray,
-                out: np.ndarray | None = None, gsum: np.ndarray | None = None,
-                path: str | None = None) -> tuple[np.ndarray, int]:
-    """out (n_embd,) = sum_u coef[u] * down[:, rows[u]] from a bundle (bundle_q4); rows (k,) int32 ascending.
-    gsum (n_ff/32,): the per-group sums of coef for the m term (None: summed here; the model passes the
-    fp16-rounded sums of llama.cpp's Q8_1 activations). Returns (out, number of groups read).
-    path: SIMD path name (None: default); "scalar" runs plain Numba."""
-    n_groups = scales.shape[0]
-    n_embd = scales.shape[1] * 32
-    if out is None:
-        out = np.empty(n_embd, np.float32)
-    gstart = np.empty(n_groups + 1, np.int64)
-    n_read = group_starts(rows, n_groups, gstart)
-    if gsum is None:
-        gsum = np.empty(n_groups, np.float32)
-        _group_coef_sums(coef, gstart, gsum)
-    bundle_rows_grouped(codes, scales, rows, coef, gstart, gsum, out, path)
-    return out, n_read
+def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None) -> None:
+    """out (n_embd,) = the down product over the active neurons (rows[:n] ascending, their Q8 values xq, per
+    group gd / gsum / gstart from down_coefs_q8), from a bundle (bundle_q4).
 
-
-def bundle_rows_grouped(codes, scales, rows, coef, gstart, gsum, out, path: str | None = None) -> None:
-    """bundle_rows with the groups already found (group_starts or down_coefs_q8)."""
+    Vector paths: threads take contiguous ranges of groups, balanced by rows; per group and 32-output chunk
+    the integer sums stay in registers: pairs of neurons are multiplied in int16 (simd.nib_pair_i16), 8 pairs
+    summed in int16, then widened to int32. path "scalar": plain Numba loops."""
     tok = simd.token(path)
     kernel = _bundle_rows_plain if simd.path_name(tok) == "scalar" else _bundle_rows_vec
-    kernel(tok, codes, scales, rows, coef, gstart, gsum, out)
+    kernel(tok, codes, scales, rows, xq, gd, gstart, gsum, out)

@@ -314,16 +314,11 @@ class Model:
         bundle = L.w_down.column_bundle() if plan.down_t is None else None
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input
             n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold,
-                                                   bundle.qtype == GGMLQuantizationType.Q4_1, rows, coef, gstart,
-                                                   gsum, xq, gd)
+                                                   bundle.qtype == GGMLQuantizationType.Q4_1, rows, xq, gd,
+                                                   gstart, gsum)
             self._ffn_used.append(n / n_ff)
             out = np.empty(L.w_down.n_rows, np.float32)
-            tok = simd.token()
-            if simd.path_name(tok) == "scalar":
-                sparse_ffn.bundle_rows_grouped(bundle.codes, bundle.scales, rows[:n], coef[:n], gstart, gsum, out,
-                                               "scalar")
-            else:
-                sparse_ffn.bundle_rows_q8(tok, bundle.codes, bundle.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
+            sparse_ffn.bundle_rows_q8(bundle.codes, bundle.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
             self._bytes += bundle.bytes_read(n, n_groups) - L.w_down.nbytes
             return out[None]
         n = sparse_ffn.active_products(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold, rows, coef)

@@ -101,29 +101,34 @@ class QuantMatrix:
 
 @dataclass
 class ColumnBundle:
-    """A Q4_0/Q4_1 matrix regrouped so that each column's 4-bit codes are contiguous (layout and maths:
-    numba_kernels.sparse_ffn); exact, and the same number of bytes."""
-    codes: np.ndarray                # (n_cols, n_rows/2) uint8
+    """A Q4_0/Q4_1 matrix regrouped so that each column's 4-bit codes are contiguous, one cache line per 128
+    rows (layout and maths: numba_kernels.sparse_ffn); exact, and the same number of bytes for Q4_1."""
+    codes: np.ndarray                # (n_cols/32, 16 n_rows) uint8
     scales: np.ndarray               # (n_cols/32, n_rows/32, 2, 32) uint16 fp16 bits (d, m)
     qtype: int                       # the original type: the activations are quantized as for it
 
     def product(self, cols: np.ndarray, coef: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """(W[:, cols] @ coef (n_rows,), bytes read); cols (k,) int32 ascending. Like the dense GEMV (and
-        llama.cpp), the activation vector is first quantized to Q8 blocks, so with every column active the
-        result equals W @ x up to float summation order."""
+        llama.cpp), the values are first quantized to Q8 blocks, so with every column active the result
+        equals W @ x up to float summation order."""
         from numba_kernels import sparse_ffn
-        n_cols = self.codes.shape[0]
-        x = np.zeros(n_cols, np.float32)
-        x[cols] = coef
-        xq = qgemv.quantize_for(self.qtype, x, qgemv.new_q8(n_cols))
-        cq = np.empty(cols.size, np.float32)
-        sparse_ffn.dequantized_coefs(cols, xq.q, xq.d, cq)
-        out, n_groups = sparse_ffn.bundle_rows(self.codes, self.scales, cols, cq, out, xq.s)
-        return out, self.bytes_read(cols.size, n_groups)
+        n_cols = self.scales.shape[0] * 32
+        n_rows = self.scales.shape[1] * 32
+        up_vals = np.ones(cols.size, np.float32)         # a_j = coef_j * 1, every one kept
+        rows, xq = np.empty(cols.size, np.int32), np.empty(cols.size, np.int8)
+        gstart, gsum, gd = np.empty(n_cols // 32 + 1, np.int64), np.empty(n_cols // 32, np.float32), np.empty(n_cols // 32, np.float32)
+        g_act = np.zeros(n_cols, np.float32)
+        g_act[cols] = coef
+        n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, cols, np.zeros(n_cols, np.float32),
+                                               self.qtype == int(GGMLQuantizationType.Q4_1), rows, xq, gd, gstart, gsum)
+        if out is None:
+            out = np.empty(n_rows, np.float32)
+        sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
+        return out, self.bytes_read(n, n_groups)
 
     def bytes_read(self, n_cols: int, n_groups: int) -> int:
         """Bytes a product over n_cols columns in n_groups groups of 32 reads: their codes and the groups' scales."""
-        return n_cols * self.codes.shape[1] + n_groups * self.scales[0].nbytes
+        return n_cols * self.codes.shape[1] // 32 + n_groups * self.scales[0].nbytes
 
 
 LOWBIT_TILE_ROWS = 4096
