@@ -2,18 +2,22 @@
 
 The FFN output is y = sum_j a_j * down[:, j]. GGUF stores down row-major by output dimension, with its
 quantization blocks running along the neurons, so skipping a neuron skips nothing: every block still holds
-some active neuron. A converted file therefore also carries down re-laid-out by neuron, `down_t`, as a Q8_0
-matrix with one 32-element block per row, block-major:
+some active neuron. Two neuron-major layouts fix that:
+
+* Column bundles (Q4_0/Q4_1 down, built at load time, exact; second half of this file): the same 4-bit codes
+  and fp16 scales regrouped so each neuron's codes are contiguous. A token reads only its active neurons'
+  codes, and the product is llama.cpp's integer Q4 x Q8 arithmetic over them.
+* `down_t` (other types; written by the converter): down re-laid-out by neuron as a Q8_0 matrix with one
+  32-element block per row, block-major:
 
     down_t row  b * n_ff + j  =  down[32b : 32b + 32, j]      (n_embd / 32 slabs of n_ff rows, 34 bytes each)
 
-so an inactive neuron costs nothing and an active one costs 34 contiguous bytes per slab. Q8_0 because
-re-quantizing the transpose of a 4-bit matrix to 4 or 5 bits again costs too much quality (measured on
-SmolLM2 Q4_1: Q4_1 KL +0.08, Q5_0 +0.02, Q8_0 +0.003); a Q8_0 row is 1.7x the bytes of a Q4_1 one, so
-the converter uses down_t only where the layer's down sparsity pays for that.
-
-Threads split the output slabs (prange over b): each output element is written by one thread, with no
-partial sums to merge. Within a slab, 32 accumulators stay in registers (4 x f32x8) across the active rows.
+  so an active neuron costs 34 contiguous bytes per slab. Q8_0 because re-quantizing the transpose of a
+  4-bit matrix to 4 or 5 bits again costs too much quality (measured on SmolLM2 Q4_1: Q4_1 KL +0.08, Q5_0
+  +0.02, Q8_0 +0.003); a Q8_0 row is 1.7x the bytes of a Q4_1 one, so the converter uses down_t only where
+  the layer's down sparsity pays for that. Threads split the output slabs (prange over b): each output
+  element is written by one thread, with no partial sums to merge; within a slab, 32 accumulators stay in
+  registers (4 x f32x8) across the active rows.
 """
 
 from __future__ import annotations
