@@ -815,32 +815,6 @@ def store_f32x8(typingctx, out, off, v):
 
 
 @intrinsic
-def load_nib_lo8(typingctx, q, qoff):
-    """Low nibbles of the 8 bytes at q.flat[qoff] as an i32x8 (values 0..15). Generic LLVM vector IR."""
-    if not (_is_byte_array(q) and isinstance(qoff, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = _load_vec(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(_I8, 8))
-        return builder.and_(builder.zext(v, _V8I32), _vconst(_V8I32, 0x0F))
-
-    return i32x8(q, qoff), codegen
-
-
-@intrinsic
-def load_nib_hi8(typingctx, q, qoff):
-    """High nibbles of the 8 bytes at q.flat[qoff] as an i32x8 (values 0..15). Generic LLVM vector IR."""
-    if not (_is_byte_array(q) and isinstance(qoff, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = _load_vec(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(_I8, 8))
-        return builder.lshr(builder.zext(v, _V8I32), _vconst(_V8I32, 4))
-
-    return i32x8(q, qoff), codegen
-
-
-@intrinsic
 def nib_pair_i16(typingctx, q, off0, off1, x0, x1):
     """Column-bundle building block: the 16 code bytes at q.flat[off0] (column j0) and q.flat[off1] (column
     j1), each holding 32 4-bit codes (byte t: row t low nibble, row 16 + t high nibble), times the int8
