@@ -713,15 +713,18 @@ def gemv(pm: PackedMatrix, x: np.ndarray | None = None, out: np.ndarray | None =
 
 
 def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, out: np.ndarray | None = None,
-              scratch: Q8Act | None = None, *, xq: Q8Act | None = None, path: str | None = None) -> np.ndarray:
+              scratch: Q8Act | None = None, *, xq: Q8Act | None = None, path: str | None = None,
+              checked: bool = False) -> np.ndarray:
     """out[i] = W[rows[i]] . x (compact output, len(rows)); rows: int32 indices (others are converted) in [0, n_rows).
-    Other arguments as gemv."""
+    checked=True: the caller guarantees rows is a C-contiguous int32 array of valid indices (the decoder's own
+    selections; skips a conversion and two passes). Other arguments as gemv."""
     xq = _activation(pm, x, scratch, xq)
-    rows = np.asarray(rows)
-    if rows.dtype != np.int32 or not rows.flags.c_contiguous:
-        rows = np.ascontiguousarray(rows, dtype=np.int32)  # one dtype -> one compiled specialisation
-    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= pm.n_rows):
-        raise IndexError("row index out of range")
+    if not checked:
+        rows = np.asarray(rows)
+        if rows.dtype != np.int32 or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, dtype=np.int32)  # one dtype -> one compiled specialisation
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= pm.n_rows):
+            raise IndexError("row index out of range")
     if out is None:
         out = np.empty(rows.shape[0], np.float32)
     elif out.shape[0] != rows.shape[0]:

@@ -22,6 +22,8 @@ some active neuron. Two neuron-major layouts fix that:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -102,6 +104,21 @@ def rows_at_least(x, threshold, rows):
     n = 0
     for j in range(x.shape[0]):
         if abs(x[j]) >= threshold[j]:
+            rows[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def silu_rows_at_least(g, threshold, rows):
+    """In place g[j] = silu(g[j]) (the expression of ops.silu, so the same numbers), then rows[:n] = the j
+    with |silu(g_j)| >= threshold[j], ascending; returns n. g, threshold: (n_ff,)."""
+    for j in range(g.shape[0]):
+        v = g[j]
+        g[j] = v / (np.float32(1.0) + math.exp(-v))
+    n = 0
+    for j in range(g.shape[0]):
+        if abs(g[j]) >= threshold[j]:
             rows[n] = j
             n += 1
     return n

@@ -250,6 +250,10 @@ class Model:
             plan = self.ffn_topk.layers[il]
         else:
             plan = self.sparsity.layers[il] if self.sparsity is not None and not self.dense else None
+        if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity)
+                and plan.up_threshold is not None and self.cfg.traits.activation != "gelu"
+                and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype):
+            return self._ffn_decode_threshold(L, plan, h[0])
         gate = L.w_gate.matmul(h)                                    # (T, n_ff)
         if plan is None and self.ffn_observer is None:               # plain dense path
             up = L.w_up.matmul(h)
@@ -260,9 +264,6 @@ class Model:
             self._ffn_used.append(1.0)
             return L.w_down.matmul(gate)
         g_act = self._activation(gate)                               # (T, n_ff) act(g)
-        if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity)
-                and plan.up_threshold is not None and L.w_up.packed is not None):
-            return self._ffn_decode_threshold(L, plan, h[0], g_act[0])
         if plan is not None and plan.up_threshold is not None:
             keep_up = np.abs(g_act) >= plan.up_threshold             # (T, n_ff)
             if h.shape[0] == 1 and L.w_up.packed is not None:        # decode: read only the kept rows of up
@@ -297,19 +298,22 @@ class Model:
             return sparse_ffn.down_rows(down_t.packed, down_t.n_ff, rows, a[0, rows])[None]
         return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
-    def _ffn_decode_threshold(self, L, plan: LayerSparsity, x: np.ndarray, g_act: np.ndarray) -> np.ndarray:
-        """One token through a threshold layer, reading only what it needs: up rows where |act(g)| passes,
-        then down rows (neuron-major down_t) where |act(g) * u| passes. The same numbers as the masked path.
-        x: (n_embd,) normed input, g_act: (n_ff,) act(gate) -> (1, n_embd)."""
-        n_ff = g_act.shape[0]
+    def _ffn_decode_threshold(self, L, plan: LayerSparsity, x: np.ndarray) -> np.ndarray:
+        """One token through a threshold layer (SiLU), reading only what it needs: the gate in full, up rows
+        where |act(g)| passes, then down rows where |act(g) * u| passes (column bundle or down_t). The same
+        numbers as the masked path. x: (n_embd,) normed input -> (1, n_embd)."""
+        n_ff = L.w_gate.n_rows
         if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
             self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
                                  np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
                                  np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32),
-                                 np.empty(n_ff, np.int8), np.empty(n_ff // 32, np.float32))
-        rows_up, up_vals, rows, coef, gstart, gsum, xq, gd = self._ffn_scratch
-        n_up = sparse_ffn.rows_at_least(g_act, plan.up_threshold, rows_up)
-        qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], x, out=up_vals[:n_up])
+                                 np.empty(n_ff, np.int8), np.empty(n_ff // 32, np.float32),
+                                 np.empty(n_ff, np.float32), qgemv.new_q8(x.shape[0]))
+        rows_up, up_vals, rows, coef, gstart, gsum, xq, gd, g_act, x8 = self._ffn_scratch
+        x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)              # one Q8 copy of x serves gate and up
+        qgemv.gemv(L.w_gate.packed, out=g_act, xq=x8)
+        n_up = sparse_ffn.silu_rows_at_least(g_act, plan.up_threshold, rows_up)   # g_act now holds act(g)
+        qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], out=up_vals[:n_up], xq=x8, checked=True)
         self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         bundle = L.w_down.column_bundle() if plan.down_t is None else None
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input
