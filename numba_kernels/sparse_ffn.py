@@ -116,12 +116,7 @@ def silu_rows_at_least(g, threshold, rows):
     for j in range(g.shape[0]):
         v = g[j]
         g[j] = v / (np.float32(1.0) + math.exp(-v))
-    n = 0
-    for j in range(g.shape[0]):
-        if abs(g[j]) >= threshold[j]:
-            rows[n] = j
-            n += 1
-    return n
+    return rows_at_least(g, threshold, rows)
 
 
 @njit(cache=True, error_model="numpy")
