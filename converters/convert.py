@@ -55,8 +55,12 @@ class ConvertResult:
     calib_tokens: int
     heldout_tokens: int
     seconds: float
-    down_t: list[bool]            # per layer: neuron-major Q8_0 down written to the file
-    down_layout: list[str]        # per layer: how decode reads down (DOWN_LAYOUTS)
+    down_layout: list[str]        # per layer: how decode reads down (down_layout)
+
+    @property
+    def down_t(self) -> list[bool]:
+        """Per layer: the file carries a neuron-major Q8_0 ffn_down_t."""
+        return [dl == "q8_0" for dl in self.down_layout]
 
     def layer_table(self) -> list[dict]:
         return [{"layer": il, "mode": MODE_NAMES[1 if lv > 0 else 0], "level": round(lv, 4),
@@ -65,12 +69,10 @@ class ConvertResult:
                                                               self.down_t, self.down_layout))]
 
 
-DOWN_LAYOUTS = {"original": "all of down (dense layer, or skipping would save no bytes)",
-                "bundle": "the active neurons' columns, regrouped at load (exact; Q4_0/Q4_1)",
-                "q8_0": "the active neurons' rows of the file's neuron-major Q8_0 ffn_down_t"}
-
-
 def down_layout(model: Model, layer, il: int) -> str:
+    """How decode reads a layer's down: "original" (all of it: a dense layer, or skipping would save no
+    bytes), "bundle" (the active neurons' columns, regrouped at load: exact, Q4_0/Q4_1) or "q8_0" (the active
+    neurons' rows of the file's neuron-major Q8_0 ffn_down_t)."""
     if not layer.active:
         return "original"
     if layer.down_t is not None:
@@ -140,8 +142,8 @@ def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: l
         bundle = L.w_down.column_bundle() if layer.active else None
         if layer.down_t is not None:
             down = layer.down_t.nbytes * (1.0 - sd)
-        elif bundle is not None:      # codes of the active neurons; every group's scales (an upper bound)
-            down = bundle.codes.nbytes * (1.0 - sd) + bundle.scales.nbytes
+        elif bundle is not None:
+            down = bundle.expected_bytes(sd)
         else:
             down = L.w_down.nbytes
         sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + down
@@ -167,7 +169,7 @@ def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
             continue
         L = model.weights.layers[il]
         bundle = L.w_down.column_bundle()
-        if bundle is not None and bundle.codes.nbytes * (1.0 - sd) + bundle.scales.nbytes < L.w_down.nbytes:
+        if bundle is not None and bundle.expected_bytes(sd) < L.w_down.nbytes:
             continue
         dt_bytes = L.w_down.n_rows // 32 * L.w_down.n_cols * 34 if L.w_down.n_rows % 32 == 0 else None
         if dt_bytes is not None and (1.0 - sd) * dt_bytes < DOWN_T_MAX_RATIO * L.w_down.nbytes:
@@ -232,7 +234,6 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     result = ConvertResult(out, levels, skipped_up, skipped, summary,
                            ffn_bytes_ratio(model, plan, skipped_up, skipped),
                            sum(map(len, train)), sum(map(len, held)), 0.0,
-                           [layer.down_t is not None for layer in plan.layers],
                            [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)])
 
     from .gguf_out import file_sha256, write_model

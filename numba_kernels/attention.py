@@ -468,19 +468,14 @@ def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
                 acc[g, i] += w * vrow[i]
 
 
-_ONE_PASS_MAX = 256        # up to this many positions per kv head: one parallel launch, a kv head per item
-
-
 @njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out):
     """Exact attention of one query token over the positions idx[kvh, :n_attended[kvh]] of each kv head
-    (ascending; the windowed choice, or a contiguous range for plain decode). Shapes and rounding as in
-    attention_decode_windowed.
+    (ascending: the windowed choice). Shapes and rounding as in attention_decode_windowed.
 
-    Short rows run as one parallel loop over kv heads (each launch costs microseconds). Long rows run over
-    (kv head, half of the positions) items so 2 threads share 3 kv heads: q.k for the item's half, then the
-    softmax of the whole row (each item of a kv head recomputes it: cheaper than another launch) and p.v
-    over the item's half into a partial sum."""
+    Work runs over (kv head, half of the positions) items so 2 threads share 3 kv heads: q.k for the item's
+    half, then the softmax of the whole row (each item of a kv head recomputes it: cheaper than another
+    launch) and p.v over the item's half into a partial sum."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
@@ -489,21 +484,6 @@ def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out):
         _round_f16_into(q[h], qh[h])
     n_max = n_attended.max()
     s = np.empty((n_head, n_max), np.float32)      # q.k * scale
-    if n_max <= _ONE_PASS_MAX:
-        for kvh in prange(n_kv):
-            n = n_attended[kvh]
-            _qk_range(path, qh, k_cache, v_cache, kvh, idx, 0, n, G, scale, s)
-            e = np.empty(n, np.float32)
-            p = np.empty((G, n), np.float32)
-            for g in range(G):
-                inv = _exp_shifted(s[kvh * G + g], n, e)
-                _round_probs(e, inv, 0, n, p[g])
-            acc = np.zeros((G, D), np.float32)
-            _pv_range(path, p, v_cache, kvh, idx, 0, n, acc)
-            for g in range(G):
-                for i in range(D):
-                    out[kvh * G + g, i] = acc[g, i]
-        return
     for item in prange(n_kv * _SPLIT):
         kvh = item // _SPLIT
         n = n_attended[kvh]

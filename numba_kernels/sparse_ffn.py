@@ -200,30 +200,14 @@ def code_offset(n_chunks, l, c):
 
 
 @njit(cache=True, error_model="numpy")
-def group_starts(rows, n_groups, gstart):
-    """For ascending active rows: gstart[g]:gstart[g+1] are the rows of group g (neurons 32g..32g+31).
-    Returns the number of groups with an active neuron."""
-    u = 0
-    k = rows.shape[0]
-    n_active = 0
-    for g in range(n_groups):
-        gstart[g] = u
-        while u < k and rows[u] < 32 * (g + 1):
-            u += 1
-        if u > gstart[g]:
-            n_active += 1
-    gstart[n_groups] = u
-    return n_active
-
-
-@njit(cache=True, error_model="numpy")
 def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, xq, gd, gstart, gsum):
     """The down stage of a threshold layer, ready for bundle_rows_q8, in one pass: a_j = act(g_j) * u_j for
     the neurons that computed up (rows_up ascending, up_vals in the same order), kept where |a_j| >=
     threshold[j] into rows[:n]; per group of 32 neurons, the kept values quantized exactly as
     qgemv.quantize_for quantizes the (sparse) activation vector for a Q4_0/Q4_1 matrix (llama.cpp's x86
     Q8_0/Q8_1): gd[g] = fp16(amax/127), xq[:n] = rint(a * 127/amax), gsum[g] = the block-sum term
-    (fp16(amax/127 * sum q) with sum_fp16, i.e. Q8_1, else gd[g] * sum q); gstart as group_starts.
+    (fp16(amax/127 * sum q) with sum_fp16, i.e. Q8_1, else gd[g] * sum q); gstart[g]:gstart[g+1] are the
+    kept rows of group g (neurons 32g..32g+31).
     Returns (n, groups with a kept neuron). Not fastmath: the rounding must be IEEE's."""
     n_groups = gsum.shape[0]
     k = rows_up.shape[0]

@@ -363,8 +363,8 @@ class Model:
                 attn_kernels.quantize_queries(q[0], xq, xd, xs)
                 attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_keys, self._cheap)
                 attn_kernels.attention_decode_windowed(
-                    simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16), self._cheap, n_keys, self.attn.sinks, self.attn.window,
-                    self.attn.topk, scale, out, self._picked, self._n_picked)
+                    simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16), self._cheap,
+                    n_keys, self.attn.sinks, self.attn.window, self.attn.topk, scale, out, self._picked, self._n_picked)
                 self._attended.append(float(self._n_picked.mean()))
                 self._bytes += (self._n_picked.sum() * kc.shape[2] * kc.itemsize * 2
                                 + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)

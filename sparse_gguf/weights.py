@@ -116,7 +116,8 @@ class ColumnBundle:
         n_rows = self.scales.shape[1] * 32
         up_vals = np.ones(cols.size, np.float32)         # a_j = coef_j * 1, every one kept
         rows, xq = np.empty(cols.size, np.int32), np.empty(cols.size, np.int8)
-        gstart, gsum, gd = np.empty(n_cols // 32 + 1, np.int64), np.empty(n_cols // 32, np.float32), np.empty(n_cols // 32, np.float32)
+        gstart = np.empty(n_cols // 32 + 1, np.int64)
+        gsum, gd = np.empty(n_cols // 32, np.float32), np.empty(n_cols // 32, np.float32)
         g_act = np.zeros(n_cols, np.float32)
         g_act[cols] = coef
         n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, cols, np.zeros(n_cols, np.float32),
@@ -125,6 +126,11 @@ class ColumnBundle:
             out = np.empty(n_rows, np.float32)
         sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
         return out, self.bytes_read(n, n_groups)
+
+    def expected_bytes(self, skipped: float) -> float:
+        """Bytes per product when a fraction `skipped` of the columns is inactive: their codes, and every
+        group's scales (an upper bound: a group with no active column is not read)."""
+        return self.codes.nbytes * (1.0 - skipped) + self.scales.nbytes
 
     def bytes_read(self, n_cols: int, n_groups: int) -> int:
         """Bytes a product over n_cols columns in n_groups groups of 32 reads: their codes and the groups' scales."""
