@@ -20,7 +20,7 @@ from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
 from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES,
                                    KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, TENSOR_DOWN_T, TENSOR_THRESHOLD,
-                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT)
+                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT, up_read_fraction)
 from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data
@@ -134,7 +134,7 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
 
 def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: list[float]) -> float:
     """FFN weight bytes the decode kernels read per token with the plan, relative to dense: gate in full, up
-    only for the neurons that pass the up stage, down only for the active neurons where the layer has a
+    only for the neurons that pass the up stage when few do (sparsity.up_read_fraction), down only for the active neurons where the layer has a
     neuron-major down (else all of down)."""
     dense = sparse = 0.0
     for L, layer, su, sd in zip(model.weights.layers, plan.layers, skipped_up, skipped_down):
@@ -146,7 +146,7 @@ def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: l
             down = bundle.expected_bytes(sd)
         else:
             down = L.w_down.nbytes
-        sparse += L.w_gate.nbytes + L.w_up.nbytes * (1.0 - su) + down
+        sparse += L.w_gate.nbytes + L.w_up.nbytes * up_read_fraction(1.0 - su) + down
     return sparse / dense
 
 

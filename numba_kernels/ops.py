@@ -66,24 +66,56 @@ def rope(x, cos, sin, neox):
                     x[t, h, 2 * i + 1] = a * s + b * c
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+# Elementwise fastmath without reassociation: loops over these vectorize, and every path (dense, sparse,
+# prefill, decode) computes the same float32 numbers for the same input.
+_ELEMENTWISE = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always", error_model="numpy")
+def exp_f32(x):
+    """exp(x) in float32 within a few ulp (x clamped to [-87, 88]: 0 below, finite above), with no libm call,
+    so loops over it vectorize (Numba has no vector expf without SVML; llama.cpp's SiLU also uses its own
+    vector exp). exp(x) = 2^n exp(r), n = rint(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in
+    two for the subtraction), exp(r) by its degree-6 Taylor polynomial (remainder < 2e-7 relative), 2^n put
+    in the exponent bits."""
+    x0 = np.float32(x)
+    x = min(max(x0, np.float32(-87.0)), np.float32(88.0))
+    n = np.rint(x * np.float32(1.4426950408889634))
+    r = x - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.4286068203094172e-06)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * scale if x0 >= np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always", error_model="numpy")
+def silu_f32(g):
+    """silu(g) = g / (1 + exp(-g)), as every path of the engine computes it."""
+    return g / (np.float32(1.0) + exp_f32(-g))
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, error_model="numpy")
 def swiglu(gate, up):
     """In place into gate: silu(gate) * up. gate, up: (T, n_ff)."""
     T, n = gate.shape
     for t in range(T):
         for i in range(n):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
+            gate[t, i] = silu_f32(gate[t, i]) * up[t, i]
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=_ELEMENTWISE, error_model="numpy")
 def silu(x):
     """In place: x / (1 + exp(-x)). x: (T, n)."""
     T, n = x.shape
     for t in range(T):
         for i in range(n):
-            g = x[t, i]
-            x[t, i] = g / (np.float32(1.0) + math.exp(-g))
+            x[t, i] = silu_f32(x[t, i])
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")

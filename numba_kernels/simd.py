@@ -841,6 +841,67 @@ def nib_pair_i16(typingctx, q, off0, off1, x0, x1):
     return types.UniTuple(i32x8, 2)(q, off0, off1, x0, x1), codegen
 
 
+def _make_nib_pair2(x86: bool):
+    @intrinsic
+    def _pair2(typingctx, q, off0, off1, x0, x1):
+        """See nib_pair2_i16."""
+        if not (_is_byte_array(q) and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            qa, o0, o1, a0, a1 = args
+            b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], _V32I8)
+            b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], _V32I8)
+            xb0 = builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I8)
+            xb1 = builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I8)
+            xs = _shuffle(builder, _splat(builder, xb0, _V32I8), _splat(builder, xb1, _V32I8),
+                          [0 if t % 2 == 0 else 32 for t in range(32)])          # x0, x1, x0, x1, ...
+            out = []
+            for lo in (True, False):
+                n0 = builder.and_(b0, _vconst(_V32I8, 0x0F)) if lo else builder.lshr(b0, _vconst(_V32I8, 4))
+                n1 = builder.and_(b1, _vconst(_V32I8, 0x0F)) if lo else builder.lshr(b1, _vconst(_V32I8, 4))
+                for half in (0, 8):      # AVX2 unpack{lo,hi}bw, per 128-bit lane: byte pairs (q0_t, q1_t)
+                    idx = []
+                    for lane in (0, 16):
+                        for t in range(half, half + 8):
+                            idx += [lane + t, 32 + lane + t]
+                    u = _shuffle(builder, n0, n1, idx)
+                    if x86:
+                        maddubs = _x86_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+                        p16 = builder.call(maddubs, [u, xs])
+                    else:
+                        pr = builder.mul(builder.zext(u, _V32I16), builder.sext(xs, _V32I16))
+                        p16 = builder.add(_shuffle(builder, pr, None, range(0, 32, 2)),
+                                          _shuffle(builder, pr, None, range(1, 32, 2)))
+                    out.append(builder.bitcast(p16, _V8I32))
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return types.UniTuple(i32x8, 4)(q, off0, off1, x0, x1), codegen
+
+    return _pair2
+
+
+_nib_pair2_x86 = _make_nib_pair2(True)
+_nib_pair2_generic = _make_nib_pair2(False)
+
+
+def nib_pair2_i16(path, q, off0, off1, x0, x1):
+    """Column-bundle building block over two 32-output chunks: the 32 code bytes at q.flat[off0] (column j0:
+    chunk c then chunk c+1, 16 bytes each, byte t holding row t in the low nibble and row 16 + t in the high
+    one) and at q.flat[off1] (column j1), times the int8 values x0 and x1. Returns four vectors of 16 int16
+    lanes (carried in i32x8) of q0 * x0 + q1 * x1: rows 0..7, 8..15, 16..23, 24..31, each as (chunk c's 8
+    rows, chunk c+1's 8 rows). |lane| <= 2 * 15 * 127, so 8 calls can be summed with add_i16. x86: pairs of
+    bytes interleaved (vpunpck{l,h}bw) into one vpmaddubsw per 16 lanes; generic IR elsewhere. Vector paths."""
+
+
+@overload(nib_pair2_i16, inline="always")
+def _ov_nib_pair2_i16(path, q, off0, off1, x0, x1):
+    k = _vector_kind(path)
+    if k is not None:
+        f = _nib_pair2_x86 if k in ("avx2", "vnni") else _nib_pair2_generic
+        return lambda path, q, off0, off1, x0, x1: f(q, off0, off1, x0, x1)
+
+
 @intrinsic
 def add_i16(typingctx, a, b):
     """Lane-wise int16 sum of two i32x8 carrying 16 int16 lanes (nib_pair_i16)."""

@@ -22,12 +22,10 @@ some active neuron. Two neuron-major layouts fix that:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
-from . import simd
+from . import ops, qgemv, simd
 from .actquant import f16_round
 
 
@@ -109,13 +107,12 @@ def rows_at_least(x, threshold, rows):
     return n
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
 def silu_rows_at_least(g, threshold, rows):
-    """In place g[j] = silu(g[j]) (the expression of ops.silu, so the same numbers), then rows[:n] = the j
-    with |silu(g_j)| >= threshold[j], ascending; returns n. g, threshold: (n_ff,)."""
+    """In place g[j] = silu(g[j]) (ops.silu_f32, so the same numbers), then rows[:n] = the j with
+    |silu(g_j)| >= threshold[j], ascending; returns n. g, threshold: (n_ff,)."""
     for j in range(g.shape[0]):
-        v = g[j]
-        g[j] = v / (np.float32(1.0) + math.exp(-v))
+        g[j] = ops.silu_f32(g[j])
     return rows_at_least(g, threshold, rows)
 
 
@@ -233,15 +230,7 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, xq, gd, gs
         if n == gstart[g]:
             continue
         n_read += 1
-        d = amax / np.float32(127.0)
-        idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
-        s = 0
-        for v in range(gstart[g], n):
-            q = int(np.rint(a_kept[v - gstart[g]] * idd))
-            s += q
-            xq[v] = q
-        gd[g] = f16_round(d)
-        gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
+        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
     gstart[n_groups] = n
     return n, n_read
 
@@ -263,73 +252,158 @@ def _split_groups(gstart, n_parts, bounds):
 _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
+@njit(cache=True, inline="always")
+def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+    """po[32c : 32c + 32] += d * (xd_g * isum) + m * gsum_g for output chunk c of group g (isum: i0..i3, the
+    integer sums of its rows 0..7, 8..15, 16..23, 24..31)."""
+    off = (g * n_chunks + c) * 64              # scales[g, c]: 32 d, then 32 m
+    o = 32 * c
+    z = simd._vzero()
+    simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
+                     simd.vmuladd(z, simd.load_f16x8(path, scales, off), xdg)),
+                     simd.load_f16x8(path, scales, off + 32), sg))
+    simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
+                     simd.vmuladd(z, simd.load_f16x8(path, scales, off + 8), xdg)),
+                     simd.load_f16x8(path, scales, off + 40), sg))
+    simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
+                     simd.vmuladd(z, simd.load_f16x8(path, scales, off + 16), xdg)),
+                     simd.load_f16x8(path, scales, off + 48), sg))
+    simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
+                     simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
+                     simd.load_f16x8(path, scales, off + 56), sg))
+
+
+@njit(cache=True, inline="always")
+def _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, p):
+    """Prefetch piece p (a cache line) of the active neurons rows[s:e] of group g, codes at gbase."""
+    plen = 16 * min(4, n_chunks - 4 * p)
+    base = gbase + 2048 * p - 32 * g * plen
+    for u in range(s, e):
+        simd.prefetch(codes, base + np.int64(rows[u]) * plen)
+
+
+@njit(cache=True, error_model="numpy")
+def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gsum, g_lo, g_hi, po):
+    """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths).
+
+    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron's piece) and neurons two at a
+    time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
+    in int32; an odd last chunk goes alone (simd.nib_pair_i16)."""
+    n_chunks = po.shape[0] // 32
+    for g in range(g_lo, g_hi):
+        s = gstart[g]
+        e = gstart[g + 1]
+        if s == e:
+            continue
+        xdg = gd[g]
+        sg = gsum[g]
+        gbase = np.int64(g) * codes.shape[1]
+        if g + 1 < g_hi:               # the next group's first piece and scales: its loads then hit the cache
+            _prefetch_piece(codes, rows, gstart[g + 1], gstart[g + 2], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
+            for o in range(0, 128 * n_chunks, 64):
+                simd.prefetch(scales, (g + 1) * 64 * n_chunks + o // 2)
+        for c in range(0, n_chunks - 1, 2):
+            plen = 16 * min(4, n_chunks - (c & ~3))
+            cbase = gbase + 2048 * (c >> 2) + 16 * (c & 3) - 32 * g * plen     # + row j * plen: code_offset
+            if (c & 3) == 0 and c + 4 < n_chunks:      # this group's next piece, one line per active neuron
+                _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + 1)
+            a0 = simd.izero(path)      # (chunk c, rows 0..7), (c + 1, 0..7), (c, 8..15), ... (c + 1, 24..31)
+            a1 = simd.izero(path)
+            a2 = simd.izero(path)
+            a3 = simd.izero(path)
+            a4 = simd.izero(path)
+            a5 = simd.izero(path)
+            a6 = simd.izero(path)
+            a7 = simd.izero(path)
+            u = s
+            while u < e:
+                h0 = simd.izero(path)
+                h1 = simd.izero(path)
+                h2 = simd.izero(path)
+                h3 = simd.izero(path)
+                stop = min(e, u + 2 * _PAIRS_I16)
+                while u < stop:
+                    o0 = cbase + np.int64(rows[u]) * plen
+                    x0 = np.int64(xq[u])
+                    if u + 1 < stop:
+                        o1 = cbase + np.int64(rows[u + 1]) * plen
+                        x1 = np.int64(xq[u + 1])
+                    else:
+                        o1 = o0
+                        x1 = np.int64(0)
+                    p0, p1, p2, p3 = simd.nib_pair2_i16(path, codes, o0, o1, x0, x1)
+                    h0 = simd.add_i16(h0, p0)
+                    h1 = simd.add_i16(h1, p1)
+                    h2 = simd.add_i16(h2, p2)
+                    h3 = simd.add_i16(h3, p3)
+                    u += 2
+                w0, w1 = simd.widen_i16(h0)
+                a0 = simd.add_i32(a0, w0)
+                a1 = simd.add_i32(a1, w1)
+                w0, w1 = simd.widen_i16(h1)
+                a2 = simd.add_i32(a2, w0)
+                a3 = simd.add_i32(a3, w1)
+                w0, w1 = simd.widen_i16(h2)
+                a4 = simd.add_i32(a4, w0)
+                a5 = simd.add_i32(a5, w1)
+                w0, w1 = simd.widen_i16(h3)
+                a6 = simd.add_i32(a6, w0)
+                a7 = simd.add_i32(a7, w1)
+            _finish_chunk(path, scales, g, n_chunks, c, a0, a2, a4, a6, xdg, sg, po)
+            _finish_chunk(path, scales, g, n_chunks, c + 1, a1, a3, a5, a7, xdg, sg, po)
+        if n_chunks & 1:
+            c = n_chunks - 1
+            i0 = simd.izero(path)
+            i1 = simd.izero(path)
+            i2 = simd.izero(path)
+            i3 = simd.izero(path)
+            u = s
+            while u < e:
+                h_lo = simd.izero(path)
+                h_hi = simd.izero(path)
+                stop = min(e, u + 2 * _PAIRS_I16)
+                while u < stop:
+                    o0 = gbase + code_offset(n_chunks, rows[u] - 32 * g, c)
+                    x0 = np.int64(xq[u])
+                    if u + 1 < stop:
+                        o1 = gbase + code_offset(n_chunks, rows[u + 1] - 32 * g, c)
+                        x1 = np.int64(xq[u + 1])
+                    else:
+                        o1 = o0
+                        x1 = np.int64(0)
+                    p_lo, p_hi = simd.nib_pair_i16(codes, o0, o1, x0, x1)
+                    h_lo = simd.add_i16(h_lo, p_lo)
+                    h_hi = simd.add_i16(h_hi, p_hi)
+                    u += 2
+                w0, w1 = simd.widen_i16(h_lo)
+                w2, w3 = simd.widen_i16(h_hi)
+                i0 = simd.add_i32(i0, w0)
+                i1 = simd.add_i32(i1, w1)
+                i2 = simd.add_i32(i2, w2)
+                i3 = simd.add_i32(i3, w3)
+            _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_parts(partial, out):
+    """out = partial.sum(axis=0), partial: (n_parts, n)."""
+    for i in range(out.shape[0]):
+        t = np.float32(0.0)
+        for part in range(partial.shape[0]):
+            t += partial[part, i]
+        out[i] = t
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
-    n_chunks = out.shape[0] // 32
     n_groups = gstart.shape[0] - 1
     n_parts = 2 if gstart[n_groups] >= 64 else 1
     bounds = np.empty(n_parts + 1, np.int64)
     _split_groups(gstart, n_parts, bounds)
-    partial = np.zeros((n_parts, out.shape[0]), np.float32)
+    partial = np.zeros((n_parts, out.shape[0]), np.float32)     # one partial sum per thread, then merged
     for part in prange(n_parts):
-        po = partial[part]
-        for g in range(bounds[part], bounds[part + 1]):
-            s = gstart[g]
-            e = gstart[g + 1]
-            if s == e:
-                continue
-            xdg = gd[g]
-            sg = gsum[g]
-            gbase = np.int64(g) * codes.shape[1]
-            for c in range(n_chunks):
-                i0 = simd.izero(path)
-                i1 = simd.izero(path)
-                i2 = simd.izero(path)
-                i3 = simd.izero(path)
-                u = s
-                while u < e:
-                    h_lo = simd.izero(path)
-                    h_hi = simd.izero(path)
-                    stop = min(e, u + 2 * _PAIRS_I16)
-                    while u < stop:
-                        o0 = gbase + code_offset(n_chunks, rows[u] - 32 * g, c)
-                        x0 = np.int64(xq[u])
-                        if u + 1 < stop:
-                            o1 = gbase + code_offset(n_chunks, rows[u + 1] - 32 * g, c)
-                            x1 = np.int64(xq[u + 1])
-                        else:
-                            o1 = o0
-                            x1 = np.int64(0)
-                        p_lo, p_hi = simd.nib_pair_i16(codes, o0, o1, x0, x1)
-                        h_lo = simd.add_i16(h_lo, p_lo)
-                        h_hi = simd.add_i16(h_hi, p_hi)
-                        u += 2
-                    w0, w1 = simd.widen_i16(h_lo)
-                    w2, w3 = simd.widen_i16(h_hi)
-                    i0 = simd.add_i32(i0, w0)
-                    i1 = simd.add_i32(i1, w1)
-                    i2 = simd.add_i32(i2, w2)
-                    i3 = simd.add_i32(i3, w3)
-                off = (g * n_chunks + c) * 64              # scales[g, c]: 32 d, then 32 m
-                o = 32 * c
-                z = simd._vzero()
-                simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
-                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off), xdg)),
-                                 simd.load_f16x8(path, scales, off + 32), sg))
-                simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
-                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 8), xdg)),
-                                 simd.load_f16x8(path, scales, off + 40), sg))
-                simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
-                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 16), xdg)),
-                                 simd.load_f16x8(path, scales, off + 48), sg))
-                simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
-                                 simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
-                                 simd.load_f16x8(path, scales, off + 56), sg))
-    for i in range(out.shape[0]):
-        t = np.float32(0.0)
-        for part in range(n_parts):
-            t += partial[part, i]
-        out[i] = t
+        _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+    _sum_parts(partial, out)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -366,3 +440,136 @@ def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | N
     tok = simd.token(path)
     kernel = _bundle_rows_plain if simd.path_name(tok) == "scalar" else _bundle_rows_vec
     kernel(tok, codes, scales, rows, xq, gd, gstart, gsum, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# One token through a threshold layer with a bundled down, in one call
+# --------------------------------------------------------------------------------------------------
+
+_Q4_1 = 3      # GGMLQuantizationType.Q4_1 (gate/up of other types take Model's step-by-step path)
+_GEMV_CHUNKS = 64
+
+
+@njit(cache=True, error_model="numpy")
+def _span_q4(path, qtype, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """qgemv's serial Q4_0 / Q4_1 row span (rows: as qgemv.SPAN_KERNELS)."""
+    if qtype == _Q4_1:
+        qgemv._span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    else:
+        qgemv._span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+
+
+@njit(cache=True, error_model="numpy")
+def select_down_q8(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gsum):
+    """Both stages of a threshold layer from a stacked gate|up product gu (2 n_ff,) in one pass: g_act =
+    silu(gate) (n_ff,); neuron j passes the up stage if |g_act_j| >= up_threshold[j], then is kept if
+    |a_j| = |g_act_j u_j| >= threshold[j]: the kept neurons and their values as down_coefs_q8 leaves them.
+    Returns (n_up, n, groups with a kept neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    n_ff = g_act.shape[0]
+    _silu_into(gu, g_act)
+    n_groups = gsum.shape[0]
+    a_kept = np.empty(32, np.float32)
+    n = 0
+    n_up = 0
+    n_read = 0
+    for g in range(n_groups):
+        gstart[g] = n
+        amax = np.float32(0.0)
+        for j in range(32 * g, 32 * g + 32):        # branch-free: about 1 in 3 neurons is dropped, at random
+            a = g_act[j] * gu[n_ff + j]
+            up_ok = abs(g_act[j]) >= up_threshold[j]
+            keep = up_ok & (abs(a) >= threshold[j])
+            n_up += up_ok
+            rows[n] = j                             # n <= j: in bounds; overwritten unless kept
+            a_kept[n - gstart[g]] = a
+            n += keep
+            amax = max(amax, abs(a) * np.float32(keep))
+        gsum[g] = 0.0
+        gd[g] = 0.0
+        if n == gstart[g]:
+            continue
+        n_read += 1
+        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+    gstart[n_groups] = n
+    return n_up, n, n_read
+
+
+@njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
+def _silu_into(gu, g_act):
+    """g_act[j] = silu(gu[j]) for j < len(g_act) (vectorized)."""
+    for j in range(g_act.shape[0]):
+        g_act[j] = ops.silu_f32(gu[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
+    """Q8 block of group g from its k kept values a_kept[:k] (largest magnitude amax) into xq[o:o + k], gd[g],
+    gsum[g]: llama.cpp's x86 Q8_0/Q8_1 quantization (qgemv.quantize_q8_into with llama_x86)."""
+    d = amax / np.float32(127.0)
+    idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+    s = 0
+    for v in range(k):
+        q = int(np.rint(a_kept[v] * idd))
+        s += q
+        xq[o + v] = q
+    gd[g] = f16_round(d)
+    gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_threshold, threshold, codes, scales,
+                               down_sum_fp16, xq, xd, xs, gu, g_act, rows, aq, gd, gstart, gsum, out):
+    """ffn_decode_bundle with gate and up computed in full by one GEMV of the stacked gate|up matrix (gu_*,
+    2 n_ff rows; gu (2 n_ff,) scratch) and both selections in one pass (select_down_q8): the same numbers.
+    Faster than gathering up's rows unless most are skipped (see Model._ffn_decode_threshold)."""
+    qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
+    n2 = gu.shape[0]
+    no_rows = rows[:0]
+    for c in prange(_GEMV_CHUNKS):
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu,
+                 c * n2 // _GEMV_CHUNKS, (c + 1) * n2 // _GEMV_CHUNKS)
+    n_up, n, n_groups = select_down_q8(gu, up_threshold, threshold, down_sum_fp16, g_act, rows, aq, gd, gstart, gsum)
+    bounds = np.empty(3, np.int64)
+    _split_groups(gstart, 2, bounds)
+    partial = np.zeros((2, out.shape[0]), np.float32)
+    for part in prange(2):
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+    _sum_parts(partial, out)
+    return n_up, n, n_groups
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, gu_qtype, up_threshold, threshold,
+                      codes, scales, down_sum_fp16, xq, xd, xs, g_act, rows_up, up_vals, rows, aq, gd, gstart, gsum,
+                      out):
+    """out (n_embd,) = down(silu(gate x) * up x) for one token of a threshold layer, reading only what it needs
+    (the numbers of Model._ffn's masked path, computed as Model._ffn_decode_threshold's steps):
+
+      x8 = Q8 copy of x (llama.cpp's, for gate/up's type) -> g_act = silu(gate . x8) (all n_ff rows)
+      -> rows_up[:n_up] = {j : |g_act_j| >= up_threshold_j} -> up_vals[:n_up] = up[rows_up] . x8
+      -> kept a_j = g_act_j up_j with |a_j| >= threshold_j, as Q8 blocks (down_coefs_q8) -> the bundle product.
+
+    gate_*, up_*: the qs, sc, qh of qgemv PackedMatrices (Q4_0/Q4_1, type gu_qtype); codes/scales: the down
+    bundle; xq, xd, xs: Q8Act buffers for n_embd; the rest: (n_ff,) scratch, gd/gsum (n_ff/32,), gstart (n_ff/32 + 1,).
+    One call (three parallel loops) instead of seven calls saves launches and Python glue. Vector paths only.
+    Returns (n_up, n_down, groups read)."""
+    qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
+    n_ff = g_act.shape[0]
+    no_rows = rows_up[:0]
+    for c in prange(_GEMV_CHUNKS):                               # gate, every row
+        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, no_rows, g_act,
+                 c * n_ff // _GEMV_CHUNKS, (c + 1) * n_ff // _GEMV_CHUNKS)
+    n_up = silu_rows_at_least(g_act, up_threshold, rows_up)
+    ru = rows_up[:n_up]
+    uv = up_vals[:n_up]
+    for c in prange(_GEMV_CHUNKS):                               # up, the rows that passed
+        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, ru, uv,
+                 c * n_up // _GEMV_CHUNKS, (c + 1) * n_up // _GEMV_CHUNKS)
+    n, n_groups = down_coefs_q8(g_act, uv, ru, threshold, down_sum_fp16, rows, aq, gd, gstart, gsum)
+    bounds = np.empty(3, np.int64)
+    _split_groups(gstart, 2, bounds)
+    partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
+    for part in prange(2):
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+    _sum_parts(partial, out)
+    return n_up, n, n_groups

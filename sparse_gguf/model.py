@@ -19,11 +19,12 @@ from .errors import SparseGGUFError
 from .gguf_file import open_gguf
 from .resources import check_kv_memory
 from .rope import RopeTable
-from .sparsity import (AttentionWindow, LayerSparsity, SparsityPlan, TopKSparsity, attention_window_from_gguf,
-                       output_candidates_from_gguf)
+from .sparsity import (UP_GATHER_MAX_KEPT, AttentionWindow, LayerSparsity, SparsityPlan, TopKSparsity,
+                       attention_window_from_gguf, output_candidates_from_gguf, up_read_fraction)
 from .threads import set_threads
 from .weights import ModelWeights, QuantMatrix, load_weights, q4_copy, release_mapped_pages
 
+_Q4_TYPES = (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))   # sparse_ffn.ffn_decode_bundle's
 PREFILL_CHUNK = 512   # tokens per prefill step (bounds the attention score matrix)
 DEFAULT_CTX = 4096
 
@@ -82,6 +83,9 @@ class Model:
         self.k_cache = np.zeros(shape, dtype=np.float16)
         self.v_cache = np.zeros(shape, dtype=np.float16)
         self.n_past = 0
+        self._x8 = qgemv.new_q8(cfg.n_embd) if cfg.n_embd % 32 == 0 else None   # decode: the Q8 copy of h
+        self._bufs: dict[int, np.ndarray] = {}
+        self._up_kept: dict[int, float] = {}       # layer -> fraction of neurons that passed the up stage last token
         if self.attn.enabled:
             # 4-bit keys for cheap scoring (Q4_0 rows, layout: numba_kernels.attention), and decode scratch
             nb = cfg.head_dim // 32
@@ -147,6 +151,14 @@ class Model:
 
     # ---- forward pass -----------------------------------------------------------------------------
 
+    def _decode_buf(self, n: int) -> np.ndarray:
+        """A reused float32 (n,) output buffer for the stacked decode GEMVs (its values live until the next
+        call with the same n, i.e. within one layer)."""
+        buf = self._bufs.get(n)
+        if buf is None:
+            buf = self._bufs[n] = np.empty(n, np.float32)
+        return buf
+
     def _forward(self, tokens: np.ndarray, logits_all: bool) -> np.ndarray:
         cfg, w, tr = self.cfg, self.weights, self.cfg.traits
         T, p0, eps = tokens.size, self.n_past, cfg.rms_eps
@@ -164,9 +176,14 @@ class Model:
             local = cfg.swa_layers[il]
             # --- attention
             ops.rmsnorm(x, L.attn_norm, eps, h)
-            q = L.wq.matmul(h)                                       # (T, n_head*head_dim)
-            k = L.wk.matmul(h)                                       # (T, n_head_kv*head_dim)
-            v = L.wv.matmul(h)
+            if T == 1 and L.qkv is not None:                         # decode: one GEMV for q|k|v
+                qkv = qgemv.gemv(L.qkv, out=self._decode_buf(L.qkv.n_rows),
+                                 xq=qgemv.quantize_for(L.qkv.qtype, h[0], self._x8))[None]
+                q, k, v = qkv[:, :cfg.q_dim], qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim], qkv[:, cfg.q_dim + cfg.kv_dim:]
+            else:
+                q = L.wq.matmul(h)                                   # (T, n_head*head_dim)
+                k = L.wk.matmul(h)                                   # (T, n_head_kv*head_dim)
+                v = L.wv.matmul(h)
             if L.bq is not None:
                 q += L.bq
                 k += L.bk
@@ -179,12 +196,12 @@ class Model:
             cos, sin = (cos_l, sin_l) if local else (cos_g, sin_g)
             ops.rope(q, cos, sin, tr.rope_neox)
             ops.rope(k, cos, sin, tr.rope_neox)
-            self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2).astype(np.float16)
-            self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2).astype(np.float16)
+            self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2)             # rounded to fp16 here
+            self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
             if self.attn.enabled:
+                k16 = self.k_cache[il, :, p0:p0 + T].astype(np.float32)   # (n_kv, T, head_dim)
                 for kvh in range(cfg.n_head_kv):
-                    attn_kernels.quantize_keys_q4(self.k_cache[il, kvh, p0:p0 + T].astype(np.float32), p0,
-                                                  self.keys_q4[il, kvh], self.keys_d[il, kvh])
+                    attn_kernels.quantize_keys_q4(k16[kvh], p0, self.keys_q4[il, kvh], self.keys_d[il, kvh])
             if tr.prescale_q:                                        # gemma3 scales q itself, in f32
                 q *= np.float32(cfg.attn_scale)
             attn = self._attention(il, q, p0, T, cfg.swa_window if local else 0)   # (T, n_head*head_dim)
@@ -253,7 +270,14 @@ class Model:
         if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity)
                 and plan.up_threshold is not None and self.cfg.traits.activation != "gelu"
                 and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype):
-            return self._ffn_decode_threshold(L, plan, h[0])
+            return self._ffn_decode_threshold(il, L, plan, h[0])
+        if plan is None and self.ffn_observer is None and h.shape[0] == 1 and L.gate_up is not None:
+            gu = qgemv.gemv(L.gate_up, out=self._decode_buf(L.gate_up.n_rows),     # decode: one GEMV for gate|up
+                            xq=qgemv.quantize_for(L.gate_up.qtype, h[0], self._x8)).reshape(2, 1, -1)
+            gate = gu[0]                                             # a = act(g) * u, in place
+            (ops.geglu if self.cfg.traits.activation == "gelu" else ops.swiglu)(gate, gu[1])
+            self._ffn_used.append(1.0)
+            return L.w_down.matmul(gate)
         gate = L.w_gate.matmul(h)                                    # (T, n_ff)
         if plan is None and self.ffn_observer is None:               # plain dense path
             up = L.w_up.matmul(h)
@@ -298,7 +322,7 @@ class Model:
             return sparse_ffn.down_rows(down_t.packed, down_t.n_ff, rows, a[0, rows])[None]
         return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
-    def _ffn_decode_threshold(self, L, plan: LayerSparsity, x: np.ndarray) -> np.ndarray:
+    def _ffn_decode_threshold(self, il: int, L, plan: LayerSparsity, x: np.ndarray) -> np.ndarray:
         """One token through a threshold layer (SiLU), reading only what it needs: the gate in full, up rows
         where |act(g)| passes, then down rows where |act(g) * u| passes (column bundle or down_t). The same
         numbers as the masked path. x: (n_embd,) normed input -> (1, n_embd)."""
@@ -310,12 +334,33 @@ class Model:
                                  np.empty(n_ff, np.int8), np.empty(n_ff // 32, np.float32),
                                  np.empty(n_ff, np.float32), qgemv.new_q8(x.shape[0]))
         rows_up, up_vals, rows, coef, gstart, gsum, xq, gd, g_act, x8 = self._ffn_scratch
+        bundle = L.w_down.column_bundle() if plan.down_t is None else None
+        tok = simd.token()
+        if (bundle is not None and L.w_gate.qtype in _Q4_TYPES and simd.path_name(tok) != "scalar"):
+            out = np.empty(L.w_down.n_rows, np.float32)              # the whole layer in one call
+            q41 = bundle.qtype == GGMLQuantizationType.Q4_1
+            if L.gate_up is not None and self._up_kept.get(il, 1.0) > UP_GATHER_MAX_KEPT:   # all of gate|up
+                gu = L.gate_up
+                n_up, n, n_groups = sparse_ffn.ffn_decode_bundle_dense_up(
+                    tok, x, gu.qs, gu.sc, gu.qh, gu.qtype, plan.up_threshold, plan.threshold, bundle.codes,
+                    bundle.scales, q41, x8.q, x8.d, x8.s, self._decode_buf(gu.n_rows), g_act, rows, xq, gd,
+                    gstart, gsum, out)
+            else:                                                    # gate, then only the rows of up needed
+                g, u = L.w_gate.packed, L.w_up.packed
+                n_up, n, n_groups = sparse_ffn.ffn_decode_bundle(
+                    tok, x, g.qs, g.sc, g.qh, u.qs, u.sc, u.qh, g.qtype, plan.up_threshold, plan.threshold,
+                    bundle.codes, bundle.scales, q41, x8.q, x8.d, x8.s, g_act, rows_up, up_vals, rows, xq, gd,
+                    gstart, gsum, out)
+            self._up_kept[il] = n_up / n_ff                          # which of the two next time (same numbers)
+            self._ffn_used.append(n / n_ff)
+            self._bytes += (L.w_up.nbytes * (up_read_fraction(n_up / n_ff) - 1.0)
+                            + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
+            return out[None]
         x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)              # one Q8 copy of x serves gate and up
         qgemv.gemv(L.w_gate.packed, out=g_act, xq=x8)
         n_up = sparse_ffn.silu_rows_at_least(g_act, plan.up_threshold, rows_up)   # g_act now holds act(g)
         qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], out=up_vals[:n_up], xq=x8, checked=True)
         self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
-        bundle = L.w_down.column_bundle() if plan.down_t is None else None
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input
             n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals[:n_up], rows_up[:n_up], plan.threshold,
                                                    bundle.qtype == GGMLQuantizationType.Q4_1, rows, xq, gd,

@@ -80,6 +80,18 @@ def output_candidates_from_gguf(reader: GGUFReader) -> int:
     return n
 
 
+UP_GATHER_MAX_KEPT = 0.45
+"""Decode reads only the up rows of the neurons that pass the up stage when at most this fraction passes;
+above it, one GEMV over all of gate|up is faster. Gathered rows (288 bytes each on SmolLM2, not cache-line
+aligned) leave gaps that the hardware prefetchers fetch anyway: measured on SmolLM2 Q4_1, 2 threads, cold,
+80% of up's rows gathered took 24 us against 14 us for all of them."""
+
+
+def up_read_fraction(kept: float) -> float:
+    """Fraction of up's bytes a decode step reads when a fraction `kept` of the neurons passes the up stage."""
+    return kept if kept <= UP_GATHER_MAX_KEPT else 1.0
+
+
 @dataclass
 class DownT:
     """A layer's down matrix re-laid-out by neuron (numba_kernels.sparse_ffn): Q8_0 raw rows and their packing."""

@@ -153,6 +153,20 @@ def q4_copy(m: QuantMatrix) -> QuantMatrix:
     return QuantMatrix(m.name + ".q4", raw, int(GGMLQuantizationType.Q4_0), m.n_rows, m.n_cols)
 
 
+def stack_packed(mats: tuple[QuantMatrix, ...]) -> qgemv.PackedMatrix | None:
+    """Stack the packed forms of matrices sharing a type and a column count into one PackedMatrix, and point
+    each matrix's .packed at its rows of it (views: no copy is kept). None when they cannot be stacked."""
+    if any(m.packed is None for m in mats) or len({(m.qtype, m.n_cols) for m in mats}) != 1:
+        return None
+    stacked = qgemv.concat_rows([m.packed for m in mats])
+    r = 0
+    for m in mats:
+        p = m.packed
+        m.packed = p._replace(qs=stacked.qs[r:r + p.n_rows], sc=stacked.sc[r:r + p.n_rows], qh=stacked.qh[r:r + p.n_rows])
+        r += p.n_rows
+    return stacked
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray            # (n_embd,)
@@ -171,6 +185,14 @@ class LayerWeights:
     k_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None  # (n_embd,) gemma3
     post_ffn_norm: np.ndarray | None = None
+    # decode: q|k|v and gate|up stacked row-wise (stack_packed), so one quantization of the normed input
+    # and one GEMV launch serve all of them; None when the types differ or a type has no fast kernel
+    qkv: qgemv.PackedMatrix | None = None      # (q_dim + 2 kv_dim, n_embd)
+    gate_up: qgemv.PackedMatrix | None = None  # (2 n_ff, n_embd)
+
+    def __post_init__(self):
+        self.qkv = stack_packed((self.wq, self.wk, self.wv))
+        self.gate_up = stack_packed((self.w_gate, self.w_up))
 
 
 @dataclass
