@@ -14,6 +14,8 @@ iscale = -127/max, q = min(127, round_half_even(iscale*x)), d = 1/iscale kept in
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit
@@ -41,6 +43,23 @@ def f16_round(x):
         return np.float32(np.inf) if x > 0 else np.float32(-np.inf)
     c = x * np.float32(8193.0)                               # 2^13 + 1: keep 24 - 13 = 11 bits
     return np.float32(c - (c - x))
+
+
+@njit(cache=True)
+def f16_bits(x):
+    """float32 -> the bits (uint16) of the nearest fp16 (ties to even), as numpy's astype(float16): subnormals,
+    signed zeros, inf on overflow, NaN. Not fastmath (f16_round)."""
+    r = f16_round(x)
+    if r != r:
+        return np.uint16(0x7E00)
+    sign = 0x8000 if math.copysign(1.0, r) < 0 else 0
+    a = abs(r)
+    if a == np.inf:
+        return np.uint16(sign | 0x7C00)
+    if a < np.float32(6.103515625e-05):                      # subnormal (or zero): a multiple of 2^-24
+        return np.uint16(sign | int(a * np.float32(16777216.0)))
+    m, e = math.frexp(a)                                     # a = m 2^e, 0.5 <= m < 1
+    return np.uint16(sign | ((e + 14) << 10) | int((m * 2.0 - 1.0) * 1024.0))
 
 
 def fake_quantize(x: np.ndarray, kind: str) -> np.ndarray:

@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import simd
-from .actquant import f16_round
+from . import attention, simd
+from .actquant import f16_bits, f16_round
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -64,6 +64,26 @@ def rope(x, cos, sin, neox):
                     b = x[t, h, 2 * i + 1]
                     x[t, h, 2 * i] = a * c - b * s
                     x[t, h, 2 * i + 1] = a * s + b * c
+
+
+@njit(cache=True, error_model="numpy")
+def rope_store_decode(q, k, v, cos, sin, neox, k_cache, v_cache, pos, keys_q4, keys_d):
+    """One decode token's attention inputs: rope on q (1, n_head, head_dim) and k (1, n_kv, head_dim) in place
+    (as rope), then k and v (1, n_kv, head_dim) stored at position pos of the fp16 caches k_cache, v_cache
+    (n_kv, n_ctx, head_dim) uint16 bits, rounded as numpy's astype(float16); with keys_q4 (n_kv, ...)
+    non-empty, also k's 4-bit copy for windowed attention (attention.quantize_keys_q4, from the fp16 k).
+    cos, sin: (1, n_rot/2). One call for what is otherwise ~8 small numpy/Numba calls per layer."""
+    rope(q, cos, sin, neox)
+    rope(k, cos, sin, neox)
+    n_kv, D = k.shape[1], k.shape[2]
+    k16 = np.empty((1, D), np.float32)
+    for h in range(n_kv):
+        for i in range(D):
+            k_cache[h, pos, i] = f16_bits(k[0, h, i])
+            v_cache[h, pos, i] = f16_bits(v[0, h, i])
+            k16[0, i] = f16_round(k[0, h, i])
+        if keys_q4.shape[0] > 0:
+            attention.quantize_keys_q4(k16, pos, keys_q4[h], keys_d[h])
 
 
 # Elementwise fastmath without reassociation: loops over these vectorize, and every path (dense, sparse,
@@ -140,15 +160,63 @@ def geglu(gate, up):
     np.multiply(g16, up, out=gate)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
 def attention_decode(path, q, k_cache, v_cache, start, end, scale, out):
     """One query token against cached positions [start, end).
 
-    path: simd.token() (how fp16 is converted); q: (n_head, head_dim) float32; k_cache, v_cache:
+    path: simd.token() (how fp16 is converted; the vector paths use 8-lane fp16 loads when head_dim is a
+    multiple of 16, the scalar path plain loops); q: (n_head, head_dim) float32; k_cache, v_cache:
     (n_head_kv, n_ctx, head_dim) uint16, fp16 bits;
     out: (n_head, head_dim). Query head h reads kv head h // (n_head / n_head_kv) (grouped-query attention).
-    Rounds like llama.cpp's f16 KV path: q is rounded to f16 before q.k, the probabilities before p.v.
-    """
+    Rounds like llama.cpp's f16 KV path: q is rounded to f16 before q.k, the probabilities before p.v; the
+    paths differ only in float summation order."""
+    if simd.path_name(path) == "scalar" or q.shape[1] % 16:
+        _attention_decode_plain(path, q, k_cache, v_cache, start, end, scale, out)
+    else:
+        _attention_decode_vec(path, q, k_cache, v_cache, start, end, scale, out)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _attention_decode_vec(path, q, k_cache, v_cache, start, end, scale, out):
+    n_head, D = q.shape
+    n_kv, n_ctx = k_cache.shape[0], k_cache.shape[1]
+    group = n_head // n_kv
+    n = end - start
+    for h in prange(n_head):
+        base = (h // group) * n_ctx * D
+        qh = np.empty(D, dtype=np.float32)
+        for i in range(D):
+            qh[i] = f16_round(q[h, i])
+        scores = np.empty(n, dtype=np.float32)
+        for j in range(n):                       # q.k: two 8-lane accumulators over head_dim
+            off = base + (start + j) * D
+            a0 = simd.vzero(path)
+            a1 = simd.vzero(path)
+            for c in range(0, D, 16):
+                a0 = simd.vmuladd(a0, simd.load_f32x8(qh, c), simd.load_f16x8(path, k_cache, off + c))
+                a1 = simd.vmuladd(a1, simd.load_f32x8(qh, c + 8), simd.load_f16x8(path, k_cache, off + c + 8))
+            scores[j] = simd.vsum(path, simd.vadd(path, a0, a1)) * scale
+        m = -np.inf
+        for j in range(n):
+            m = max(m, scores[j])
+        total = 0.0
+        for j in range(n):
+            e = exp_f32(scores[j] - m)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        o = h * D
+        for i in range(D):
+            out[h, i] = 0.0
+        for j in range(n):                       # p.v into out[h], 8 lanes at a time
+            p = f16_round(scores[j] * inv)
+            off = base + (start + j) * D
+            for c in range(0, D, 8):
+                simd.store_f32x8(out, o + c, simd.vmuladd(simd.load_f32x8(out, o + c),
+                                                          simd.load_f16x8(path, v_cache, off + c), p))
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _attention_decode_plain(path, q, k_cache, v_cache, start, end, scale, out):
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     group = n_head // n_kv

@@ -425,21 +425,6 @@ def _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, acc):
 # --------------------------------------------------------------------------------------------------
 
 
-_GATHER_AHEAD = 4     # rows: a gathered row's lines are prefetched this many rows before it is computed
-
-
-@njit(**_ROW_OPTS)
-def _prefetch_q4_row(qs, sc, r, nb, n_sc):
-    """Prefetch row r of a 4-bit matrix (nb * 16 code bytes, n_sc fp16 scales): a gather of scattered rows
-    (gemv_rows) otherwise waits on DRAM row by row, where the streaming prefetchers of a dense GEMV do not help."""
-    base = np.int64(r) * (nb * 16)
-    for o in range(0, nb * 16, 64):
-        simd.prefetch(qs, base + o)
-    sbase = np.int64(r) * n_sc
-    for o in range(0, n_sc, 32):
-        simd.prefetch(sc, sbase + o)
-
-
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q4_0 (value = (q - 8) * d): sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)."""
@@ -447,8 +432,6 @@ def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
-        if rows.shape[0] != 0 and i + _GATHER_AHEAD < hi:
-            _prefetch_q4_row(qs, sc, rows[i + _GATHER_AHEAD], nb, nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
@@ -468,8 +451,6 @@ def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
-        if rows.shape[0] != 0 and i + _GATHER_AHEAD < hi:
-            _prefetch_q4_row(qs, sc, rows[i + _GATHER_AHEAD], nb, 2 * nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):

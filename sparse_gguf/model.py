@@ -25,6 +25,7 @@ from .threads import set_threads
 from .weights import ModelWeights, QuantMatrix, load_weights, q4_copy, release_mapped_pages
 
 _Q4_TYPES = (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))   # sparse_ffn.ffn_decode_bundle's
+_NO_KEYS = (np.empty((0, 0, 0), np.uint8), np.empty((0, 0, 0), np.uint16))   # rope_store_decode without 4-bit keys
 PREFILL_CHUNK = 512   # tokens per prefill step (bounds the attention score matrix)
 DEFAULT_CTX = 4096
 
@@ -194,14 +195,19 @@ class Model:
                 ops.rmsnorm_heads(q, L.q_norm, eps)
                 ops.rmsnorm_heads(k, L.k_norm, eps)
             cos, sin = (cos_l, sin_l) if local else (cos_g, sin_g)
-            ops.rope(q, cos, sin, tr.rope_neox)
-            ops.rope(k, cos, sin, tr.rope_neox)
-            self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2)             # rounded to fp16 here
-            self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
-            if self.attn.enabled:
-                k16 = self.k_cache[il, :, p0:p0 + T].astype(np.float32)   # (n_kv, T, head_dim)
-                for kvh in range(cfg.n_head_kv):
-                    attn_kernels.quantize_keys_q4(k16[kvh], p0, self.keys_q4[il, kvh], self.keys_d[il, kvh])
+            if T == 1:                                               # decode: one call
+                keys = (self.keys_q4[il], self.keys_d[il]) if self.attn.enabled else _NO_KEYS
+                ops.rope_store_decode(q, k, v.reshape(T, cfg.n_head_kv, cfg.head_dim), cos, sin, tr.rope_neox,
+                                      self.k_cache[il].view(np.uint16), self.v_cache[il].view(np.uint16), p0, *keys)
+            else:
+                ops.rope(q, cos, sin, tr.rope_neox)
+                ops.rope(k, cos, sin, tr.rope_neox)
+                self.k_cache[il, :, p0:p0 + T] = k.transpose(1, 0, 2)         # rounded to fp16 here
+                self.v_cache[il, :, p0:p0 + T] = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
+                if self.attn.enabled:
+                    k16 = self.k_cache[il, :, p0:p0 + T].astype(np.float32)   # (n_kv, T, head_dim)
+                    for kvh in range(cfg.n_head_kv):
+                        attn_kernels.quantize_keys_q4(k16[kvh], p0, self.keys_q4[il, kvh], self.keys_d[il, kvh])
             if tr.prescale_q:                                        # gemma3 scales q itself, in f32
                 q *= np.float32(cfg.attn_scale)
             attn = self._attention(il, q, p0, T, cfg.swa_window if local else 0)   # (T, n_head*head_dim)

@@ -168,6 +168,26 @@ def test_fast_exp_is_close_to_exp():
     assert (out[~normal] == 0).all()
 
 
+def test_exact_decode_attention_every_path_against_numpy():
+    """ops.attention_decode (vector paths: 8-lane fp16 loads; scalar: plain loops) against float64 numpy with
+    llama.cpp's f16 roundings (q before q.k, the probabilities before p.v), over a range [start, end)."""
+    n_kv, G, D, n_ctx, start, end = 3, 3, 64, 300, 5, 290
+    k, v = kv_cache(n_kv, n_ctx, D, seed=11)
+    q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
+    q16 = q.astype(np.float16).astype(np.float64).reshape(n_kv, G, D)
+    s = np.einsum("hgd,hnd->hgn", q16, k[:, start:end].astype(np.float64)) * 0.125
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float16).astype(np.float64)
+    ref = np.einsum("hgn,hnd->hgd", p, v[:, start:end].astype(np.float64)).reshape(n_kv * G, D)
+    outs = {}
+    for path in simd.AVAILABLE_PATHS:
+        outs[path] = np.empty((n_kv * G, D), np.float32)
+        ops.attention_decode(simd.token(path), q, bits(k), bits(v), start, end, np.float32(0.125), outs[path])
+        np.testing.assert_allclose(outs[path], ref, rtol=0, atol=5e-4)   # a probability may round to the next fp16
+    for path in simd.AVAILABLE_PATHS:
+        np.testing.assert_allclose(outs[path], outs["scalar"], rtol=0, atol=5e-4)
+
+
 def test_windowed_attention_covering_everything_equals_dense():
     n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
     k, v = kv_cache(n_kv, n_ctx, D)
@@ -369,14 +389,16 @@ def test_down_rows_equals_dense_product(path, frac):
     from gguf import GGMLQuantizationType as QT, quants
     from numba_kernels import qgemv, sparse_ffn
     n_embd, n_ff = 128, 300
-    down = RNG.standard_normal((n_embd, n_ff)).astype(np.float32)
+    rng = np.random.default_rng(21)              # its own generator: the data do not depend on test order
+    down = rng.standard_normal((n_embd, n_ff)).astype(np.float32)
     raw = quants.quantize(sparse_ffn.block_major_rows(down), QT.Q8_0)
     pm = qgemv.pack(raw, QT.Q8_0, 32)
     W = sparse_ffn.dense_from_block_major(quants.dequantize(raw, QT.Q8_0), n_ff)   # the stored weights
-    rows = np.sort(RNG.choice(n_ff, int(frac * n_ff), replace=False)).astype(np.int32)
-    coef = RNG.standard_normal(rows.size).astype(np.float32)
+    rows = np.sort(rng.choice(n_ff, int(frac * n_ff), replace=False)).astype(np.int32)
+    coef = rng.standard_normal(rows.size).astype(np.float32)
     out = sparse_ffn.down_rows(pm, n_ff, rows, coef, path=path)
-    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=1e-5)
+    # sums of up to 300 float32 terms of size ~1 in two orders: agree to ~1e-5 relative
+    np.testing.assert_allclose(out, W[:, rows] @ coef, rtol=1e-5, atol=5e-5)
     if frac == 1.0:                           # every neuron active: the dense product
         a = np.zeros(n_ff, np.float32)
         a[rows] = coef
