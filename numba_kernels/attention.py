@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
@@ -369,11 +370,9 @@ def _exp_nonpos(x):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _exp_shifted(s, n, e):
-    """e[:n] = exp(s[:n] - max(s[:n])); returns their sum (float64) as float32's reciprocal, for _round_probs."""
-    m = -np.inf
-    for t in range(n):
-        m = max(m, s[t])
+def _exp_shifted(s, n, m, e):
+    """e[:n] = exp(s[:n] - m), m = max(s[:n]); returns their sum (float64) as float32's reciprocal, for
+    _round_probs."""
     for t in range(n):
         e[t] = _exp_nonpos(s[t] - m)
     total = 0.0
@@ -408,10 +407,6 @@ def _prefetch_row(cache, kvh, j):
         simd.prefetch(cache, off + i)
 
 
-_SPLIT = 2                             # position ranges per kv head in the exact part (3 kv heads, 2 threads)
-
-
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx,
                               n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
@@ -419,29 +414,128 @@ def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, win
     q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; comb: (n_kv, >= n_pos)
     from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended: (n_kv,) int64, set
     to the number of positions each kv head attended. Same rounding as ops.attention_decode (q and the
-    probabilities to fp16). Each chosen K and V row is read once for the G query heads of its kv head; the
-    exact part runs over (kv head, range of the chosen positions) items so 2 threads share 3 kv heads: q.k
-    for the item's range, then the softmax of the whole row (each item of a kv head recomputes it: cheaper
-    than another parallel launch) and p.v over the item's range into a partial sum."""
+    probabilities to fp16); the exact part is attend_positions. (A Python wrapper: the kernels split work by
+    the thread count, which jitted code can only read uncached.)"""
+    _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx, n_attended,
+                     numba.get_num_threads())
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx, n_attended,
+                     n_workers):
     for kvh in prange(k_cache.shape[0]):
         n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
                                            np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
-    attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out)
+    attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out, n_workers)
+
+
+@njit(cache=True, inline="always")
+def _f32_rows(path, cache, kvh, idx, t, m, D, rows):
+    """rows[r] = float32 of row idx[kvh, t + min(r, m - 1)] of cache[kvh] for r < len(rows) (D a multiple of
+    8): each fp16 value converted once (vcvtph2ps runs at one per cycle: converting per query head instead
+    would cost more than the products)."""
+    base = kvh * cache.shape[1]
+    for r in range(rows.shape[0]):
+        off = (base + idx[kvh, t + min(r, m - 1)]) * D
+        for c in range(0, D, 8):
+            simd.vstore(path, rows, r * D + c, simd.load_f16x8(path, cache, off + c))
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s):
-    """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], each K row converted once for the
-    G query heads of kv head kvh. The rows may be scattered: K and V rows are prefetched _AHEAD ahead."""
+def _qk_rows(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], and s_max[kvh*G + g] = the max of
+    these, 8 rows at a time (a partial last block repeats its last row): per query head, one 8-lane
+    accumulator per row over head_dim, the 8 reduced together by simd.hsum8. s: (n_head, n) contiguous. The
+    rows may be scattered: K and V rows are prefetched _AHEAD ahead (V is read by _pv_rows on the same
+    thread: it waits in this core's L2)."""
     D = k_cache.shape[2]
-    krow = np.empty(D, np.float32)
+    n_s = s.shape[1]
+    kf = np.empty((8, D), np.float32)              # the block's K rows
+    tmp = np.empty(8, np.float32)
+    mx = np.full((G, 8), -np.inf, np.float32)      # running max of each head's scores, per lane
     for t in range(lo, min(hi, lo + _AHEAD)):
         _prefetch_row(k_cache, kvh, idx[kvh, t])
-        _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
+        _prefetch_row(v_cache, kvh, idx[kvh, t])
+    for t in range(lo, hi, 8):
+        m = min(8, hi - t)
+        for r in range(8):
+            if t + _AHEAD + r < hi:
+                _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD + r])
+                _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD + r])
+        _f32_rows(path, k_cache, kvh, idx, t, m, D, kf)
+        for g in range(G):
+            h = kvh * G + g
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.vzero(path)
+            for c in range(0, D, 8):
+                qc = simd.load_f32x8(qh, h * D + c)
+                a0 = simd.vmuladd(a0, simd.load_f32x8(kf, c), qc)
+                a1 = simd.vmuladd(a1, simd.load_f32x8(kf, D + c), qc)
+                a2 = simd.vmuladd(a2, simd.load_f32x8(kf, 2 * D + c), qc)
+                a3 = simd.vmuladd(a3, simd.load_f32x8(kf, 3 * D + c), qc)
+                a4 = simd.vmuladd(a4, simd.load_f32x8(kf, 4 * D + c), qc)
+                a5 = simd.vmuladd(a5, simd.load_f32x8(kf, 5 * D + c), qc)
+                a6 = simd.vmuladd(a6, simd.load_f32x8(kf, 6 * D + c), qc)
+                a7 = simd.vmuladd(a7, simd.load_f32x8(kf, 7 * D + c), qc)
+            sc = simd.vscal(path, simd.hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7), scale)
+            simd.vstore(path, mx, 8 * g, simd.vmax(path, simd.load_f32x8(mx, 8 * g), sc))
+            if m == 8:
+                simd.vstore(path, s, h * n_s + t, sc)
+            else:
+                simd.vstore(path, tmp, 0, sc)
+                for r in range(m):
+                    s[h, t + r] = tmp[r]
+    for g in range(G):
+        s_max[kvh * G + g] = mx[g].max()
+
+
+_PV_ROWS = 16                          # V rows converted to float32 at a time by _pv_rows
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _pv_rows(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D) contiguous, D a multiple of
+    32. Per block of _PV_ROWS rows (converted once), head and 32 columns: 8 accumulators in registers, rows
+    alternating between two sets of 4 (independent chains for the FMA pipes)."""
+    G, D = acc.shape
+    vf = np.empty((_PV_ROWS, D), np.float32)
+    for t in range(lo, hi, _PV_ROWS):
+        m = min(_PV_ROWS, hi - t)
+        _f32_rows(path, v_cache, kvh, idx, t, m, D, vf)
+        for g in range(G):
+            for d in range(0, D, 32):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = simd.vzero(path)
+                for r in range(0, m - 1, 2):
+                    w0 = p[g, t + r]
+                    w1 = p[g, t + r + 1]
+                    o = r * D + d
+                    a0 = simd.vmuladd(a0, simd.load_f32x8(vf, o), w0)
+                    a1 = simd.vmuladd(a1, simd.load_f32x8(vf, o + 8), w0)
+                    a2 = simd.vmuladd(a2, simd.load_f32x8(vf, o + 16), w0)
+                    a3 = simd.vmuladd(a3, simd.load_f32x8(vf, o + 24), w0)
+                    b0 = simd.vmuladd(b0, simd.load_f32x8(vf, o + D), w1)
+                    b1 = simd.vmuladd(b1, simd.load_f32x8(vf, o + D + 8), w1)
+                    b2 = simd.vmuladd(b2, simd.load_f32x8(vf, o + D + 16), w1)
+                    b3 = simd.vmuladd(b3, simd.load_f32x8(vf, o + D + 24), w1)
+                if m & 1:
+                    w0 = p[g, t + m - 1]
+                    o = (m - 1) * D + d
+                    a0 = simd.vmuladd(a0, simd.load_f32x8(vf, o), w0)
+                    a1 = simd.vmuladd(a1, simd.load_f32x8(vf, o + 8), w0)
+                    a2 = simd.vmuladd(a2, simd.load_f32x8(vf, o + 16), w0)
+                    a3 = simd.vmuladd(a3, simd.load_f32x8(vf, o + 24), w0)
+                o = g * D + d
+                simd.vstore(path, acc, o, simd.vadd(path, simd.load_f32x8(acc, o), simd.vadd(path, a0, b0)))
+                simd.vstore(path, acc, o + 8, simd.vadd(path, simd.load_f32x8(acc, o + 8), simd.vadd(path, a1, b1)))
+                simd.vstore(path, acc, o + 16, simd.vadd(path, simd.load_f32x8(acc, o + 16), simd.vadd(path, a2, b2)))
+                simd.vstore(path, acc, o + 24, simd.vadd(path, simd.load_f32x8(acc, o + 24), simd.vadd(path, a3, b3)))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _qk_rows_plain(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """_qk_rows in plain loops (the scalar path): each K row converted once for the G query heads."""
+    D = k_cache.shape[2]
+    krow = np.empty(D, np.float32)
     for t in range(lo, hi):
-        if t + _AHEAD < hi:
-            _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
-            _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
         j = idx[kvh, t]
         for i in range(D):
             krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
@@ -451,11 +545,13 @@ def _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s):
             for i in range(D):
                 acc += qh[h, i] * krow[i]
             s[h, t] = acc * scale
+    for g in range(G):
+        s_max[kvh * G + g] = s[kvh * G + g, lo:hi].max()
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
-    """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D)."""
+def _pv_rows_plain(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """_pv_rows in plain loops (the scalar path)."""
     G, D = acc.shape
     vrow = np.empty(D, np.float32)
     for t in range(lo, hi):
@@ -468,47 +564,82 @@ def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
                 acc[g, i] += w * vrow[i]
 
 
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out):
-    """Exact attention of one query token over the positions idx[kvh, :n_attended[kvh]] of each kv head
-    (ascending: the windowed choice). Shapes and rounding as in attention_decode_windowed.
+def _qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """_qk_rows on the vector paths, _qk_rows_plain on the scalar one (chosen at compile time)."""
 
-    Work runs over (kv head, half of the positions) items so 2 threads share 3 kv heads: q.k for the item's
-    half, then the softmax of the whole row (each item of a kv head recomputes it: cheaper than another
-    launch) and p.v over the item's half into a partial sum."""
+
+def _pv_span(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """_pv_rows on the vector paths, _pv_rows_plain on the scalar one (chosen at compile time)."""
+
+
+@overload(_qk_span, inline="always")
+def _ov_qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    f = _qk_rows_plain if simd.path_kind(path) == "scalar" else _qk_rows
+    return lambda path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max: f(
+        path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max)
+
+
+@overload(_pv_span, inline="always")
+def _ov_pv_span(path, p, v_cache, kvh, idx, lo, hi, acc):
+    f = _pv_rows_plain if simd.path_kind(path) == "scalar" else _pv_rows
+    return lambda path, p, v_cache, kvh, idx, lo, hi, acc: f(path, p, v_cache, kvh, idx, lo, hi, acc)
+
+
+@njit(cache=True, inline="always")
+def _worker_rows(starts, kvh, w, n_workers):
+    """Worker w's share [lo, hi) of kv head kvh's chosen positions (lo >= hi: none): the rows of all kv heads
+    in a row, starts (n_kv + 1,) their offsets, cut into n_workers equal ranges."""
+    n_rows = starts[starts.shape[0] - 1]
+    r0 = n_rows * w // n_workers
+    r1 = n_rows * (w + 1) // n_workers
+    return max(r0, starts[kvh]) - starts[kvh], min(r1, starts[kvh + 1]) - starts[kvh]
+
+
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out, n_workers):
+    """Exact attention of one query token over the positions idx[kvh, :n_attended[kvh]] of each kv head
+    (ascending: the windowed choice). Shapes and rounding as in attention_decode_windowed; n_workers: the
+    thread count (numba.get_num_threads()).
+
+    The chosen rows of all kv heads, in a row, are cut into one equal range per thread (3 kv heads share 2
+    threads evenly); a thread reads its K and V rows once for the G query heads of their kv head. Two
+    parallel steps: q.k over the range; then the softmax of every head the range touches (over all its
+    positions: cheaper than another parallel step) and p.v over the range into the thread's partial sums."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
     G = n_head // n_kv
+    starts = np.zeros(n_kv + 1, np.int64)
+    for kvh in range(n_kv):
+        starts[kvh + 1] = starts[kvh] + n_attended[kvh]
     qh = np.empty((n_head, D), np.float32)
     for h in range(n_head):
         _round_f16_into(q[h], qh[h])
     n_max = n_attended.max()
     s = np.empty((n_head, n_max), np.float32)      # q.k * scale
-    for item in prange(n_kv * _SPLIT):
-        kvh = item // _SPLIT
-        n = n_attended[kvh]
-        lo = n * (item % _SPLIT) // _SPLIT
-        hi = n * (item % _SPLIT + 1) // _SPLIT
-        _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s)
-    part = np.zeros((n_kv * _SPLIT, G, D), np.float32)
-    for item in prange(n_kv * _SPLIT):
-        kvh = item // _SPLIT
-        n = n_attended[kvh]
-        lo = n * (item % _SPLIT) // _SPLIT
-        hi = n * (item % _SPLIT + 1) // _SPLIT
-        e = np.empty(n, np.float32)
-        p = np.empty((G, n), np.float32)
-        for g in range(G):
-            inv = _exp_shifted(s[kvh * G + g], n, e)
-            _round_probs(e, inv, lo, hi, p[g])
-        _pv_range(path, p, v_cache, kvh, idx, lo, hi, part[item])
-    for kvh in range(n_kv):
-        for g in range(G):
-            for i in range(D):
-                acc = np.float32(0.0)
-                for r in range(_SPLIT):
-                    acc += part[kvh * _SPLIT + r, g, i]
-                out[kvh * G + g, i] = acc
+    s_max = np.full((n_workers, n_head), -np.inf, np.float32)     # each thread's max of s over its rows
+    for w in prange(n_workers):
+        for kvh in range(n_kv):
+            lo, hi = _worker_rows(starts, kvh, w, n_workers)
+            if lo < hi:
+                _qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max[w])
+    part = np.zeros((n_workers, n_head, D), np.float32)
+    for w in prange(n_workers):
+        e = np.empty(n_max, np.float32)
+        p = np.empty((G, n_max), np.float32)
+        for kvh in range(n_kv):
+            lo, hi = _worker_rows(starts, kvh, w, n_workers)
+            if lo < hi:
+                for g in range(G):
+                    h = kvh * G + g
+                    inv = _exp_shifted(s[h], n_attended[kvh], s_max[:, h].max(), e)
+                    _round_probs(e, inv, lo, hi, p[g])
+                _pv_span(path, p, v_cache, kvh, idx, lo, hi, part[w, kvh * G:(kvh + 1) * G])
+    for h in range(n_head):
+        for i in range(D):
+            acc = np.float32(0.0)
+            for w in range(n_workers):
+                acc += part[w, h, i]
+            out[h, i] = acc
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

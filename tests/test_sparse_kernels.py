@@ -168,7 +168,8 @@ def test_fast_exp_is_close_to_exp():
     assert (out[~normal] == 0).all()
 
 
-def test_windowed_attention_covering_everything_equals_dense():
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_windowed_attention_covering_everything_equals_dense(path):
     n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
     k, v = kv_cache(n_kv, n_ctx, D)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
@@ -179,27 +180,30 @@ def test_windowed_attention_covering_everything_equals_dense():
     for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
         out = np.empty_like(dense)
         n_att = np.empty(n_kv, np.int64)
-        A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale, out,
-                                    np.empty((n_kv, n_ctx), np.int64), n_att)
+        A.attention_decode_windowed(simd.token(path), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale,
+                                    out, np.empty((n_kv, n_ctx), np.int64), n_att)
         assert (n_att == n_pos).all()
         # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
         # neighbouring fp16 value: differences stay at that level (fp16 ulp ~ 6e-5 at 0.1)
         np.testing.assert_allclose(out, dense, rtol=0, atol=5e-4)
 
 
-def test_windowed_attention_equals_dense_over_the_chosen_positions():
-    """With fewer positions than the context, the result is exact attention over exactly the chosen set."""
-    n_kv, G, D, n_ctx, n_pos = 2, 2, 64, 512, 400
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+@pytest.mark.parametrize("D,sinks,window,topk", [(64, 4, 32, 16), (96, 3, 29, 17)])
+def test_windowed_attention_equals_dense_over_the_chosen_positions(path, D, sinks, window, topk):
+    """With fewer positions than the context, the result is exact attention over exactly the chosen set (the
+    second case: partial blocks of rows, head_dim not a multiple of 64)."""
+    n_kv, G, n_ctx, n_pos = 2, 2, 512, 400
     k, v = kv_cache(n_kv, n_ctx, D, seed=3)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
     scores = RNG.standard_normal((n_kv, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, 4, 32, 16, np.float32(0.125), out,
-                                np.empty((n_kv, n_ctx), np.int64), n_att)
-    assert (n_att == 4 + 32 + 16).all()
+    A.attention_decode_windowed(simd.token(path), q, bits(k), bits(v), scores, n_pos, sinks, window, topk,
+                                np.float32(0.125), out, np.empty((n_kv, n_ctx), np.int64), n_att)
+    assert (n_att == sinks + window + topk).all()
     for kvh in range(n_kv):
-        sel = reference_selection(scores[kvh], n_pos, 4, 32, 16)
+        sel = reference_selection(scores[kvh], n_pos, sinks, window, topk)
         ref = np.empty((G, D), np.float32)
         ops.attention_decode(simd.token(), q[kvh * G:(kvh + 1) * G], bits(k[kvh:kvh + 1, sel]), bits(v[kvh:kvh + 1, sel]),
                              0, len(sel), np.float32(0.125), ref)
