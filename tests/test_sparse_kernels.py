@@ -110,7 +110,8 @@ def test_vector_scores_equal_plain_scores():
 
 
 @pytest.mark.parametrize("n_pos,sinks,window,topk", [
-    (40, 4, 8, 8), (40, 0, 1, 5), (40, 4, 8, 100), (12, 4, 8, 8), (3, 4, 8, 8), (1000, 4, 64, 64), (200, 0, 16, 0)])
+    (40, 4, 8, 8), (40, 0, 1, 5), (40, 4, 8, 100), (12, 4, 8, 8), (3, 4, 8, 8), (1000, 4, 64, 64), (200, 0, 16, 0),
+    (5000, 4, 256, 300)])
 def test_selection_matches_numpy(n_pos, sinks, window, topk):
     G = 3
     scores = RNG.standard_normal((G, n_pos)).astype(np.float32)
@@ -122,15 +123,20 @@ def test_selection_matches_numpy(n_pos, sinks, window, topk):
     np.testing.assert_array_equal(idx[:n], reference_selection(comb, n_pos, sinks, window, topk))
 
 
-def test_kth_largest_on_ties_and_edges():
+def test_kth_key_on_ties_and_edges():
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 65504.0, -3.0], np.float32)
+    keys = np.array([A._key(x) for x in special], np.int64)
+    order = np.argsort(special, kind="stable")
+    assert (np.diff(keys[order]) >= 0).all() and keys[0] == keys[1]       # float order, -0.0 == +0.0
+    assert all(A._unkey(A._key(x)) == x for x in special)
     for n in (1, 2, 5, 300):
         for trial in range(10):
             v = RNG.standard_normal(n).astype(np.float32)
             if trial % 2:
                 v = np.round(v).astype(np.float32)        # many equal values
-            buf = np.empty(n, np.float32)
+            keys = np.array([A._key(x) for x in v], np.int32)
             for k in {1, (n + 1) // 2, n}:
-                assert A._kth_largest(v, n, k, buf) == np.sort(v)[::-1][k - 1]
+                assert A._unkey(A._kth_key(keys, n, k)) == np.sort(v)[::-1][k - 1]
 
 
 @pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
