@@ -253,9 +253,11 @@ def _unkey(key):
 
 
 @njit(cache=True, error_model="numpy")
-def _kth_key(keys, n, k):
-    """The k-th largest of keys[:n] (int32, 1 <= k <= n): bisection on the value, each step one count of
-    keys >= mid (a branch-free loop that vectorizes; quickselect's data-dependent branches mispredict)."""
+def _kth_key(keys, n, k, slack):
+    """A key K with k <= count(keys[:n] >= K) <= k + slack if the bisection meets one, else the k-th largest
+    of keys[:n] (int32, 1 <= k <= n): either way count(keys >= K) >= k >= count(keys > K) - slack. Bisection
+    on the value, each step one count of keys >= mid (a branch-free loop that vectorizes; quickselect's
+    data-dependent branches mispredict)."""
     lo = np.int64(keys[0])
     hi = lo
     for i in range(n):
@@ -268,6 +270,8 @@ def _kth_key(keys, n, k):
         for i in range(n):
             c += keys[i] >= mid32
         if c >= k:
+            if c <= k + slack:
+                return mid32
             lo = mid
         else:
             hi = mid - 1
@@ -305,20 +309,21 @@ def _top_candidates(comb, lo, hi, k, cand_k, cand_j, buf):
     """Positions j in [lo, hi) with comb[j] >= t0, ascending, into cand_j (their keys into cand_k, int32);
     returns how many (>= k: the k best of comb[lo:hi] are among them). 1 <= k <= hi - lo; buf: float32 scratch.
 
-    t0 is a sample's order statistic: the r-th largest of every _STRIDE-th score, with r = k / _STRIDE plus
-    three binomial standard deviations, so typically ~1.5k positions pass; should fewer than k pass (an
-    unlucky or adversarial layout), every position is taken. The pass over the scores builds a bit mask of
+    t0 is a sample's order statistic: about the r-th largest of every _STRIDE-th score (up to one binomial
+    standard deviation more), with r = k / _STRIDE plus three standard deviations, so typically ~1.5 k
+    positions pass; should fewer than k pass (an unlucky or adversarial layout), every position is taken. The pass over the scores builds a bit mask of
     64 positions at a time and walks its set bits."""
     n = hi - lo
     ns = n // _STRIDE
     kk = k // _STRIDE
-    r = kk + 3 * int(math.sqrt(kk)) + 2
+    sd = int(math.sqrt(kk))
+    r = kk + 3 * sd + 2
     t0 = np.float32(-np.inf)
     if r <= ns:
         sample = buf.view(np.int32)
         for u in range(ns):
             sample[u] = _key(comb[lo + u * _STRIDE])
-        t0 = _unkey(_kth_key(sample, ns, r))
+        t0 = _unkey(_kth_key(sample, ns, r, sd + 1))
     m = 0
     for j0 in range(lo, hi - 63, 64):
         m = _take_bits(_mask64(comb[j0:j0 + 64], t0), j0, comb, cand_k, cand_j, m)
@@ -365,7 +370,7 @@ def select_positions(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
         cand_j = idx[n:]                           # candidates are ascending and compacted in place below
         cand_k = cand_v.view(np.int32)
         m = _top_candidates(comb, old_lo, old_hi, n_old, cand_k, cand_j, buf)
-        thr = _kth_key(cand_k, m, n_old)
+        thr = _kth_key(cand_k, m, n_old, 0)         # count(> thr) <= n_old <= count(>= thr)
         n_above = 0
         for u in range(m):
             n_above += cand_k[u] > thr
@@ -451,7 +456,7 @@ def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, win
                               n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
-    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits (D a multiple of 16); comb:
+    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits (D a multiple of 32); comb:
     (n_kv, >= n_pos) from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64, set to the positions
     (ascending); n_attended: (n_kv,) int64, set to how many each kv head attended. Same rounding as
     ops.attention_decode (q and the probabilities to fp16). A Python wrapper: the kernel splits its work by
@@ -468,8 +473,8 @@ def _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk
     Every kv head attends to the same number of positions, known before selection (_layout), so the rows
     of all kv heads, in a row, are cut into one equal range per thread up front (3 kv heads share 2 threads
     evenly). Step 1: a thread selects the positions of each kv head whose chosen part its range touches
-    (two threads may both select one head), writes its range of idx, and computes q.k over it, prefetching
-    the V rows into its own cache. Step 2: the softmax of every head the range touches (over all its
+    (two threads may both select one head), writes its range of idx, and computes q.k over it. Step 2
+    (the same ranges): the softmax of every head the range touches (over all its
     positions: cheaper than another parallel step), then p.v over the range into the thread's partial sums."""
     n_head, D = q.shape
     n_kv = k_cache.shape[0]
@@ -497,7 +502,7 @@ def _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk
             else:                                  # sinks, window (or every old position): contiguous runs
                 for r in range(lo, hi):
                     idx[kvh, r] = r if r < old_lo + n_old else r + old_hi - old_lo - n_old
-            _qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max[w])
+            _qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max[w])
     part = np.zeros((n_workers, n_head, D), np.float32)
     for w in prange(n_workers):
         e = np.empty(n, np.float32)
@@ -531,23 +536,20 @@ def _f32_rows(path, cache, kvh, idx, t, m, D, rows):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _qk_rows(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+def _qk_rows(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
     """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], and s_max[kvh*G + g] = the max of
     these, 8 rows at a time (a partial last block repeats its last row): per query head, one 8-lane
     accumulator per row over head_dim, the 8 reduced together by simd.hsum8. s: (n_head, n) contiguous. The
-    rows may be scattered: K and V rows are prefetched _AHEAD ahead (V is read by _pv_rows on the same
-    thread: it waits in this core's L2)."""
+    rows may be scattered: they are prefetched _AHEAD ahead."""
     D = k_cache.shape[2]
     n_s = s.shape[1]
     kf = np.empty((8, D), np.float32)              # the block's K rows
     tmp = np.empty(8, np.float32)
     mx = np.full((G, 8), -np.inf, np.float32)      # running max of each head's scores, per lane
     _prefetch_rows(k_cache, kvh, idx, lo, min(hi, lo + _AHEAD))
-    _prefetch_rows(v_cache, kvh, idx, lo, min(hi, lo + _AHEAD))
     for t in range(lo, hi, 8):
         m = min(8, hi - t)
         _prefetch_rows(k_cache, kvh, idx, t + _AHEAD, min(hi, t + _AHEAD + 8))
-        _prefetch_rows(v_cache, kvh, idx, t + _AHEAD, min(hi, t + _AHEAD + 8))
         _f32_rows(path, k_cache, kvh, idx, t, m, D, kf)
         for g in range(G):
             h = kvh * G + g
@@ -580,12 +582,15 @@ _PV_ROWS = 16                          # V rows converted to float32 at a time b
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _pv_rows(path, p, v_cache, kvh, idx, lo, hi, acc):
     """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D) contiguous, D a multiple of
-    32. Per block of _PV_ROWS rows (converted once), head and 32 columns: 8 accumulators in registers, rows
-    alternating between two sets of 4 (independent chains for the FMA pipes)."""
+    32. Per block of _PV_ROWS rows (converted once; the next block's rows prefetched), head and 32 columns:
+    8 accumulators in registers, rows alternating between two sets of 4 (independent chains for the FMA
+    pipes). (Prefetching V already in _qk_rows measured slower: the lines are evicted again before use.)"""
     G, D = acc.shape
     vf = np.empty((_PV_ROWS, D), np.float32)
+    _prefetch_rows(v_cache, kvh, idx, lo, min(hi, lo + _PV_ROWS))
     for t in range(lo, hi, _PV_ROWS):
         m = min(_PV_ROWS, hi - t)
+        _prefetch_rows(v_cache, kvh, idx, t + _PV_ROWS, min(hi, t + 2 * _PV_ROWS))
         _f32_rows(path, v_cache, kvh, idx, t, m, D, vf)
         for g in range(G):
             for d in range(0, D, 32):
@@ -617,7 +622,7 @@ def _pv_rows(path, p, v_cache, kvh, idx, lo, hi, acc):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _qk_rows_plain(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+def _qk_rows_plain(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
     """_qk_rows in plain loops (the scalar path): each K row converted once for the G query heads."""
     D = k_cache.shape[2]
     krow = np.empty(D, np.float32)
@@ -650,7 +655,7 @@ def _pv_rows_plain(path, p, v_cache, kvh, idx, lo, hi, acc):
                 acc[g, i] += w * vrow[i]
 
 
-def _qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+def _qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
     """_qk_rows on the vector paths, _qk_rows_plain on the scalar one (chosen at compile time)."""
 
 
@@ -659,10 +664,10 @@ def _pv_span(path, p, v_cache, kvh, idx, lo, hi, acc):
 
 
 @overload(_qk_span, inline="always")
-def _ov_qk_span(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+def _ov_qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
     f = _qk_rows_plain if simd.path_kind(path) == "scalar" else _qk_rows
-    return lambda path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max: f(
-        path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s, s_max)
+    return lambda path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max: f(
+        path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max)
 
 
 @overload(_pv_span, inline="always")
