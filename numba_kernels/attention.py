@@ -311,8 +311,8 @@ def _top_candidates(comb, lo, hi, k, cand_k, cand_j, buf):
 
     t0 is a sample's order statistic: about the r-th largest of every _STRIDE-th score (up to one binomial
     standard deviation more), with r = k / _STRIDE plus three standard deviations, so typically ~1.5 k
-    positions pass; should fewer than k pass (an unlucky or adversarial layout), every position is taken. The pass over the scores builds a bit mask of
-    64 positions at a time and walks its set bits."""
+    positions pass; should fewer than k pass (an unlucky or adversarial layout), every position is taken.
+    The pass over the scores builds a bit mask of 64 positions at a time and walks its set bits."""
     n = hi - lo
     ns = n // _STRIDE
     kk = k // _STRIDE
