@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import overload
 
 from . import qgemv, simd
@@ -235,73 +237,117 @@ def score_keys_prefill(path, keys_q4, keys_d, xq, xd, xs, p0, comb):
                     0, n_pos)
 
 
+@njit(cache=True, inline="always")
+def _key(x):
+    """float32 -> int32 in the same order, -0.0 and +0.0 both 0 (a negative float: minus its magnitude bits);
+    NaNs land beyond the infinities. Selection compares keys: a total order, so it keeps exactly topk."""
+    b = np.float32(x).view(np.int32)
+    neg = b >> 31                                  # -1 for negative floats, else 0
+    return np.int32((b ^ (neg & 0x7FFFFFFF)) - neg)
+
+
+@njit(cache=True, inline="always")
+def _unkey(key):
+    neg = key >> 31
+    return np.int32((key + neg) ^ (neg & 0x7FFFFFFF)).view(np.float32)
+
+
 @njit(cache=True, error_model="numpy")
-def _kth_largest(v, n, k, buf):
-    """The k-th largest of v[:n] (1 <= k <= n): quickselect (median-of-three pivots) on a copy in buf (n,)."""
-    for j in range(n):
-        buf[j] = v[j]
-    lo, hi = 0, n - 1
-    want = k - 1                      # position in descending order
-    while hi > lo:
-        mid = (lo + hi) >> 1
-        a, b, c = buf[lo], buf[mid], buf[hi]
-        piv = max(min(a, b), min(max(a, b), c))
-        i, j = lo, hi
-        while i <= j:                 # Hoare partition, descending: left part >= piv >= right part
-            while buf[i] > piv:
-                i += 1
-            while buf[j] < piv:
-                j -= 1
-            if i <= j:
-                t = buf[i]
-                buf[i] = buf[j]
-                buf[j] = t
-                i += 1
-                j -= 1
-        if want <= j:
-            hi = j
-        elif want >= i:
-            lo = i
+def _kth_key(keys, n, k, slack):
+    """A key K with k <= count(keys[:n] >= K) <= k + slack if the bisection meets one, else the k-th largest
+    of keys[:n] (int32, 1 <= k <= n): either way count(keys >= K) >= k >= count(keys > K) - slack. Bisection
+    on the value, each step one count of keys >= mid (a branch-free loop that vectorizes; quickselect's
+    data-dependent branches mispredict)."""
+    lo = np.int64(keys[0])
+    hi = lo
+    for i in range(n):
+        lo = min(lo, np.int64(keys[i]))
+        hi = max(hi, np.int64(keys[i]))
+    while lo < hi:                     # count(keys >= lo) >= k > count(keys > hi)
+        mid = (lo + hi + 1) >> 1
+        mid32 = np.int32(mid)
+        c = 0
+        for i in range(n):
+            c += keys[i] >= mid32
+        if c >= k:
+            if c <= k + slack:
+                return mid32
+            lo = mid
         else:
-            return buf[want]
-    return buf[want]
+            hi = mid - 1
+    return np.int32(lo)
 
 
 _STRIDE = 16                           # selection samples every _STRIDE-th score for its first threshold
 
 
-@njit(cache=True, error_model="numpy")
-def _top_candidates(comb, lo, hi, k, cand_v, cand_j):
-    """Positions j in [lo, hi) with comb[j] >= t0, ascending, into cand_j (values into cand_v); returns how
-    many (>= k: the k best of comb[lo:hi] are among them). 1 <= k <= hi - lo.
+@njit(cache=True, inline="always")
+def _mask64(v, t):
+    """uint64 with bit j set where v[j] >= t, for the 64 values of v (a slice: its indices are provably
+    non-negative, so the loop vectorizes instead of gathering through Numba's negative-index wraparound)."""
+    bits = np.uint64(0)
+    for j in range(64):
+        bits |= np.uint64(v[j] >= t) << np.uint64(j)
+    return bits
 
-    t0 is a sample's order statistic: the r-th largest of every _STRIDE-th score, with r = k / _STRIDE plus
-    three binomial standard deviations, so typically ~2k positions pass; should fewer than k pass (an
-    unlucky or adversarial layout), every position is taken. One pass over the scores, whose branch is
-    rarely taken (predictable)."""
+
+@njit(cache=True, inline="always")
+def _take_bits(bits, j0, comb, cand_k, cand_j, m):
+    """Append positions j0 + j for the set bits j of bits (ascending) to cand_j and their keys to cand_k from
+    m on; returns the new count."""
+    while bits:
+        j = j0 + trailing_zeros(bits)
+        cand_k[m] = _key(comb[j])
+        cand_j[m] = j
+        m += 1
+        bits &= bits - np.uint64(1)
+    return m
+
+
+@njit(cache=True, error_model="numpy")
+def _top_candidates(comb, lo, hi, k, cand_k, cand_j, buf):
+    """Positions j in [lo, hi) with comb[j] >= t0, ascending, into cand_j (their keys into cand_k, int32);
+    returns how many (>= k: the k best of comb[lo:hi] are among them). 1 <= k <= hi - lo; buf: float32 scratch.
+
+    t0 is a sample's order statistic: about the r-th largest of every _STRIDE-th score (up to one binomial
+    standard deviation more), with r = k / _STRIDE plus three standard deviations, so typically ~1.5 k
+    positions pass; should fewer than k pass (an unlucky or adversarial layout), every position is taken.
+    The pass over the scores builds a bit mask of 64 positions at a time and walks its set bits."""
     n = hi - lo
     ns = n // _STRIDE
     kk = k // _STRIDE
-    r = kk + 3 * int(math.sqrt(kk)) + 2
-    t0 = -np.inf
+    sd = int(math.sqrt(kk))
+    r = kk + 3 * sd + 2
+    t0 = np.float32(-np.inf)
     if r <= ns:
+        sample = buf.view(np.int32)
         for u in range(ns):
-            cand_v[u] = comb[lo + u * _STRIDE]
-        t0 = _kth_largest(cand_v, ns, r, cand_v)
+            sample[u] = _key(comb[lo + u * _STRIDE])
+        t0 = _unkey(_kth_key(sample, ns, r, sd + 1))
     m = 0
-    for j in range(lo, hi):
-        c = comb[j]
-        if c >= t0:
-            cand_v[m] = c
-            cand_j[m] = j
-            m += 1
+    for j0 in range(lo, hi - 63, 64):
+        m = _take_bits(_mask64(comb[j0:j0 + 64], t0), j0, comb, cand_k, cand_j, m)
+    j0 = hi - (hi - lo) % 64
+    tail = np.uint64(0)
+    for j in range(hi - j0):
+        tail |= np.uint64(comb[j0 + j] >= t0) << np.uint64(j)
+    m = _take_bits(tail, j0, comb, cand_k, cand_j, m)
     if m < k:
         m = 0
         for j in range(lo, hi):
-            cand_v[m] = comb[j]
+            cand_k[m] = _key(comb[j])
             cand_j[m] = j
             m += 1
     return m
+
+
+@njit(cache=True, inline="always")
+def _layout(n_pos, sinks, window, topk):
+    """How select_positions lays out its choice: (old_lo, old_hi, n_old): positions < old_lo (sinks), n_old
+    chosen of [old_lo, old_hi) (all of them if they are at most topk), positions >= old_hi (window)."""
+    old_lo = min(sinks, n_pos)
+    old_hi = max(old_lo, n_pos - window)
+    return old_lo, old_hi, min(old_hi - old_lo, max(topk, 0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -311,31 +357,30 @@ def select_positions(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
     comb: (>= n_pos,) cheap scores of positions 0..n_pos-1, combined over the query heads of one kv head (the
     query is at n_pos - 1). Keeps positions < sinks, positions >= n_pos - window, and the topk best of the
     rest (ties: the earlier positions). cand_v, buf: (>= n_pos,) float32 scratch."""
-    old_lo = min(sinks, n_pos)
-    old_hi = max(old_lo, n_pos - window)
+    old_lo, old_hi, n_old = _layout(n_pos, sinks, window, topk)
     n = 0
     for j in range(old_lo):
         idx[n] = j
         n += 1
-    if old_hi - old_lo <= topk:
+    if n_old == old_hi - old_lo:
         for j in range(old_lo, old_hi):
             idx[n] = j
             n += 1
-    elif topk > 0:
+    elif n_old > 0:
         cand_j = idx[n:]                           # candidates are ascending and compacted in place below
-        m = _top_candidates(comb, old_lo, old_hi, topk, cand_v, cand_j)
-        thr = _kth_largest(cand_v, m, topk, buf)
+        cand_k = cand_v.view(np.int32)
+        m = _top_candidates(comb, old_lo, old_hi, n_old, cand_k, cand_j, buf)
+        thr = _kth_key(cand_k, m, n_old, 0)         # count(> thr) <= n_old <= count(>= thr)
         n_above = 0
         for u in range(m):
-            n_above += cand_v[u] > thr
-        ties = topk - n_above
-        for u in range(m):
-            c = cand_v[u]
-            if c > thr or (c == thr and ties > 0):
-                if c == thr:
-                    ties -= 1
-                idx[n] = cand_j[u]
-                n += 1
+            n_above += cand_k[u] > thr
+        ties = n_old - n_above                     # of the candidates equal to thr, the first `ties` are kept
+        for u in range(m):                         # branch-free: every candidate is written, n advances if kept
+            c = cand_k[u]
+            keep = (c > thr) | ((c == thr) & (ties > 0))
+            ties -= (c == thr) & keep
+            idx[n] = cand_j[u]
+            n += keep
     for j in range(old_hi, n_pos):
         idx[n] = j
         n += 1
@@ -369,11 +414,9 @@ def _exp_nonpos(x):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _exp_shifted(s, n, e):
-    """e[:n] = exp(s[:n] - max(s[:n])); returns their sum (float64) as float32's reciprocal, for _round_probs."""
-    m = -np.inf
-    for t in range(n):
-        m = max(m, s[t])
+def _exp_shifted(s, n, m, e):
+    """e[:n] = exp(s[:n] - m), m = max(s[:n]); returns their sum (float64) as float32's reciprocal, for
+    _round_probs."""
     for t in range(n):
         e[t] = _exp_nonpos(s[t] - m)
     total = 0.0
@@ -400,48 +443,190 @@ _AHEAD = 16                            # rows prefetched ahead of the exact part
 
 
 @njit(cache=True, inline="always")
-def _prefetch_row(cache, kvh, j):
-    """Prefetch row j of cache[kvh] (D fp16 values: one cache line per 32)."""
+def _prefetch_rows(cache, kvh, idx, lo, hi):
+    """Prefetch rows idx[kvh, lo:hi] of cache[kvh] (D fp16 values each: one cache line per 32)."""
     D = cache.shape[2]
-    off = (kvh * cache.shape[1] + j) * D
-    for i in range(0, D, 32):
-        simd.prefetch(cache, off + i)
+    for t in range(lo, hi):
+        off = (kvh * cache.shape[1] + idx[kvh, t]) * D
+        for i in range(0, D, 32):
+            simd.prefetch(cache, off + i)
 
 
-_SPLIT = 2                             # position ranges per kv head in the exact part (3 kv heads, 2 threads)
-
-
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def attention_decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx,
                               n_attended):
     """One query token (at position n_pos - 1) against the positions select_positions picks per kv head.
 
-    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits; comb: (n_kv, >= n_pos)
-    from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64 scratch; n_attended: (n_kv,) int64, set
-    to the number of positions each kv head attended. Same rounding as ops.attention_decode (q and the
-    probabilities to fp16). Each chosen K and V row is read once for the G query heads of its kv head; the
-    exact part runs over (kv head, range of the chosen positions) items so 2 threads share 3 kv heads: q.k
-    for the item's range, then the softmax of the whole row (each item of a kv head recomputes it: cheaper
-    than another parallel launch) and p.v over the item's range into a partial sum."""
-    for kvh in prange(k_cache.shape[0]):
-        n_attended[kvh] = select_positions(comb[kvh], n_pos, sinks, window, topk, idx[kvh],
-                                           np.empty(n_pos, np.float32), np.empty(n_pos, np.float32))
-    attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out)
+    q: (n_head, D) float32; k_cache, v_cache: (n_kv, n_ctx, D) uint16, fp16 bits (D a multiple of 32); comb:
+    (n_kv, >= n_pos) from score_keys; out: (n_head, D); idx: (n_kv, >= n_pos) int64, set to the positions
+    (ascending); n_attended: (n_kv,) int64, set to how many each kv head attended. Same rounding as
+    ops.attention_decode (q and the probabilities to fp16). A Python wrapper: the kernel splits its work by
+    the thread count, which jitted code can only read uncached."""
+    _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx, n_attended,
+                     numba.get_num_threads())
+
+
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def _decode_windowed(path, q, k_cache, v_cache, comb, n_pos, sinks, window, topk, scale, out, idx, n_attended,
+                     n_workers):
+    """attention_decode_windowed on n_workers threads, in two parallel steps.
+
+    Every kv head attends to the same number of positions, known before selection (_layout), so the rows
+    of all kv heads, in a row, are cut into one equal range per thread up front (3 kv heads share 2 threads
+    evenly). Step 1: a thread selects the positions of each kv head whose chosen part its range touches
+    (two threads may both select one head), writes its range of idx, and computes q.k over it. Step 2
+    (the same ranges): the softmax of every head the range touches (over all its
+    positions: cheaper than another parallel step), then p.v over the range into the thread's partial sums."""
+    n_head, D = q.shape
+    n_kv = k_cache.shape[0]
+    G = n_head // n_kv
+    old_lo, old_hi, n_old = _layout(n_pos, sinks, window, topk)
+    n = old_lo + n_old + n_pos - old_hi            # positions per kv head
+    starts = np.arange(n_kv + 1) * n               # row offsets of the kv heads
+    n_attended[:] = n
+    qh = np.empty((n_head, D), np.float32)
+    for h in range(n_head):
+        _round_f16_into(q[h], qh[h])
+    s = np.empty((n_head, n), np.float32)          # q.k * scale
+    s_max = np.full((n_workers, n_head), -np.inf, np.float32)     # each thread's max of s over its rows
+    for w in prange(n_workers):
+        chosen = np.empty(n_pos, np.int64)
+        cand_v = np.empty(n_pos, np.float32)
+        buf = np.empty(n_pos, np.float32)
+        for kvh in range(n_kv):
+            lo, hi = _worker_rows(starts, kvh, w, n_workers)
+            if lo >= hi:
+                continue
+            if n_old < old_hi - old_lo and lo < old_lo + n_old and hi > old_lo:
+                select_positions(comb[kvh], n_pos, sinks, window, topk, chosen, cand_v, buf)
+                idx[kvh, lo:hi] = chosen[lo:hi]
+            else:                                  # sinks, window (or every old position): contiguous runs
+                for r in range(lo, hi):
+                    idx[kvh, r] = r if r < old_lo + n_old else r + old_hi - old_lo - n_old
+            _qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max[w])
+    part = np.zeros((n_workers, n_head, D), np.float32)
+    for w in prange(n_workers):
+        e = np.empty(n, np.float32)
+        p = np.empty((G, n), np.float32)
+        for kvh in range(n_kv):
+            lo, hi = _worker_rows(starts, kvh, w, n_workers)
+            if lo < hi:
+                for g in range(G):
+                    h = kvh * G + g
+                    inv = _exp_shifted(s[h], n, s_max[:, h].max(), e)
+                    _round_probs(e, inv, lo, hi, p[g])
+                _pv_span(path, p, v_cache, kvh, idx, lo, hi, part[w, kvh * G:(kvh + 1) * G])
+    for h in range(n_head):
+        for i in range(D):
+            acc = np.float32(0.0)
+            for w in range(n_workers):
+                acc += part[w, h, i]
+            out[h, i] = acc
+
+
+@njit(cache=True, inline="always")
+def _f32_rows(path, cache, kvh, idx, t, m, D, rows):
+    """rows[r] = float32 of row idx[kvh, t + min(r, m - 1)] of cache[kvh] for r < len(rows) (D a multiple of
+    8): each fp16 value converted once (vcvtph2ps runs at one per cycle: converting per query head instead
+    would cost more than the products)."""
+    base = kvh * cache.shape[1]
+    for r in range(rows.shape[0]):
+        off = (base + idx[kvh, t + min(r, m - 1)]) * D
+        for c in range(0, D, 8):
+            simd.vstore(path, rows, r * D + c, simd.load_f16x8(path, cache, off + c))
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s):
-    """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], each K row converted once for the
-    G query heads of kv head kvh. The rows may be scattered: K and V rows are prefetched _AHEAD ahead."""
+def _qk_rows(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """s[kvh*G + g, t] = fp16(q_h).k * scale for the rows idx[kvh, lo:hi], and s_max[kvh*G + g] = the max of
+    these, 8 rows at a time (a partial last block repeats its last row): per query head, one 8-lane
+    accumulator per row over head_dim, the 8 reduced together by simd.hsum8. s: (n_head, n) contiguous. The
+    rows may be scattered: they are prefetched _AHEAD ahead."""
+    D = k_cache.shape[2]
+    n_s = s.shape[1]
+    kf = np.empty((8, D), np.float32)              # the block's K rows
+    tmp = np.empty(8, np.float32)
+    mx = np.full((G, 8), -np.inf, np.float32)      # running max of each head's scores, per lane
+    _prefetch_rows(k_cache, kvh, idx, lo, min(hi, lo + _AHEAD))
+    for t in range(lo, hi, 8):
+        m = min(8, hi - t)
+        _prefetch_rows(k_cache, kvh, idx, t + _AHEAD, min(hi, t + _AHEAD + 8))
+        _f32_rows(path, k_cache, kvh, idx, t, m, D, kf)
+        for g in range(G):
+            h = kvh * G + g
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.vzero(path)
+            for c in range(0, D, 8):
+                qc = simd.load_f32x8(qh, h * D + c)
+                a0 = simd.vmuladd(a0, simd.load_f32x8(kf, c), qc)
+                a1 = simd.vmuladd(a1, simd.load_f32x8(kf, D + c), qc)
+                a2 = simd.vmuladd(a2, simd.load_f32x8(kf, 2 * D + c), qc)
+                a3 = simd.vmuladd(a3, simd.load_f32x8(kf, 3 * D + c), qc)
+                a4 = simd.vmuladd(a4, simd.load_f32x8(kf, 4 * D + c), qc)
+                a5 = simd.vmuladd(a5, simd.load_f32x8(kf, 5 * D + c), qc)
+                a6 = simd.vmuladd(a6, simd.load_f32x8(kf, 6 * D + c), qc)
+                a7 = simd.vmuladd(a7, simd.load_f32x8(kf, 7 * D + c), qc)
+            sc = simd.vscal(path, simd.hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7), scale)
+            simd.vstore(path, mx, 8 * g, simd.vmax(path, simd.load_f32x8(mx, 8 * g), sc))
+            if m == 8:
+                simd.vstore(path, s, h * n_s + t, sc)
+            else:
+                simd.vstore(path, tmp, 0, sc)
+                for r in range(m):
+                    s[h, t + r] = tmp[r]
+    for g in range(G):
+        s_max[kvh * G + g] = mx[g].max()
+
+
+_PV_ROWS = 16                          # V rows converted to float32 at a time by _pv_rows
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _pv_rows(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D) contiguous, D a multiple of
+    32. Per block of _PV_ROWS rows (converted once; the next block's rows prefetched), head and 32 columns:
+    8 accumulators in registers, rows alternating between two sets of 4 (independent chains for the FMA
+    pipes). (Prefetching V already in _qk_rows measured slower: the lines are evicted again before use.)"""
+    G, D = acc.shape
+    vf = np.empty((_PV_ROWS, D), np.float32)
+    _prefetch_rows(v_cache, kvh, idx, lo, min(hi, lo + _PV_ROWS))
+    for t in range(lo, hi, _PV_ROWS):
+        m = min(_PV_ROWS, hi - t)
+        _prefetch_rows(v_cache, kvh, idx, t + _PV_ROWS, min(hi, t + 2 * _PV_ROWS))
+        _f32_rows(path, v_cache, kvh, idx, t, m, D, vf)
+        for g in range(G):
+            for d in range(0, D, 32):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = simd.vzero(path)
+                for r in range(0, m - 1, 2):
+                    w0 = p[g, t + r]
+                    w1 = p[g, t + r + 1]
+                    o = r * D + d
+                    a0 = simd.vmuladd(a0, simd.load_f32x8(vf, o), w0)
+                    a1 = simd.vmuladd(a1, simd.load_f32x8(vf, o + 8), w0)
+                    a2 = simd.vmuladd(a2, simd.load_f32x8(vf, o + 16), w0)
+                    a3 = simd.vmuladd(a3, simd.load_f32x8(vf, o + 24), w0)
+                    b0 = simd.vmuladd(b0, simd.load_f32x8(vf, o + D), w1)
+                    b1 = simd.vmuladd(b1, simd.load_f32x8(vf, o + D + 8), w1)
+                    b2 = simd.vmuladd(b2, simd.load_f32x8(vf, o + D + 16), w1)
+                    b3 = simd.vmuladd(b3, simd.load_f32x8(vf, o + D + 24), w1)
+                if m & 1:
+                    w0 = p[g, t + m - 1]
+                    o = (m - 1) * D + d
+                    a0 = simd.vmuladd(a0, simd.load_f32x8(vf, o), w0)
+                    a1 = simd.vmuladd(a1, simd.load_f32x8(vf, o + 8), w0)
+                    a2 = simd.vmuladd(a2, simd.load_f32x8(vf, o + 16), w0)
+                    a3 = simd.vmuladd(a3, simd.load_f32x8(vf, o + 24), w0)
+                o = g * D + d
+                simd.vstore(path, acc, o, simd.vadd(path, simd.load_f32x8(acc, o), simd.vadd(path, a0, b0)))
+                simd.vstore(path, acc, o + 8, simd.vadd(path, simd.load_f32x8(acc, o + 8), simd.vadd(path, a1, b1)))
+                simd.vstore(path, acc, o + 16, simd.vadd(path, simd.load_f32x8(acc, o + 16), simd.vadd(path, a2, b2)))
+                simd.vstore(path, acc, o + 24, simd.vadd(path, simd.load_f32x8(acc, o + 24), simd.vadd(path, a3, b3)))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _qk_rows_plain(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """_qk_rows in plain loops (the scalar path): each K row converted once for the G query heads."""
     D = k_cache.shape[2]
     krow = np.empty(D, np.float32)
-    for t in range(lo, min(hi, lo + _AHEAD)):
-        _prefetch_row(k_cache, kvh, idx[kvh, t])
-        _prefetch_row(v_cache, kvh, idx[kvh, t])   # V rows are read after the softmax: into cache now
     for t in range(lo, hi):
-        if t + _AHEAD < hi:
-            _prefetch_row(k_cache, kvh, idx[kvh, t + _AHEAD])
-            _prefetch_row(v_cache, kvh, idx[kvh, t + _AHEAD])
         j = idx[kvh, t]
         for i in range(D):
             krow[i] = simd.f16_to_f32(path, k_cache[kvh, j, i])
@@ -451,11 +636,13 @@ def _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s):
             for i in range(D):
                 acc += qh[h, i] * krow[i]
             s[h, t] = acc * scale
+    for g in range(G):
+        s_max[kvh * G + g] = s[kvh * G + g, lo:hi].max()
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
-    """acc[g] += sum_t p[g, t] * v[idx[kvh, t]] over t in [lo, hi); acc: (G, D)."""
+def _pv_rows_plain(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """_pv_rows in plain loops (the scalar path)."""
     G, D = acc.shape
     vrow = np.empty(D, np.float32)
     for t in range(lo, hi):
@@ -468,47 +655,35 @@ def _pv_range(path, p, v_cache, kvh, idx, lo, hi, acc):
                 acc[g, i] += w * vrow[i]
 
 
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attend_positions(path, q, k_cache, v_cache, idx, n_attended, scale, out):
-    """Exact attention of one query token over the positions idx[kvh, :n_attended[kvh]] of each kv head
-    (ascending: the windowed choice). Shapes and rounding as in attention_decode_windowed.
+def _qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    """_qk_rows on the vector paths, _qk_rows_plain on the scalar one (chosen at compile time)."""
 
-    Work runs over (kv head, half of the positions) items so 2 threads share 3 kv heads: q.k for the item's
-    half, then the softmax of the whole row (each item of a kv head recomputes it: cheaper than another
-    launch) and p.v over the item's half into a partial sum."""
-    n_head, D = q.shape
-    n_kv = k_cache.shape[0]
-    G = n_head // n_kv
-    qh = np.empty((n_head, D), np.float32)
-    for h in range(n_head):
-        _round_f16_into(q[h], qh[h])
-    n_max = n_attended.max()
-    s = np.empty((n_head, n_max), np.float32)      # q.k * scale
-    for item in prange(n_kv * _SPLIT):
-        kvh = item // _SPLIT
-        n = n_attended[kvh]
-        lo = n * (item % _SPLIT) // _SPLIT
-        hi = n * (item % _SPLIT + 1) // _SPLIT
-        _qk_range(path, qh, k_cache, v_cache, kvh, idx, lo, hi, G, scale, s)
-    part = np.zeros((n_kv * _SPLIT, G, D), np.float32)
-    for item in prange(n_kv * _SPLIT):
-        kvh = item // _SPLIT
-        n = n_attended[kvh]
-        lo = n * (item % _SPLIT) // _SPLIT
-        hi = n * (item % _SPLIT + 1) // _SPLIT
-        e = np.empty(n, np.float32)
-        p = np.empty((G, n), np.float32)
-        for g in range(G):
-            inv = _exp_shifted(s[kvh * G + g], n, e)
-            _round_probs(e, inv, lo, hi, p[g])
-        _pv_range(path, p, v_cache, kvh, idx, lo, hi, part[item])
-    for kvh in range(n_kv):
-        for g in range(G):
-            for i in range(D):
-                acc = np.float32(0.0)
-                for r in range(_SPLIT):
-                    acc += part[kvh * _SPLIT + r, g, i]
-                out[kvh * G + g, i] = acc
+
+def _pv_span(path, p, v_cache, kvh, idx, lo, hi, acc):
+    """_pv_rows on the vector paths, _pv_rows_plain on the scalar one (chosen at compile time)."""
+
+
+@overload(_qk_span, inline="always")
+def _ov_qk_span(path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max):
+    f = _qk_rows_plain if simd.path_kind(path) == "scalar" else _qk_rows
+    return lambda path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max: f(
+        path, qh, k_cache, kvh, idx, lo, hi, G, scale, s, s_max)
+
+
+@overload(_pv_span, inline="always")
+def _ov_pv_span(path, p, v_cache, kvh, idx, lo, hi, acc):
+    f = _pv_rows_plain if simd.path_kind(path) == "scalar" else _pv_rows
+    return lambda path, p, v_cache, kvh, idx, lo, hi, acc: f(path, p, v_cache, kvh, idx, lo, hi, acc)
+
+
+@njit(cache=True, inline="always")
+def _worker_rows(starts, kvh, w, n_workers):
+    """Worker w's share [lo, hi) of kv head kvh's chosen positions (lo >= hi: none): the rows of all kv heads
+    in a row, starts (n_kv + 1,) their offsets, cut into n_workers equal ranges."""
+    n_rows = starts[starts.shape[0] - 1]
+    r0 = n_rows * w // n_workers
+    r1 = n_rows * (w + 1) // n_workers
+    return max(r0, starts[kvh]) - starts[kvh], min(r1, starts[kvh + 1]) - starts[kvh]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -1324,6 +1324,26 @@ def _vstore(typingctx, a, off, v):
     return types.none(a, off, v), codegen
 
 
+@intrinsic
+def _hsum8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """f32x8 whose lane r is the sum of a_r's 8 lanes: a tree of pairwise adds (hadd: lanes x0+x1, x2+x3,
+    y0+y1, y2+y3 | the same of the upper halves), 7 vector adds for 8 horizontal sums."""
+    if not all(a == f32x8 for a in (a0, a1, a2, a3, a4, a5, a6, a7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def hadd(x, y):
+            return builder.fadd(_shuffle(builder, x, y, (0, 2, 8, 10, 4, 6, 12, 14)),
+                                _shuffle(builder, x, y, (1, 3, 9, 11, 5, 7, 13, 15)))
+
+        b = [hadd(args[2 * i], args[2 * i + 1]) for i in range(4)]
+        c0, c1 = hadd(b[0], b[1]), hadd(b[2], b[3])     # lane r < 4: a_r's lanes 0..3 (c1: a_{4+r}); 4 + r: 4..7
+        return builder.fadd(_shuffle(builder, c0, c1, (0, 1, 2, 3, 8, 9, 10, 11)),
+                            _shuffle(builder, c0, c1, (4, 5, 6, 7, 12, 13, 14, 15)))
+
+    return f32x8(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
 def tile_dot(path, acc_lo, acc_hi, w, woff, x, xoff_lo, xoff_hi):
     """See _make_tile_dot: (acc_lo, acc_hi) + one 4-byte column of an 8-row nibble tile. Vector paths only."""
 
@@ -1346,6 +1366,10 @@ def vmax(path, a, b):
 
 def vstore(path, a, off, v):
     """Store an f32x8 to float32 array a at flat element offset off. Vector paths only."""
+
+
+def hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7):
+    """f32x8 of the horizontal sums of eight f32x8 (lane r: a_r's). Vector paths only."""
 
 
 def _vector_kind(path):
@@ -1390,3 +1414,9 @@ def _ov_vmax(path, a, b):
 def _ov_vstore(path, a, off, v):
     if _vector_kind(path) is not None:
         return lambda path, a, off, v: _vstore(a, off, v)
+
+
+@overload(hsum8, inline="always")
+def _ov_hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7):
+    if _vector_kind(path) is not None:
+        return lambda path, a0, a1, a2, a3, a4, a5, a6, a7: _hsum8(a0, a1, a2, a3, a4, a5, a6, a7)

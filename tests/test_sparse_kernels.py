@@ -110,7 +110,8 @@ def test_vector_scores_equal_plain_scores():
 
 
 @pytest.mark.parametrize("n_pos,sinks,window,topk", [
-    (40, 4, 8, 8), (40, 0, 1, 5), (40, 4, 8, 100), (12, 4, 8, 8), (3, 4, 8, 8), (1000, 4, 64, 64), (200, 0, 16, 0)])
+    (40, 4, 8, 8), (40, 0, 1, 5), (40, 4, 8, 100), (12, 4, 8, 8), (3, 4, 8, 8), (1000, 4, 64, 64), (200, 0, 16, 0),
+    (5000, 4, 256, 300)])
 def test_selection_matches_numpy(n_pos, sinks, window, topk):
     G = 3
     scores = RNG.standard_normal((G, n_pos)).astype(np.float32)
@@ -122,15 +123,22 @@ def test_selection_matches_numpy(n_pos, sinks, window, topk):
     np.testing.assert_array_equal(idx[:n], reference_selection(comb, n_pos, sinks, window, topk))
 
 
-def test_kth_largest_on_ties_and_edges():
+def test_kth_key_on_ties_and_edges():
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 65504.0, -3.0], np.float32)
+    keys = np.array([A._key(x) for x in special], np.int64)
+    order = np.argsort(special, kind="stable")
+    assert (np.diff(keys[order]) >= 0).all() and keys[0] == keys[1]       # float order, -0.0 == +0.0
+    assert all(A._unkey(A._key(x)) == x for x in special)
     for n in (1, 2, 5, 300):
         for trial in range(10):
             v = RNG.standard_normal(n).astype(np.float32)
             if trial % 2:
                 v = np.round(v).astype(np.float32)        # many equal values
-            buf = np.empty(n, np.float32)
+            keys = np.array([A._key(x) for x in v], np.int32)
             for k in {1, (n + 1) // 2, n}:
-                assert A._kth_largest(v, n, k, buf) == np.sort(v)[::-1][k - 1]
+                for slack in (0, 3):
+                    key = A._kth_key(keys, n, k, slack)
+                    assert k <= (keys >= key).sum() <= k + slack or A._unkey(key) == np.sort(v)[::-1][k - 1]
 
 
 @pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
@@ -188,7 +196,8 @@ def test_exact_decode_attention_every_path_against_numpy():
         np.testing.assert_allclose(outs[path], outs["scalar"], rtol=0, atol=5e-4)
 
 
-def test_windowed_attention_covering_everything_equals_dense():
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_windowed_attention_covering_everything_equals_dense(path):
     n_kv, G, D, n_ctx, n_pos = 3, 3, 64, 256, 200
     k, v = kv_cache(n_kv, n_ctx, D)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
@@ -199,27 +208,30 @@ def test_windowed_attention_covering_everything_equals_dense():
     for sinks, window, topk in [(0, n_pos, 0), (4, 16, n_pos), (0, 1, n_pos)]:
         out = np.empty_like(dense)
         n_att = np.empty(n_kv, np.int64)
-        A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale, out,
-                                    np.empty((n_kv, n_ctx), np.int64), n_att)
+        A.attention_decode_windowed(simd.token(path), q, bits(k), bits(v), scores, n_pos, sinks, window, topk, scale,
+                                    out, np.empty((n_kv, n_ctx), np.int64), n_att)
         assert (n_att == n_pos).all()
         # the windowed kernel sums q.k in another order (vectorized), so a probability may round to the
         # neighbouring fp16 value: differences stay at that level (fp16 ulp ~ 6e-5 at 0.1)
         np.testing.assert_allclose(out, dense, rtol=0, atol=5e-4)
 
 
-def test_windowed_attention_equals_dense_over_the_chosen_positions():
-    """With fewer positions than the context, the result is exact attention over exactly the chosen set."""
-    n_kv, G, D, n_ctx, n_pos = 2, 2, 64, 512, 400
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+@pytest.mark.parametrize("D,sinks,window,topk", [(64, 4, 32, 16), (96, 3, 29, 17)])
+def test_windowed_attention_equals_dense_over_the_chosen_positions(path, D, sinks, window, topk):
+    """With fewer positions than the context, the result is exact attention over exactly the chosen set (the
+    second case: partial blocks of rows, head_dim not a multiple of 64)."""
+    n_kv, G, n_ctx, n_pos = 2, 2, 512, 400
     k, v = kv_cache(n_kv, n_ctx, D, seed=3)
     q = RNG.standard_normal((n_kv * G, D)).astype(np.float32)
     scores = RNG.standard_normal((n_kv, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    A.attention_decode_windowed(simd.token(), q, bits(k), bits(v), scores, n_pos, 4, 32, 16, np.float32(0.125), out,
-                                np.empty((n_kv, n_ctx), np.int64), n_att)
-    assert (n_att == 4 + 32 + 16).all()
+    A.attention_decode_windowed(simd.token(path), q, bits(k), bits(v), scores, n_pos, sinks, window, topk,
+                                np.float32(0.125), out, np.empty((n_kv, n_ctx), np.int64), n_att)
+    assert (n_att == sinks + window + topk).all()
     for kvh in range(n_kv):
-        sel = reference_selection(scores[kvh], n_pos, 4, 32, 16)
+        sel = reference_selection(scores[kvh], n_pos, sinks, window, topk)
         ref = np.empty((G, D), np.float32)
         ops.attention_decode(simd.token(), q[kvh * G:(kvh + 1) * G], bits(k[kvh:kvh + 1, sel]), bits(v[kvh:kvh + 1, sel]),
                              0, len(sel), np.float32(0.125), ref)
