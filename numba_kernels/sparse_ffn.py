@@ -283,8 +283,9 @@ def _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, p):
 
 
 @njit(cache=True, error_model="numpy")
-def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gsum, g_lo, g_hi, po):
-    """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths).
+def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
+    """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
+    group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
 
     Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron's piece) and neurons two at a
     time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
@@ -292,14 +293,14 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gsum, g_lo, g_hi, 
     n_chunks = po.shape[0] // 32
     for g in range(g_lo, g_hi):
         s = gstart[g]
-        e = gstart[g + 1]
+        e = gend[g]
         if s == e:
             continue
         xdg = gd[g]
         sg = gsum[g]
         gbase = np.int64(g) * codes.shape[1]
         if g + 1 < g_hi:               # the next group's first piece and scales: its loads then hit the cache
-            _prefetch_piece(codes, rows, gstart[g + 1], gstart[g + 2], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
+            _prefetch_piece(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
             for o in range(0, 128 * n_chunks, 64):
                 simd.prefetch(scales, (g + 1) * 64 * n_chunks + o // 2)
         for c in range(0, n_chunks - 1, 2):
@@ -402,7 +403,8 @@ def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
     _split_groups(gstart, n_parts, bounds)
     partial = np.zeros((n_parts, out.shape[0]), np.float32)     # one partial sum per thread, then merged
     for part in prange(n_parts):
-        _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+        _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
+                       partial[part])
     _sum_parts(partial, out)
 
 
@@ -464,15 +466,24 @@ def select_down_q8(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, g
     """Both stages of a threshold layer from a stacked gate|up product gu (2 n_ff,) in one pass: g_act =
     silu(gate) (n_ff,); neuron j passes the up stage if |g_act_j| >= up_threshold[j], then is kept if
     |a_j| = |g_act_j u_j| >= threshold[j]: the kept neurons and their values as down_coefs_q8 leaves them.
-    Returns (n_up, n, groups with a kept neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
-    n_ff = g_act.shape[0]
-    _silu_into(gu, g_act)
+    Returns (n_up, n, groups with a kept neuron)."""
     n_groups = gsum.shape[0]
+    n_up, n, n_read = _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gstart[1:],
+                                     gsum, 0, n_groups, 0)
+    return n_up, n, n_read
+
+
+@njit(cache=True, error_model="numpy")
+def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, n0):
+    """select_down_q8 for groups g_lo..g_hi-1 only, their kept neurons written from rows[n0] / xq[n0] on
+    (group g's at gstart[g]:gend[g]). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    n_ff = g_act.shape[0]
+    _silu_into(gu[32 * g_lo:32 * g_hi], g_act[32 * g_lo:32 * g_hi])
     a_kept = np.empty(32, np.float32)
-    n = 0
+    n = n0
     n_up = 0
     n_read = 0
-    for g in range(n_groups):
+    for g in range(g_lo, g_hi):
         gstart[g] = n
         amax = np.float32(0.0)
         for j in range(32 * g, 32 * g + 32):        # branch-free: about 1 in 3 neurons is dropped, at random
@@ -484,14 +495,14 @@ def select_down_q8(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, g
             a_kept[n - gstart[g]] = a
             n += keep
             amax = max(amax, abs(a) * np.float32(keep))
+        gend[g] = n
         gsum[g] = 0.0
         gd[g] = 0.0
         if n == gstart[g]:
             continue
         n_read += 1
         _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
-    gstart[n_groups] = n
-    return n_up, n, n_read
+    return n_up, n - n0, n_read
 
 
 @njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
@@ -520,22 +531,30 @@ def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
 def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_threshold, threshold, codes, scales,
                                down_sum_fp16, xq, xd, xs, gu, g_act, rows, aq, gd, gstart, gsum, out):
     """ffn_decode_bundle with gate and up computed in full by one GEMV of the stacked gate|up matrix (gu_*,
-    2 n_ff rows; gu (2 n_ff,) scratch) and both selections in one pass (select_down_q8): the same numbers.
-    Faster than gathering up's rows unless most are skipped (see Model._ffn_decode_threshold)."""
+    2 n_ff rows; gu (2 n_ff,) scratch), then each thread takes half of the groups of 32 neurons: both
+    selections in one pass (select_down_q8's), then its part of the bundle product, with no wait between.
+    The same numbers. Faster than gathering up's rows unless most are skipped (Model._ffn_decode_threshold)."""
     qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
     n2 = gu.shape[0]
     no_rows = rows[:0]
     for c in prange(_GEMV_CHUNKS):
         _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu,
                  c * n2 // _GEMV_CHUNKS, (c + 1) * n2 // _GEMV_CHUNKS)
-    n_up, n, n_groups = select_down_q8(gu, up_threshold, threshold, down_sum_fp16, g_act, rows, aq, gd, gstart, gsum)
-    bounds = np.empty(3, np.int64)
-    _split_groups(gstart, 2, bounds)
-    partial = np.zeros((2, out.shape[0]), np.float32)
-    for part in prange(2):
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+    n_groups = gsum.shape[0]
+    gend = np.empty(n_groups, np.int64)
+    counts = np.zeros((2, 3), np.int64)
+    partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
+    for part in prange(2):                                       # each thread selects and multiplies half the groups
+        g_lo = part * n_groups // 2
+        g_hi = (part + 1) * n_groups // 2
+        c0, c1, c2 = _select_groups(gu, up_threshold, threshold, down_sum_fp16, g_act, rows, aq, gd, gstart, gend,
+                                    gsum, g_lo, g_hi, 32 * g_lo)
+        counts[part, 0] = c0
+        counts[part, 1] = c1
+        counts[part, 2] = c2
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
-    return n_up, n, n_groups
+    return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -570,6 +589,7 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
     _split_groups(gstart, 2, bounds)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     for part in prange(2):
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gsum, bounds[part], bounds[part + 1], partial[part])
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
+                       partial[part])
     _sum_parts(partial, out)
     return n_up, n, n_groups

@@ -141,7 +141,7 @@ class Model:
             chunk = tokens[s:s + PREFILL_CHUNK]
             last_chunk = s + PREFILL_CHUNK >= tokens.size
             out = self._forward(chunk, logits_all)
-            if not np.isfinite(out[-1]).all():
+            if not np.isfinite(out[-1].sum(dtype=np.float64)):   # any NaN or inf makes the sum one
                 raise SparseGGUFError(f"{self.path.name}: the model computed non-finite logits "
                                       "(NaN or inf weights in the file?)")
             if logits_all:
@@ -329,9 +329,10 @@ class Model:
         return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
     def _ffn_decode_threshold(self, il: int, L, plan: LayerSparsity, x: np.ndarray) -> np.ndarray:
-        """One token through a threshold layer (SiLU), reading only what it needs: the gate in full, up rows
-        where |act(g)| passes, then down rows where |act(g) * u| passes (column bundle or down_t). The same
-        numbers as the masked path. x: (n_embd,) normed input -> (1, n_embd)."""
+        """One token through a threshold layer (SiLU): the gate in full; up where |act(g)| passes (only those
+        rows when few pass, else all of gate|up in one GEMV: sparsity.UP_GATHER_MAX_KEPT); then down for the
+        neurons where |act(g) * u| passes (column bundle or down_t). With a bundle and Q4 gate/up the layer is
+        one kernel call (sparse_ffn). The same numbers as the masked path. x: (n_embd,) -> (1, n_embd)."""
         n_ff = L.w_gate.n_rows
         if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
             self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
@@ -416,8 +417,9 @@ class Model:
                 attn_kernels.attention_decode_windowed(
                     simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16), self._cheap,
                     n_keys, self.attn.sinks, self.attn.window, self.attn.topk, scale, out, self._picked, self._n_picked)
-                self._attended.append(float(self._n_picked.mean()))
-                self._bytes += (self._n_picked.sum() * kc.shape[2] * kc.itemsize * 2
+                n_att = int(self._n_picked[0])                      # every kv head attends to as many
+                self._attended.append(float(n_att))
+                self._bytes += (n_att * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
                                 + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
                 return out.reshape(1, -1)
             start = max(0, n_keys - window) if window else 0

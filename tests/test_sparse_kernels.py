@@ -357,9 +357,11 @@ def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
     h = rng.standard_normal((1, m.cfg.n_embd)).astype(np.float32)
     for il, L in enumerate(m.weights.layers):              # the FFN alone: the same numbers either way
         m._ffn_used, m._bytes = [], 0.0
-        one = m._ffn(il, L, h)                             # T == 1: reads only the kept rows
         two = m._ffn(il, L, np.repeat(h, 2, axis=0))       # T == 2: computes everything, then masks
-        np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
+        for up_kept in (0.0, 1.0):                         # T == 1: gathers up's kept rows / all of gate|up
+            m._up_kept[il] = up_kept                       # (the decoder's choice for this layer's next token)
+            one = m._ffn(il, L, h)
+            np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_ffn_sparsity_knob(tiny_model):
