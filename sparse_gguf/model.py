@@ -413,14 +413,16 @@ class Model:
             if top_k:
                 xq, xd, xs = self._qq
                 attn_kernels.quantize_queries(q[0], xq, xd, xs)
-                attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_keys, self._cheap)
+                n_scored = n_keys - self.attn.window               # the recent window is attended anyway
+                attn_kernels.score_keys(simd.token(), self.keys_q4[il], self.keys_d[il], xq, xd, xs, n_scored,
+                                        self._cheap)
                 attn_kernels.attention_decode_windowed(
                     simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16), self._cheap,
                     n_keys, self.attn.sinks, self.attn.window, self.attn.topk, scale, out, self._picked, self._n_picked)
                 n_att = int(self._n_picked[0])                      # every kv head attends to as many
                 self._attended.append(float(n_att))
                 self._bytes += (n_att * cfg.n_head_kv * kc.shape[2] * kc.itemsize * 2
-                                + n_keys * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
+                                + n_scored * (cfg.head_dim // 2 + cfg.head_dim // 32 * 2) * cfg.n_head_kv)
                 return out.reshape(1, -1)
             start = max(0, n_keys - window) if window else 0
             ops.attention_decode(simd.token(), np.ascontiguousarray(q[0]), kc.view(np.uint16), vc.view(np.uint16),
