@@ -24,7 +24,7 @@ from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK,
 from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data
-from .calibrate import QualityProbe, allocate, collect_stats, measured_sparsity, plan_for
+from .calibrate import UP_SHARE, QualityProbe, allocate, collect_stats, measured_sparsity, plan_for
 
 CHUNK = 256                # tokens per calibration chunk
 HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
@@ -134,8 +134,8 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
 
 def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: list[float]) -> float:
     """FFN weight bytes the decode kernels read per token with the plan, relative to dense: gate in full, up
-    only for the neurons that pass the up stage when few do (sparsity.up_read_fraction), down only for the active neurons where the layer has a
-    neuron-major down (else all of down)."""
+    only for the neurons that pass the up stage when few do (sparsity.up_read_fraction), down only for the
+    active neurons where the layer has a neuron-major down (else all of down)."""
     dense = sparse = 0.0
     for L, layer, su, sd in zip(model.weights.layers, plan.layers, skipped_up, skipped_down):
         dense += L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes
@@ -184,7 +184,7 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
             calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
             progress=lambda msg: None, write_progress=None,
             allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
-            output_candidates: int = OUTPUT_CANDIDATES) -> ConvertResult:
+            output_candidates: int = OUTPUT_CANDIDATES, up_share: float = UP_SHARE) -> ConvertResult:
     t_start = time.time()
     src = Path(src)
     out = Path(out) if out else default_output_path(src)
@@ -224,8 +224,8 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     else:
         progress(f"allocating sparsity to KL <= {budget_kl}")
         levels = allocate(stats, probe, budget_kl, min_top1, deadline=time.time() + allocation_seconds,
-                          progress=progress)
-    plan = plan_for(stats, levels)
+                          progress=progress, up_share=up_share)
+    plan = plan_for(stats, levels, up_share)
     if any(layer.active for layer in plan.layers):
         _, _, skipped = measured_sparsity(probe, plan)
         progress("choosing the down layout per layer")

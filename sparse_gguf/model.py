@@ -273,8 +273,10 @@ class Model:
             plan = self.ffn_topk.layers[il]
         else:
             plan = self.sparsity.layers[il] if self.sparsity is not None and not self.dense else None
-        if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity)
-                and plan.up_threshold is not None and self.cfg.traits.activation != "gelu"
+            if plan is not None and not plan.active:                 # a dense layer of a sparse file
+                plan = None
+        if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity) and plan.active
+                and self.cfg.traits.activation != "gelu"
                 and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype):
             return self._ffn_decode_threshold(il, L, plan, h[0])
         if plan is None and self.ffn_observer is None and h.shape[0] == 1 and L.gate_up is not None:
@@ -339,8 +341,9 @@ class Model:
                                  np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
                                  np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32),
                                  np.empty(n_ff, np.int8), np.empty(n_ff // 32, np.float32),
-                                 np.empty(n_ff, np.float32), qgemv.new_q8(x.shape[0]))
-        rows_up, up_vals, rows, coef, gstart, gsum, xq, gd, g_act, x8 = self._ffn_scratch
+                                 np.empty(n_ff, np.float32), qgemv.new_q8(x.shape[0]), np.zeros(n_ff, np.float32))
+        rows_up, up_vals, rows, coef, gstart, gsum, xq, gd, g_act, x8, no_up_stage = self._ffn_scratch
+        up_threshold = plan.up_threshold if plan.up_threshold is not None else no_up_stage   # every neuron passes
         bundle = L.w_down.column_bundle() if plan.down_t is None else None
         tok = simd.token()
         if (bundle is not None and L.w_gate.qtype in _Q4_TYPES and simd.path_name(tok) != "scalar"):
@@ -349,13 +352,13 @@ class Model:
             if L.gate_up is not None and self._up_kept.get(il, 1.0) > UP_GATHER_MAX_KEPT:   # all of gate|up
                 gu = L.gate_up
                 n_up, n, n_groups = sparse_ffn.ffn_decode_bundle_dense_up(
-                    tok, x, gu.qs, gu.sc, gu.qh, gu.qtype, plan.up_threshold, plan.threshold, bundle.codes,
+                    tok, x, gu.qs, gu.sc, gu.qh, gu.qtype, up_threshold, plan.threshold, bundle.codes,
                     bundle.scales, q41, x8.q, x8.d, x8.s, self._decode_buf(gu.n_rows), g_act, rows, xq, gd,
                     gstart, gsum, out)
             else:                                                    # gate, then only the rows of up needed
                 g, u = L.w_gate.packed, L.w_up.packed
                 n_up, n, n_groups = sparse_ffn.ffn_decode_bundle(
-                    tok, x, g.qs, g.sc, g.qh, u.qs, u.sc, u.qh, g.qtype, plan.up_threshold, plan.threshold,
+                    tok, x, g.qs, g.sc, g.qh, u.qs, u.sc, u.qh, g.qtype, up_threshold, plan.threshold,
                     bundle.codes, bundle.scales, q41, x8.q, x8.d, x8.s, g_act, rows_up, up_vals, rows, xq, gd,
                     gstart, gsum, out)
             self._up_kept[il] = n_up / n_ff                          # which of the two next time (same numbers)
@@ -365,7 +368,7 @@ class Model:
             return out[None]
         x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)              # one Q8 copy of x serves gate and up
         qgemv.gemv(L.w_gate.packed, out=g_act, xq=x8)
-        n_up = sparse_ffn.silu_rows_at_least(g_act, plan.up_threshold, rows_up)   # g_act now holds act(g)
+        n_up = sparse_ffn.silu_rows_at_least(g_act, up_threshold, rows_up)   # g_act now holds act(g)
         qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], out=up_vals[:n_up], xq=x8, checked=True)
         self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input

@@ -35,7 +35,7 @@ def test_converted_model_of_each_architecture_loads_and_runs(tiny_model, tmp_pat
     src = _copy(tiny_model(arch, "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
-    res = convert(src, sparsity=0.3, calib_files=(calib,), calib_only=True)
+    res = convert(src, sparsity=0.3, calib_files=(calib,), calib_only=True, up_share=0.5)   # with an up stage
     assert res.out_path == tmp_path / (src.name[:-5] + ".sparse.gguf") and res.out_path.is_file()
     m = Model(res.out_path, n_ctx=256)
     assert m.sparsity is not None and all(layer.active for layer in m.sparsity.layers)
