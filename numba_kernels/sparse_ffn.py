@@ -462,21 +462,12 @@ def _span_q4(path, qtype, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
 
 
 @njit(cache=True, error_model="numpy")
-def select_down_q8(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gsum):
-    """Both stages of a threshold layer from a stacked gate|up product gu (2 n_ff,) in one pass: g_act =
-    silu(gate) (n_ff,); neuron j passes the up stage if |g_act_j| >= up_threshold[j], then is kept if
-    |a_j| = |g_act_j u_j| >= threshold[j]: the kept neurons and their values as down_coefs_q8 leaves them.
-    Returns (n_up, n, groups with a kept neuron)."""
-    n_groups = gsum.shape[0]
-    n_up, n, n_read = _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gstart[1:],
-                                     gsum, 0, n_groups, 0)
-    return n_up, n, n_read
-
-
-@njit(cache=True, error_model="numpy")
 def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, n0):
-    """select_down_q8 for groups g_lo..g_hi-1 only, their kept neurons written from rows[n0] / xq[n0] on
-    (group g's at gstart[g]:gend[g]). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    """Both stages of a threshold layer for the neuron groups g_lo..g_hi-1, from a stacked gate|up product gu
+    (2 n_ff,), in one pass: g_act = silu(gate) (n_ff,); neuron j passes the up stage if |g_act_j| >=
+    up_threshold[j], then is kept if |a_j| = |g_act_j u_j| >= threshold[j]. The kept neurons and their Q8
+    values go as down_coefs_q8 leaves them, written from rows[n0] / xq[n0] on (group g's at gstart[g]:gend[g]).
+    Returns (n_up, n kept, groups with a kept neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
     n_ff = g_act.shape[0]
     _silu_into(gu[32 * g_lo:32 * g_hi], g_act[32 * g_lo:32 * g_hi])
     a_kept = np.empty(32, np.float32)
@@ -532,7 +523,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
                                down_sum_fp16, xq, xd, xs, gu, g_act, rows, aq, gd, gstart, gsum, out):
     """ffn_decode_bundle with gate and up computed in full by one GEMV of the stacked gate|up matrix (gu_*,
     2 n_ff rows; gu (2 n_ff,) scratch), then each thread takes half of the groups of 32 neurons: both
-    selections in one pass (select_down_q8's), then its part of the bundle product, with no wait between.
+    selections in one pass (_select_groups), then its part of the bundle product, with no wait between.
     The same numbers. Faster than gathering up's rows unless most are skipped (Model._ffn_decode_threshold)."""
     qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
     n2 = gu.shape[0]
