@@ -159,6 +159,52 @@ def test_f16_conversion_is_exact_for_every_bit_pattern(path):
     assert np.isnan(out[np.isnan(ref)]).all()
 
 
+def test_exp_f32_is_close_to_exp():
+    """ops.exp_f32 (SiLU's exp on every path): a few ulp of exp on [-87, 88], 0 below, finite above."""
+    from numba import njit
+
+    @njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = ops.exp_f32(x[i])
+
+    x = np.concatenate([np.linspace(-100, 100, 200001),
+                        np.random.default_rng(4).uniform(-30, 30, 10000)]).astype(np.float32)
+    out = np.empty_like(x)
+    exps(x, out)
+    inside = (x >= -87) & (x <= 88)
+    np.testing.assert_allclose(out[inside], np.exp(x[inside].astype(np.float64)), rtol=5e-7, atol=0)
+    assert (out[x < -87] == 0).all() and np.isfinite(out[x > 88]).all()
+
+
+def test_f16_bits_rounds_as_numpy():
+    """actquant.f16_bits (the decode KV store) gives numpy's astype(float16) bits: ties to even, subnormals,
+    signed zeros, overflow to inf; NaN stays NaN."""
+    from numba import njit
+
+    from numba_kernels.actquant import f16_bits
+
+    @njit
+    def to_bits(x, out):
+        for i in range(x.size):
+            out[i] = f16_bits(x[i])
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(100000) * 10.0 ** rng.uniform(-9, 6, 100000)).astype(np.float32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, -65520, 6.1035156e-05, 6.1e-05,
+                      5.9604645e-08, 2.9802322e-08, 2.98e-08, 1e-10, -1e-10, 1.00048828125, 1.00146484375],
+                     np.float32)
+    x = np.concatenate([x, edges])
+    out = np.empty(x.size, np.uint16)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    to_bits(x, out)
+    np.testing.assert_array_equal(out, ref)
+    nan = np.empty(1, np.uint16)
+    to_bits(np.array([np.nan], np.float32), nan)
+    assert np.isnan(nan.view(np.float16)[0])
+
+
 def test_fast_exp_is_close_to_exp():
     from numba import njit
 
