@@ -33,8 +33,8 @@ from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import overload
 
-from . import qgemv, simd
-from .actquant import f16_round
+from . import ops, qgemv, simd
+from .actquant import f16_bits, f16_round
 
 TILE = 8                               # positions per tile of the 4-bit keys
 
@@ -63,7 +63,7 @@ def quantize_keys_q4(k, p0, keys_q4, keys_d):
                 if a > amax:
                     amax = a
             d = f16_round(amax / np.float32(7.0))
-            keys_d[tile, TILE * b + j] = _f16_bits(d)
+            keys_d[tile, TILE * b + j] = f16_bits(d)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             for i in range(32):
                 codes[32 * b + i] = min(7, max(-7, int(np.rint(k[u, 32 * b + i] * inv)))) + 8
@@ -81,16 +81,23 @@ def quantize_keys_q4(k, p0, keys_q4, keys_d):
 
 
 @njit(cache=True, error_model="numpy")
-def _f16_bits(x):
-    """An fp16-representable float32 (normal or zero, as f16_round returns for these scales) -> fp16 bits."""
-    if x == 0:
-        return np.uint16(0)
-    m, e = math.frexp(x)                       # x = m * 2^e, 0.5 <= m < 1
-    exp16 = e - 1 + 15
-    if exp16 <= 0:                             # subnormal fp16: value = mant * 2^-24
-        return np.uint16(int(np.rint(x * 16777216.0)))
-    mant = int(np.rint((m * 2.0 - 1.0) * 1024.0))
-    return np.uint16((exp16 << 10) | mant)
+def rope_store_decode(q, k, v, cos, sin, neox, k_cache, v_cache, pos, keys_q4, keys_d):
+    """One decode token's attention inputs: rope on q (1, n_head, head_dim) and k (1, n_kv, head_dim) in place
+    (as ops.rope), then k and v (1, n_kv, head_dim) stored at position pos of the fp16 caches k_cache, v_cache
+    (n_kv, n_ctx, head_dim) uint16 bits, rounded as numpy's astype(float16); with keys_q4 (n_kv, ...)
+    non-empty, also k's 4-bit copy for windowed attention (quantize_keys_q4, from the fp16 k).
+    cos, sin: (1, n_rot/2). One call for what is otherwise ~8 small numpy/Numba calls per layer."""
+    ops.rope(q, cos, sin, neox)
+    ops.rope(k, cos, sin, neox)
+    n_kv, D = k.shape[1], k.shape[2]
+    k16 = np.empty((1, D), np.float32)
+    for h in range(n_kv):
+        for i in range(D):
+            k_cache[h, pos, i] = f16_bits(k[0, h, i])
+            v_cache[h, pos, i] = f16_bits(v[0, h, i])
+            k16[0, i] = f16_round(k[0, h, i])
+        if keys_q4.shape[0] > 0:
+            quantize_keys_q4(k16, pos, keys_q4[h], keys_d[h])
 
 
 @njit(cache=True, error_model="numpy")
@@ -387,38 +394,12 @@ def select_positions(comb, n_pos, sinks, window, topk, idx, cand_v, buf):
     return n
 
 
-_NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}   # elementwise fastmath: vectorizes, keeps order
-
-
-@njit(cache=True, fastmath=_NO_REASSOC, inline="always", error_model="numpy")
-def _exp_nonpos(x):
-    """exp(x) for x <= 0 (a score minus its maximum), float32, within ~4 ulp of exp; 0 below -87.
-
-    exp(x) = 2^n exp(r), n = rint(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two for the
-    subtraction), exp(r) by its degree-6 Taylor polynomial (remainder < 2e-7 relative), 2^n built in the
-    exponent bits. No libm call, so loops over it vectorize (Numba has no vector expf without SVML)."""
-    x0 = np.float32(x)
-    x = max(x0, np.float32(-87.0))
-    n = np.rint(x * np.float32(1.4426950408889634))
-    r = x - n * np.float32(0.693145751953125)
-    r = r - n * np.float32(1.4286068203094172e-06)
-    p = np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
-    return p * scale if x0 >= np.float32(-87.0) else np.float32(0.0)
-
-
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _exp_shifted(s, n, m, e):
     """e[:n] = exp(s[:n] - m), m = max(s[:n]); returns their sum (float64) as float32's reciprocal, for
     _round_probs."""
     for t in range(n):
-        e[t] = _exp_nonpos(s[t] - m)
+        e[t] = ops.exp_f32(s[t] - m)
     total = 0.0
     for t in range(n):
         total += e[t]

@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import attention, simd
-from .actquant import f16_bits, f16_round
+from . import simd
+from .actquant import f16_round
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -64,26 +64,6 @@ def rope(x, cos, sin, neox):
                     b = x[t, h, 2 * i + 1]
                     x[t, h, 2 * i] = a * c - b * s
                     x[t, h, 2 * i + 1] = a * s + b * c
-
-
-@njit(cache=True, error_model="numpy")
-def rope_store_decode(q, k, v, cos, sin, neox, k_cache, v_cache, pos, keys_q4, keys_d):
-    """One decode token's attention inputs: rope on q (1, n_head, head_dim) and k (1, n_kv, head_dim) in place
-    (as rope), then k and v (1, n_kv, head_dim) stored at position pos of the fp16 caches k_cache, v_cache
-    (n_kv, n_ctx, head_dim) uint16 bits, rounded as numpy's astype(float16); with keys_q4 (n_kv, ...)
-    non-empty, also k's 4-bit copy for windowed attention (attention.quantize_keys_q4, from the fp16 k).
-    cos, sin: (1, n_rot/2). One call for what is otherwise ~8 small numpy/Numba calls per layer."""
-    rope(q, cos, sin, neox)
-    rope(k, cos, sin, neox)
-    n_kv, D = k.shape[1], k.shape[2]
-    k16 = np.empty((1, D), np.float32)
-    for h in range(n_kv):
-        for i in range(D):
-            k_cache[h, pos, i] = f16_bits(k[0, h, i])
-            v_cache[h, pos, i] = f16_bits(v[0, h, i])
-            k16[0, i] = f16_round(k[0, h, i])
-        if keys_q4.shape[0] > 0:
-            attention.quantize_keys_q4(k16, pos, keys_q4[h], keys_d[h])
 
 
 # Elementwise fastmath without reassociation: loops over these vectorize, and every path (dense, sparse,

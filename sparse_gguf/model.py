@@ -197,8 +197,9 @@ class Model:
             cos, sin = (cos_l, sin_l) if local else (cos_g, sin_g)
             if T == 1:                                               # decode: one call
                 keys = (self.keys_q4[il], self.keys_d[il]) if self.attn.enabled else _NO_KEYS
-                ops.rope_store_decode(q, k, v.reshape(T, cfg.n_head_kv, cfg.head_dim), cos, sin, tr.rope_neox,
-                                      self.k_cache[il].view(np.uint16), self.v_cache[il].view(np.uint16), p0, *keys)
+                attn_kernels.rope_store_decode(q, k, v.reshape(T, cfg.n_head_kv, cfg.head_dim), cos, sin,
+                                               tr.rope_neox, self.k_cache[il].view(np.uint16),
+                                               self.v_cache[il].view(np.uint16), p0, *keys)
             else:
                 ops.rope(q, cos, sin, tr.rope_neox)
                 ops.rope(k, cos, sin, tr.rope_neox)

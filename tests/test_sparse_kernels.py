@@ -205,23 +205,6 @@ def test_f16_bits_rounds_as_numpy():
     assert np.isnan(nan.view(np.float16)[0])
 
 
-def test_fast_exp_is_close_to_exp():
-    from numba import njit
-
-    @njit
-    def exps(x, out):
-        for i in range(x.size):
-            out[i] = A._exp_nonpos(x[i])
-
-    x = -np.concatenate([np.linspace(0, 100, 100001), RNG.uniform(0, 30, 10000)]).astype(np.float32)
-    out = np.empty_like(x)
-    exps(x, out)
-    ref = np.exp(x.astype(np.float64))
-    normal = x >= -87
-    np.testing.assert_allclose(out[normal], ref[normal], rtol=5e-7, atol=0)
-    assert (out[~normal] == 0).all()
-
-
 def test_exact_decode_attention_every_path_against_numpy():
     """ops.attention_decode (vector paths: 8-lane fp16 loads; scalar: plain loops) against float64 numpy with
     llama.cpp's f16 roundings (q before q.k, the probabilities before p.v), over a range [start, end)."""
