@@ -382,6 +382,9 @@ def convert(
     attn_topk: int = typer.Option(512, "--attn-topk", help="decode default: older positions attended, best by 4-bit key scores"),
     attn_sinks: int = typer.Option(4, "--attn-sinks", help="decode default: first positions always attended"),
     output_top: int = typer.Option(64, "--output-top", help="rows given exact logits after 4-bit scoring (0 = all exact)"),
+    predictors: str = typer.Option("auto", "--predictors",
+                                   help="low-rank activation predictors: auto (where they read fewer bytes within "
+                                        "the budget), on (every sparse layer), off"),
 ):
     """Calibrate FFN sparsity to a quality budget and write a sparse GGUF."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -404,7 +407,8 @@ def convert(
 
         result = run_convert(path, output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity, calib_files=tuple(calib),
                              calib_only=calib_only, threads=threads, progress=lambda m: status.update(m),
-                             write_progress=write_progress, attention=attention, output_candidates=output_top)
+                             write_progress=write_progress, attention=attention, output_candidates=output_top,
+                             predictors=predictors)
     d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
          "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
          "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,
@@ -414,13 +418,19 @@ def convert(
         return
     con = _console()
     t = Table(title="per-layer FFN plan (sparsity measured on held-out calibration tokens)")
-    for col in ("layer", "mode", "level", "up skipped", "down skipped", "down layout"):
+    for col in ("layer", "mode", "level", "up skipped", "down skipped", "down layout", "pred. rank", "candidates",
+                "recall", "precision"):
         t.add_column(col, justify="right" if col not in ("mode", "down layout") else "left")
     for row in result.layer_table():
+        pred = ([str(row["pred_rank"])] + [f"{row[k]:.3f}" for k in ("pred_kept", "pred_recall", "pred_precision")]
+                if row["pred_rank"] else ["-"] * 4)
         t.add_row(str(row["layer"]), row["mode"], f"{row['level']:.3f}", f"{row['up_skipped']:.3f}",
                   f"{row['down_skipped']:.3f}",
-                  {"q8_0": "by neuron (Q8_0)", "bundle": "by neuron (exact)"}.get(row["down_layout"], "original"))
+                  {"q8_0": "by neuron (Q8_0)", "bundle": "by neuron (exact)"}.get(row["down_layout"], "original"),
+                  *pred)
     con.print(t)
+    con.print("up skipped: in predictor layers, gate and up; pred. rank .. precision: the layer's best predictor on "
+              "held-out tokens (candidates: share of neurons it picks; recall: of the neurons the down cut keeps)")
     con.print(f"held-out estimate vs dense: KL {d['kl_mean']:.4f} nats, top-1 {d['top1_agreement']:.3f}; "
               f"FFN bytes per token {d['ffn_bytes_ratio']:.1%} of dense")
     con.print(f"decode defaults: attention {attention.sinks} sinks + {attention.window} recent + top-{attention.topk}"

@@ -22,11 +22,20 @@ ROWS_PER_LAYER = 1500              # token rows of activations kept per layer (b
 
 @dataclass
 class LayerStats:
-    """What calibration keeps of one layer: sorted samples of the two stages' importances."""
+    """What calibration keeps of one layer: sorted samples of the two stages' importances, and what the
+    predictor fit needs (converters/predictor.py)."""
     down_norm: np.ndarray                    # (n_ff,) ||down[:, j]||
     up_scale: np.ndarray                     # (n_ff,) E|u_j| * ||down[:, j]||: expected weight of |act(g_j)|
     importance_up: np.ndarray                # (k,) sorted sample of |act(g_j)| * up_scale_j
     importance: np.ndarray                   # (k,) sorted sample of |a_j| * ||down[:, j]||
+    xtx: np.ndarray | None = None            # (d+1, d+1) float64 sum over all tokens of [x, 1]^T [x, 1]
+    xtt: np.ndarray | None = None            # (d+1, n_ff) float64 sum of [x, 1]^T sqrt(|a| ||down||)
+    h_rows: np.ndarray | None = None         # (rows, d) float16 sampled FFN inputs
+    imp_rows: np.ndarray | None = None       # (rows, n_ff) float16 their importances |a_j| * ||down[:, j]||
+
+    def cut(self, level: float) -> float:
+        """The down stage's cut on importance at `level`."""
+        return self._cut(self.importance, level)
 
     @staticmethod
     def _cut(sample: np.ndarray, level: float) -> float:
@@ -56,21 +65,29 @@ def down_column_norms(model) -> list[np.ndarray]:
 
 def collect_stats(model, chunks: list[list[int]], progress=None) -> list[LayerStats]:
     """Run the dense model over calibration chunks. Memory stays bounded: per layer a random subset of
-    token rows of |act(g)| and |a| (float16), plus running sums of |u|."""
+    token rows of |act(g)|, |a| and the FFN input (float16), plus running sums of |u| and the predictor
+    regression's sufficient statistics."""
     norms = down_column_norms(model)
-    n_layer, n_ff = model.cfg.n_layer, model.cfg.n_ff
+    n_layer, n_ff, d = model.cfg.n_layer, model.cfg.n_ff, model.cfg.n_embd
     total = sum(len(c) for c in chunks)
     keep_prob = min(1.0, ROWS_PER_LAYER / max(1, total))
     rng = np.random.default_rng(0)
     abs_u_sum = np.zeros((n_layer, n_ff))
+    xtx = np.zeros((n_layer, d + 1, d + 1))
+    xtt = np.zeros((n_layer, d + 1, n_ff))
     rows_g: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
     rows_a: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
+    rows_h: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
 
     def observe(il, h, g_act, up, a):
         abs_u_sum[il] += np.abs(up).sum(axis=0)
+        x1 = np.concatenate([h, np.ones((h.shape[0], 1), np.float32)], axis=1)     # (T, d+1)
+        xtx[il] += x1.T @ x1
+        xtt[il] += x1.T @ np.sqrt(np.abs(a) * norms[il])
         keep = rng.random(a.shape[0]) < keep_prob
         rows_g[il].append(np.abs(g_act[keep]).astype(np.float16))
         rows_a[il].append(np.abs(a[keep]).astype(np.float16))
+        rows_h[il].append(h[keep].astype(np.float16))
 
     saved = model.dense, model.ffn_observer
     model.dense, model.ffn_observer = True, observe
@@ -87,8 +104,9 @@ def collect_stats(model, chunks: list[list[int]], progress=None) -> list[LayerSt
         up_scale = (abs_u_sum[il] / max(1, total) * norms[il]).astype(np.float32)
         g = np.concatenate(rows_g[il]).astype(np.float32)
         a = np.concatenate(rows_a[il]).astype(np.float32)
-        out.append(LayerStats(norms[il], up_scale, np.sort((g * up_scale).reshape(-1)),
-                              np.sort((a * norms[il]).reshape(-1))))
+        imp = a * norms[il]                                                  # (rows, n_ff)
+        out.append(LayerStats(norms[il], up_scale, np.sort((g * up_scale).reshape(-1)), np.sort(imp.reshape(-1)),
+                              xtx[il], xtt[il], np.concatenate(rows_h[il]), imp.astype(np.float16)))
     return out
 
 
@@ -126,22 +144,45 @@ class QualityProbe:
         return stats.summary()
 
 
-def measured_sparsity(probe: QualityProbe, plan: SparsityPlan) -> tuple[dict, list[float], list[float]]:
-    """Score a plan and measure per layer the fraction of (token, neuron) pairs that skip up, and that
-    skip down, on the held-out tokens."""
+@dataclass
+class PredictorReport:
+    """A predictor measured on held-out tokens (whether or not its layer uses it)."""
+    rank: int
+    kept: float          # fraction of (token, neuron) pairs that are candidates
+    recall: float        # of the pairs the down cut keeps, the fraction that are candidates
+    precision: float     # of the candidates, the fraction the down cut keeps
+
+
+def measured_sparsity(probe: QualityProbe, plan: SparsityPlan, predictors: dict | None = None
+                      ) -> tuple[dict, list[float], list[float], dict[int, PredictorReport]]:
+    """Score a plan and measure per layer the fraction of (token, neuron) pairs that skip up (in predictor
+    layers: gate and up), and that skip down, on the held-out tokens. predictors: {layer: (Predictor, down cut
+    on importance, ||down[:, j]|| (n_ff,))} to measure as well, in use or not."""
     n_layer = len(plan.layers)
     skip_up, skip_down, seen = np.zeros(n_layer), np.zeros(n_layer), np.zeros(n_layer)
+    predictors = predictors or {}
+    counts = {il: np.zeros(3) for il in predictors}          # candidates, kept by the cut, both
 
     def observe(il, h, g_act, up, a):
         layer = plan.layers[il]
         if layer.up_threshold is not None:
             skip_up[il] += np.count_nonzero(np.abs(g_act) < layer.up_threshold)
+        if layer.predictor is not None:
+            skip_up[il] += np.count_nonzero(~layer.predictor.select(h))
         if layer.active:
             skip_down[il] += np.count_nonzero(a == 0.0)
         seen[il] += a.size
+        if il in predictors:
+            pred, tau, norm = predictors[il]
+            picked = pred.select(h)
+            important = np.abs(g_act * up) * norm >= tau
+            counts[il] += (np.count_nonzero(picked), np.count_nonzero(important),
+                           np.count_nonzero(picked & important))
 
     summary = probe.score(plan, observe)
-    return summary, list(skip_up / np.maximum(seen, 1)), list(skip_down / np.maximum(seen, 1))
+    reports = {il: PredictorReport(predictors[il][0].rank, c[0] / max(1.0, seen[il]), c[2] / max(1.0, c[1]),
+                                   c[2] / max(1.0, c[0])) for il, c in counts.items()}
+    return summary, list(skip_up / np.maximum(seen, 1)), list(skip_down / np.maximum(seen, 1)), reports
 
 
 UP_SHARE = 0.0

@@ -19,12 +19,14 @@ from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
 from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES,
-                                   KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, TENSOR_DOWN_T, TENSOR_THRESHOLD,
-                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT, up_read_fraction)
+                                   KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, MODE_PREDICTOR, TENSOR_DOWN_T,
+                                   TENSOR_PRED_A, TENSOR_PRED_B, TENSOR_PRED_CUT, TENSOR_THRESHOLD,
+                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT, LayerSparsity, up_read_fraction)
 from sparse_gguf.tokenizer import Tokenizer
 
-from . import calib_data
-from .calibrate import UP_SHARE, QualityProbe, allocate, collect_stats, measured_sparsity, plan_for
+from . import calib_data, predictor
+from .calibrate import (UP_SHARE, PredictorReport, QualityProbe, allocate, collect_stats, measured_sparsity,
+                        plan_for)
 
 CHUNK = 256                # tokens per calibration chunk
 HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
@@ -56,6 +58,8 @@ class ConvertResult:
     heldout_tokens: int
     seconds: float
     down_layout: list[str]        # per layer: how decode reads down (down_layout)
+    modes: list[int]              # per layer: sparsity.MODE_*
+    predictors: dict[int, PredictorReport]   # per layer with a fitted predictor (used or not), held-out
 
     @property
     def down_t(self) -> list[bool]:
@@ -63,10 +67,17 @@ class ConvertResult:
         return [dl == "q8_0" for dl in self.down_layout]
 
     def layer_table(self) -> list[dict]:
-        return [{"layer": il, "mode": MODE_NAMES[1 if lv > 0 else 0], "level": round(lv, 4),
-                 "up_skipped": round(su, 4), "down_skipped": round(sd, 4), "down_t": bool(dt), "down_layout": dl}
-                for il, (lv, su, sd, dt, dl) in enumerate(zip(self.levels, self.skipped_up, self.skipped,
-                                                              self.down_t, self.down_layout))]
+        rows = []
+        for il, (mode, lv, su, sd, dt, dl) in enumerate(zip(self.modes, self.levels, self.skipped_up, self.skipped,
+                                                             self.down_t, self.down_layout)):
+            p = self.predictors.get(il)
+            rows.append({"layer": il, "mode": MODE_NAMES[mode], "level": round(float(lv), 4),
+                         "up_skipped": round(float(su), 4), "down_skipped": round(float(sd), 4), "down_t": bool(dt),
+                         "down_layout": dl, "pred_rank": p.rank if p else 0,
+                         "pred_kept": round(float(p.kept), 4) if p else None,
+                         "pred_recall": round(float(p.recall), 4) if p else None,
+                         "pred_precision": round(float(p.precision), 4) if p else None})
+        return rows
 
 
 def down_layout(model: Model, layer, il: int) -> str:
@@ -134,8 +145,9 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
 
 def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: list[float]) -> float:
     """FFN weight bytes the decode kernels read per token with the plan, relative to dense: gate in full, up
-    only for the neurons that pass the up stage when few do (sparsity.up_read_fraction), down only for the
-    active neurons where the layer has a neuron-major down (else all of down)."""
+    only for the neurons that pass the up stage when few do (sparsity.up_read_fraction) (predictor layers: the
+    predictor, and gate and up for the candidates only), down only for the active neurons where the layer has
+    a neuron-major down (else all of down)."""
     dense = sparse = 0.0
     for L, layer, su, sd in zip(model.weights.layers, plan.layers, skipped_up, skipped_down):
         dense += L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes
@@ -146,7 +158,11 @@ def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: l
             down = bundle.expected_bytes(sd)
         else:
             down = L.w_down.nbytes
-        sparse += L.w_gate.nbytes + L.w_up.nbytes * up_read_fraction(1.0 - su) + down
+        if layer.predictor is not None:
+            gate_up = layer.predictor.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (1.0 - su)
+        else:
+            gate_up = L.w_gate.nbytes + L.w_up.nbytes * up_read_fraction(1.0 - su)
+        sparse += gate_up + down
     return sparse / dense
 
 
@@ -179,12 +195,60 @@ def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
             layer.threshold = np.zeros_like(layer.threshold)
 
 
+PREDICTOR_CHOICES = ("auto", "on", "off")
+
+
+def fit_predictors(model: Model, stats, levels: list[float], plan) -> dict[int, tuple[predictor.PredictorFit, float]]:
+    """Per active layer, the predictor (rank chosen by bytes) for its down cut, and its estimated bytes relative
+    to reading gate + up in full (calibration sample)."""
+    out = {}
+    for il, (layer, st, lv) in enumerate(zip(plan.layers, stats, levels)):
+        if not layer.active or st.xtx is None or model.cfg.n_embd % 32:
+            continue
+        L = model.weights.layers[il]
+        best, ratio = predictor.cheapest(predictor.fit(st.xtx, st.xtt, st.h_rows, st.imp_rows, st.cut(lv)),
+                                         L.w_gate.nbytes + L.w_up.nbytes)
+        if best is not None:
+            out[il] = (best, ratio)
+    return out
+
+
+def use_predictors(plan, fits: dict, which: list[int]) -> None:
+    """Switch the listed layers to predictor mode (their down cut stays; no up stage)."""
+    for il in which:
+        layer = plan.layers[il]
+        plan.layers[il] = LayerSparsity(MODE_PREDICTOR, layer.threshold, None, None, fits[il][0].predictor)
+
+
+def choose_predictors(model: Model, stats, levels: list[float], plan, probe: QualityProbe, mode: str,
+                      budget_kl: float | None, min_top1: float, progress, up_share: float = UP_SHARE) -> dict:
+    """Fit predictors; "auto" switches the layers where one reads fewer bytes (predictor.pays), then, while the
+    plan misses the quality bars (when a budget applies), switches back the layer that saves the least.
+    "on" switches every layer that has a fit. Returns the fits (reported whether used or not)."""
+    progress("fitting activation predictors")
+    fits = fit_predictors(model, stats, levels, plan)
+    if mode == "off":
+        return fits
+    which = sorted((il for il, (_, ratio) in fits.items() if mode == "on" or predictor.pays(ratio)),
+                   key=lambda il: fits[il][1])
+    use_predictors(plan, fits, which)
+    while which and mode == "auto" and budget_kl is not None:
+        q = probe.score(plan)
+        if q["kl_mean"] <= budget_kl and q["top1_agreement"] >= min_top1:
+            break
+        il = which.pop()                                             # the smallest saving goes first
+        plan.layers[il] = plan_for([stats[il]], [levels[il]], up_share).layers[0]
+        progress(f"layer {il}: predictor misses the quality bars, threshold mode")
+    return fits
+
+
 def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top1: float = MIN_TOP1,
             sparsity: float | None = None,
             calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
             progress=lambda msg: None, write_progress=None,
             allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
-            output_candidates: int = OUTPUT_CANDIDATES, up_share: float = UP_SHARE) -> ConvertResult:
+            output_candidates: int = OUTPUT_CANDIDATES, up_share: float = UP_SHARE,
+            predictors: str = "auto") -> ConvertResult:
     t_start = time.time()
     src = Path(src)
     out = Path(out) if out else default_output_path(src)
@@ -196,6 +260,8 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         raise SparseGGUFError("--budget-kl must be positive")
     if not 0.0 <= min_top1 <= 1.0:
         raise SparseGGUFError("--min-top1 must be in [0, 1]")
+    if predictors not in PREDICTOR_CHOICES:
+        raise SparseGGUFError(f"--predictors must be one of {', '.join(PREDICTOR_CHOICES)}")
     user_texts = []
     for f in calib_files:
         try:
@@ -226,15 +292,20 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         levels = allocate(stats, probe, budget_kl, min_top1, deadline=time.time() + allocation_seconds,
                           progress=progress, up_share=up_share)
     plan = plan_for(stats, levels, up_share)
+    fits = {}
     if any(layer.active for layer in plan.layers):
-        _, _, skipped = measured_sparsity(probe, plan)
+        fits = choose_predictors(model, stats, levels, plan, probe, predictors,
+                                 budget_kl if sparsity is None else None, min_top1, progress, up_share)
+        _, _, skipped, _ = measured_sparsity(probe, plan)
         progress("choosing the down layout per layer")
         choose_down_t(model, plan, skipped)
-    summary, skipped_up, skipped = measured_sparsity(probe, plan)    # the plan as it will run
+    report = {il: (f.predictor, stats[il].cut(levels[il]), stats[il].down_norm) for il, (f, _) in fits.items()}
+    summary, skipped_up, skipped, pred_reports = measured_sparsity(probe, plan, report)   # the plan as it runs
     result = ConvertResult(out, levels, skipped_up, skipped, summary,
                            ffn_bytes_ratio(model, plan, skipped_up, skipped),
                            sum(map(len, train)), sum(map(len, held)), 0.0,
-                           [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)])
+                           [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)],
+                           [layer.mode for layer in plan.layers], pred_reports)
 
     from .gguf_out import file_sha256, write_model
 
@@ -245,7 +316,7 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         "sparse_gguf.budget_kl": float(budget_kl) if sparsity is None else 0.0,
         "sparse_gguf.min_top1": float(min_top1) if sparsity is None else 0.0,
         "sparse_gguf.forced_sparsity": float(sparsity) if sparsity is not None else -1.0,
-        KEY_MODES: [1 if lv > 0 else 0 for lv in levels],
+        KEY_MODES: list(result.modes),
         "sparse_gguf.ffn.up_skipped": [float(s) for s in skipped_up],
         "sparse_gguf.ffn.down_skipped": [float(s) for s in skipped],
         "sparse_gguf.calibration.tokens": result.calib_tokens,
@@ -271,6 +342,11 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
                 extra_tensors[TENSOR_UP_THRESHOLD.format(il=il)] = (layer.up_threshold, GGMLQuantizationType.F32)
             if layer.down_t is not None:
                 extra_tensors[TENSOR_DOWN_T.format(il=il)] = (down_t_rows(model, il), GGMLQuantizationType.Q8_0)
+            if layer.predictor is not None:
+                fit = fits[il][0]
+                extra_tensors[TENSOR_PRED_A.format(il=il)] = (fit.a, GGMLQuantizationType.Q8_0)
+                extra_tensors[TENSOR_PRED_B.format(il=il)] = (fit.b, GGMLQuantizationType.Q8_0)
+                extra_tensors[TENSOR_PRED_CUT.format(il=il)] = (layer.predictor.cut, GGMLQuantizationType.F32)
     progress(f"writing {out}")
     write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=write_progress)
     result.seconds = time.time() - t_start

@@ -107,6 +107,17 @@ def rows_at_least(x, threshold, rows):
     return n
 
 
+@njit(cache=True, error_model="numpy")
+def rows_above(x, cut, rows):
+    """rows[:n] = the j with x[j] >= cut[j] (signed: a predictor's scores), ascending; returns n."""
+    n = 0
+    for j in range(x.shape[0]):
+        if x[j] >= cut[j]:
+            rows[n] = j
+            n += 1
+    return n
+
+
 @njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
 def silu_rows_at_least(g, threshold, rows):
     """In place g[j] = silu(g[j]) (ops.silu_f32, so the same numbers), then rows[:n] = the j with

@@ -267,7 +267,8 @@ class Model:
         """h: (T, n_embd) normed input -> (T, n_embd): down(act(gate(h)) * up(h)).
 
         With a sparsity plan (sparse_gguf.sparsity) neurons are dropped in two stages: those whose |act(g)|
-        is below the up threshold skip up (and down), then those whose |act(g)*u| is below the down threshold
+        is below the up threshold (threshold mode) or that the predictor does not pick (predictor mode) skip up
+        (and down; in predictor mode the gate too), then those whose |act(g)*u| is below the down threshold
         skip down. Here the skipped work is masked out of the dense computation, so results equal what a
         kernel that never reads the skipped rows computes."""
         if self.ffn_topk is not None:
@@ -277,7 +278,7 @@ class Model:
             if plan is not None and not plan.active:                 # a dense layer of a sparse file
                 plan = None
         if (h.shape[0] == 1 and self.ffn_observer is None and isinstance(plan, LayerSparsity) and plan.active
-                and self.cfg.traits.activation != "gelu"
+                and (self.cfg.traits.activation != "gelu" or plan.predictor is not None)
                 and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype):
             return self._ffn_decode_threshold(il, L, plan, h[0])
         if plan is None and self.ffn_observer is None and h.shape[0] == 1 and L.gate_up is not None:
@@ -309,6 +310,10 @@ class Model:
         else:
             up = L.w_up.matmul(h)
         a = g_act * up                                               # (T, n_ff)
+        predictor = getattr(plan, "predictor", None)
+        if predictor is not None:                                    # only the candidates compute anything
+            a[~predictor.select(h)] = 0.0                            # (here gate and up were read in full)
+            self._bytes += predictor.nbytes
         if plan is not None and plan.active:
             plan.drop_inactive(a)
         self._ffn_used.append(float(np.count_nonzero(a)) / a.size)
@@ -332,10 +337,12 @@ class Model:
         return a @ down_t.dense().T                                  # (T, n_embd), the same weights
 
     def _ffn_decode_threshold(self, il: int, L, plan: LayerSparsity, x: np.ndarray) -> np.ndarray:
-        """One token through a threshold layer (SiLU): the gate in full; up where |act(g)| passes (only those
-        rows when few pass, else all of gate|up in one GEMV: sparsity.UP_GATHER_MAX_KEPT); then down for the
-        neurons where |act(g) * u| passes (column bundle or down_t). With a bundle and Q4 gate/up the layer is
-        one kernel call (sparse_ffn). The same numbers as the masked path. x: (n_embd,) -> (1, n_embd)."""
+        """One token through a threshold layer (SiLU) or a predictor layer. Threshold: the gate in full; up where
+        |act(g)| passes (only those rows when few pass, else all of gate|up in one GEMV:
+        sparsity.UP_GATHER_MAX_KEPT). Predictor: gate and up rows of the predictor's candidates only. Then down
+        for the neurons where |act(g) * u| passes (column bundle or down_t). A threshold layer with a bundle and
+        Q4 gate/up is one kernel call (sparse_ffn). The same numbers as the masked path.
+        x: (n_embd,) -> (1, n_embd)."""
         n_ff = L.w_gate.n_rows
         if getattr(self, "_ffn_scratch", None) is None or self._ffn_scratch[0].shape[0] != n_ff:
             self._ffn_scratch = (np.empty(n_ff, np.int32), np.empty(n_ff, np.float32),
@@ -347,7 +354,8 @@ class Model:
         up_threshold = plan.up_threshold if plan.up_threshold is not None else no_up_stage   # every neuron passes
         bundle = L.w_down.column_bundle() if plan.down_t is None else None
         tok = simd.token()
-        if (bundle is not None and L.w_gate.qtype in _Q4_TYPES and simd.path_name(tok) != "scalar"):
+        if (bundle is not None and plan.predictor is None and L.w_gate.qtype in _Q4_TYPES
+                and simd.path_name(tok) != "scalar"):
             out = np.empty(L.w_down.n_rows, np.float32)              # the whole layer in one call
             q41 = bundle.qtype == GGMLQuantizationType.Q4_1
             if L.gate_up is not None and self._up_kept.get(il, 1.0) > UP_GATHER_MAX_KEPT:   # all of gate|up
@@ -367,9 +375,21 @@ class Model:
             self._bytes += (L.w_up.nbytes * (up_read_fraction(n_up / n_ff) - 1.0)
                             + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
             return out[None]
-        x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)              # one Q8 copy of x serves gate and up
-        qgemv.gemv(L.w_gate.packed, out=g_act, xq=x8)
-        n_up = sparse_ffn.silu_rows_at_least(g_act, up_threshold, rows_up)   # g_act now holds act(g)
+        if plan.predictor is not None:                               # the candidates' gate rows, then act(g)
+            n_up = plan.predictor.candidates(x, rows_up)
+            x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)
+            g_rows = qgemv.gemv_rows(L.w_gate.packed, rows_up[:n_up], out=up_vals[:n_up], xq=x8, checked=True)
+            g2 = g_rows.reshape(1, -1)
+            if self.cfg.traits.activation == "gelu":                 # as _activation computes it
+                ops.geglu(g2, np.ones_like(g2))
+            else:
+                ops.silu(g2)
+            g_act[rows_up[:n_up]] = g_rows
+            self._bytes += plan.predictor.nbytes + L.w_gate.nbytes * (n_up / n_ff - 1.0)
+        else:
+            x8 = qgemv.quantize_for(L.w_gate.qtype, x, x8)          # one Q8 copy of x serves gate and up
+            qgemv.gemv(L.w_gate.packed, out=g_act, xq=x8)
+            n_up = sparse_ffn.silu_rows_at_least(g_act, up_threshold, rows_up)   # g_act now holds act(g)
         qgemv.gemv_rows(L.w_up.packed, rows_up[:n_up], out=up_vals[:n_up], xq=x8, checked=True)
         self._bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         if bundle is not None:           # down from the exact column bundle: one pass prepares its input

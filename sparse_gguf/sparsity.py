@@ -1,10 +1,12 @@
-"""The sparse plan stored in a converted GGUF file (see docs/FORMAT.md): FFN thresholds, windowed top-k
-attention settings and output-layer candidate scoring, and how the decoder applies the FFN part.
+"""The sparse plan stored in a converted GGUF file (see docs/FORMAT.md): FFN thresholds and predictors,
+windowed top-k attention settings and output-layer candidate scoring, and how the decoder applies the FFN part.
 
 Per layer, neuron j of the FFN contributes a_j * down[:, j] with a_j = act(gate_j . x) * (up_j . x). A layer
 in "threshold" mode computes the gate in full, skips up for neurons whose |act(g_j)| is below a per-channel
-cut u_j, and skips down for neurons whose |a_j| is below a per-channel cut t_j. The converter calibrates both
-so that the quality loss stays within the user's KL budget; skipped rows cost no bytes.
+cut u_j, and skips down for neurons whose |a_j| is below a per-channel cut t_j. A layer in "predictor" mode
+first scores every neuron with a low-rank predictor and computes gate, up and down only for the candidates,
+then applies the same down cut t_j among them. The converter calibrates all of it so that the quality loss
+stays within the user's KL budget; skipped rows cost no bytes.
 """
 
 from __future__ import annotations
@@ -12,23 +14,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import metadata
 from .validate import check_sparse_metadata
+from .weights import QuantMatrix
 
-FORMAT_VERSION = 2         # 2: neuron-major down_t tensors, attention/output keys
+FORMAT_VERSION = 3         # 2: neuron-major down_t tensors, attention/output keys; 3: predictor layers
 MODE_DENSE = 0
 MODE_THRESHOLD = 1          # gate in full; up only where |act(g_j)| >= u_j (if given); down where |a_j| >= t_j
-MODE_NAMES = {MODE_DENSE: "dense", MODE_THRESHOLD: "threshold"}
+MODE_PREDICTOR = 2          # gate and up only where the predictor's score s_j >= c_j; down where |a_j| >= t_j
+MODE_NAMES = {MODE_DENSE: "dense", MODE_THRESHOLD: "threshold", MODE_PREDICTOR: "predictor"}
 
 KEY_VERSION = "sparse_gguf.version"
 KEY_MODES = "sparse_gguf.ffn.mode"
 TENSOR_THRESHOLD = "blk.{il}.ffn_thresh.weight"          # (n_ff,) F32: down stage, cut on |act(g)*u|
 TENSOR_UP_THRESHOLD = "blk.{il}.ffn_up_thresh.weight"    # (n_ff,) F32: up stage, cut on |act(g)| (optional)
 TENSOR_DOWN_T = "blk.{il}.ffn_down_t.weight"            # Q8_0 (n_embd/32 * n_ff, 32): down by neuron (sparse_ffn)
+TENSOR_PRED_A = "blk.{il}.ffn_pred_a.weight"            # Q8_0 (rank, n_embd): predictor, first factor
+TENSOR_PRED_B = "blk.{il}.ffn_pred_b.weight"            # Q8_0 (n_ff, rank): predictor, second factor
+TENSOR_PRED_CUT = "blk.{il}.ffn_pred_cut.weight"        # (n_ff,) F32: candidate where score >= cut
 KEY_ATTN_SINKS = "sparse_gguf.attention.sinks"
 KEY_ATTN_WINDOW = "sparse_gguf.attention.window"
 KEY_ATTN_TOPK = "sparse_gguf.attention.topk"
@@ -102,7 +109,6 @@ class DownT:
     @classmethod
     def from_raw(cls, raw: np.ndarray, n_ff: int) -> "DownT":
         from numba_kernels import qgemv
-        from gguf import GGMLQuantizationType
         return cls(raw, qgemv.pack(raw, GGMLQuantizationType.Q8_0, 32), n_ff)
 
     @property
@@ -116,9 +122,48 @@ class DownT:
     def dense(self) -> np.ndarray:
         """(n_embd, n_ff) float32, for batched (prefill) products."""
         from numba_kernels import dequant, sparse_ffn
-        from gguf import GGMLQuantizationType
         rows = dequant.dequantize(self.raw, int(GGMLQuantizationType.Q8_0), 32)
         return sparse_ffn.dense_from_block_major(rows, self.n_ff)
+
+
+@dataclass
+class Predictor:
+    """A low-rank activation predictor (Deja Vu, PowerInfer): score s = B (A x) for the normed FFN input x;
+    neuron j is a candidate where s_j >= cut_j. Only candidates compute gate, up and down. The converter fits
+    s to sqrt(|a_j| ||down[:, j]||) and sets the per-channel cuts for a recall target (converters/predictor.py).
+    Both factors are Q8_0 matrices, run by the same kernels (and activation rounding) as the weights."""
+    a: QuantMatrix                   # (rank, n_embd)
+    b: QuantMatrix                   # (n_ff, rank)
+    cut: np.ndarray                  # (n_ff,) float32
+
+    @classmethod
+    def from_raw(cls, a_raw: np.ndarray, b_raw: np.ndarray, cut: np.ndarray, n_embd: int, n_ff: int) -> "Predictor":
+        """a_raw, b_raw: GGUF Q8_0 bytes, (rank, n_embd/32 * 34) and (n_ff, rank/32 * 34) uint8."""
+        q8 = int(GGMLQuantizationType.Q8_0)
+        rank = a_raw.shape[0]
+        return cls(QuantMatrix("ffn_pred_a", a_raw, q8, rank, n_embd), QuantMatrix("ffn_pred_b", b_raw, q8, n_ff, rank),
+                   np.ascontiguousarray(cut, dtype=np.float32))
+
+    @property
+    def rank(self) -> int:
+        return self.a.n_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+    def scores(self, h: np.ndarray) -> np.ndarray:
+        """h: (T, n_embd) -> (T, n_ff)."""
+        return self.b.matmul(self.a.matmul(h))
+
+    def select(self, h: np.ndarray) -> np.ndarray:
+        """h: (T, n_embd) -> (T, n_ff) bool: the candidates."""
+        return self.scores(h) >= self.cut
+
+    def candidates(self, x: np.ndarray, rows: np.ndarray) -> int:
+        """One token: rows[:n] = the candidate neurons, ascending; returns n. x: (n_embd,)."""
+        from numba_kernels import sparse_ffn
+        return sparse_ffn.rows_above(self.b.matvec(self.a.matvec(x)), self.cut, rows)
 
 
 @dataclass
@@ -127,6 +172,7 @@ class LayerSparsity:
     threshold: np.ndarray | None = None     # (n_ff,) float32 cut on |act(g)*u|, per channel (down stage)
     up_threshold: np.ndarray | None = None  # (n_ff,) float32 cut on |act(g)|, per channel (up stage)
     down_t: DownT | None = None             # down by neuron: decode reads only the active neurons' rows
+    predictor: Predictor | None = None      # mode "predictor": which neurons compute anything at all
 
     @property
     def active(self) -> bool:
@@ -201,10 +247,14 @@ class SparsityPlan:
             up_t = tensors.get(TENSOR_UP_THRESHOLD.format(il=il))
             if up_t is not None and int(up_t.n_elements) != cfg.n_ff:
                 raise SparseGGUFError(f"layer {il}: tensor {up_t.name} is not {cfg.n_ff} values")
+            predictor = None
+            if mode == MODE_PREDICTOR:
+                if up_t is not None:
+                    raise SparseGGUFError(f"layer {il}: a predictor layer has no up stage ({up_t.name})")
+                predictor = _read_predictor(tensors, il, cfg)
             dt = tensors.get(TENSOR_DOWN_T.format(il=il))
             down_t = None
             if dt is not None:
-                from gguf import GGMLQuantizationType
                 if (int(dt.tensor_type) != int(GGMLQuantizationType.Q8_0) or cfg.n_embd % 32
                         or tuple(int(x) for x in dt.shape) != (32, cfg.n_embd // 32 * cfg.n_ff)):
                     raise SparseGGUFError(f"layer {il}: tensor {dt.name} must be Q8_0 of shape "
@@ -212,5 +262,24 @@ class SparsityPlan:
                 down_t = DownT.from_raw(dt.data.view(np.uint8).reshape(-1, 34), cfg.n_ff)
             layers.append(LayerSparsity(mode, np.array(t.data, dtype=np.float32).reshape(-1),
                                         None if up_t is None else np.array(up_t.data, dtype=np.float32).reshape(-1),
-                                        down_t))
+                                        down_t, predictor))
         return cls(layers)
+
+
+def _read_predictor(tensors: dict, il: int, cfg: ModelConfig) -> Predictor:
+    """Layer il's predictor tensors, checked: Q8_0 A (rank, n_embd), Q8_0 B (n_ff, rank), F32 cut (n_ff,)."""
+    a, b, c = (tensors.get(n.format(il=il)) for n in (TENSOR_PRED_A, TENSOR_PRED_B, TENSOR_PRED_CUT))
+    q8 = int(GGMLQuantizationType.Q8_0)
+    if a is None or b is None or c is None:
+        raise SparseGGUFError(f"layer {il}: a predictor layer needs {TENSOR_PRED_A.format(il=il)}, "
+                              f"{TENSOR_PRED_B.format(il=il)} and {TENSOR_PRED_CUT.format(il=il)}")
+    a_shape, b_shape = tuple(int(x) for x in a.shape), tuple(int(x) for x in b.shape)    # GGUF order: (cols, rows)
+    rank = a_shape[1] if len(a_shape) == 2 else 0
+    if (int(a.tensor_type) != q8 or int(b.tensor_type) != q8 or rank <= 0 or rank % 32 or cfg.n_embd % 32
+            or a_shape != (cfg.n_embd, rank) or b_shape != (rank, cfg.n_ff)):
+        raise SparseGGUFError(f"layer {il}: predictor tensors must be Q8_0 [{cfg.n_embd}, rank] and "
+                              f"[rank, {cfg.n_ff}] with rank a multiple of 32")
+    if int(c.n_elements) != cfg.n_ff:
+        raise SparseGGUFError(f"layer {il}: tensor {c.name} is not {cfg.n_ff} values")
+    return Predictor.from_raw(a.data.view(np.uint8).reshape(rank, -1), b.data.view(np.uint8).reshape(cfg.n_ff, -1),
+                              np.array(c.data, dtype=np.float32).reshape(-1), cfg.n_embd, cfg.n_ff)

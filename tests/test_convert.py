@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from converters.convert import convert
+from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.evaluate import EvalStats
 from sparse_gguf.gguf_file import all_metadata, open_gguf
 from sparse_gguf.model import Model
@@ -54,7 +55,7 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     before, after = all_metadata(open_gguf(src)), all_metadata(open_gguf(out))
     for key, value in before.items():
         assert after[key] == value, key
-    assert after["sparse_gguf.version"] == 2
+    assert after["sparse_gguf.version"] == 3
     assert after["sparse_gguf.source.path"] == str(src.resolve())
     assert len(after["sparse_gguf.source.sha256"]) == 64
     assert len(json.loads(after["sparse_gguf.layer_table"])) == 2
@@ -70,7 +71,7 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     assert a.chat_prompt(msgs) == b.chat_prompt(msgs)
     assert a.encode("Some text, numbers 123.") == b.encode("Some text, numbers 123.")
     info = run_cli("info", out, "--json")
-    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 2
+    assert info.returncode == 0 and json.loads(info.stdout)["sparse_gguf"]["sparse_gguf.version"] == 3
 
 
 def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_model, tmp_path, test_text):
@@ -132,4 +133,51 @@ def test_failing_conversion_is_one_line_and_writes_nothing(tiny_model, tmp_path)
     assert_clean_error(run_cli("convert", src, "--calib", tmp_path / "missing.txt", "--calib-only"), "cannot read")
     assert_clean_error(run_cli("convert", src, "-o", src), "overwrite the input")
     assert_clean_error(run_cli("convert", src, "--sparsity", "1.5"), "--sparsity")
+    assert_clean_error(run_cli("convert", src, "--predictors", "maybe"), "--predictors")
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_1"), ("gemma3", "Q8_0")])    # SiLU and GELU
+def test_predictor_layers_convert_load_and_decode_as_masked(tiny_model, tmp_path, test_text, arch, qtype):
+    """--predictors on: every sparse layer gets a low-rank predictor; the file carries it (format version 3),
+    the engine loads it, decode (only the candidates' gate and up rows) gives the masked path's numbers, and the
+    held-out report shows a predictor that picks most of what the down cut keeps."""
+    src = _copy(tiny_model(arch, qtype), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    res = convert(src, tmp_path / "p.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="on")
+    assert res.modes == [2] * len(res.levels)
+    table = json.loads(all_metadata(open_gguf(res.out_path))["sparse_gguf.layer_table"])
+    for row in table:
+        assert row["mode"] == "predictor" and row["pred_rank"] % 32 == 0
+        assert row["pred_recall"] > 0.9 and 0.0 < row["pred_kept"] < 1.0 and row["up_skipped"] > 0.0
+    m = Model(res.out_path, n_ctx=64)
+    assert m.sparsity.layers[0].predictor is not None and m.sparsity.layers[0].up_threshold is None
+    h = np.random.default_rng(0).standard_normal((1, m.cfg.n_embd)).astype(np.float32)
+    for il, L in enumerate(m.weights.layers):
+        m._ffn_used, m._bytes = [], 0.0
+        two = m._ffn(il, L, np.repeat(h, 2, axis=0))          # T == 2: everything computed, then masked
+        one = m._ffn(il, L, h)                                 # T == 1: candidates' rows only (gemv_rows)
+        np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
+    toks = TOKENS[:16]                                         # T <= 16: the batched path runs the same GEMVs
+    masked = m.eval(toks, logits_all=True)
+    m.reset()
+    step = np.stack([m.eval([t]) for t in toks])
+    stats = EvalStats.empty()          # attention differs in the last bits; a cut amplifies a few of them
+    stats.add_chunk(toks, step, masked)
+    assert stats.summary()["kl_mean"] < 0.01
+
+
+def test_predictors_off_and_auto(tiny_model, tmp_path, test_text):
+    """off: no predictor tensors; auto on a random model: predictors cannot pay (they pick nearly every neuron),
+    so the layers stay in threshold mode, and the report still measures them."""
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(test_text * 3)
+    off = convert(src, tmp_path / "off.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="off")
+    auto = convert(src, tmp_path / "auto.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True)
+    assert off.modes == auto.modes == [1, 1]
+    assert not any(t.name.startswith("blk.0.ffn_pred") for t in open_gguf(tmp_path / "off.gguf").tensors)
+    assert all(row["pred_kept"] > 0.9 for row in auto.layer_table())
+    with pytest.raises(SparseGGUFError, match="--predictors"):
+        convert(src, tmp_path / "x.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="maybe")

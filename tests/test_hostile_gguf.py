@@ -29,7 +29,7 @@ from gguf import GGUFValueType as VT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_fuzz import TOKENIZER_CHILD, check_loads, header_end, mutate, small_model, structure
+from gguf_fuzz import N_EMBD, N_FF, TOKENIZER_CHILD, check_loads, header_end, mutate, small_model, structure
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.gguf_file import open_gguf
 from sparse_gguf.tokenizer import Tokenizer
@@ -191,6 +191,13 @@ SEMANTIC = {
 }
 
 
+def _predictor(rank_a: int, rank_b: int) -> dict:
+    """Predictor tensors (docs/FORMAT.md) for the small model: Q8_0 A (rank_a, n_embd), B (n_ff, rank_b), F32 cut."""
+    return {"blk.0.ffn_pred_a.weight": (np.zeros((rank_a, N_EMBD // 32 * 34), np.uint8), QT.Q8_0),
+            "blk.0.ffn_pred_b.weight": (np.zeros((N_FF, rank_b // 32 * 34), np.uint8), QT.Q8_0),
+            "blk.0.ffn_pred_cut.weight": (np.zeros(N_FF, np.float32), None)}
+
+
 SPARSE = {
     "version a string": ({"sparse_gguf.version": ("1", VT.STRING)}, {}, "sparse_gguf.version"),
     "modes strings": ({"sparse_gguf.ffn.mode": (["threshold"], VT.ARRAY, VT.STRING)}, {}, "sparse_gguf.ffn.mode"),
@@ -200,6 +207,16 @@ SPARSE = {
                             "ffn_thresh"),
     "threshold too short": ({}, {"blk.0.ffn_thresh.weight": (np.zeros(64, np.float32), None)}, "ffn_thresh"),
     "threshold missing": ({}, {"blk.0.ffn_thresh.weight": None}, "ffn_thresh"),
+    "predictor missing": ({"sparse_gguf.ffn.mode": ([2], VT.ARRAY, VT.UINT32)}, {"blk.0.ffn_up_thresh.weight": None},
+                          "needs blk.0.ffn_pred_a"),
+    "predictor ranks disagree": ({"sparse_gguf.ffn.mode": ([2], VT.ARRAY, VT.UINT32)},
+                                 {"blk.0.ffn_up_thresh.weight": None, **_predictor(32, 64)}, "predictor tensors"),
+    "predictor with an up stage": ({"sparse_gguf.ffn.mode": ([2], VT.ARRAY, VT.UINT32)}, _predictor(32, 32),
+                                   "no up stage"),
+    "predictor cut quantized": ({"sparse_gguf.ffn.mode": ([2], VT.ARRAY, VT.UINT32)},
+                                {"blk.0.ffn_up_thresh.weight": None, **_predictor(32, 32),
+                                 "blk.0.ffn_pred_cut.weight": (np.zeros((1, 4 * 34), np.uint8), QT.Q8_0)},
+                                "ffn_pred_cut"),
 }
 
 
