@@ -397,18 +397,17 @@ def convert(
     path = resolve_model_path(model)
     attention = AttentionWindow(attn_sinks, attn_window, attn_topk)
     err = _console(stderr=True)
-    with err.status("converting") as status, Progress(
-            TextColumn("writing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
-            console=err, transient=True) as bar:
-        task = bar.add_task("write", total=None, visible=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("converting", total=1.0)
 
-        def write_progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, visible=True)
+        def message(m: str) -> None:
+            bar.update(task, description=m if len(m) <= 48 else m[:47] + "…")
 
         result = run_convert(path, output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity, calib_files=tuple(calib),
-                             calib_only=calib_only, threads=threads, progress=lambda m: status.update(m),
-                             write_progress=write_progress, attention=attention, output_candidates=output_top,
-                             predictors=predictors)
+                             calib_only=calib_only, threads=threads, progress=message,
+                             fraction=lambda f: bar.update(task, completed=f), attention=attention,
+                             output_candidates=output_top, predictors=predictors)
     d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
          "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
          "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,

@@ -118,6 +118,7 @@ class QualityProbe:
     reference: list[np.ndarray] = field(default_factory=list)
     evaluations: int = 0
     seconds: float = 0.0
+    after_score: object = None          # called after each score (the converter's progress bar)
 
     def __post_init__(self):
         saved = self.model.sparsity
@@ -141,6 +142,8 @@ class QualityProbe:
             self.model.sparsity, self.model.dense, self.model.ffn_observer = saved
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
+        if self.after_score is not None:
+            self.after_score()
         return stats.summary()
 
 

@@ -98,11 +98,34 @@ def default_output_path(src: Path) -> Path:
     return src.with_name(f"{name}.sparse.gguf")
 
 
-def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int) -> list[list[int]]:
-    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply."""
+class StageBar:
+    """The conversion's overall progress, 0..1, for a bar with an ETA. Each stage advances its own share, sized by
+    the seconds it takes (STAGE_SECONDS: a default conversion of the default model on 2 cores; the allocation
+    stage by its time limit)."""
+
+    def __init__(self, report, seconds: dict[str, float]):
+        total, start = sum(seconds.values()), 0.0
+        self.span = {}
+        for stage, sec in seconds.items():
+            self.span[stage] = (start / total, sec / total)
+            start += sec
+        self.report = report
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        start, width = self.span[stage]
+        self.report(start + width * min(1.0, max(0.0, fraction)))
+
+
+STAGE_SECONDS = {"replies": 25, "activations": 45, "reference": 5, "allocation": ALLOCATION_SECONDS, "plan": 25,
+                 "write": 5}
+
+
+def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done=None) -> list[list[int]]:
+    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply.
+    done(i, n) after each prompt."""
     sampler = Sampler(SamplingParams(temperature=0.7, seed=0))
     out = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         ids = tok.chat_prompt([{"role": "user", "content": prompt}])
         model.reset()
         logits = model.eval(ids)
@@ -113,18 +136,20 @@ def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int) -> l
             ids.append(t)
             logits = model.eval([t])
         out.append(ids)
+        if done:
+            done(i + 1, len(prompts))
     return out
 
 
 def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], calib_only: bool,
-                       progress) -> tuple[list[list[int]], list[list[int]]]:
-    """(training chunks, held-out chunks) of at most CHUNK tokens."""
+                       progress, done=None) -> tuple[list[list[int]], list[list[int]]]:
+    """(training chunks, held-out chunks) of at most CHUNK tokens. done(i, n): replies generated so far."""
     texts = list(user_texts)
     sequences: list[list[int]] = []
     if not calib_only:
         texts += list(calib_data.CALIBRATION_TEXTS)
         progress("generating calibration replies")
-        sequences += generated_replies(model, tok, calib_data.CHAT_PROMPTS, GEN_TOKENS)
+        sequences += generated_replies(model, tok, calib_data.CHAT_PROMPTS, GEN_TOKENS, done)
     stream: list[int] = []
     for t in texts:
         stream += tok.encode(t, add_bos=True) + [tok.eos_id]
@@ -245,11 +270,14 @@ def choose_predictors(model: Model, stats, levels: list[float], plan, probe: Qua
 def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top1: float = MIN_TOP1,
             sparsity: float | None = None,
             calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
-            progress=lambda msg: None, write_progress=None,
+            progress=lambda msg: None, write_progress=None, fraction=lambda f: None,
             allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
             output_candidates: int = OUTPUT_CANDIDATES, up_share: float = UP_SHARE,
             predictors: str = "auto") -> ConvertResult:
+    """progress(message) names each step; fraction(f) reports the share of the whole conversion done (StageBar);
+    write_progress(done, total) follows the file writing in bytes."""
     t_start = time.time()
+    bar = StageBar(fraction, {**STAGE_SECONDS, "allocation": allocation_seconds if sparsity is None else 0})
     src = Path(src)
     out = Path(out) if out else default_output_path(src)
     if out.resolve() == src.resolve():
@@ -278,10 +306,13 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     if model.sparsity is not None:
         raise SparseGGUFError(f"{src} is already converted; convert the original file")
     tok = Tokenizer(src)
-    train, held = calibration_chunks(model, tok, user_texts, calib_only, progress)
+    train, held = calibration_chunks(model, tok, user_texts, calib_only, progress,
+                                     lambda i, n: bar("replies", i / n))
+    bar("replies", 1.0)
     progress(f"collecting activations over {sum(map(len, train))} tokens")
-    stats = collect_stats(model, train)
+    stats = collect_stats(model, train, lambda i, n: bar("activations", i / n))
     probe = QualityProbe(model, held)          # dense reference logits
+    bar("reference", 1.0)
     if output_candidates < 0:
         raise SparseGGUFError("--output-top must be >= 0")
     model.set_output_candidates(output_candidates)   # from here on, every measured plan includes it
@@ -289,8 +320,13 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         levels = [sparsity] * model.cfg.n_layer
     else:
         progress(f"allocating sparsity to KL <= {budget_kl}")
-        levels = allocate(stats, probe, budget_kl, min_top1, deadline=time.time() + allocation_seconds,
+        t_alloc = time.time()
+        probe.after_score = lambda: bar("allocation", (time.time() - t_alloc) / max(allocation_seconds, 1e-9))
+        levels = allocate(stats, probe, budget_kl, min_top1, deadline=t_alloc + allocation_seconds,
                           progress=progress, up_share=up_share)
+    bar("allocation", 1.0)
+    t_plan = time.time()
+    probe.after_score = lambda: bar("plan", 0.9 * (1.0 - np.exp(-(time.time() - t_plan) / STAGE_SECONDS["plan"])))
     plan = plan_for(stats, levels, up_share)
     fits = {}
     if any(layer.active for layer in plan.layers):
@@ -347,7 +383,15 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
                 extra_tensors[TENSOR_PRED_A.format(il=il)] = (fit.a, GGMLQuantizationType.Q8_0)
                 extra_tensors[TENSOR_PRED_B.format(il=il)] = (fit.b, GGMLQuantizationType.Q8_0)
                 extra_tensors[TENSOR_PRED_CUT.format(il=il)] = (layer.predictor.cut, GGMLQuantizationType.F32)
+    bar("plan", 1.0)
     progress(f"writing {out}")
-    write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=write_progress)
+
+    def written(done: int, total: int) -> None:
+        bar("write", done / max(total, 1))
+        if write_progress:
+            write_progress(done, total)
+
+    write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=written)
+    bar("write", 1.0)
     result.seconds = time.time() - t_start
     return result

@@ -174,7 +174,10 @@ def test_predictors_off_and_auto(tiny_model, tmp_path, test_text):
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
-    off = convert(src, tmp_path / "off.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="off")
+    done: list[float] = []                                   # the overall progress bar's positions
+    off = convert(src, tmp_path / "off.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="off",
+                  fraction=done.append)
+    assert done == sorted(done) and done[-1] == 1.0 and len(set(done)) > 5
     auto = convert(src, tmp_path / "auto.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True)
     assert off.modes == auto.modes == [1, 1]
     assert not any(t.name.startswith("blk.0.ffn_pred") for t in open_gguf(tmp_path / "off.gguf").tensors)
