@@ -17,7 +17,7 @@ cut of the threshold mode still applies among them). The fit:
 
 Whether a layer uses its predictor is a byte count: predictor bytes + candidates x (gate + up row bytes)
 against gate + up in full (the down part is the same either way). On SmolLM2-135M no layer's predictor pays:
-for 99% recall the candidates are 93-98% of the neurons (docs/FORMAT.md has the measurement).
+for 99% recall the candidates are 92-98% of the neurons (docs/FORMAT.md has the measurement).
 """
 
 from __future__ import annotations
