@@ -45,7 +45,7 @@ class LayerStats:
         """Per-channel cuts on |a_j| dropping about `level` of the (token, neuron) pairs; None = dense."""
         if level <= 0.0:
             return None
-        return (self._cut(self.importance, level) / np.maximum(self.down_norm, 1e-30)).astype(np.float32)
+        return (self.cut(level) / np.maximum(self.down_norm, 1e-30)).astype(np.float32)
 
     def up_threshold(self, level: float) -> np.ndarray | None:
         """Per-channel cuts on |act(g_j)| skipping up (and down) for about `level` of the pairs."""
@@ -170,14 +170,16 @@ def measured_sparsity(probe: QualityProbe, plan: SparsityPlan, predictors: dict 
         layer = plan.layers[il]
         if layer.up_threshold is not None:
             skip_up[il] += np.count_nonzero(np.abs(g_act) < layer.up_threshold)
-        if layer.predictor is not None:
-            skip_up[il] += np.count_nonzero(~layer.predictor.select(h))
+        picked = layer.predictor.select(h) if layer.predictor is not None else None     # (T, n_ff)
+        if picked is not None:
+            skip_up[il] += np.count_nonzero(~picked)
         if layer.active:
             skip_down[il] += np.count_nonzero(a == 0.0)
         seen[il] += a.size
         if il in predictors:
             pred, tau, norm = predictors[il]
-            picked = pred.select(h)
+            if pred is not layer.predictor:                          # reported, not in use: score it here
+                picked = pred.select(h)
             important = np.abs(g_act * up) * norm >= tau
             counts[il] += (np.count_nonzero(picked), np.count_nonzero(important),
                            np.count_nonzero(picked & important))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
+from numba_kernels import sparse_ffn
+
 from .config import ModelConfig
 from .errors import SparseGGUFError
 from .gguf_file import metadata
@@ -121,7 +123,7 @@ class DownT:
 
     def dense(self) -> np.ndarray:
         """(n_embd, n_ff) float32, for batched (prefill) products."""
-        from numba_kernels import dequant, sparse_ffn
+        from numba_kernels import dequant
         rows = dequant.dequantize(self.raw, int(GGMLQuantizationType.Q8_0), 32)
         return sparse_ffn.dense_from_block_major(rows, self.n_ff)
 
@@ -162,7 +164,6 @@ class Predictor:
 
     def candidates(self, x: np.ndarray, rows: np.ndarray) -> int:
         """One token: rows[:n] = the candidate neurons, ascending; returns n. x: (n_embd,)."""
-        from numba_kernels import sparse_ffn
         return sparse_ffn.rows_above(self.b.matvec(self.a.matvec(x)), self.cut, rows)
 
 
