@@ -40,11 +40,10 @@ def activations(model: Model, chunks: list[list[int]], layers: list[int]) -> dic
             for lst, v in zip(got[il], (h, g_act, up)):
                 lst.append(np.array(v, dtype=np.float32))
 
-    model.dense, model.ffn_observer = True, observe
-    for c in chunks:
-        model.reset()
-        model.eval(c)
-    model.dense, model.ffn_observer = False, None
+    with model.running(None, observe):
+        for c in chunks:
+            model.reset()
+            model.eval(c)
     return {il: tuple(np.concatenate(v) for v in vals) for il, vals in got.items()}
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparse_gguf.evaluate import EvalStats
-from sparse_gguf.sparsity import MODE_DENSE, MODE_THRESHOLD, LayerSparsity, SparsityPlan
+from sparse_gguf.format import MODE_DENSE, MODE_THRESHOLD
+from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
 
 ROWS_PER_LAYER = 1500              # token rows of activations kept per layer (bounded memory)
 
@@ -89,16 +90,12 @@ def collect_stats(model, chunks: list[list[int]], progress=None) -> list[LayerSt
         rows_a[il].append(np.abs(a[keep]).astype(np.float16))
         rows_h[il].append(h[keep].astype(np.float16))
 
-    saved = model.dense, model.ffn_observer
-    model.dense, model.ffn_observer = True, observe
-    try:
+    with model.running(None, observe):
         for i, chunk in enumerate(chunks):
             model.reset()
             model.eval(chunk)
             if progress:
                 progress(i + 1, len(chunks))
-    finally:
-        model.dense, model.ffn_observer = saved
     out = []
     for il in range(n_layer):
         up_scale = (abs_u_sum[il] / max(1, total) * norms[il]).astype(np.float32)
@@ -121,10 +118,8 @@ class QualityProbe:
     after_score: object = None          # called after each score (the converter's progress bar)
 
     def __post_init__(self):
-        saved = self.model.sparsity
-        self.model.sparsity = None
-        self.reference = [self._logits(c) for c in self.chunks]
-        self.model.sparsity = saved
+        with self.model.running(None):
+            self.reference = [self._logits(c) for c in self.chunks]
 
     def _logits(self, chunk) -> np.ndarray:
         self.model.reset()
@@ -132,14 +127,10 @@ class QualityProbe:
 
     def score(self, plan: SparsityPlan | None, observer=None) -> dict:
         t0 = time.perf_counter()
-        saved = self.model.sparsity, self.model.dense, self.model.ffn_observer
-        self.model.sparsity, self.model.dense, self.model.ffn_observer = plan, False, observer
-        try:
+        with self.model.running(plan, observer):
             stats = EvalStats.empty()
             for chunk, ref in zip(self.chunks, self.reference):
                 stats.add_chunk(chunk, self._logits(chunk), ref)
-        finally:
-            self.model.sparsity, self.model.dense, self.model.ffn_observer = saved
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
         if self.after_score is not None:

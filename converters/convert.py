@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, quants
+
+from numba_kernels import dequant, sparse_ffn
 
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
-from sparse_gguf.sparsity import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES,
-                                   KEY_OUTPUT_CANDIDATES, KEY_VERSION, MODE_NAMES, MODE_PREDICTOR, TENSOR_DOWN_T,
-                                   TENSOR_PRED_A, TENSOR_PRED_B, TENSOR_PRED_CUT, TENSOR_THRESHOLD,
-                                   TENSOR_UP_THRESHOLD, AttentionWindow, DownT, LayerSparsity, up_read_fraction)
+from sparse_gguf import format as fmt
+from sparse_gguf.format import MODE_NAMES, MODE_PREDICTOR
+from sparse_gguf.sparsity import AttentionWindow, DownT, LayerSparsity, output_candidates_to_gguf, up_read_fraction
 from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data, predictor
+from .gguf_out import check_free_space, file_sha256, write_model
 from .calibrate import (UP_SHARE, PredictorReport, QualityProbe, allocate, collect_stats, measured_sparsity,
                         plan_for)
 
@@ -193,7 +196,6 @@ def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: l
 
 def down_t_rows(model: Model, il: int) -> np.ndarray:
     """Layer il's down in the block-major neuron layout, float32 (n_embd/32 * n_ff, 32), to quantize to Q8_0."""
-    from numba_kernels import dequant, sparse_ffn
     L = model.weights.layers[il]
     return sparse_ffn.block_major_rows(dequant.dequantize(L.w_down.raw, L.w_down.qtype, L.w_down.n_cols))
 
@@ -204,7 +206,6 @@ def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
     bytes.
     Other types get a neuron-major Q8_0 down where reading only the active rows is cheaper
     (DOWN_T_MAX_RATIO); elsewhere the down stage is dropped (threshold 0), which costs nothing to skip."""
-    from gguf import GGMLQuantizationType, quants
     for il, (layer, sd) in enumerate(zip(plan.layers, skipped_down)):
         if not layer.active:
             continue
@@ -298,7 +299,6 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
             raise SparseGGUFError(f"{f}: cannot read calibration text ({e})") from None
     if calib_only and not user_texts:
         raise SparseGGUFError("--calib-only needs at least one --calib FILE")
-    from .gguf_out import check_free_space
 
     check_free_space(out, src.stat().st_size)      # before minutes of calibration; write_model checks again
 
@@ -343,46 +343,27 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
                            [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)],
                            [layer.mode for layer in plan.layers], pred_reports)
 
-    from .gguf_out import file_sha256, write_model
-
+    plan_kv, plan_tensors = plan.to_gguf()
     extra_kv = {
-        KEY_VERSION: FORMAT_VERSION,
-        "sparse_gguf.source.path": str(src.resolve()),
-        "sparse_gguf.source.sha256": file_sha256(src),
-        "sparse_gguf.budget_kl": float(budget_kl) if sparsity is None else 0.0,
-        "sparse_gguf.min_top1": float(min_top1) if sparsity is None else 0.0,
-        "sparse_gguf.forced_sparsity": float(sparsity) if sparsity is not None else -1.0,
-        KEY_MODES: list(result.modes),
-        "sparse_gguf.ffn.up_skipped": [float(s) for s in skipped_up],
-        "sparse_gguf.ffn.down_skipped": [float(s) for s in skipped],
-        "sparse_gguf.calibration.tokens": result.calib_tokens,
-        "sparse_gguf.calibration.heldout_tokens": result.heldout_tokens,
-        "sparse_gguf.calibration.sources": ",".join(
+        **plan_kv,
+        **attention.to_gguf(),
+        **output_candidates_to_gguf(model.output_candidates),
+        fmt.KEY_SOURCE_PATH: str(src.resolve()),
+        fmt.KEY_SOURCE_SHA256: file_sha256(src),
+        fmt.KEY_BUDGET_KL: float(budget_kl) if sparsity is None else 0.0,
+        fmt.KEY_MIN_TOP1: float(min_top1) if sparsity is None else 0.0,
+        fmt.KEY_FORCED_SPARSITY: float(sparsity) if sparsity is not None else -1.0,
+        fmt.KEY_UP_SKIPPED: [float(s) for s in skipped_up],
+        fmt.KEY_DOWN_SKIPPED: [float(s) for s in skipped],
+        fmt.KEY_CALIB_TOKENS: result.calib_tokens,
+        fmt.KEY_HELDOUT_TOKENS: result.heldout_tokens,
+        fmt.KEY_CALIB_SOURCES: ",".join(
             (["builtin-texts", "self-generated"] if not calib_only else []) + [Path(f).name for f in calib_files]),
-        "sparse_gguf.estimate.kl": float(summary["kl_mean"]),
-        "sparse_gguf.estimate.top1": float(summary["top1_agreement"]),
-        "sparse_gguf.estimate.ffn_bytes_ratio": float(result.ffn_bytes_ratio),
-        "sparse_gguf.layer_table": json.dumps(result.layer_table()),
-        KEY_ATTN_SINKS: attention.sinks,
-        KEY_ATTN_WINDOW: attention.window,
-        KEY_ATTN_TOPK: attention.topk,
-        KEY_OUTPUT_CANDIDATES: model.output_candidates,
+        fmt.KEY_ESTIMATE_KL: float(summary["kl_mean"]),
+        fmt.KEY_ESTIMATE_TOP1: float(summary["top1_agreement"]),
+        fmt.KEY_ESTIMATE_FFN_BYTES: float(result.ffn_bytes_ratio),
+        fmt.KEY_LAYER_TABLE: json.dumps(result.layer_table()),
     }
-    from gguf import GGMLQuantizationType
-
-    extra_tensors = {}
-    for il, layer in enumerate(plan.layers):
-        if layer.active:
-            extra_tensors[TENSOR_THRESHOLD.format(il=il)] = (layer.threshold, GGMLQuantizationType.F32)
-            if layer.up_threshold is not None:
-                extra_tensors[TENSOR_UP_THRESHOLD.format(il=il)] = (layer.up_threshold, GGMLQuantizationType.F32)
-            if layer.down_t is not None:
-                extra_tensors[TENSOR_DOWN_T.format(il=il)] = (down_t_rows(model, il), GGMLQuantizationType.Q8_0)
-            if layer.predictor is not None:
-                fit = fits[il][0]
-                extra_tensors[TENSOR_PRED_A.format(il=il)] = (fit.a, GGMLQuantizationType.Q8_0)
-                extra_tensors[TENSOR_PRED_B.format(il=il)] = (fit.b, GGMLQuantizationType.Q8_0)
-                extra_tensors[TENSOR_PRED_CUT.format(il=il)] = (layer.predictor.cut, GGMLQuantizationType.F32)
     bar("plan", 1.0)
     progress(f"writing {out}")
 
@@ -391,7 +372,7 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
         if write_progress:
             write_progress(done, total)
 
-    write_model(src, out, extra_kv=extra_kv, extra_tensors=extra_tensors, progress=written)
+    write_model(src, out, extra_kv=extra_kv, extra_tensors=plan_tensors, progress=written)
     bar("write", 1.0)
     result.seconds = time.time() - t_start
     return result

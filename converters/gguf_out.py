@@ -37,9 +37,11 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGUFEndian
 
+from sparse_gguf.format import PREFIX, RawTensor
+
 __all__ = ["KV_PREFIX", "write_model", "file_sha256", "gguf_value_type", "check_free_space"]
 
-KV_PREFIX = "sparse_gguf."
+KV_PREFIX = PREFIX
 
 ProgressFn = Callable[[int, int], None]
 TensorSpec = tuple[np.ndarray, GGMLQuantizationType]
@@ -184,6 +186,7 @@ class _OutTensor:
     nbytes: int
     src_offset: int | None = None  # absolute offset in the source file (copied tensors)
     array: np.ndarray | None = None  # caller's array (new tensors), encoded when written
+    encoded: bool = False  # array already holds the tensor's bytes (a RawTensor)
 
 
 def _type_nbytes(np_shape: Sequence[int], ggml_type: GGMLQuantizationType) -> int:
@@ -204,6 +207,12 @@ def _new_tensor(name: str, spec: Any) -> _OutTensor:
     if len(name.encode("utf-8")) >= 64:  # GGML_MAX_NAME, including the terminating NUL
         raise ValueError(f"tensor name {name!r} is longer than llama.cpp's limit of 63 bytes")
     ggml_type = GGMLQuantizationType(ggml_type)
+    if isinstance(array, RawTensor):                 # already encoded: written byte for byte
+        nbytes = _type_nbytes(array.shape, ggml_type)
+        if array.data.dtype != np.uint8 or array.data.nbytes != nbytes:
+            raise ValueError(f"tensor {name!r}: {array.data.nbytes} raw bytes, {ggml_type.name} "
+                             f"{array.shape} needs {nbytes}")
+        return _OutTensor(name, ggml_type, tuple(array.shape), nbytes, array=array.data, encoded=True)
     array = np.asarray(array)
     if array.ndim < 1 or array.ndim > 4 or array.size == 0:
         raise ValueError(f"tensor {name!r}: need a non-empty array with 1 to 4 dimensions, got shape {array.shape}")
@@ -227,7 +236,9 @@ def _new_tensor(name: str, spec: Any) -> _OutTensor:
 def _encode(t: _OutTensor) -> np.ndarray:
     """The bytes to write for a new tensor (C-contiguous array of exactly t.nbytes bytes)."""
     assert t.array is not None
-    if t.ggml_type == GGMLQuantizationType.F32:
+    if t.encoded:                                    # a RawTensor's bytes
+        data = np.ascontiguousarray(t.array)
+    elif t.ggml_type == GGMLQuantizationType.F32:
         data = np.ascontiguousarray(t.array, dtype=np.float32)
     elif t.ggml_type == GGMLQuantizationType.F16:
         data = np.ascontiguousarray(t.array, dtype=np.float16)

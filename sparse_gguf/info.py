@@ -9,9 +9,9 @@ from typing import Any
 from gguf import GGUFReader
 
 from .config import ModelConfig
+from .format import PREFIX
 from .gguf_file import all_metadata, open_gguf, type_name
 
-SPARSE_PREFIX = "sparse_gguf."
 
 
 def decode_bytes_per_token(reader: GGUFReader) -> int:
@@ -62,5 +62,5 @@ def describe(path: str | Path) -> dict[str, Any]:
         "sliding_window": cfg.swa_window,
         "tensor_types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
         "bytes_per_token": decode_bytes_per_token(reader),
-        "sparse_gguf": {k: v for k, v in meta.items() if k.startswith(SPARSE_PREFIX)},
+        "sparse_gguf": {k: v for k, v in meta.items() if k.startswith(PREFIX)},
     }

@@ -31,7 +31,10 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from .api import SparseLlama
+from .default_model import resolve_model_path
 from .errors import SparseGGUFError
+from .threads import set_threads
 
 
 @dataclass
@@ -128,7 +131,6 @@ def create_app(llm, settings: ServerSettings, model_id: str):
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .threads import set_threads
 
     class Sampling(BaseModel):
         model_config = ConfigDict(extra="ignore")   # unknown OpenAI fields are ignored, as OpenAI's server does
@@ -293,8 +295,6 @@ def serve(model: str | Path | None, settings: ServerSettings, **engine_kwargs) -
         import sse_starlette  # noqa: F401
     except ImportError as e:
         raise SparseGGUFError(f"the server needs its extra: pip install 'sparse-gguf[server]' ({e.name} missing)") from None
-    from .api import SparseLlama
-    from .default_model import resolve_model_path
 
     for name, value in (("max_tokens_cap", settings.max_tokens_cap), ("max_body_bytes", settings.max_body_bytes)):
         if value < 1:

@@ -16,32 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from numba_kernels import sparse_ffn
+from numba_kernels import dequant, qgemv, sparse_ffn
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
+from .format import (FORMAT_VERSION, KEY_ATTN_SINKS, KEY_ATTN_TOPK, KEY_ATTN_WINDOW, KEY_MODES, KEY_OUTPUT_CANDIDATES,
+                     KEY_VERSION, MODE_DENSE, MODE_NAMES, MODE_PREDICTOR, TENSOR_DOWN_T, TENSOR_PRED_A, TENSOR_PRED_B,
+                     TENSOR_PRED_CUT, TENSOR_THRESHOLD, TENSOR_UP_THRESHOLD, RawTensor)
 from .gguf_file import metadata
 from .validate import check_sparse_metadata
 from .weights import QuantMatrix
 
-FORMAT_VERSION = 3         # 2: neuron-major down_t tensors, attention/output keys; 3: predictor layers
-MODE_DENSE = 0
-MODE_THRESHOLD = 1          # gate in full; up only where |act(g_j)| >= u_j (if given); down where |a_j| >= t_j
-MODE_PREDICTOR = 2          # gate and up only where the predictor's score s_j >= c_j; down where |a_j| >= t_j
-MODE_NAMES = {MODE_DENSE: "dense", MODE_THRESHOLD: "threshold", MODE_PREDICTOR: "predictor"}
-
-KEY_VERSION = "sparse_gguf.version"
-KEY_MODES = "sparse_gguf.ffn.mode"
-TENSOR_THRESHOLD = "blk.{il}.ffn_thresh.weight"          # (n_ff,) F32: down stage, cut on |act(g)*u|
-TENSOR_UP_THRESHOLD = "blk.{il}.ffn_up_thresh.weight"    # (n_ff,) F32: up stage, cut on |act(g)| (optional)
-TENSOR_DOWN_T = "blk.{il}.ffn_down_t.weight"            # Q8_0 (n_embd/32 * n_ff, 32): down by neuron (sparse_ffn)
-TENSOR_PRED_A = "blk.{il}.ffn_pred_a.weight"            # Q8_0 (rank, n_embd): predictor, first factor
-TENSOR_PRED_B = "blk.{il}.ffn_pred_b.weight"            # Q8_0 (n_ff, rank): predictor, second factor
-TENSOR_PRED_CUT = "blk.{il}.ffn_pred_cut.weight"        # (n_ff,) F32: candidate where score >= cut
-KEY_ATTN_SINKS = "sparse_gguf.attention.sinks"
-KEY_ATTN_WINDOW = "sparse_gguf.attention.window"
-KEY_ATTN_TOPK = "sparse_gguf.attention.topk"
-KEY_OUTPUT_CANDIDATES = "sparse_gguf.output.candidates"
 
 
 @dataclass(frozen=True)
@@ -60,6 +45,10 @@ class AttentionWindow:
     def max_attended(self) -> int:
         return self.sinks + self.window + self.topk
 
+    def to_gguf(self) -> dict:
+        """The metadata that stores these settings (read back by attention_window_from_gguf)."""
+        return {KEY_ATTN_SINKS: self.sinks, KEY_ATTN_WINDOW: self.window, KEY_ATTN_TOPK: self.topk}
+
     def __post_init__(self):
         if min(self.sinks, self.window, self.topk) < 0:
             raise SparseGGUFError(f"attention window settings must be >= 0, got sinks={self.sinks} "
@@ -75,6 +64,11 @@ def attention_window_from_gguf(reader: GGUFReader) -> AttentionWindow:
         return AttentionWindow(*(int(v or 0) for v in vals))
     except (TypeError, ValueError):
         raise SparseGGUFError("sparse_gguf.attention.* must be unsigned integers") from None
+
+
+def output_candidates_to_gguf(n: int) -> dict:
+    """The metadata that stores the output layer's candidate count (read back by output_candidates_from_gguf)."""
+    return {KEY_OUTPUT_CANDIDATES: int(n)}
 
 
 def output_candidates_from_gguf(reader: GGUFReader) -> int:
@@ -110,7 +104,6 @@ class DownT:
 
     @classmethod
     def from_raw(cls, raw: np.ndarray, n_ff: int) -> "DownT":
-        from numba_kernels import qgemv
         return cls(raw, qgemv.pack(raw, GGMLQuantizationType.Q8_0, 32), n_ff)
 
     @property
@@ -123,7 +116,6 @@ class DownT:
 
     def dense(self) -> np.ndarray:
         """(n_embd, n_ff) float32, for batched (prefill) products."""
-        from numba_kernels import dequant
         rows = dequant.dequantize(self.raw, int(GGMLQuantizationType.Q8_0), 32)
         return sparse_ffn.dense_from_block_major(rows, self.n_ff)
 
@@ -190,8 +182,6 @@ class TopKLayer:
     |a_j| * ||down[:, j]||, the size of their contribution to the layer's output."""
     down_norm: np.ndarray            # (n_ff,) float32 column norms of down
     fraction: float
-    up_threshold = None
-    active = True
 
     def drop_inactive(self, a: np.ndarray) -> None:
         n_drop = int(self.fraction * a.shape[1])
@@ -208,7 +198,6 @@ class TopKSparsity:
 
     @classmethod
     def build(cls, weights, fraction: float) -> "TopKSparsity":
-        from numba_kernels import dequant
         layers = []
         for L in weights.layers:
             down = dequant.dequantize(L.w_down.raw, L.w_down.qtype, L.w_down.n_cols)   # (n_embd, n_ff)
@@ -265,6 +254,29 @@ class SparsityPlan:
                                         None if up_t is None else np.array(up_t.data, dtype=np.float32).reshape(-1),
                                         down_t, predictor))
         return cls(layers)
+
+    def to_gguf(self) -> tuple[dict, dict]:
+        """(metadata, tensors) that store this plan, read back by from_gguf: the version, one mode per layer
+        and, per active layer, its cuts, its neuron-major down and its predictor. Tensors map a name to
+        (float32 array or RawTensor, GGML type); quantized ones are written as the plan holds them."""
+        f32, q8 = GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0
+        kv = {KEY_VERSION: FORMAT_VERSION, KEY_MODES: [layer.mode for layer in self.layers]}
+        tensors = {}
+        for il, layer in enumerate(self.layers):
+            if not layer.active:
+                continue
+            tensors[TENSOR_THRESHOLD.format(il=il)] = (layer.threshold, f32)
+            if layer.up_threshold is not None:
+                tensors[TENSOR_UP_THRESHOLD.format(il=il)] = (layer.up_threshold, f32)
+            if layer.down_t is not None:
+                raw = layer.down_t.raw                                    # (n_embd/32 * n_ff, 34)
+                tensors[TENSOR_DOWN_T.format(il=il)] = (RawTensor(raw, (raw.shape[0], 32)), q8)
+            if layer.predictor is not None:
+                a, b = layer.predictor.a, layer.predictor.b
+                tensors[TENSOR_PRED_A.format(il=il)] = (RawTensor(a.raw, (a.n_rows, a.n_cols)), q8)
+                tensors[TENSOR_PRED_B.format(il=il)] = (RawTensor(b.raw, (b.n_rows, b.n_cols)), q8)
+                tensors[TENSOR_PRED_CUT.format(il=il)] = (layer.predictor.cut, f32)
+        return kv, tensors
 
 
 def _read_predictor(tensors: dict, il: int, cfg: ModelConfig) -> Predictor:

@@ -37,6 +37,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import SparseGGUFError
+from .format import F32_VECTORS, KEY_MODES, KEY_VERSION
 
 # ---- limits (documented in README.md, "Safety") ------------------------------------------------------
 MAX_KV_COUNT = 1 << 16            # real models: 30-60 keys
@@ -459,8 +460,6 @@ def check_config(cfg) -> None:
 def check_sparse_metadata(reader, cfg) -> None:
     """A converted file's sparsity plan (docs/FORMAT.md) has the types the decoder assumes: an integer
     format version, one integer mode per layer, F32 threshold tensors; raise SparseGGUFError otherwise."""
-    from .sparsity import KEY_MODES, KEY_VERSION, TENSOR_PRED_CUT, TENSOR_THRESHOLD, TENSOR_UP_THRESHOLD
-
     version = reader.fields.get(KEY_VERSION)
     if version is None:
         return
@@ -470,9 +469,7 @@ def check_sparse_metadata(reader, cfg) -> None:
     if modes is not None and (modes.types[:1] != [GGUFValueType.ARRAY] or len(modes.types) != 2
                               or modes.types[1] not in INT_TYPES):
         raise SparseGGUFError(f"metadata {KEY_MODES} must be a list of integers")
-    names = {TENSOR_THRESHOLD.format(il=il) for il in range(cfg.n_layer)}
-    names |= {TENSOR_UP_THRESHOLD.format(il=il) for il in range(cfg.n_layer)}
-    names |= {TENSOR_PRED_CUT.format(il=il) for il in range(cfg.n_layer)}
+    names = {template.format(il=il) for template in F32_VECTORS for il in range(cfg.n_layer)}
     for t in reader.tensors:
         if t.name in names and (int(t.tensor_type) != int(GGMLQuantizationType.F32) or len(t.shape) != 1):
             raise SparseGGUFError(f"tensor {t.name} must be a 1-D F32 tensor")

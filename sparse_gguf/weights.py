@@ -8,9 +8,9 @@ import mmap
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType, GGML_QUANT_SIZES
+from gguf import GGUFReader, GGMLQuantizationType, GGML_QUANT_SIZES, quants
 
-from numba_kernels import dequant, qgemv
+from numba_kernels import dequant, qgemv, sparse_ffn
 from numba_kernels.actquant import ACT_KIND, Q8_1, fake_quantize, q8_1_sum_correction
 
 from .config import ModelConfig
@@ -90,7 +90,6 @@ class QuantMatrix:
             self._bundle = None
             if (self.qtype in (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))
                     and self.n_rows % 32 == 0 and self.n_cols % 32 == 0):
-                from numba_kernels import sparse_ffn
                 try:
                     self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
                                                 self.qtype)
@@ -111,7 +110,6 @@ class ColumnBundle:
         """(W[:, cols] @ coef (n_rows,), bytes read); cols (k,) int32 ascending. Like the dense GEMV (and
         llama.cpp), the values are first quantized to Q8 blocks, so with every column active the result
         equals W @ x up to float summation order."""
-        from numba_kernels import sparse_ffn
         n_cols = self.scales.shape[0] * 32
         n_rows = self.scales.shape[1] * 32
         up_vals = np.ones(cols.size, np.float32)         # a_j = coef_j * 1, every one kept
@@ -143,7 +141,6 @@ LOWBIT_TILE_ROWS = 4096
 def q4_copy(m: QuantMatrix) -> QuantMatrix:
     """A Q4_0 re-quantization of m (n_cols a multiple of 32), for cheap candidate scoring: about half the bytes
     of a Q8_0 matrix. Built in tiles of rows, so no float32 copy of the whole matrix is kept."""
-    from gguf import quants
     tiles = []
     for r0 in range(0, m.n_rows, LOWBIT_TILE_ROWS):
         r1 = min(m.n_rows, r0 + LOWBIT_TILE_ROWS)

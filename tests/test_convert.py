@@ -13,8 +13,10 @@ import pytest
 from converters.convert import convert
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.evaluate import EvalStats
+from sparse_gguf.ffn import PredictorFFN
 from sparse_gguf.gguf_file import all_metadata, open_gguf
 from sparse_gguf.model import Model
+from sparse_gguf.stats import StepStats
 from sparse_gguf.tokenizer import Tokenizer
 from test_cli import assert_clean_error, run_cli
 
@@ -154,10 +156,10 @@ def test_predictor_layers_convert_load_and_decode_as_masked(tiny_model, tmp_path
     m = Model(res.out_path, n_ctx=64)
     assert m.sparsity.layers[0].predictor is not None and m.sparsity.layers[0].up_threshold is None
     h = np.random.default_rng(0).standard_normal((1, m.cfg.n_embd)).astype(np.float32)
-    for il, L in enumerate(m.weights.layers):
-        m._ffn_used, m._bytes = [], 0.0
-        two = m._ffn(il, L, np.repeat(h, 2, axis=0))          # T == 2: everything computed, then masked
-        one = m._ffn(il, L, h)                                 # T == 1: candidates' rows only (gemv_rows)
+    for ffn in m.ffn:
+        assert isinstance(ffn, PredictorFFN)
+        two = ffn.batched(np.repeat(h, 2, axis=0), StepStats())   # T == 2: everything computed, then masked
+        one = ffn.decode(h[0], StepStats())                    # one token: candidates' rows only (gemv_rows)
         np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
     toks = TOKENS[:16]                                         # T <= 16: the batched path runs the same GEMVs
     masked = m.eval(toks, logits_all=True)

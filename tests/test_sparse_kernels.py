@@ -9,8 +9,11 @@ import pytest
 from numba_kernels import attention as A
 from numba_kernels import ops, simd
 from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.ffn import FusedThresholdFFN
+from sparse_gguf.format import MODE_THRESHOLD
 from sparse_gguf.model import Model
-from sparse_gguf.sparsity import MODE_THRESHOLD, LayerSparsity, SparsityPlan
+from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
+from sparse_gguf.stats import StepStats
 
 RNG = np.random.default_rng(7)
 
@@ -338,7 +341,7 @@ def test_output_candidates_exact_for_the_best_rows(tiny_model):
     toks = tokens(20)
     dense = Model(path, n_ctx=64).eval(toks, logits_all=True)
     m = Model(path, n_ctx=64, output_candidates=64)
-    assert m.output_q4 is not None and m.output_q4.nbytes < 0.6 * m.weights.output.nbytes
+    assert m.head.q4.nbytes < 0.6 * m.weights.output.nbytes
     batched = m.eval(toks, logits_all=True)
     m.reset()
     m.eval(toks[:-1])
@@ -384,12 +387,12 @@ def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
     masked = m.eval(toks, logits_all=True)                # T <= 16: per-row GEMV of all of up, then masked
     assert kl_rows(masked, step).mean() < 0.01   # attention differs in the last bits; thresholds amplify that
     h = rng.standard_normal((1, m.cfg.n_embd)).astype(np.float32)
-    for il, L in enumerate(m.weights.layers):              # the FFN alone: the same numbers either way
-        m._ffn_used, m._bytes = [], 0.0
-        two = m._ffn(il, L, np.repeat(h, 2, axis=0))       # T == 2: computes everything, then masks
-        for up_kept in (0.0, 1.0):                         # T == 1: gathers up's kept rows / all of gate|up
-            m._up_kept[il] = up_kept                       # (the decoder's choice for this layer's next token)
-            one = m._ffn(il, L, h)
+    for ffn in m.ffn:                                      # the FFN alone: the same numbers either way
+        assert isinstance(ffn, FusedThresholdFFN)          # Q4_1 gate/up, a column-bundle down
+        two = ffn.batched(np.repeat(h, 2, axis=0), StepStats())   # T == 2: the masked reference
+        for up_kept in (0.0, 1.0):                         # one token: gathers up's kept rows / all of gate|up
+            ffn.up_kept = up_kept                          # (the decoder's choice for this layer's next token)
+            one = ffn.decode(h[0], StepStats())
             np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,280 @@
+"""The feed-forward strategies. Each layer gets one object at load time (build_ffn); the forward loop calls
+its `decode(x, stats)` for one token and `batched(h, stats)` for a prefill chunk and never asks which it is.
+
+Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (up_j . x).
+
+  DenseFFN           every neuron (decode: one GEMV of the stacked gate|up)
+  MaskedFFN          the reference: gate and up in full, the skipped neurons' a_j zeroed, then down. Every fast
+                     strategy below computes the same numbers (tests/test_sparse_kernels.py holds them to it)
+  ObservedFFN        MaskedFFN that also hands its activations to a calibration observer
+  ThresholdFFN       decode of a threshold layer: gate in full, up where |act(g_j)| passes, down where |a_j| passes
+  FusedThresholdFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, vector SIMD path)
+  PredictorFFN       decode of a predictor layer: gate and up rows of the predictor's candidates only, then down
+
+The sparse strategies' batched path is the masked reference: prefill reads every matrix anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from numba_kernels import ops, qgemv, simd, sparse_ffn
+
+from .sparsity import UP_GATHER_MAX_KEPT, LayerSparsity, TopKLayer, up_read_fraction
+from .stats import StepStats
+from .weights import LayerWeights
+
+_FUSED_GATE_UP_TYPES = (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))   # the fused kernel's
+
+
+def activation(gate: np.ndarray, kind: str) -> np.ndarray:
+    """act(gate) as a new array, computed as the fused dense kernels compute it. kind: "silu" or "gelu"."""
+    out = gate.copy()
+    if kind == "gelu":
+        ops.geglu(out, np.ones_like(gate))
+    else:
+        ops.silu(out)
+    return out
+
+
+def _glu(gate: np.ndarray, up: np.ndarray, kind: str) -> None:
+    """In place gate = act(gate) * up."""
+    (ops.geglu if kind == "gelu" else ops.swiglu)(gate, up)
+
+
+class DenseFFN:
+    def __init__(self, L: LayerWeights, act: str, s: sparse_ffn.DecodeScratch | None):
+        self.L, self.act, self.s = L, act, s
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        """x: (n_embd,) -> (1, n_embd)."""
+        L = self.L
+        if L.gate_up is None:
+            return self.batched(x[None], stats)
+        gu = qgemv.gemv(L.gate_up, out=self.s.gate_up[:L.gate_up.n_rows],      # one GEMV for gate|up
+                        xq=qgemv.quantize_for(L.gate_up.qtype, x, self.s.x8)).reshape(2, 1, -1)
+        _glu(gu[0], gu[1], self.act)                                 # gu[0] now holds a = act(g) * u
+        stats.ffn_used.append(1.0)
+        return L.w_down.matmul(gu[0])
+
+    def batched(self, h: np.ndarray, stats: StepStats) -> np.ndarray:
+        """h: (T, n_embd) -> (T, n_embd)."""
+        L = self.L
+        gate = L.w_gate.matmul(h)                                    # (T, n_ff)
+        _glu(gate, L.w_up.matmul(h), self.act)
+        stats.ffn_used.append(1.0)
+        return L.w_down.matmul(gate)
+
+
+class MaskedFFN:
+    """The reference for every sparse strategy: the dense computation with the skipped work masked out, so
+    its results equal what a kernel that never reads the skipped rows computes. Neurons drop in two stages:
+    those whose |act(g)| is below the up cut (or that the predictor does not pick) skip up and down, then
+    `drop` zeroes those whose a_j is below the down cut (a threshold layer) or least important (top-k).
+    One token reads only the rows it needs (up rows past the up cut, down rows by neuron) with the same
+    numbers, so the byte count is what a decode step reads."""
+
+    def __init__(self, L: LayerWeights, act: str, *, up_cut: np.ndarray | None = None, predictor=None,
+                 drop=None, down_t=None):
+        self.L, self.act = L, act
+        self.up_cut = up_cut          # (n_ff,) float32 cut on |act(g)|, or None: no up stage
+        self.predictor = predictor    # sparsity.Predictor, or None
+        self.drop = drop              # a -> None, zeroing dropped neurons in place; None: every neuron kept
+        self.down_t = down_t          # sparsity.DownT, or None
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        return self._run(x[None], stats, one_token=True)
+
+    def batched(self, h: np.ndarray, stats: StepStats) -> np.ndarray:
+        return self._run(h, stats, one_token=False)
+
+    def observe(self, h, g_act, up, a) -> None:
+        """Called with each batch's activations (ObservedFFN)."""
+
+    def _run(self, h: np.ndarray, stats: StepStats, one_token: bool) -> np.ndarray:
+        L = self.L
+        gate = L.w_gate.matmul(h)                                    # (T, n_ff)
+        g_act = activation(gate, self.act)                           # (T, n_ff) act(g)
+        if self.up_cut is not None:
+            keep_up = np.abs(g_act) >= self.up_cut                   # (T, n_ff)
+            if one_token and L.w_up.packed is not None:              # read only the kept rows of up
+                rows = np.flatnonzero(keep_up[0]).astype(np.int32)
+                up = np.zeros_like(gate)
+                up[0, rows] = qgemv.gemv_rows(L.w_up.packed, rows, h[0])
+            else:
+                up = L.w_up.matmul(h)
+                up[~keep_up] = 0.0
+            stats.bytes += L.w_up.nbytes * (float(np.count_nonzero(keep_up)) / keep_up.size - 1.0)
+        else:
+            up = L.w_up.matmul(h)
+        a = g_act * up                                               # (T, n_ff)
+        if self.predictor is not None:                               # only the candidates compute anything
+            a[~self.predictor.select(h)] = 0.0                       # (here gate and up were read in full)
+            stats.bytes += self.predictor.nbytes
+        if self.drop is not None:
+            self.drop(a)
+        stats.ffn_used.append(float(np.count_nonzero(a)) / a.size)
+        self.observe(h, g_act, up, a)
+        if self.down_t is not None:
+            if one_token:                                            # only the active neurons' rows
+                rows = np.flatnonzero(a[0]).astype(np.int32)
+                stats.bytes += rows.size * self.down_t.row_bytes() - L.w_down.nbytes
+                return sparse_ffn.down_rows(self.down_t.packed, self.down_t.n_ff, rows, a[0, rows])[None]
+            return a @ self.down_t.dense().T                         # (T, n_embd), the same weights
+        bundle = L.w_down.column_bundle() if one_token and self.drop is not None else None
+        if bundle is None:
+            return L.w_down.matmul(a)
+        rows = np.flatnonzero(a[0]).astype(np.int32)                 # only the active neurons' codes
+        out, nbytes = bundle.product(rows, a[0, rows])
+        stats.bytes += nbytes - L.w_down.nbytes
+        return out[None]
+
+
+class ObservedFFN(MaskedFFN):
+    """The masked path with a calibration hook: observer(layer, ffn_input (T, n_embd), act(g), up,
+    act(g)*up (each (T, n_ff))) after every batch."""
+
+    def __init__(self, il: int, observer, L: LayerWeights, act: str, **masks):
+        super().__init__(L, act, **masks)
+        self.il, self.observer = il, observer
+
+    def observe(self, h, g_act, up, a) -> None:
+        self.observer(self.il, h, g_act, up, a)
+
+
+class _SparseDecode:
+    """Shared by the fast decode strategies of a sparse layer: prefill runs the masked reference, and the
+    down stage of one token runs from the neurons that computed up."""
+
+    def __init__(self, L: LayerWeights, act: str, layer: LayerSparsity, s: sparse_ffn.DecodeScratch,
+                 reference: MaskedFFN):
+        self.L, self.act, self.layer, self.s, self.reference = L, act, layer, s, reference
+        self.cut = layer.threshold                                   # (n_ff,) float32 down cut on |a_j|
+        self.bundle = L.w_down.column_bundle() if layer.down_t is None else None
+
+    def batched(self, h: np.ndarray, stats: StepStats) -> np.ndarray:
+        return self.reference.batched(h, stats)
+
+    def _down(self, n_up: int, stats: StepStats) -> np.ndarray:
+        """(1, n_embd): down over the neurons s.rows_up[:n_up] (up in s.up_vals, act(g) in s.g_act) whose
+        |a_j| passes the down cut, from the column bundle, the neuron-major down_t or the plain matrix."""
+        L, s, n_ff = self.L, self.s, self.L.w_gate.n_rows
+        rows_up, up_vals = s.rows_up[:n_up], s.up_vals[:n_up]
+        if self.bundle is not None:      # one pass prepares the bundle product's input
+            n, n_groups = sparse_ffn.down_coefs_q8(s.g_act, up_vals, rows_up, self.cut,
+                                                   self.bundle.qtype == GGMLQuantizationType.Q4_1, s.rows, s.aq,
+                                                   s.gd, s.gstart, s.gsum)
+            stats.ffn_used.append(n / n_ff)
+            sparse_ffn.bundle_rows_q8(self.bundle.codes, self.bundle.scales, s.rows[:n], s.aq[:n], s.gd, s.gstart,
+                                      s.gsum, s.out)
+            stats.bytes += self.bundle.bytes_read(n, n_groups) - L.w_down.nbytes
+            return s.out[None]
+        n = sparse_ffn.active_products(s.g_act, up_vals, rows_up, self.cut, s.rows, s.coef)
+        stats.ffn_used.append(n / n_ff)
+        down_t = self.layer.down_t
+        if down_t is not None:
+            stats.bytes += n * down_t.row_bytes() - L.w_down.nbytes
+            return sparse_ffn.down_rows(down_t.packed, n_ff, s.rows[:n], s.coef[:n])[None]
+        a = np.zeros((1, n_ff), np.float32)
+        a[0, s.rows[:n]] = s.coef[:n]
+        return L.w_down.matmul(a)
+
+    def _up_rows(self, n_up: int, xq: qgemv.Q8Act, stats: StepStats) -> None:
+        """s.up_vals[:n_up] = up . x for the neurons s.rows_up[:n_up]."""
+        s = self.s
+        qgemv.gemv_rows(self.L.w_up.packed, s.rows_up[:n_up], out=s.up_vals[:n_up], xq=xq, checked=True)
+        stats.bytes += self.L.w_up.nbytes * (n_up / self.L.w_gate.n_rows - 1.0)
+
+
+class ThresholdFFN(_SparseDecode):
+    """One token of a threshold layer (SiLU): the gate in full, up rows where |act(g_j)| passes the up cut
+    (every neuron without an up stage), then the down stage."""
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        s, layer = self.s, self.layer
+        up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage   # every neuron passes
+        xq = qgemv.quantize_for(self.L.w_gate.qtype, x, s.x8)      # one Q8 copy of x serves gate and up
+        qgemv.gemv(self.L.w_gate.packed, out=s.g_act, xq=xq)
+        n_up = sparse_ffn.silu_rows_at_least(s.g_act, up_cut, s.rows_up)   # s.g_act now holds act(g)
+        self._up_rows(n_up, xq, stats)
+        return self._down(n_up, stats)
+
+
+class PredictorFFN(_SparseDecode):
+    """One token of a predictor layer: the predictor's candidates, their gate rows, act(g), their up rows,
+    then the down stage among them."""
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        s, L, predictor = self.s, self.L, self.layer.predictor
+        n_up = predictor.candidates(x, s.rows_up)
+        xq = qgemv.quantize_for(L.w_gate.qtype, x, s.x8)
+        g_rows = qgemv.gemv_rows(L.w_gate.packed, s.rows_up[:n_up], out=s.up_vals[:n_up], xq=xq, checked=True)
+        g2 = g_rows.reshape(1, -1)
+        if self.act == "gelu":                                       # as activation() computes it
+            ops.geglu(g2, np.ones_like(g2))
+        else:
+            ops.silu(g2)
+        s.g_act[s.rows_up[:n_up]] = g_rows
+        stats.bytes += predictor.nbytes + L.w_gate.nbytes * (n_up / L.w_gate.n_rows - 1.0)
+        self._up_rows(n_up, xq, stats)
+        return self._down(n_up, stats)
+
+
+class FusedThresholdFFN(_SparseDecode):
+    """ThresholdFFN in one kernel call (sparse_ffn.ffn_decode_bundle). Up rows are gathered only while few
+    pass the up cut (sparsity.UP_GATHER_MAX_KEPT); above that, one GEMV over all of gate|up is faster, so
+    the share that passed last token picks the kernel for the next (the same numbers either way)."""
+
+    def __init__(self, *args, tok: tuple):
+        super().__init__(*args)
+        self.tok = tok                       # the SIMD path, fixed at load (the kernel has vector paths only)
+        self.up_kept = 1.0                   # fraction of neurons that passed the up stage last token
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        L, s, layer, bundle = self.L, self.s, self.layer, self.bundle
+        n_ff = L.w_gate.n_rows
+        up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage
+        q41 = bundle.qtype == GGMLQuantizationType.Q4_1
+        if L.gate_up is not None and self.up_kept > UP_GATHER_MAX_KEPT:
+            n_up, n, n_groups = sparse_ffn.decode_threshold_layer_dense_up(
+                self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
+        else:
+            n_up, n, n_groups = sparse_ffn.decode_threshold_layer(
+                self.tok, x, L.w_gate.packed, L.w_up.packed, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
+        self.up_kept = n_up / n_ff
+        stats.ffn_used.append(n / n_ff)
+        stats.bytes += (L.w_up.nbytes * (up_read_fraction(n_up / n_ff) - 1.0)
+                        + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
+        return s.out[None]
+
+
+def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLayer | None,
+              s: sparse_ffn.DecodeScratch | None, observer=None):
+    """Layer il's FFN strategy. rule: the layer's sparsity (a converted file's LayerSparsity, the run-time
+    top-k rule, or None: dense); observer: the calibration hook (the masked path, which computes every
+    activation it reports)."""
+    if isinstance(rule, LayerSparsity) and not rule.active:          # a dense layer of a sparse file
+        rule = None
+    if isinstance(rule, LayerSparsity):
+        masks = dict(up_cut=rule.up_threshold, predictor=rule.predictor, drop=rule.drop_inactive, down_t=rule.down_t)
+    elif rule is not None:                                           # top-k: no up stage, down in full
+        masks = dict(drop=rule.drop_inactive)
+    else:
+        masks = {}
+    if observer is not None:
+        return ObservedFFN(il, observer, L, act, **masks)
+    if rule is None:
+        return DenseFFN(L, act, s)
+    reference = MaskedFFN(L, act, **masks)
+    fast_decode = (isinstance(rule, LayerSparsity) and s is not None and (act != "gelu" or rule.predictor is not None)
+                   and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype)
+    if not fast_decode:
+        return reference
+    if rule.predictor is not None:
+        return PredictorFFN(L, act, rule, s, reference)
+    tok = simd.token()
+    if (rule.down_t is None and L.w_down.column_bundle() is not None and L.w_gate.qtype in _FUSED_GATE_UP_TYPES
+            and simd.path_name(tok) != "scalar"):
+        return FusedThresholdFFN(L, act, rule, s, reference, tok=tok)
+    return ThresholdFFN(L, act, rule, s, reference)
