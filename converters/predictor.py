@@ -42,8 +42,6 @@ class PredictorFit:
     predictor: Predictor
     kept: float                      # fraction of (token, neuron) pairs that are candidates
     recall: float                    # fraction of the pairs the down cut keeps that are candidates
-    a: np.ndarray                    # (rank, n_embd) float32 before Q8_0 rounding (the writer quantizes it
-    b: np.ndarray                    # (n_ff, rank)   again, to the same bytes)
 
     @property
     def rank(self) -> int:
@@ -97,7 +95,7 @@ def fit(xtx: np.ndarray, xtt: np.ndarray, h_rows: np.ndarray, imp_rows: np.ndarr
         cut = np.where(n_pos >= MIN_POSITIVES, cut, -np.inf).astype(np.float32)
         picked = s >= cut
         fits.append(PredictorFit(Predictor.from_raw(a_raw, b_raw, cut, d, n_ff), float(picked.mean()),
-                                 float((picked & pos).sum() / max(1, pos.sum())), a_f, b_f))
+                                 float((picked & pos).sum() / max(1, pos.sum()))))
     return fits
 
 
