@@ -8,13 +8,15 @@ none keeps a table of types.
 
 The facts are written below; the kernels register themselves where they are defined, with
 `@kernel_for(QT.X, "<field>")` (as gguf-py's quants.py registers a class per type): the kernel modules
-import this one, so this one cannot import them. numba_kernels/__init__.py imports dequant and qgemv, so
-every entry is complete once the package is imported.
+import this one for the facts, so this one cannot import them. Registering replaces the (frozen) entry, so
+look entries up with `qtype_info` rather than keeping them from import time; numba_kernels/__init__.py
+imports dequant and qgemv, so every entry is complete once the package is imported. Compiled code, which
+cannot call through a table, gets integer constants from here (`by_code`, dequant's size checks).
 
-Adding a type: one `QType(...)` line in _ENTRIES, its row dequantizer in dequant.py (decorated, plus one
-branch of the compiled `dequantize_row` dispatch: Numba cannot call through a table), and for a fast GEMV
-its pack function and `_span_*` / `_gemv_*` kernels in qgemv.py (decorated). tests/test_qtypes.py checks
-the entries against gguf-py and that every kernel a capability needs is there.
+Adding a type: one `QType(...)` line in _ENTRIES, then its kernels, decorated: a row dequantizer in
+dequant.py (plus its branch of the compiled `dequantize_row` dispatch) and, for a fast decode GEMV, a pack
+function and `_span_*` / `_gemv_*` kernels in qgemv.py. tests/test_qtypes.py checks every entry against
+gguf-py and that each has the kernels its abilities need.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ KERNELS = ("dequantize", "pack", "gemv", "span")
 
 @dataclass(frozen=True)
 class QType:
+    """One GGML type: its facts and kernels (None: the type has no such kernel)."""
+
     ggml: QT                       # the GGML type (its code: .code, its name: .name)
     block_size: int                # elements per block
     type_size: int                 # bytes per block
