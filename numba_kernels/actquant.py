@@ -17,17 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 from numba import njit
 
-# vec_dot_type of each weight type (what its activations are rounded to)
+# The activation kinds (a weight type's vec_dot_type: its registry entry's `act`, numba_kernels.qtypes)
 Q8_0, Q8_1, Q8_K, F16, BF16, F32 = "q8_0", "q8_1", "q8_k", "f16", "bf16", "f32"
-ACT_KIND = {
-    int(QT.Q4_0): Q8_0, int(QT.Q5_0): Q8_0, int(QT.Q8_0): Q8_0,
-    int(QT.Q4_1): Q8_1, int(QT.Q5_1): Q8_1,
-    int(QT.Q4_K): Q8_K, int(QT.Q5_K): Q8_K, int(QT.Q6_K): Q8_K,
-    int(QT.F16): F16, int(QT.BF16): BF16, int(QT.F32): F32,
-}
 
 
 @njit(cache=True, inline="always")

@@ -1,11 +1,12 @@
 """GGUF tensor bytes -> float32, in Numba.
 
-Supported GGML types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+Supported GGML types: those of the registry (numba_kernels.qtypes): F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q4_K, Q5_K, Q6_K. Each type's row dequantizer is registered as its entry's `dequantize`.
 
 Contract (see numba_kernels/__init__.py): a weight matrix W (n_rows, n_cols) is passed as its raw bytes,
 a C-contiguous uint8 array (n_rows, row_bytes) -- F32/F16/BF16 included -- plus its GGML type code
 (``int(gguf.GGMLQuantizationType.X)``). Every row is a run of ``n_cols // block_size`` blocks of
-``type_size`` bytes (``gguf.GGML_QUANT_SIZES[qtype] == (block_size, type_size)``); all multi-byte fields
+``type_size`` bytes (the registry entry's, equal to ``gguf.GGML_QUANT_SIZES[qtype]``); all multi-byte fields
 are little-endian.
 
 Public API
@@ -25,10 +26,14 @@ LLVM cannot contract a multiply-add into an FMA (which would change the rounding
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
+
+from . import qtypes
+from .qtypes import kernel_for
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -39,46 +44,28 @@ __all__ = [
     "take_rows",
 ]
 
-# GGML type codes (values of gguf.GGMLQuantizationType). Plain module-level ints so that Numba freezes them
-# into compiled code as constants; checked against gguf at import time below.
-F32 = 0
-F16 = 1
-Q4_0 = 2
-Q4_1 = 3
-Q5_0 = 6
-Q5_1 = 7
-Q8_0 = 8
-Q4_K = 12
-Q5_K = 13
-Q6_K = 14
-BF16 = 30
+# GGML type codes, plain module-level ints so that Numba freezes them into compiled code as constants.
+F32 = int(QT.F32)
+F16 = int(QT.F16)
+Q4_0 = int(QT.Q4_0)
+Q4_1 = int(QT.Q4_1)
+Q5_0 = int(QT.Q5_0)
+Q5_1 = int(QT.Q5_1)
+Q8_0 = int(QT.Q8_0)
+Q4_K = int(QT.Q4_K)
+Q5_K = int(QT.Q5_K)
+Q6_K = int(QT.Q6_K)
+BF16 = int(QT.BF16)
 
-SUPPORTED_TYPES: frozenset[int] = frozenset({F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
+SUPPORTED_TYPES: frozenset[int] = qtypes.SUPPORTED
 
 QK = 32  # elements per block of the "legacy" quants (Q4_0 .. Q8_0)
 QK_K = 256  # elements per super-block of the K-quants
 
-
-def _check_against_gguf() -> None:
-    try:
-        import gguf
-    except ImportError:  # gguf-py is a dependency, but the kernels themselves don't need it
-        return
-    T = gguf.GGMLQuantizationType
-    ours = {"F32": F32, "F16": F16, "BF16": BF16, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1,
-            "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
-    for name, code in ours.items():
-        assert int(T[name]) == code, f"GGML type code mismatch for {name}"
-        assert tuple(gguf.GGML_QUANT_SIZES[T[name]]) == _SIZES_PY[code], f"GGML block size mismatch for {name}"
-
-
-# (block_size, type_size) per type, as in gguf.GGML_QUANT_SIZES
-_SIZES_PY = {
-    F32: (1, 4), F16: (1, 2), BF16: (1, 2),
-    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-    Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
-}
-_check_against_gguf()
+# (block_size, type_size) of type code c at index c (0 where unsupported), from the registry: constants of the
+# compiled size checks. (Numba's cache keys on this file: after changing an entry's sizes, touch it.)
+_BLOCK_SIZES = qtypes.by_code("block_size")
+_TYPE_SIZES = qtypes.by_code("type_size")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,38 +93,18 @@ def _bits_to_f32(typingctx, bits):
 
 @njit(cache=True)
 def _block_size(qtype):
-    if qtype == F32 or qtype == F16 or qtype == BF16:
-        return 1
-    if qtype == Q4_0 or qtype == Q4_1 or qtype == Q5_0 or qtype == Q5_1 or qtype == Q8_0:
-        return QK
-    if qtype == Q4_K or qtype == Q5_K or qtype == Q6_K:
-        return QK_K
-    return 0
+    """Elements per block of type code qtype (0: unsupported)."""
+    if qtype < 0 or qtype >= len(_BLOCK_SIZES):
+        return 0
+    return _BLOCK_SIZES[qtype]
 
 
 @njit(cache=True)
 def _type_size(qtype):
-    if qtype == F32:
-        return 4
-    if qtype == F16 or qtype == BF16:
-        return 2
-    if qtype == Q4_0:
-        return 18
-    if qtype == Q4_1:
-        return 20
-    if qtype == Q5_0:
-        return 22
-    if qtype == Q5_1:
-        return 24
-    if qtype == Q8_0:
-        return 34
-    if qtype == Q4_K:
-        return 144
-    if qtype == Q5_K:
-        return 176
-    if qtype == Q6_K:
-        return 210
-    return 0
+    """Bytes per block of type code qtype (0: unsupported)."""
+    if qtype < 0 or qtype >= len(_TYPE_SIZES):
+        return 0
+    return _TYPE_SIZES[qtype]
 
 
 @njit(cache=True)
@@ -184,6 +151,7 @@ def _rd_u32(row, o):
 # ----------------------------------------------------------------------------------------------------------
 
 # F32: 4 bytes per element, little-endian IEEE binary32 (copied bit for bit).
+@kernel_for(QT.F32, "dequantize")
 @njit(cache=True)
 def _deq_f32(row, out):
     for i in range(out.shape[0]):
@@ -191,6 +159,7 @@ def _deq_f32(row, out):
 
 
 # F16: 2 bytes per element, little-endian IEEE binary16.
+@kernel_for(QT.F16, "dequantize")
 @njit(cache=True)
 def _deq_f16(row, out):
     for i in range(out.shape[0]):
@@ -198,6 +167,7 @@ def _deq_f16(row, out):
 
 
 # BF16: 2 bytes per element, little-endian; the 16 bits are the upper half of a float32 (lower half zero).
+@kernel_for(QT.BF16, "dequantize")
 @njit(cache=True)
 def _deq_bf16(row, out):
     for i in range(out.shape[0]):
@@ -208,6 +178,7 @@ def _deq_bf16(row, out):
 #   [0:2]   f16 d
 #   [2:18]  qs: byte j holds element j in its low nibble and element j+16 in its high nibble
 #   y = d * (q - 8),  q in [0, 15]
+@kernel_for(QT.Q4_0, "dequantize")
 @njit(cache=True)
 def _deq_q4_0(row, out):
     for b in range(out.shape[0] // QK):
@@ -225,6 +196,7 @@ def _deq_q4_0(row, out):
 #   [2:4]   f16 m (min)
 #   [4:20]  qs: byte j = element j (low nibble) | element j+16 (high nibble)
 #   y = d * q + m,  q in [0, 15]   (product rounded to f32, then the sum)
+@kernel_for(QT.Q4_1, "dequantize")
 @njit(cache=True)
 def _deq_q4_1(row, out):
     for b in range(out.shape[0] // QK):
@@ -243,6 +215,7 @@ def _deq_q4_1(row, out):
 #   [2:6]   qh: little-endian uint32, bit i = 5th (high) bit of element i
 #   [6:22]  qs: byte j = low 4 bits of element j (low nibble) | of element j+16 (high nibble)
 #   y = d * (q - 16),  q = lo4 | (hibit << 4) in [0, 31]
+@kernel_for(QT.Q5_0, "dequantize")
 @njit(cache=True)
 def _deq_q5_0(row, out):
     for b in range(out.shape[0] // QK):
@@ -264,6 +237,7 @@ def _deq_q5_0(row, out):
 #   [4:8]   qh: little-endian uint32, bit i = high bit of element i
 #   [8:24]  qs: byte j = low 4 bits of element j (low nibble) | of element j+16 (high nibble)
 #   y = d * q + m,  q = lo4 | (hibit << 4) in [0, 31]
+@kernel_for(QT.Q5_1, "dequantize")
 @njit(cache=True)
 def _deq_q5_1(row, out):
     for b in range(out.shape[0] // QK):
@@ -284,6 +258,7 @@ def _deq_q5_1(row, out):
 #   [0:2]   f16 d
 #   [2:34]  32 x int8 q (element order)
 #   y = d * q
+@kernel_for(QT.Q8_0, "dequantize")
 @njit(cache=True)
 def _deq_q8_0(row, out):
     for b in range(out.shape[0] // QK):
@@ -320,6 +295,7 @@ def _scale_min_k4(row, so, j):
 #   [16:144]  qs, 4 chunks of 32 bytes; chunk c covers elements 64c..64c+63:
 #             byte qs[32c + l] = element 64c + l (low nibble, sub-block 2c) | element 64c+32+l (high, sub-block 2c+1)
 #   y = (d * sc) * q - (dmin * m),  q in [0, 15]  (each parenthesised product rounded to f32)
+@kernel_for(QT.Q4_K, "dequantize")
 @njit(cache=True)
 def _deq_q4_k(row, out):
     for b in range(out.shape[0] // QK_K):
@@ -349,6 +325,7 @@ def _deq_q4_k(row, out):
 #   [16:48]   qh, 32 bytes: bit i of qh[l] = 5th bit of element 32*i + l (i.e. of sub-block i)
 #   [48:176]  qs, low 4 bits, same nibble layout as Q4_K's qs
 #   y = (d * sc) * q - (dmin * m),  q = lo4 | (hibit << 4) in [0, 31]
+@kernel_for(QT.Q5_K, "dequantize")
 @njit(cache=True)
 def _deq_q5_k(row, out):
     for b in range(out.shape[0] // QK_K):
@@ -380,6 +357,7 @@ def _deq_q5_k(row, out):
 #   [192:208]  16 x int8 scales, scale[i] for elements 16i..16i+15
 #   [208:210]  f16 d
 #   y = (d * scale) * (q - 32),  q = lo4 | (hi2 << 4) in [0, 63]
+@kernel_for(QT.Q6_K, "dequantize")
 @njit(cache=True)
 def _deq_q6_k(row, out):
     for b in range(out.shape[0] // QK_K):
@@ -540,13 +518,11 @@ def _as_bytes_2d(raw) -> np.ndarray:
 
 
 def _check_py(a: np.ndarray, qtype: int, n_cols: int) -> None:
-    if qtype not in SUPPORTED_TYPES:
-        raise ValueError(f"unsupported GGML type {qtype}")
-    bs, ts = _SIZES_PY[qtype]
-    if n_cols % bs != 0:
-        raise ValueError(f"n_cols={n_cols} is not a multiple of block size {bs} of type {qtype}")
-    if a.shape[1] != n_cols // bs * ts:
-        raise ValueError(f"row_bytes={a.shape[1]} but type {qtype} with n_cols={n_cols} needs {n_cols // bs * ts}")
+    t = qtypes.qtype_info(qtype)
+    if n_cols % t.block_size != 0:
+        raise ValueError(f"n_cols={n_cols} is not a multiple of block size {t.block_size} of type {qtype}")
+    if a.shape[1] != t.row_bytes(n_cols):
+        raise ValueError(f"row_bytes={a.shape[1]} but type {qtype} with n_cols={n_cols} needs {t.row_bytes(n_cols)}")
 
 
 def dequantize(raw, qtype: int, n_cols: int) -> np.ndarray:

@@ -46,11 +46,11 @@ from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
 from numba.np.ufunc import parallel as _npp
 
-from . import simd
-from .actquant import f16_round
+from . import qtypes, simd
+from .actquant import Q8_1, Q8_K, f16_round
+from .qtypes import kernel_for, qtype_info
 
 __all__ = [
-    "FAST_TYPES",
     "PackedMatrix",
     "Q8Act",
     "pack",
@@ -62,15 +62,10 @@ __all__ = [
     "set_simd_path",
     "get_simd_path",
     "concat_rows",
-    "GEMV_KERNELS",
-    "SPAN_KERNELS",
 ]
 
 QK = 32
 QK_K = 256
-
-FAST_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K})
-
 
 def set_simd_path(name: str) -> None:
     """Process-wide default SIMD path for gemv/gemv_rows: 'vnni', 'avx2', 'generic' or 'scalar'
@@ -182,17 +177,15 @@ def quantize_q8k_into(x, xq, xd, xs):
             xs[sb * 8 + b] = d * np.float32(s)
 
 
-_KQUANTS = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
-_Q8_1_WEIGHTS = frozenset({int(QT.Q4_1), int(QT.Q5_1)})
-
-
 def quantize_for(qtype: int, x: np.ndarray, buf: "Q8Act") -> "Q8Act":
-    """Quantize x into buf the way llama.cpp quantizes activations for weights of `qtype` (Q8_K for
-    K-quants, x86 Q8_0/Q8_1 otherwise). One call can serve every matrix of the same activation kind."""
-    if int(qtype) in _KQUANTS:
+    """Quantize x into buf the way llama.cpp quantizes activations for weights of `qtype` (its registry
+    entry's act: Q8_K for K-quants, x86 Q8_0/Q8_1 otherwise). One call can serve every matrix of the same
+    activation kind."""
+    act = qtype_info(qtype).act
+    if act == Q8_K:
         quantize_q8k_into(x, buf.q, buf.d, buf.s)
     else:
-        quantize_q8_into(x, buf.q, buf.d, buf.s, True, int(qtype) in _Q8_1_WEIGHTS)
+        quantize_q8_into(x, buf.q, buf.d, buf.s, True, act == Q8_1)
     return buf
 
 
@@ -254,78 +247,97 @@ def _f16_field(blocks: np.ndarray, off: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., off:off + 2]).view("<u2")[..., 0].astype(np.uint16)
 
 
-def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix:
-    """Repack raw GGUF bytes (uint8 (n_rows, row_bytes), e.g. a GGUFReader tensor's .data) of a FAST_TYPES
-    matrix into a PackedMatrix.  n_cols defaults to what row_bytes implies."""
-    qtype = QT(int(qtype))
-    if qtype not in FAST_TYPES:
-        raise ValueError(f"{qtype.name} has no fast GEMV kernel (FAST_TYPES: {sorted(t.name for t in FAST_TYPES)})")
-    from gguf.constants import GGML_QUANT_SIZES
+def _no_qh(blocks: np.ndarray) -> np.ndarray:
+    return np.empty((blocks.shape[0], 0), np.uint8)
 
-    blk, bsz = GGML_QUANT_SIZES[qtype]
+
+# Per-type pack functions (the registry's `pack`): blocks uint8 (n_rows, n_blocks, type_size), a matrix's GGUF
+# rows split into blocks -> (qs, sc, qh) in the layout of the module docstring.
+
+@kernel_for(QT.Q4_0, "pack")
+def _pack_q4_0(blocks):
+    return _pair_pack(_codes4(blocks[..., 2:18])), _f16_field(blocks, 0), _no_qh(blocks)
+
+
+@kernel_for(QT.Q4_1, "pack")
+def _pack_q4_1(blocks):
+    sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
+    return _pair_pack(_codes4(blocks[..., 4:20])), sc, _no_qh(blocks)
+
+
+@kernel_for(QT.Q5_0, "pack")
+def _pack_q5_0(blocks):
+    qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0].astype(np.uint32)
+    return _pair_pack(_codes4(blocks[..., 6:22])), _f16_field(blocks, 0), qh
+
+
+@kernel_for(QT.Q5_1, "pack")
+def _pack_q5_1(blocks):
+    sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
+    qh = np.ascontiguousarray(blocks[..., 4:8]).view("<u4")[..., 0].astype(np.uint32)
+    return _pair_pack(_codes4(blocks[..., 8:24])), sc, qh
+
+
+@kernel_for(QT.Q8_0, "pack")
+def _pack_q8_0(blocks):
+    n_rows, nbk = blocks.shape[:2]
+    return blocks[..., 2:34].reshape(n_rows, nbk * 32).view(np.int8), _f16_field(blocks, 0), _no_qh(blocks)
+
+
+@kernel_for(QT.Q4_K, "pack")
+def _pack_q4_k(blocks):
+    # block: d f16, dmin f16, scales[12] (6-bit sc/m packed), qs[128]
+    n_rows, nbk = blocks.shape[:2]
+    d = _f16_field(blocks, 0)
+    dmin = _f16_field(blocks, 2)
+    s = blocks[..., 4:16].astype(np.uint8)
+    sc6 = np.empty(s.shape[:-1] + (8,), np.uint16)
+    m6 = np.empty_like(sc6)
+    sc6[..., :4] = s[..., 0:4] & 63
+    m6[..., :4] = s[..., 4:8] & 63
+    sc6[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
+    m6[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    sc = np.concatenate([d[..., None], dmin[..., None], sc6 | (m6 << 8)], axis=-1).reshape(n_rows, nbk * 10)
+    qs = blocks[..., 16:144].reshape(n_rows, nbk * 128)  # sub-block 2i: low nibbles, 2i+1: high = paired
+    return qs, sc, _no_qh(blocks)
+
+
+@kernel_for(QT.Q6_K, "pack")
+def _pack_q6_k(blocks):
+    # block: ql[128], qh[64], scales[16] int8, d f16
+    n_rows, nbk = blocks.shape[:2]
+    ql = blocks[..., 0:128].reshape(n_rows, nbk, 2, 64)
+    vals = np.stack([ql & 0x0F, ql >> 4], axis=3).reshape(n_rows, nbk * 8, 32)  # elements in order
+    qs = _nibble_pack(vals).reshape(n_rows, nbk * 128)
+    qh = np.ascontiguousarray(blocks[..., 128:192]).reshape(n_rows, nbk * 64)
+    s = blocks[..., 192:208].astype(np.uint16)
+    d = _f16_field(blocks, 208)
+    sc = np.concatenate([d[..., None], s[..., 0::2] | (s[..., 1::2] << 8)], axis=-1).reshape(n_rows, nbk * 9)
+    return qs, sc, qh
+
+
+def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix:
+    """Repack raw GGUF bytes (uint8 (n_rows, row_bytes), e.g. a GGUFReader tensor's .data) of a matrix whose
+    type has a fast GEMV (a registry entry with a pack function) into a PackedMatrix.  n_cols defaults to
+    what row_bytes implies."""
+    t = qtype_info(qtype)
+    if t.pack is None:
+        fast = [e.name for e in qtypes.all_qtypes() if e.pack is not None]
+        raise ValueError(f"{t.name} has no fast GEMV kernel (types with one: {fast})")
+    blk, bsz = t.block_size, t.type_size
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.ndim != 2:
         raise ValueError(f"expected a 2-D uint8 array of raw rows, got {raw.dtype} {raw.shape}")
     n_rows, row_bytes = raw.shape
     if row_bytes % bsz:
-        raise ValueError(f"row of {row_bytes} bytes is not a whole number of {qtype.name} blocks ({bsz} B)")
+        raise ValueError(f"row of {row_bytes} bytes is not a whole number of {t.name} blocks ({bsz} B)")
     if n_cols is None:
         n_cols = row_bytes // bsz * blk
     if n_cols % blk or n_cols // blk * bsz != row_bytes:
-        raise ValueError(f"n_cols={n_cols} does not match {row_bytes} bytes of {qtype.name} per row")
-    nbk = n_cols // blk
-    blocks = raw.reshape(n_rows, nbk, bsz)
-    nb = n_cols // QK
-    empty = np.empty((n_rows, 0), np.uint8)
-
-    if qtype == QT.Q4_0:
-        sc = _f16_field(blocks, 0)
-        qs = _pair_pack(_codes4(blocks[..., 2:18]))
-        qh = empty
-    elif qtype == QT.Q4_1:
-        sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
-        qs = _pair_pack(_codes4(blocks[..., 4:20]))
-        qh = empty
-    elif qtype == QT.Q5_0:
-        sc = _f16_field(blocks, 0)
-        qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0].astype(np.uint32)
-        qs = _pair_pack(_codes4(blocks[..., 6:22]))
-    elif qtype == QT.Q5_1:
-        sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
-        qh = np.ascontiguousarray(blocks[..., 4:8]).view("<u4")[..., 0].astype(np.uint32)
-        qs = _pair_pack(_codes4(blocks[..., 8:24]))
-    elif qtype == QT.Q8_0:
-        sc = _f16_field(blocks, 0)
-        qs = blocks[..., 2:34].reshape(n_rows, nb * 32).view(np.int8)
-        qh = empty
-    elif qtype == QT.Q4_K:
-        # block: d f16, dmin f16, scales[12] (6-bit sc/m packed), qs[128]
-        d = _f16_field(blocks, 0)
-        dmin = _f16_field(blocks, 2)
-        s = blocks[..., 4:16].astype(np.uint8)
-        sc6 = np.empty(s.shape[:-1] + (8,), np.uint16)
-        m6 = np.empty_like(sc6)
-        sc6[..., :4] = s[..., 0:4] & 63
-        m6[..., :4] = s[..., 4:8] & 63
-        sc6[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-        m6[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-        sc = np.concatenate([d[..., None], dmin[..., None], sc6 | (m6 << 8)], axis=-1).reshape(n_rows, nbk * 10)
-        qs = blocks[..., 16:144].reshape(n_rows, nb * 16)  # sub-block 2i: low nibbles, 2i+1: high = paired
-        qh = empty
-    elif qtype == QT.Q6_K:
-        # block: ql[128], qh[64], scales[16] int8, d f16
-        ql = blocks[..., 0:128].reshape(n_rows, nbk, 2, 64)
-        vals = np.stack([ql & 0x0F, ql >> 4], axis=3).reshape(n_rows, nb, 32)  # elements in order
-        qs = _nibble_pack(vals).reshape(n_rows, nb * 16)
-        qh = np.ascontiguousarray(blocks[..., 128:192]).reshape(n_rows, nbk * 64)
-        s = blocks[..., 192:208].astype(np.uint16)
-        d = _f16_field(blocks, 208)
-        sc = np.concatenate([d[..., None], s[..., 0::2] | (s[..., 1::2] << 8)], axis=-1).reshape(n_rows, nbk * 9)
-    else:  # pragma: no cover
-        raise AssertionError(qtype)
-
+        raise ValueError(f"n_cols={n_cols} does not match {row_bytes} bytes of {t.name} per row")
+    qs, sc, qh = t.pack(raw.reshape(n_rows, n_cols // blk, bsz))
     return PackedMatrix(
-        int(qtype), n_rows, n_cols,
+        t.code, n_rows, n_cols,
         np.ascontiguousarray(qs), np.ascontiguousarray(sc, dtype=np.uint16), np.ascontiguousarray(qh),
     )
 
@@ -416,7 +428,12 @@ def _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, acc):
 
 
 # --------------------------------------------------------------------------------------------------
-# Row loops (_span_*: rows lo..hi of one thread's chunk) and parallel kernels (_gemv_*), one per type.
+# Row loops (_span_*: rows lo..hi of one thread's chunk) and parallel kernels (_gemv_*), one per type, each
+# registered as its type's `span` / `gemv` (qtypes):
+#   _gemv_X(path_token, qs, sc, qh, xq, xd, xs, rows, out), callable from @njit code too: rows int32 (k,) ->
+#   out[i] = W[rows[i]] . x (k = len(out)); an empty rows array -> all rows (out[r] = W[r] . x).
+#   _span_X(same, lo, hi) computes out[lo:hi] only, serially: no parallel-launch cost (~1.8 us), for small
+#   matrices or one thread.
 #
 # The whole row computation sits inside the _span_* loop on purpose: a call per row (to a row-function)
 # passes every array struct by value (~46 stack words), which costs as much as a 576-column row's math;
@@ -425,6 +442,7 @@ def _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, acc):
 # --------------------------------------------------------------------------------------------------
 
 
+@kernel_for(QT.Q4_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q4_0 (value = (q - 8) * d): sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)."""
@@ -444,6 +462,7 @@ def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(8.0) * c
 
 
+@kernel_for(QT.Q4_1, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q4_1 (value = q * d + m): sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)."""
@@ -463,6 +482,7 @@ def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
 
 
+@kernel_for(QT.Q5_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q5_0 (value = (q - 16) * d, q 5-bit)."""
@@ -482,6 +502,7 @@ def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(16.0) * c
 
 
+@kernel_for(QT.Q5_1, "span")
 @njit(**_ROW_OPTS)
 def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q5_1 (value = q * d + m, q 5-bit)."""
@@ -501,6 +522,7 @@ def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
 
 
+@kernel_for(QT.Q8_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q8_0 (value = q * d)."""
@@ -518,6 +540,7 @@ def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
+@kernel_for(QT.Q4_K, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q4_K (value = d * sc_j * q - dmin * m_j per 32-element sub-block j)."""
@@ -538,6 +561,7 @@ def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - c
 
 
+@kernel_for(QT.Q6_K, "span")
 @njit(**_ROW_OPTS)
 def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     """Q6_K (value = d * s_k * (q - 32) per 16-element sub-block k, q 6-bit)."""
@@ -560,6 +584,7 @@ def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
 
 # One parallel wrapper per type, spelled out: a factory making closures over the span kernel would share
 # one qualname, which Numba's on-disk cache keys on, so the closures could not all be cached.
+@kernel_for(QT.Q4_0, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -568,6 +593,7 @@ def _gemv_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q4_1, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -576,6 +602,7 @@ def _gemv_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q5_0, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -584,6 +611,7 @@ def _gemv_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q5_1, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -592,6 +620,7 @@ def _gemv_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q8_0, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -600,6 +629,7 @@ def _gemv_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q4_K, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -608,6 +638,7 @@ def _gemv_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q6_K, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
     n = out.shape[0]
@@ -615,32 +646,6 @@ def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
     for c in prange(nch):
         _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
-
-GEMV_KERNELS = {
-    int(QT.Q4_0): _gemv_q4_0,
-    int(QT.Q4_1): _gemv_q4_1,
-    int(QT.Q5_0): _gemv_q5_0,
-    int(QT.Q5_1): _gemv_q5_1,
-    int(QT.Q8_0): _gemv_q8_0,
-    int(QT.Q4_K): _gemv_q4_k,
-    int(QT.Q6_K): _gemv_q6_k,
-}
-"""qtype -> parallel njit kernel(path_token, qs, sc, qh, xq, xd, xs, rows, out), callable from @njit code too.
-
-rows: int32 (k,) -> out[i] = W[rows[i]] . x (k = len(out)); an empty rows array -> all rows
-(out[r] = W[r] . x, len(out) = n_rows)."""
-
-SPAN_KERNELS = {
-    int(QT.Q4_0): _span_q4_0,
-    int(QT.Q4_1): _span_q4_1,
-    int(QT.Q5_0): _span_q5_0,
-    int(QT.Q5_1): _span_q5_1,
-    int(QT.Q8_0): _span_q8_0,
-    int(QT.Q4_K): _span_q4_k,
-    int(QT.Q6_K): _span_q6_k,
-}
-"""qtype -> serial njit kernel(path_token, qs, sc, qh, xq, xd, xs, rows, out, lo, hi) computing out[lo:hi]
-(same rows convention as GEMV_KERNELS): no parallel-launch cost (~1.8 us), for small matrices or one thread."""
 
 _ALL_ROWS = np.empty(0, np.int32)
 
@@ -705,10 +710,11 @@ def gemv(pm: PackedMatrix, x: np.ndarray | None = None, out: np.ndarray | None =
     elif out.shape[0] != pm.n_rows:
         raise ValueError(f"out has {out.shape[0]} elements, matrix has {pm.n_rows} rows")
     n = pm.n_rows
+    t = qtype_info(pm.qtype)
     if n * (pm.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:
-        SPAN_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out, 0, n)
+        t.span(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out, 0, n)
     else:
-        GEMV_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out)
+        t.gemv(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, _ALL_ROWS, out)
     return out
 
 
@@ -732,8 +738,9 @@ def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, o
     k = rows.shape[0]
     if k == 0:
         return out
+    t = qtype_info(pm.qtype)
     if k * (pm.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:
-        SPAN_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out, 0, k)
+        t.span(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out, 0, k)
     else:
-        GEMV_KERNELS[pm.qtype](simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out)
+        t.gemv(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out)
     return out

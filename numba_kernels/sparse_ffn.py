@@ -25,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
 
 from . import ops, qgemv, simd
 from .actquant import f16_round
+from .qtypes import qtype_info
 
 
 @njit(cache=True, parallel=True)
@@ -172,8 +174,10 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
     """raw: the GGUF bytes of a Q4_0/Q4_1 down matrix, (n_embd, n_ff/32 * block bytes) uint8 ->
     (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16), laid out as above."""
-    from gguf import GGMLQuantizationType as Q
-    bs = {int(Q.Q4_0): 18, int(Q.Q4_1): 20}[int(qtype)]
+    t = qtype_info(qtype)
+    if not t.column_bundle:
+        raise ValueError(f"{t.name} has no column bundle (the registry's column_bundle types have one)")
+    bs = t.type_size
     n_embd = raw.shape[0]
     n_groups, n_chunks = n_ff // 32, n_embd // 32
     blocks = np.ascontiguousarray(raw).reshape(n_embd, n_groups, bs)
@@ -461,13 +465,15 @@ def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | N
 # One token through a threshold layer with a bundled down, in one call
 # --------------------------------------------------------------------------------------------------
 
-_Q4_1 = 3      # GGMLQuantizationType.Q4_1 (gate/up of other types take Model's step-by-step path)
+# The fused kernels below take gate/up of the registry's fused_gate_up types (Q4_0, Q4_1; others take the
+# step-by-step strategies), told apart by this compile-time constant.
+_Q4_1 = int(QT.Q4_1)
 _GEMV_CHUNKS = 64
 
 
 @njit(cache=True, error_model="numpy")
 def _span_q4(path, qtype, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """qgemv's serial Q4_0 / Q4_1 row span (rows: as qgemv.SPAN_KERNELS)."""
+    """qgemv's serial Q4_0 / Q4_1 row span (rows: as qgemv's span kernels)."""
     if qtype == _Q4_1:
         qgemv._span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
     else:

@@ -17,15 +17,14 @@ The sparse strategies' batched path is the masked reference: prefill reads every
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from numba_kernels import ops, qgemv, simd, sparse_ffn
+from numba_kernels.actquant import Q8_1
+from numba_kernels.qtypes import qtype_info
 
 from .sparsity import UP_GATHER_MAX_KEPT, LayerSparsity, TopKLayer, up_read_fraction
 from .stats import StepStats
 from .weights import LayerWeights
-
-_FUSED_GATE_UP_TYPES = (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))   # the fused kernel's
 
 
 def activation(gate: np.ndarray, kind: str) -> np.ndarray:
@@ -163,7 +162,7 @@ class _SparseDecode:
         rows_up, up_vals = s.rows_up[:n_up], s.up_vals[:n_up]
         if self.bundle is not None:      # one pass prepares the bundle product's input
             n, n_groups = sparse_ffn.down_coefs_q8(s.g_act, up_vals, rows_up, self.cut,
-                                                   self.bundle.qtype == GGMLQuantizationType.Q4_1, s.rows, s.aq,
+                                                   qtype_info(self.bundle.qtype).act == Q8_1, s.rows, s.aq,
                                                    s.gd, s.gstart, s.gsum)
             stats.ffn_used.append(n / n_ff)
             sparse_ffn.bundle_rows_q8(self.bundle.codes, self.bundle.scales, s.rows[:n], s.aq[:n], s.gd, s.gstart,
@@ -235,7 +234,7 @@ class FusedThresholdFFN(_SparseDecode):
         L, s, layer, bundle = self.L, self.s, self.layer, self.bundle
         n_ff = L.w_gate.n_rows
         up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage
-        q41 = bundle.qtype == GGMLQuantizationType.Q4_1
+        q41 = qtype_info(bundle.qtype).act == Q8_1              # the bundle's Q8 block sums are fp16 (Q8_1)
         if L.gate_up is not None and self.up_kept > UP_GATHER_MAX_KEPT:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer_dense_up(
                 self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
@@ -274,7 +273,7 @@ def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLaye
     if rule.predictor is not None:
         return PredictorFFN(L, act, rule, s, reference)
     tok = simd.token()
-    if (rule.down_t is None and L.w_down.column_bundle() is not None and L.w_gate.qtype in _FUSED_GATE_UP_TYPES
+    if (rule.down_t is None and L.w_down.column_bundle() is not None and qtype_info(L.w_gate.qtype).fused_gate_up
             and simd.path_name(tok) != "scalar"):
         return FusedThresholdFFN(L, act, rule, s, reference, tok=tok)
     return ThresholdFFN(L, act, rule, s, reference)

@@ -8,10 +8,11 @@ import mmap
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType, GGML_QUANT_SIZES, quants
+from gguf import GGUFReader, GGMLQuantizationType, quants
 
 from numba_kernels import dequant, qgemv, sparse_ffn
-from numba_kernels.actquant import ACT_KIND, Q8_1, fake_quantize, q8_1_sum_correction
+from numba_kernels.actquant import Q8_1, fake_quantize, q8_1_sum_correction
+from numba_kernels.qtypes import SUPPORTED, qtype_info
 
 from .config import ModelConfig
 from .errors import SparseGGUFError
@@ -42,8 +43,9 @@ class QuantMatrix:
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.raw = raw                      # uint8 (n_rows, row_bytes), the GGUF bytes (memory-mapped)
-        self.act_kind = ACT_KIND[self.qtype]
-        self.packed = qgemv.pack(raw, self.qtype, n_cols) if self.qtype in qgemv.FAST_TYPES else None
+        info = qtype_info(self.qtype)
+        self.act_kind = info.act
+        self.packed = qgemv.pack(raw, self.qtype, n_cols) if info.pack is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -88,8 +90,7 @@ class QuantMatrix:
         type has no exact bundle (Q4_0 and Q4_1 have one) or the shape does not divide into 32s."""
         if not hasattr(self, "_bundle"):
             self._bundle = None
-            if (self.qtype in (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1))
-                    and self.n_rows % 32 == 0 and self.n_cols % 32 == 0):
+            if qtype_info(self.qtype).column_bundle and self.n_rows % 32 == 0 and self.n_cols % 32 == 0:
                 try:
                     self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
                                                 self.qtype)
@@ -119,7 +120,7 @@ class ColumnBundle:
         g_act = np.zeros(n_cols, np.float32)
         g_act[cols] = coef
         n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, cols, np.zeros(n_cols, np.float32),
-                                               self.qtype == int(GGMLQuantizationType.Q4_1), rows, xq, gd, gstart, gsum)
+                                               qtype_info(self.qtype).act == Q8_1, rows, xq, gd, gstart, gsum)
         if out is None:
             out = np.empty(n_rows, np.float32)
         sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
@@ -221,7 +222,7 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
         t = tensors.get(name) if optional else need(name)
         if t is None:
             return None
-        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        if int(t.tensor_type) not in SUPPORTED or not qtype_info(t.tensor_type).is_float:
             raise SparseGGUFError(f"tensor {name} has type {type_name(t.tensor_type)}; 1-D tensors must be F32/F16/BF16")
         if int(t.n_elements) != size:
             raise SparseGGUFError(f"tensor {name} has {int(t.n_elements)} elements, expected {size}")
@@ -231,14 +232,13 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
     def matrix(name: str, n_rows: int, n_cols: int) -> QuantMatrix:
         t = need(name)
         qtype = int(t.tensor_type)
-        if qtype not in dequant.SUPPORTED_TYPES:
+        if qtype not in SUPPORTED:
             raise SparseGGUFError(f"tensor {name} has unsupported type {type_name(qtype)} "
-                                  f"(supported: {', '.join(sorted(type_name(q) for q in dequant.SUPPORTED_TYPES))})")
+                                  f"(supported: {', '.join(sorted(type_name(q) for q in SUPPORTED))})")
         shape = tuple(int(s) for s in t.shape)   # GGUF order: (n_cols, n_rows)
         if shape != (n_cols, n_rows):
             raise SparseGGUFError(f"tensor {name} has shape {list(shape)}, expected {[n_cols, n_rows]}")
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-        row_bytes = n_cols // block * type_size
+        row_bytes = qtype_info(qtype).row_bytes(n_cols)
         raw = t.data.view(np.uint8).reshape(n_rows, row_bytes)
         return QuantMatrix(name, raw, qtype, n_rows, n_cols)
 
