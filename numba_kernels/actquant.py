@@ -3,8 +3,8 @@
 ggml converts the activations of every matmul to the weight type's "vec_dot_type" before the dot product
 (ggml-cpu type traits): Q4_0/Q5_0/Q8_0 weights -> Q8_0 activations; Q4_1/Q5_1 -> Q8_1; K-quants -> Q8_K;
 F16 -> f16; BF16 -> bf16; F32 -> f32 (untouched). Reproducing that rounding makes our logits track
-llama.cpp's closely (near-tied tokens resolve the same way), for the integer SIMD decode kernels and for the
-float BLAS prefill alike: a dot product with the rounded activations equals the integer dot product.
+llama.cpp's closely (near-tied tokens resolve the same way): the integer kernels (numba_kernels.qgemv, decode
+and prefill alike) quantize x this way, and a float weight's BLAS prefill multiplies the rounded values.
 
 Q8_0 / Q8_1 (x86 AVX2 path of quantize_row_q8_0/1): per block of 32, amax = max|x|, d = fp16(amax/127),
 q = round_half_even(x * 127/amax). Q8_1 adds s = fp16((amax/127) * sum(q)) for the weight's min term.
@@ -56,7 +56,9 @@ def f16_bits(x):
 
 
 def fake_quantize(x: np.ndarray, kind: str) -> np.ndarray:
-    """x: (T, n) float32 -> (T, n) float32, the values llama.cpp's activation quantization represents."""
+    """x: (T, n) float32 -> (T, n) float32, the values llama.cpp's activation rounding for a float weight type
+    represents (F32: x itself, F16, BF16). Quantized weight types take the integer kernels, which quantize x
+    themselves (qgemv.quantize_for)."""
     if kind == F32:
         return x
     if kind == F16:
@@ -65,38 +67,4 @@ def fake_quantize(x: np.ndarray, kind: str) -> np.ndarray:
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)   # round to nearest even
         return rounded.view(np.float32)
-    T, n = x.shape
-    if kind in (Q8_0, Q8_1):
-        b = x.reshape(T, n // 32, 32)
-        amax = np.abs(b).max(axis=-1, keepdims=True)
-        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
-        with np.errstate(divide="ignore"):
-            inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-        q = np.rint(b * inv)
-        return (q * d).reshape(T, n).astype(np.float32)
-    if kind == Q8_K:
-        b = x.reshape(T, n // 256, 256)
-        idx = np.abs(b).argmax(axis=-1)[..., None]
-        vmax = np.take_along_axis(b, idx, axis=-1)                                 # signed
-        with np.errstate(divide="ignore"):
-            iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
-            d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
-        q = np.minimum(np.rint(b * iscale), 127)
-        return (q * d).reshape(T, n).astype(np.float32)
-    raise ValueError(f"unknown activation kind {kind}")
-
-
-def q8_1_sum_correction(x: np.ndarray) -> np.ndarray:
-    """x: (T, n) -> (T, n/32): llama.cpp's Q8_1 block sum s = fp16((amax/127) * sum(q)) minus the exact sum of
-    the rounded activations d * sum(q). Q4_1/Q5_1 dot products use s for their min term (m * s), so a BLAS
-    product with the rounded activations needs `+ delta @ mins.T` to equal llama.cpp's integer kernel."""
-    T, n = x.shape
-    b = x.reshape(T, n // 32, 32)
-    amax = np.abs(b).max(axis=-1)
-    d_exact = (amax / np.float32(127.0)).astype(np.float32)
-    d = d_exact.astype(np.float16).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    qsum = np.rint(b * inv[..., None]).sum(axis=-1).astype(np.float32)
-    s_llama = (d_exact * qsum).astype(np.float16).astype(np.float32)
-    return (s_llama - d * qsum).astype(np.float32)
+    raise ValueError(f"no float rounding for activation kind {kind}")

@@ -21,19 +21,22 @@ PackedMatrix layout (nb = n_cols // 32 blocks of 32 elements per row; all arrays
                                so one 32-byte load + and/shift yields two blocks' 32 codes each.  If nb is
                                odd, the last block takes the 16 bytes at 16*(nb-1) in single order:
                                byte j = code_j | code_(16+j) << 4.  (Q4_K's own qs are already paired.)
+                               Q5_K: as Q4_K (its low 4 bits).
                                Q6_K: single order for every block (low 4 bits of the 6-bit codes).
       int8  (n_rows, nb*32)    Q8_0: the int8 codes.
   sc  uint16 (n_rows, ...)     fp16 bit patterns (and small ints), per row:
                                Q4_0/Q5_0/Q8_0: [d_0, d_1, ...]                 (nb)
                                Q4_1/Q5_1:      [d_0, d_1, ..., m_0, m_1, ...]  (2*nb: all d, then all m)
-                               Q4_K:  per 256-superblock [d, dmin, sc_j | m_j << 8 for j < 8]  (10 per sb)
+                               Q4_K, Q5_K: per 256-superblock [d, dmin, sc_j | m_j << 8 for j < 8]  (10 per sb)
                                Q6_K:  per 256-superblock [d, s_2j | s_2j+1 << 8 for j < 8]     (9 per sb;
                                       s are the int8 16-element scales)
   qh  uint32 (n_rows, nb)      Q5_0/Q5_1: bit j = 5th bit of element j of the block.
+      uint8 (n_rows, nsb*32)   Q5_K: llama.cpp's qh bytes unchanged (bit j of byte l = 5th bit of element
+                               l of sub-block j).
       uint8 (n_rows, nsb*64)   Q6_K: llama.cpp's qh bytes unchanged (per 128 elements 32 bytes; byte l,
                                bits 2k..2k+1 = high bits of element 32k + l).
       uint8 (n_rows, 0)        other types (unused).
-Sizes: exactly the GGUF size for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q6_K, +2.8 % for Q4_K (unpacked 6-bit scales).
+Sizes: exactly the GGUF size for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q6_K, +2.8 % for Q4_K, +2.3 % for Q5_K (unpacked 6-bit scales).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
     "set_simd_path",
     "get_simd_path",
     "concat_rows",
+    "gemm",
 ]
 
 QK = 32
@@ -284,9 +288,9 @@ def _pack_q8_0(blocks):
     return blocks[..., 2:34].reshape(n_rows, nbk * 32).view(np.int8), _f16_field(blocks, 0), _no_qh(blocks)
 
 
-@kernel_for(QT.Q4_K, "pack")
-def _pack_q4_k(blocks):
-    # block: d f16, dmin f16, scales[12] (6-bit sc/m packed), qs[128]
+def _q4_k_scales(blocks: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K blocks (n_rows, n_sb, bytes) -> sc uint16 (n_rows, n_sb * 10): per superblock [d, dmin,
+    sc_j | m_j << 8 for j < 8], the 6-bit scales and mins unpacked from the 12 bytes at offset 4."""
     n_rows, nbk = blocks.shape[:2]
     d = _f16_field(blocks, 0)
     dmin = _f16_field(blocks, 2)
@@ -297,9 +301,23 @@ def _pack_q4_k(blocks):
     m6[..., :4] = s[..., 4:8] & 63
     sc6[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
     m6[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    sc = np.concatenate([d[..., None], dmin[..., None], sc6 | (m6 << 8)], axis=-1).reshape(n_rows, nbk * 10)
+    return np.concatenate([d[..., None], dmin[..., None], sc6 | (m6 << 8)], axis=-1).reshape(n_rows, nbk * 10)
+
+
+@kernel_for(QT.Q4_K, "pack")
+def _pack_q4_k(blocks):
+    # block: d f16, dmin f16, scales[12] (6-bit sc/m packed), qs[128]
+    n_rows, nbk = blocks.shape[:2]
     qs = blocks[..., 16:144].reshape(n_rows, nbk * 128)  # sub-block 2i: low nibbles, 2i+1: high = paired
-    return qs, sc, _no_qh(blocks)
+    return qs, _q4_k_scales(blocks), _no_qh(blocks)
+
+
+@kernel_for(QT.Q5_K, "pack")
+def _pack_q5_k(blocks):
+    # block: d f16, dmin f16, scales[12] (as Q4_K), qh[32] (bit j of byte l: sub-block j's element l), qs[128]
+    n_rows, nbk = blocks.shape[:2]
+    qh = np.ascontiguousarray(blocks[..., 16:48]).reshape(n_rows, nbk * 32)
+    return blocks[..., 48:176].reshape(n_rows, nbk * 128), _q4_k_scales(blocks), qh
 
 
 @kernel_for(QT.Q6_K, "pack")
@@ -399,32 +417,6 @@ def _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1):
 def _blk_q8(path, qs, sc, r, qoff, b, xq, xd, acc):
     p = simd.dot_q8(path, qs, qoff + 32 * b, xq, 32 * b)
     return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
-
-
-@njit(**_ROW_OPTS)
-def _pair_q4_k(path, qs, sc, r, qoff, so, j, dd, dm, sb, xq, xd, xs, a0, a1, c):
-    """Sub-blocks j, j+1 (j even) of superblock sb: one paired 32-byte chunk of Q4_K's qs."""
-    v0 = np.int32(sc[r, np.uint64(so + 2 + j)])
-    v1 = np.int32(sc[r, np.uint64(so + 3 + j)])
-    k = sb * 4 + (j >> 1)
-    b = np.uint64(2 * k)
-    b1 = b + np.uint64(1)
-    p0, p1 = simd.dot_q4x2(path, qs, qoff + 32 * k, xq, 64 * k)
-    a0 = simd.vfma(path, a0, p0, dd * np.float32(v0 & 0xFF) * xd[b])
-    a1 = simd.vfma(path, a1, p1, dd * np.float32(v1 & 0xFF) * xd[b1])
-    c += dm * (np.float32(v0 >> 8) * xs[b] + np.float32(v1 >> 8) * xs[b1])
-    return a0, a1, c
-
-
-@njit(**_ROW_OPTS)
-def _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, acc):
-    v = np.int32(sc[r, so + 1 + g])
-    s_lo = ((v & 0xFF) ^ 0x80) - 0x80
-    s_hi = ((v >> 8) ^ 0x80) - 0x80
-    b = sb * 8 + g
-    p = simd.dot_q6(path, qs, qoff + 16 * b, qh, hoff + sb * 64 + (g >> 2) * 32, 2 * (g & 3), xq, 32 * b)
-    dx = dd * xd[b]
-    return simd.vfma2(path, acc, p, dx * np.float32(s_lo), dx * np.float32(s_hi))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,45 +532,99 @@ def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
+@njit(**_ROW_OPTS)
+def _q4_k_min_term(path, sc, soff, xs, r, nsb):
+    """Q4_K / Q5_K row r: sum over superblocks of dmin * sum_j m_j * xs_j (the part the row subtracts)."""
+    c = simd.vzero(path)
+    for sb in range(nsb):
+        dm = simd.f16_to_f32(path, sc[r, np.uint64(sb * 10 + 1)])
+        c = simd.q4k_min_fma(path, c, sc, soff + np.uint64(sb * 10 + 2), xs, sb * 8, dm)
+    return simd.vsum(path, c)
+
+
 @kernel_for(QT.Q4_K, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """Q4_K (value = d * sc_j * q - dmin * m_j per 32-element sub-block j)."""
+    """Q4_K (value = d * sc_j * q - dmin * m_j per 32-element sub-block j). Against Q8_K activations (one xd
+    per superblock) a superblock is one integer sum (simd.dot_q4k_sb) and one float multiply-add, as in
+    llama.cpp; the min term is a vector multiply-add per superblock of the 8 mins by xs (= xd * the sub-block's
+    sum of x codes)."""
     nb = xd.shape[0]
     nsb = nb // 8
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
+        soff = r * np.uint64(nsb * 10)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        c = np.float32(0.0)
-        for sb in range(nsb):
-            so = sb * 10
-            dd = simd.f16_to_f32(path, sc[r, np.uint64(so)])
-            dm = simd.f16_to_f32(path, sc[r, np.uint64(so + 1)])
-            for j in range(0, 8, 2):
-                a0, a1, c = _pair_q4_k(path, qs, sc, r, qoff, so, j, dd, dm, sb, xq, xd, xs, a0, a1, c)
-        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - c
+        for sb in range(0, nsb - 1, 2):          # two superblocks per step: two independent FMA chains
+            so = soff + np.uint64(sb * 10)
+            p0 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128), sc, so + np.uint64(2), xq, sb * 256)
+            p1 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), sc, so + np.uint64(12), xq, sb * 256 + 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 10)], xd[np.uint64(sb * 8)]))
+            a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, np.uint64(sb * 10 + 10)], xd[np.uint64(sb * 8 + 8)]))
+        if nsb & 1:
+            sb = nsb - 1
+            p0 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128), sc, soff + np.uint64(sb * 10 + 2), xq, sb * 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 10)], xd[np.uint64(sb * 8)]))
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - _q4_k_min_term(path, sc, soff, xs, r, nsb)
+
+
+@kernel_for(QT.Q5_K, "span")
+@njit(**_ROW_OPTS)
+def _span_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """Q5_K (value = d * sc_j * q - dmin * m_j per sub-block j, q 5-bit): as _span_q4_k, the 5th bits from qh."""
+    nb = xd.shape[0]
+    nsb = nb // 8
+    for i in range(lo, hi):
+        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
+        qoff = r * np.uint64(nb * 16)
+        hoff = r * np.uint64(nsb * 32)
+        soff = r * np.uint64(nsb * 10)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for sb in range(0, nsb - 1, 2):
+            so = soff + np.uint64(sb * 10)
+            p0 = simd.dot_q5k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 32),
+                                 sc, so + np.uint64(2), xq, sb * 256)
+            p1 = simd.dot_q5k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), qh, hoff + np.uint64(sb * 32 + 32),
+                                 sc, so + np.uint64(12), xq, sb * 256 + 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 10)], xd[np.uint64(sb * 8)]))
+            a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, np.uint64(sb * 10 + 10)], xd[np.uint64(sb * 8 + 8)]))
+        if nsb & 1:
+            sb = nsb - 1
+            p0 = simd.dot_q5k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 32),
+                                 sc, soff + np.uint64(sb * 10 + 2), xq, sb * 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 10)], xd[np.uint64(sb * 8)]))
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - _q4_k_min_term(path, sc, soff, xs, r, nsb)
 
 
 @kernel_for(QT.Q6_K, "span")
 @njit(**_ROW_OPTS)
 def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """Q6_K (value = d * s_k * (q - 32) per 16-element sub-block k, q 6-bit)."""
+    """Q6_K (value = d * s_k * (q - 32) per 16-element group k, q 6-bit): one integer sum per superblock
+    (simd.dot_q6k_sb) and one float multiply-add, as in llama.cpp."""
     nb = xd.shape[0]
     nsb = nb // 8
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
         hoff = r * np.uint64(nsb * 64)
+        soff = r * np.uint64(nsb * 9)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for sb in range(nsb):
-            so = sb * 9
-            dd = simd.f16_to_f32(path, sc[r, np.uint64(so)])
-            for g in range(0, 8, 2):
-                a0 = _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g, dd, sb, xq, xd, a0)
-                a1 = _blk_q6_k(path, qs, sc, qh, r, qoff, hoff, so, g + 1, dd, sb, xq, xd, a1)
+        for sb in range(0, nsb - 1, 2):
+            p0 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 64),
+                                 sc, soff + np.uint64(sb * 9 + 1), xq, sb * 256)
+            p1 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), qh, hoff + np.uint64(sb * 64 + 64),
+                                 sc, soff + np.uint64(sb * 9 + 10), xq, sb * 256 + 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 9)], xd[np.uint64(sb * 8)]))
+            a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, np.uint64(sb * 9 + 9)], xd[np.uint64(sb * 8 + 8)]))
+        if nsb & 1:
+            sb = nsb - 1
+            p0 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 64),
+                                 sc, soff + np.uint64(sb * 9 + 1), xq, sb * 256)
+            a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, np.uint64(sb * 9)], xd[np.uint64(sb * 8)]))
         out[i] = simd.vsum(path, simd.vadd(path, a0, a1))
 
 
@@ -638,6 +684,15 @@ def _gemv_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out):
         _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
 
 
+@kernel_for(QT.Q5_K, "gemv")
+@njit(cache=True, parallel=True)
+def _gemv_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out):
+    n = out.shape[0]
+    nch = min(n, 64)  # chunks of consecutive rows; Numba splits them evenly over the threads
+    for c in prange(nch):
+        _span_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out, np.int64(c) * n // nch, (np.int64(c) + 1) * n // nch)
+
+
 @kernel_for(QT.Q6_K, "gemv")
 @njit(cache=True, parallel=True)
 def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
@@ -648,6 +703,106 @@ def _gemv_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out):
 
 
 _ALL_ROWS = np.empty(0, np.int32)
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = int(QT.Q4_0), int(QT.Q4_1), int(QT.Q5_0), int(QT.Q5_1), int(QT.Q8_0)
+_Q4_K, _Q5_K, _Q6_K = int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)
+
+GEMM_ROWS = 32
+"""Rows per work item of gemm: every token of the batch runs over these rows while they sit in the core's L2,
+so the weights are read from memory once per batch, not once per token."""
+
+
+@njit(**_ROW_OPTS)
+def _span_any(qtype, path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
+    """SPAN_KERNELS[qtype] from compiled code (one call per block of rows and token: the branch is free).
+    qh comes as bytes for every type (Numba types every branch with the same arguments); Q5_0/Q5_1 view it
+    back as their uint32 bit masks."""
+    if qtype == _Q4_0:
+        _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q4_1:
+        _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q5_0:
+        _span_q5_0(path, qs, sc, qh.view(np.uint32), xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q5_1:
+        _span_q5_1(path, qs, sc, qh.view(np.uint32), xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q8_0:
+        _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q4_K:
+        _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q5_K:
+        _span_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    else:
+        _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+
+
+@njit(cache=True, parallel=True)
+def _gemm(qtype, path, qs, sc, qh, xq, xd, xs, out):
+    """out (T, n_rows) = W @ x_t for every token t; xq (T, n_cols), xd, xs (T, n_cols/32): the tokens' Q8
+    activations. Threads take blocks of GEMM_ROWS rows; each block runs every token."""
+    n_tok, n = out.shape
+    rows = np.empty(0, np.int32)
+    for c in prange((n + GEMM_ROWS - 1) // GEMM_ROWS):
+        lo = c * GEMM_ROWS
+        hi = min(n, lo + GEMM_ROWS)
+        for t in range(n_tok):
+            _span_any(qtype, path, qs, sc, qh, xq[t], xd[t], xs[t], rows, out[t], lo, hi)
+
+
+_ROUND = np.float32(12582912.0)   # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds float32 v (|v| < 2^22) half to even
+
+
+@njit(cache=True, parallel=True)
+def _quantize_rows(x, kquant, sum_fp16, xq, xd, xs):
+    """quantize_for on every row of x (T, n), bit for bit: Q8_K when kquant, else llama.cpp's x86 Q8_0 / Q8_1
+    (quantize_q8k_into / quantize_q8_into with llama_x86). Written to vectorize: |x| compared as integer bit
+    patterns (same order for finite floats), rint as the add-and-subtract of 1.5 * 2^23."""
+    n_tok, n = x.shape
+    bits = x.view(np.int32)
+    for t in prange(n_tok):
+        amax_f = np.empty(1, np.float32)                 # a float32 whose bits amax_i sets
+        amax_i = amax_f.view(np.int32)
+        blk = 256 if kquant else 32
+        for b in range(n // blk):
+            o = b * blk
+            amax_bits = np.int32(0)
+            for j in range(blk):
+                amax_bits = max(amax_bits, bits[t, o + j] & np.int32(0x7FFFFFFF))
+            if kquant:
+                vmax = np.float32(0.0)
+                for j in range(blk):                      # the first value of largest magnitude, with its sign
+                    if bits[t, o + j] & np.int32(0x7FFFFFFF) == amax_bits:
+                        vmax = x[t, o + j]
+                        break
+                if vmax == np.float32(0.0):
+                    for j in range(blk):
+                        xq[t, o + j] = 0
+                    for k in range(8):
+                        xd[t, b * 8 + k] = 0.0
+                        xs[t, b * 8 + k] = 0.0
+                    continue
+                iscale = np.float32(-127.0) / vmax
+                d = np.float32(1.0) / iscale
+                for k in range(8):
+                    ssum = 0
+                    for j in range(32):
+                        q = int(((x[t, o + 32 * k + j] * iscale) + _ROUND) - _ROUND)
+                        q = min(q, 127)
+                        xq[t, o + 32 * k + j] = q
+                        ssum += q
+                    xd[t, b * 8 + k] = d
+                    xs[t, b * 8 + k] = d * np.float32(ssum)
+            else:
+                amax_i[0] = amax_bits
+                amax = amax_f[0]
+                d = amax / np.float32(127.0)
+                idd = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+                ssum = 0
+                for j in range(32):
+                    q = int(((x[t, o + j] * idd) + _ROUND) - _ROUND)
+                    xq[t, o + j] = q
+                    ssum += q
+                xd[t, b] = f16_round(d)
+                xs[t, b] = f16_round(d * np.float32(ssum)) if sum_fp16 else xd[t, b] * np.float32(ssum)
 
 SERIAL_MAX_BLOCKS = 4096
 """gemv/gemv_rows run serially when rows * blocks-per-row is at most this (~3 us of work): a parallel
@@ -743,4 +898,25 @@ def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, o
         t.span(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out, 0, k)
     else:
         t.gemv(simd.token(path), pm.qs, pm.sc, pm.qh, xq.q, xq.d, xq.s, rows, out)
+    return out
+
+
+def gemm(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, path: str | None = None) -> np.ndarray:
+    """out (T, n_rows) = x (T, n_cols) @ W.T for a batch of tokens (prefill): each token's activation is rounded
+    as for gemv, and each row's dot product is the one gemv computes (same kernel and integer dots; float sums
+    may differ in the last bit, as fastmath orders them where the kernel is inlined), with the weights read
+    once per batch."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != pm.n_cols:
+        raise ValueError(f"x must have shape (T, {pm.n_cols}), got {x.shape}")
+    n_tok = x.shape[0]
+    if out is None:
+        out = np.empty((n_tok, pm.n_rows), np.float32)
+    elif out.shape != (n_tok, pm.n_rows):
+        raise ValueError(f"out must have shape {(n_tok, pm.n_rows)}, got {out.shape}")
+    nb = pm.n_cols // QK
+    xq, xd, xs = np.empty((n_tok, pm.n_cols), np.int8), np.empty((n_tok, nb), np.float32), np.empty((n_tok, nb), np.float32)
+    act = qtype_info(pm.qtype).act
+    _quantize_rows(x, act == Q8_K, act == Q8_1, xq, xd, xs)
+    _gemm(pm.qtype, simd.token(path), pm.qs, pm.sc, pm.qh.view(np.uint8), xq, xd, xs, out)
     return out

@@ -100,6 +100,11 @@ __all__ = [
     "dot_q8",
     "dot_q4x2",
     "dot_q5x2",
+    "dot_q4k_sb",
+    "dot_q5k_sb",
+    "dot_q6k_sb",
+    "iadd",
+    "q4k_min_fma",
     "dot_q4_i32",
     "dot_q5_i32",
     "dot_q8_i32",
@@ -229,6 +234,7 @@ _F32 = ir.FloatType()
 _V4I8 = ir.VectorType(_I8, 4)
 _V16I8 = ir.VectorType(_I8, 16)
 _V32I8 = ir.VectorType(_I8, 32)
+_V8I16 = ir.VectorType(_I16, 8)
 _V16I16 = ir.VectorType(_I16, 16)
 _V32I16 = ir.VectorType(_I16, 32)
 _V16I32 = ir.VectorType(_I32, 16)
@@ -593,6 +599,153 @@ def _make_dot_q5x2(kind):
     return _dot
 
 
+def _maddubs_i16(builder, kind, u, s):
+    """<32 x u8> x <32 x i8> -> <16 x i16>, lane k = u_2k * s_2k + u_2k+1 * s_2k+1 (no saturation with our
+    operand ranges: |u| <= 63, |s| <= 127). avx2/vnni: vpmaddubsw; generic: widen, multiply, add pairs."""
+    if kind in ("avx2", "vnni"):
+        return builder.call(_x86_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [u, s])
+    p = builder.mul(builder.zext(u, _V32I16), builder.sext(s, _V32I16))
+    return builder.add(_shuffle(builder, p, None, range(0, 32, 2)), _shuffle(builder, p, None, range(1, 32, 2)))
+
+
+def _madd_i16(builder, kind, a, b):
+    """<16 x i16> x <16 x i16> -> <8 x i32>, lane k = a_2k * b_2k + a_2k+1 * b_2k+1 (vpmaddwd)."""
+    if kind in ("avx2", "vnni"):
+        return builder.call(_x86_fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [a, b])
+    v16i32 = ir.VectorType(_I32, 16)
+    p = builder.mul(builder.sext(a, v16i32), builder.sext(b, v16i32))
+    return builder.add(_shuffle(builder, p, None, range(0, 16, 2)), _shuffle(builder, p, None, range(1, 16, 2)))
+
+
+def _kquant_sb_ir(context, builder, kind, sig, args, w_i, sc_i, x_i, h_i=None):
+    """IR of one Q4_K / Q5_K superblock's integer sum (see _make_dot_q4k_sb / _make_dot_q5k_sb)."""
+    arg = lambda i: (args[i], sig.args[i])  # noqa: E731
+    wa, wt = arg(w_i)
+    xa, xt = arg(x_i)
+    wo = context.cast(builder, args[w_i + 1], sig.args[w_i + 1], types.intp)
+    xo = context.cast(builder, args[x_i + 1], sig.args[x_i + 1], types.intp)
+    scv = _load_vec(context, builder, sig.args[sc_i], args[sc_i], args[sc_i + 1], sig.args[sc_i + 1], _V8I16)
+    scv = builder.and_(scv, _vconst(_V8I16, 0xFF))                  # the 8 sub-block scales
+    hb = None if h_i is None else _load_vec(context, builder, sig.args[h_i], args[h_i], args[h_i + 1],
+                                            sig.args[h_i + 1], _V32I8)
+    acc = ir.Constant(_V8I32, None)
+    for i in range(4):
+        q = _load_vec(context, builder, wt, wa, builder.add(wo, ir.Constant(_I64, 32 * i)), types.intp, _V32I8)
+        for half, u in enumerate((builder.and_(q, _vconst(_V32I8, 0x0F)), builder.lshr(q, _vconst(_V32I8, 4)))):
+            j = 2 * i + half
+            if hb is not None:                    # Q5_K: bit j of qh byte l is element l's 5th bit
+                bit = builder.and_(builder.lshr(hb, _vconst(_V32I8, j)), _vconst(_V32I8, 1))
+                u = builder.or_(u, builder.shl(bit, _vconst(_V32I8, 4)))
+            y = _load_vec(context, builder, xt, xa, builder.add(xo, ir.Constant(_I64, 32 * j)), types.intp, _V32I8)
+            p = _maddubs_i16(builder, kind, u, y)
+            acc = builder.add(acc, _madd_i16(builder, kind, p, _shuffle(builder, scv, None, [j] * 16)))
+    return acc
+
+
+def _make_dot_q4k_sb(kind):
+    @intrinsic
+    def _dot(typingctx, w, woff, sc, soff, x, xoff):
+        """One Q4_K superblock (256 elements) as integers: sum_j sc_j * (q_j . x_j) over its 8 sub-blocks j,
+        as <8 x i32> partial sums. w[woff:+128]: paired nibbles (sub-block 2i low, 2i+1 high nibbles of the
+        32 bytes at 32i); sc[soff:+8] (uint16): sc_j | m_j << 8 (6-bit scale and min); x[xoff:+256] int8.
+        As llama.cpp: u8 x i8 pair sums (vpmaddubsw) times the sub-block scale in i16 (vpmaddwd), so the
+        whole superblock needs one float multiply-add afterwards instead of one per sub-block."""
+        if not (_is_byte_array(w) and _is_byte_array(x) and isinstance(sc, types.Array) and sc.dtype == types.uint16
+                and all(isinstance(t, types.Integer) for t in (woff, soff, xoff))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return _kquant_sb_ir(context, builder, kind, sig, args, w_i=0, sc_i=2, x_i=4)
+
+        return i32x8(w, woff, sc, soff, x, xoff), codegen
+
+    return _dot
+
+
+def _make_dot_q5k_sb(kind):
+    @intrinsic
+    def _dot(typingctx, w, woff, h, hoff, sc, soff, x, xoff):
+        """One Q5_K superblock: as dot_q4k_sb with 5-bit values, the 5th bit of sub-block j's element l being
+        bit j of h[hoff + l] (llama.cpp's 32 qh bytes per superblock)."""
+        if not (_is_byte_array(w) and _is_byte_array(h) and _is_byte_array(x) and isinstance(sc, types.Array)
+                and sc.dtype == types.uint16 and all(isinstance(t, types.Integer) for t in (woff, hoff, soff, xoff))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return _kquant_sb_ir(context, builder, kind, sig, args, w_i=0, sc_i=4, x_i=6, h_i=2)
+
+        return i32x8(w, woff, h, hoff, sc, soff, x, xoff), codegen
+
+    return _dot
+
+
+def _make_dot_q6k_sb(kind):
+    @intrinsic
+    def _dot(typingctx, w, woff, h, hoff, sc, soff, x, xoff):
+        """One Q6_K superblock (256 elements) as integers: sum_k s_k * ((q - 32) . x) over its 16 groups of 16,
+        as <8 x i32> partial sums. w[woff:+128]: nibbles, 16 bytes per 32-element block (lanes 0..15 low);
+        h[hoff:+64]: llama.cpp's qh bytes (block b's high bits in byte l of h[32*(b//4):] at bits 2*(b%4));
+        sc[soff:+8] (uint16): s_2b | s_2b+1 << 8 (int8 scales of block b's two halves); x[xoff:+256] int8."""
+        if not (_is_byte_array(w) and _is_byte_array(h) and _is_byte_array(x) and isinstance(sc, types.Array)
+                and sc.dtype == types.uint16 and all(isinstance(t, types.Integer) for t in (woff, hoff, soff, xoff))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            wa, wo, ha, ho, sa, so, xa, xo = args
+            wo = context.cast(builder, wo, sig.args[1], types.intp)
+            ho = context.cast(builder, ho, sig.args[3], types.intp)
+            xo = context.cast(builder, xo, sig.args[7], types.intp)
+            s8 = builder.bitcast(_load_vec(context, builder, sig.args[4], sa, so, sig.args[5], _V8I16), _V16I8)
+            s16 = builder.sext(s8, _V16I16)                                   # lane 2b, 2b+1: block b's scales
+            acc = ir.Constant(_V8I32, None)
+            hb = [_load_vec(context, builder, sig.args[2], ha, builder.add(ho, ir.Constant(_I64, 32 * i)),
+                            types.intp, _V32I8) for i in range(2)]
+            for b in range(8):
+                q = _load_vec(context, builder, sig.args[0], wa, builder.add(wo, ir.Constant(_I64, 16 * b)),
+                              types.intp, _V16I8)
+                y = _load_vec(context, builder, sig.args[6], xa, builder.add(xo, ir.Constant(_I64, 32 * b)),
+                              types.intp, _V32I8)
+                hi = builder.lshr(hb[b // 4], _vconst(_V32I8, 2 * (b % 4)))
+                hi = builder.shl(builder.and_(hi, _vconst(_V32I8, 3)), _vconst(_V32I8, 4))
+                u = builder.or_(_nibbles_32(builder, q), hi)                    # 0..63
+                p = builder.sub(_maddubs_i16(builder, kind, u, y), _maddubs_i16(builder, kind, _vconst(_V32I8, 32), y))
+                scale = _shuffle(builder, s16, None, [2 * b] * 8 + [2 * b + 1] * 8)
+                acc = builder.add(acc, _madd_i16(builder, kind, p, scale))
+            return acc
+
+        return i32x8(w, woff, h, hoff, sc, soff, x, xoff), codegen
+
+    return _dot
+
+
+@intrinsic
+def _q4k_min_fma(typingctx, acc, sc, soff, xs, xoff, dm):
+    """acc + dm * m_j * xs[xoff + j] lane-wise (j < 8), m_j = sc[soff + j] >> 8 (Q4_K's 6-bit mins)."""
+    if not (acc == f32x8 and isinstance(sc, types.Array) and sc.dtype == types.uint16 and isinstance(xs, types.Array)
+            and xs.dtype == types.float32 and isinstance(soff, types.Integer) and isinstance(xoff, types.Integer)
+            and isinstance(dm, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, sa, so, xa, xo, d = args
+        m = builder.lshr(_load_vec(context, builder, sig.args[1], sa, so, sig.args[2], _V8I16), _vconst(_V8I16, 8))
+        mf = builder.uitofp(m, _V8F32)
+        xv = _load_vec(context, builder, sig.args[3], xa, xo, sig.args[4], _V8F32)
+        dv = _splat(builder, context.cast(builder, d, sig.args[5], types.float32), _V8F32)
+        return builder.fadd(a, builder.fmul(builder.fmul(mf, dv), xv, flags=("contract",)), flags=("contract",))
+
+    return f32x8(acc, sc, soff, xs, xoff, dm), codegen
+
+
+@njit(cache=True)
+def _q4k_min_fma_scalar(acc, sc, soff, xs, xoff, dm):
+    sc = sc.reshape(sc.size)
+    m = np.float32(0.0)
+    for j in range(8):
+        m += np.float32(sc[soff + j] >> 8) * xs[xoff + j]
+    return acc + dm * m
+
+
 def _variants(factory):
     """{kind: intrinsic} for the vector paths."""
     return {k: factory(k) for k in ("vnni", "avx2", "generic")}
@@ -604,6 +757,9 @@ _DOT_Q5 = _variants(_make_dot_q5)
 _DOT_Q5X2 = _variants(_make_dot_q5x2)
 _DOT_Q6 = _variants(_make_dot_q6)
 _DOT_Q8 = _variants(_make_dot_q8)
+_DOT_Q4K_SB = _variants(_make_dot_q4k_sb)
+_DOT_Q5K_SB = _variants(_make_dot_q5k_sb)
+_DOT_Q6K_SB = _variants(_make_dot_q6k_sb)
 
 
 @intrinsic
@@ -771,6 +927,52 @@ def _dot_q5x2_scalar(w, woff, qh0, qh1, x, xoff):
         s0 += v0 * np.int32(x[xoff + j])
         s1 += v1 * np.int32(x[xoff + 32 + j])
     return (s0, s1)
+
+
+@njit(cache=True)
+def _dot_q4k_sb_scalar(w, woff, sc, soff, x, xoff):
+    w = w.reshape(w.size)
+    sc = sc.reshape(sc.size)
+    x = x.reshape(x.size)
+    s = np.int32(0)
+    for j in range(8):
+        d = np.int32(0)
+        for l in range(32):
+            q = np.int32(w[woff + 32 * (j >> 1) + l])
+            q = (q >> 4) if j & 1 else (q & 15)
+            d += q * np.int32(x[xoff + 32 * j + l])
+        s += np.int32(sc[soff + j] & 0xFF) * d
+    return s
+
+
+@njit(cache=True)
+def _dot_q5k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
+    w = w.reshape(w.size)
+    h = h.reshape(h.size)
+    sc = sc.reshape(sc.size)
+    x = x.reshape(x.size)
+    s = np.int32(0)
+    for j in range(8):
+        d = np.int32(0)
+        for l in range(32):
+            q = np.int32(w[woff + 32 * (j >> 1) + l])
+            q = (q >> 4) if j & 1 else (q & 15)
+            q |= ((np.int32(h[hoff + l]) >> j) & 1) << 4
+            d += q * np.int32(x[xoff + 32 * j + l])
+        s += np.int32(sc[soff + j] & 0xFF) * d
+    return s
+
+
+@njit(cache=True)
+def _dot_q6k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
+    s = np.int32(0)
+    for b in range(8):
+        v = np.int32(sc.reshape(sc.size)[soff + b])
+        s_lo = ((v & 0xFF) ^ 0x80) - 0x80
+        s_hi = ((v >> 8) ^ 0x80) - 0x80
+        p = _dot_q6_scalar(w, woff + 16 * b, h, hoff + 32 * (b >> 2), 2 * (b & 3), x, xoff + 32 * b)
+        s += s_lo * p[0] + s_hi * p[1]
+    return s
 
 
 @njit(cache=True)
@@ -1026,6 +1228,28 @@ def dot_q8(path, w, woff, x, xoff):
     """Block dot: 32 int8 x 32 int8."""
 
 
+def dot_q4k_sb(path, w, woff, sc, soff, x, xoff):
+    """One Q4_K superblock: sum_j sc_j * (sub-block j's nibbles . x), j < 8 (see _make_dot_q4k_sb); an i32x8 of
+    partial sums on vector paths, an int32 on scalar. Add with iadd, scale once with vfma."""
+
+
+def dot_q5k_sb(path, w, woff, h, hoff, sc, soff, x, xoff):
+    """One Q5_K superblock: dot_q4k_sb with the 5th bits from h[hoff:+32] (see _make_dot_q5k_sb)."""
+
+
+def dot_q6k_sb(path, w, woff, h, hoff, sc, soff, x, xoff):
+    """One Q6_K superblock: sum_k s_k * ((q - 32) . x) over its 16 groups of 16 (see _make_dot_q6k_sb)."""
+
+
+def q4k_min_fma(path, acc, sc, soff, xs, xoff, dm):
+    """acc + dm * sum_j m_j * xs[xoff + j] over a Q4_K superblock's 8 mins m_j = sc[soff + j] >> 8 (lane-wise on
+    vector paths: reduce acc with vsum)."""
+
+
+def iadd(path, a, b):
+    """Lane-wise int32 sum."""
+
+
 def dot_q4_i32(path, w, woff, x, xoff):
     """dot_q4 reduced to one int32."""
 
@@ -1152,6 +1376,47 @@ def _ov_dot_q8(path, w, woff, x, xoff):
         return lambda path, w, woff, x, xoff: f(w, woff, x, xoff)
 
 
+@overload(dot_q4k_sb, inline="always")
+def _ov_dot_q4k_sb(path, w, woff, sc, soff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT_Q4K_SB, _dot_q4k_sb_scalar)
+        return lambda path, w, woff, sc, soff, x, xoff: f(w, woff, sc, soff, x, xoff)
+
+
+@overload(dot_q5k_sb, inline="always")
+def _ov_dot_q5k_sb(path, w, woff, h, hoff, sc, soff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT_Q5K_SB, _dot_q5k_sb_scalar)
+        return lambda path, w, woff, h, hoff, sc, soff, x, xoff: f(w, woff, h, hoff, sc, soff, x, xoff)
+
+
+@overload(dot_q6k_sb, inline="always")
+def _ov_dot_q6k_sb(path, w, woff, h, hoff, sc, soff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT_Q6K_SB, _dot_q6k_sb_scalar)
+        return lambda path, w, woff, h, hoff, sc, soff, x, xoff: f(w, woff, h, hoff, sc, soff, x, xoff)
+
+
+@overload(q4k_min_fma, inline="always")
+def _ov_q4k_min_fma(path, acc, sc, soff, xs, xoff, dm):
+    k = _kind(path)
+    if k is not None:
+        f = _q4k_min_fma_scalar if k == "scalar" else _q4k_min_fma
+        return lambda path, acc, sc, soff, xs, xoff, dm: f(acc, sc, soff, xs, xoff, dm)
+
+
+@overload(iadd, inline="always")
+def _ov_iadd(path, a, b):
+    k = _kind(path)
+    if k == "scalar":
+        return lambda path, a, b: np.int32(a + b)
+    if k is not None:
+        return lambda path, a, b: add_i32(a, b)
+
+
 @overload(dot_q4_i32, inline="always")
 def _ov_dot_q4_i32(path, w, woff, x, xoff):
     if _kind(path) is not None:
@@ -1198,9 +1463,6 @@ def _ov_f16(path, h):
 # stored interleaved by 8 so that a 32-byte load holds 4 bytes of each of 8 rows: lane j of every
 # product is row j's partial dot, accumulated across the row without any horizontal reduction.
 # (Row-major rows instead need a horizontal sum per row, which costs more than the row's dot itself.)
-
-_V8I16 = ir.VectorType(_I16, 8)
-
 
 def _f16_soft_vec_ir(builder, v):
     """_f16_soft_ir lane-wise on an <8 x i16> vector -> <8 x float>."""
@@ -1394,6 +1656,8 @@ def _ov_load_f16x8(path, a, off):
 
 @overload(izero, inline="always")
 def _ov_izero(path):
+    if _kind(path) == "scalar":
+        return lambda path: np.int32(0)
     if _vector_kind(path) is not None:
         return lambda path: _izero()
 

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGUFReader, GGMLQuantizationType, quants
 
 from numba_kernels import dequant, qgemv, sparse_ffn
-from numba_kernels.actquant import Q8_1, fake_quantize, q8_1_sum_correction
+from numba_kernels.actquant import Q8_1, fake_quantize
 from numba_kernels.qtypes import SUPPORTED, qtype_info
 
 from .config import ModelConfig
@@ -19,22 +19,20 @@ from .errors import SparseGGUFError
 from .gguf_file import type_name
 
 
-# Prefill dequantizes at most this many weights at once (32 MiB of float32): whole layer matrices in one
-# piece, so each BLAS call follows one dequantization (OpenBLAS threads spin for a while after a call and
-# slow down Numba work interleaved with it), while the output matrix of a large vocabulary is still tiled.
+# Prefill of a float matrix dequantizes at most this many weights at once (32 MiB of float32): whole layer
+# matrices in one piece, so each BLAS call follows one dequantization (OpenBLAS threads spin for a while after a
+# call and slow down Numba work interleaved with it), while the output matrix of a large vocabulary is tiled.
 PREFILL_TILE_ELEMENTS = 8 * 1024 * 1024
-# Up to this many vectors, a matmul runs the decode GEMV once per vector instead (dequantizing all of W
-# costs as much as ~30 GEMVs on the default model).
-SMALL_BATCH = 16
 
 
 class QuantMatrix:
     """A weight matrix W: (n_rows, n_cols), y = W @ x. Kept in its quantized form.
 
-    Decode (one vector) uses the fast SIMD kernel of numba_kernels.qgemv when the type has one, otherwise the
-    generic dequantize-a-row-then-dot kernel. Prefill (many vectors) dequantizes one tile of rows at a time
-    into a BLAS matmul, so no float32 copy of the matrix is ever kept. Every path first rounds the
-    activations as llama.cpp does for this weight type (numba_kernels.actquant), so results track llama.cpp's.
+    A quantized type is repacked once for the SIMD kernels of numba_kernels.qgemv: a GEMV for one vector, the
+    same kernel over a batch for prefill (weights read once per batch). A float type (F32/F16/BF16) uses the
+    generic dequantize-a-row-then-dot kernel for one vector and dequantizes tiles of rows into BLAS for a
+    batch, so no float32 copy of a matrix is ever kept. Every path rounds the activations as llama.cpp does
+    for this weight type (numba_kernels.actquant), so results track llama.cpp's.
     """
 
     def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int):
@@ -62,23 +60,18 @@ class QuantMatrix:
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x: (T, n_cols) float32 -> (T, n_rows) float32."""
+        """x: (T, n_cols) float32 -> (T, n_rows) float32. A packed type runs the decode kernel for every token
+        (qgemv.gemm: the same numbers as T decode steps, the weights read once per batch); a float type
+        dequantizes tiles of rows into BLAS."""
+        if self.packed is not None:
+            return qgemv.gemm(self.packed, x)
         out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
-        if x.shape[0] == 1 or (x.shape[0] <= SMALL_BATCH and self.packed is not None):
-            for t in range(x.shape[0]):          # a few vectors: the GEMV beats dequantizing all of W
-                self.matvec(np.ascontiguousarray(x[t]), out[t])
-            return out
+        if x.shape[0] == 1:
+            return self.matvec(np.ascontiguousarray(x[0]), out[0])[None]
         x = np.ascontiguousarray(x, dtype=np.float32)
         dequant.gemm_rows_tiled(self.raw, self.qtype, self.n_cols, fake_quantize(x, self.act_kind), out,
                                 tile_rows=max(1, PREFILL_TILE_ELEMENTS // self.n_cols))
-        if self.act_kind == Q8_1:        # Q4_1/Q5_1: llama.cpp's min term uses an fp16-rounded block sum
-            out += q8_1_sum_correction(x) @ self._block_mins().T
         return out
-
-    def _block_mins(self) -> np.ndarray:
-        """Q4_1/Q5_1: each block's min m (bytes 2-3 of the block, f16) -> (n_rows, n_cols/32) float32."""
-        blocks = self.raw.reshape(self.n_rows, self.n_cols // 32, -1)
-        return np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0].astype(np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_cols) float32."""

@@ -23,12 +23,12 @@ from numba_kernels.qtypes import qtype_info
 PATHS = list(simd.AVAILABLE_PATHS)
 VECTOR_PATHS = [p for p in PATHS if p != "scalar"]
 TYPES_32 = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
-TYPES_K = [QT.Q4_K, QT.Q6_K]
+TYPES_K = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 # byte offsets of the fp16 scale fields in each block
 SCALE_FIELDS = {
     QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
-    QT.Q4_K: [0, 2], QT.Q6_K: [208],
+    QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
 }
 
 SHAPES_32 = [(191, 576), (64, 1536), (1, 576), (13, 608)]  # 608: odd block count (unpaired tail)
@@ -229,6 +229,51 @@ def test_block_dots_exact(path):
     np.testing.assert_array_equal(out[:, 4], ((paired | (hb << 4)) * xi).sum(1))
 
 
+@njit(cache=True)
+def _superblock_dots(path, w4, h, sc4, sc6, x, xs, out, mins):
+    for sb in range(x.shape[0] // 256):
+        out[sb, 0] = simd.hsum_i32(path, simd.dot_q4k_sb(path, w4, 128 * sb, sc4, 8 * sb, x, 256 * sb))
+        out[sb, 1] = simd.hsum_i32(path, simd.dot_q6k_sb(path, w4, 128 * sb, h, 64 * sb, sc6, 8 * sb, x, 256 * sb))
+        out[sb, 2] = simd.hsum_i32(path, simd.dot_q5k_sb(path, w4, 128 * sb, h, 64 * sb, sc4, 8 * sb, x, 256 * sb))
+        mins[sb] = simd.vsum(path, simd.q4k_min_fma(path, simd.vzero(path), sc4, 8 * sb, xs, 8 * sb, np.float32(0.5)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_superblock_dots_exact(path):
+    """The K-quant (Q4_K, Q5_K, Q6_K) superblock sums (scale folded in as integers) against numpy, with extreme operands."""
+    rng = np.random.default_rng(4)
+    nsb = 6
+    w4 = rng.integers(0, 256, nsb * 128, dtype=np.uint8)
+    h = rng.integers(0, 256, nsb * 64, dtype=np.uint8)
+    sc4 = rng.integers(0, 64, nsb * 8, dtype=np.uint16) | (rng.integers(0, 64, nsb * 8, dtype=np.uint16) << 8)
+    s6 = rng.integers(-128, 128, nsb * 16).astype(np.int8)
+    sc6 = s6.view(np.uint16).copy()                       # (s_2b | s_2b+1 << 8) per block b
+    x = rng.integers(-127, 128, nsb * 256).astype(np.int8)
+    xs = rng.standard_normal(nsb * 8).astype(np.float32)
+    w4[:128], h[:64], x[:256] = 0xFF, 0xFF, 127           # largest products (i16 range of vpmaddubsw)
+    sc4[:8], s6[:16] = 63 | (63 << 8), -128
+    sc6 = s6.view(np.uint16).copy()
+    out = np.empty((nsb, 3), np.int32)
+    mins = np.empty(nsb, np.float32)
+    _superblock_dots(simd.token(path), w4, h, sc4, sc6, x, xs, out, mins)
+    xi = x.reshape(nsb, 8, 32).astype(np.int64)
+    w32 = w4.reshape(nsb, 4, 32).astype(np.int64)
+    q4 = np.stack([w32 & 15, w32 >> 4], axis=2).reshape(nsb, 8, 32)      # sub-block 2i low, 2i+1 high nibbles
+    np.testing.assert_array_equal(out[:, 0], ((q4 * xi).sum(2) * (sc4.reshape(nsb, 8) & 0xFF)).sum(1))
+    h5 = h.reshape(nsb, 64)[:, :32].astype(np.int64)                     # Q5_K: bit j of byte l -> sub-block j
+    q5 = q4 | (np.stack([(h5 >> j) & 1 for j in range(8)], axis=1) << 4)
+    np.testing.assert_array_equal(out[:, 2], ((q5 * xi).sum(2) * (sc4.reshape(nsb, 8) & 0xFF)).sum(1))
+    nib = w4.reshape(nsb, 8, 16).astype(np.int64)
+    lo4 = np.concatenate([nib & 15, nib >> 4], axis=2)                    # block b's 32 low 4 bits
+    hb = h.reshape(nsb, 2, 32).astype(np.int64)
+    hi2 = np.stack([(hb[:, b // 4] >> (2 * (b % 4))) & 3 for b in range(8)], axis=1)
+    q6 = (lo4 | (hi2 << 4)) - 32
+    s16 = np.repeat(s6.reshape(nsb, 8, 2).astype(np.int64), 16, axis=2)  # each scale covers 16 elements
+    np.testing.assert_array_equal(out[:, 1], (q6 * xi * s16).sum((1, 2)))
+    ref = 0.5 * ((sc4.reshape(nsb, 8) >> 8) * xs.reshape(nsb, 8).astype(np.float64)).sum(1)
+    np.testing.assert_allclose(mins, ref, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # pack / gemv / gemv_rows
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +320,21 @@ def test_gemv_rows_and_prequantized(qtype):
     assert qgemv.gemv_rows(pm, np.empty(0, np.int32), x).shape == (0,)
     with pytest.raises(IndexError):
         qgemv.gemv_rows(pm, np.array([191], np.int32), x)
+
+
+@pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
+def test_gemm_equals_gemv_per_token(qtype):
+    """Prefill's batched product runs the decode kernel per token: the same integer dots, on every path (the
+    float sums only as LLVM's fastmath orders them where the kernel is inlined: equal to ~1 ulp)."""
+    shape = (70, 1536) if qtype in TYPES_K else (70, 608)       # 70 rows: blocks of GEMM_ROWS and a tail
+    raw, _, _, pm = case_data(qtype, shape)
+    X = np.random.default_rng(5).standard_normal((5, shape[1])).astype(np.float32)
+    X[2] = 0.0                                                  # an all-zero token (zero scales)
+    for path in PATHS:
+        ref = np.stack([qgemv.gemv(pm, X[t], path=path) for t in range(5)])
+        np.testing.assert_allclose(qgemv.gemm(pm, X, path=path), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        qgemv.gemm(pm, X[:, :-32])
 
 
 @pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
