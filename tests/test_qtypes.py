@@ -41,7 +41,7 @@ def test_every_capability_has_its_kernels():
             assert t.span is not None and t.act in (Q8_0, Q8_1), t.name
         if t.column_bundle:               # bundle_q4 regroups 32-element blocks
             assert t.block_size == 32 and t.act in (Q8_0, Q8_1), t.name
-    assert {t.name for t in ENTRIES if t.pack is not None} == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"}
+    assert {t.name for t in ENTRIES if t.pack is not None} == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("t", [t for t in ENTRIES if t.pack is not None], ids=lambda t: t.name)
@@ -52,7 +52,7 @@ def test_pack_and_kernels_of_an_entry_compute_the_product(t):
     raw = rng.integers(0, 256, (n_rows, t.row_bytes(n_cols)), dtype=np.uint8)
     blocks = raw.reshape(n_rows, n_cols // t.block_size, t.type_size)
     d_off = 208 if t.ggml == QT.Q6_K else 0                               # keep the fp16 scales finite and small
-    n_f16 = 2 if t.ggml in (QT.Q4_1, QT.Q5_1, QT.Q4_K) else 1
+    n_f16 = 2 if t.ggml in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K) else 1
     for off in range(d_off, d_off + 2 * n_f16, 2):
         blocks[..., off:off + 2] = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
     w = np.empty((n_rows, n_cols), np.float32)
@@ -79,7 +79,7 @@ def test_unsupported_types_raise():
     with pytest.raises(ValueError, match="Q2_K"):
         qtype_info(QT.Q2_K)
     with pytest.raises(ValueError, match="no fast GEMV"):
-        qgemv.pack(np.zeros((4, 20), np.uint8), QT.Q5_K)
+        qgemv.pack(np.zeros((4, 20), np.uint8), QT.F16)
 
 
 def test_kernel_registration_is_checked():
