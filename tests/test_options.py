@@ -1,6 +1,7 @@
 """Options as data: EngineOptions and ConvertOptions check their values in one place (one-line errors), every
 engine command (chat, serve, bench, eval) exposes every engine knob as declared, and the command receives them
-as one EngineOptions; Model builds from options, with keywords overriding them."""
+as one EngineOptions; Model builds from options, with keywords overriding them, and SparseLlama from its
+llama_cpp.Llama keywords."""
 
 from __future__ import annotations
 
@@ -104,6 +105,16 @@ def test_model_builds_from_options_and_keywords_override_them(tiny_model):
     assert d.dense and d.ffn_topk is None and d.options == EngineOptions(n_ctx=16, ffn_sparsity=0.0)
     with pytest.raises(SparseGGUFError, match="--ffn-sparsity"):
         Model(path, EngineOptions(), ffn_sparsity=1.0)
+
+
+def test_sparse_llama_builds_the_options_from_its_llama_cpp_keywords(tiny_model):
+    from sparse_gguf import SparseLlama
+
+    llm = SparseLlama(str(tiny_model("llama", "Q8_0")), n_ctx=64, n_threads=1, n_gpu_layers=99, dense=True,
+                      output_candidates=0, verbose=False)
+    assert llm.model.options == EngineOptions(n_ctx=64, n_threads=1, dense=True, output_candidates=0)
+    with pytest.raises(SparseGGUFError, match="--ffn-sparsity"):
+        SparseLlama(str(tiny_model("llama", "Q8_0")), ffn_sparsity=2.0, verbose=False)
 
 
 @pytest.mark.parametrize("fields,message", [
