@@ -24,6 +24,7 @@ from .chat import common_prefix
 from .default_model import resolve_model_path
 from .errors import SparseGGUFError
 from .model import Model
+from .options import EngineOptions
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -101,18 +102,19 @@ def _message_text(content) -> str:
 
 class SparseLlama:
     """Drop-in for llama_cpp.Llama. Arguments not listed are llama_cpp.Llama's that mean nothing here
-    (GPU offload, batch sizes, mmap...) and are ignored, or engine options passed on to
-    sparse_gguf.Model (`dense`, and the sparse engine's options)."""
+    (GPU offload, batch sizes, mmap...) and are ignored, or the engine's knobs (sparse_gguf.options.EngineOptions:
+    `dense`, `ffn_sparsity`, `attn_window`, ...), which with n_ctx and n_threads make the model's options."""
 
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = True, last_n_tokens_size: int = 64,
                  **kwargs):
-        engine_kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ARGS}
+        knobs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ARGS}
+        options = EngineOptions(n_ctx=n_ctx or None, n_threads=n_threads, **knobs)   # TypeError: unknown knob
         path = resolve_model_path(model_path)
         self.model_path = str(model_path if model_path is not None else path)
         self.verbose = verbose
         self.tokenizer_ = Tokenizer(path)
-        self.model = Model(path, n_ctx=n_ctx or None, n_threads=n_threads, **engine_kwargs)
+        self.model = Model(path, options)
         self.metadata = self.tokenizer_.metadata
         self.chat_format = "chat_template.default"
         self.last_n_tokens_size = last_n_tokens_size
