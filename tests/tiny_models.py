@@ -68,6 +68,7 @@ __all__ = [
     "llama_quantize",
     "cached_tiny_model",
     "expected_tensor_names",
+    "tensor_shapes",
     "GGUFSummary",
     "read_gguf_summary",
 ]
@@ -510,27 +511,10 @@ def llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, pu
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {weight_type}) failed with {rc}")
 
 
-def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0,
-                     n_layer: int | None = None, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
-                     n_head_kv: int = 2, head_dim: int | None = None, n_ctx_train: int = 2048,
-                     rope_scaling: str | None = None, n_vocab: int = VOCAB_SIZE, streamed: bool = False,
-                     **overrides) -> pathlib.Path:
-    """Write a tiny random-weight GGUF model for ``arch`` to ``path`` and return the path.
-
-    n_layer / head_dim default per architecture (see ``_ARCH_DEFAULTS``: gemma3 has 6
-    layers so that both sliding-window and global layers exist, qwen3 has head_dim=128
-    != n_embd/n_head).  ``rope_scaling``: None, ``"linear"`` (rope.scaling.type=linear,
-    factor 2) or ``"llama3"`` (llama only: a ``rope_freqs.weight`` tensor).
-    ``overrides``: see ``_OVERRIDE_DEFAULTS`` (e.g. ``tied=False`` writes output.weight).
-    ``n_vocab``: the output matrix's rows; the tokenizer is padded with unused tokens up to it.
-    ``streamed``: each block of rows drawn from its own seeded generator and the file written tensor by tensor
-    (peak memory one block, for the full-size shapes of benchmarks/synthetic_models.py); by default every tensor
-    is drawn in file order from one generator (the tiny models the tests were tuned on).
-    """
-    path = pathlib.Path(path)
-    weight_type = weight_type.upper()
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+def _plan(arch: str, *, n_layer: int | None = None, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
+          n_head_kv: int = 2, head_dim: int | None = None, rope_scaling: str | None = None,
+          n_vocab: int = VOCAB_SIZE, **overrides) -> tuple[dict[str, Any], dict[str, Any], dict[str, TensorRecipe]]:
+    """(resolved settings, the shape arguments _write_gguf takes, tensor recipes) of one model."""
     if rope_scaling not in (None, "linear", "llama3", "yarn"):
         raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear', 'llama3' or 'yarn')")
     if rope_scaling == "llama3" and arch != "llama":
@@ -542,10 +526,37 @@ def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0
         cfg["rope_factor"] = 2.0
     if rope_scaling == "llama3" and cfg["rope_factor"] is None:
         cfg["rope_factor"] = 8.0
-    tensors = _tensor_recipes(arch, cfg, n_vocab=n_vocab, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
-                              n_head_kv=n_head_kv, rope_scaling=rope_scaling)
-    common = dict(seed=seed, streamed=streamed, n_vocab=n_vocab, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
-                  n_head_kv=n_head_kv, n_ctx_train=n_ctx_train, rope_scaling=rope_scaling)
+    dims = dict(n_vocab=n_vocab, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                rope_scaling=rope_scaling)
+    return cfg, dims, _tensor_recipes(arch, cfg, **dims)
+
+
+def tensor_shapes(arch: str, **shape) -> dict[str, tuple[int, ...]]:
+    """Name -> shape (numpy order) of every tensor write_tiny_model(path, arch, **shape) writes; nothing drawn."""
+    return {name: r.shape for name, r in _plan(arch, **shape)[2].items()}
+
+
+def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0, n_ctx_train: int = 2048,
+                     streamed: bool = False, **shape) -> pathlib.Path:
+    """Write a tiny random-weight GGUF model for ``arch`` to ``path`` and return the path.
+
+    ``shape`` (see ``_plan``): n_layer, n_embd (256), n_ff (512), n_head (4), n_head_kv (2), head_dim,
+    rope_scaling, n_vocab, and the overrides of ``_OVERRIDE_DEFAULTS`` (e.g. ``tied=False`` writes output.weight).
+    n_layer / head_dim default per architecture (see ``_ARCH_DEFAULTS``: gemma3 has 6
+    layers so that both sliding-window and global layers exist, qwen3 has head_dim=128
+    != n_embd/n_head).  ``rope_scaling``: None, ``"linear"`` (rope.scaling.type=linear,
+    factor 2) or ``"llama3"`` (llama only: a ``rope_freqs.weight`` tensor).
+    ``n_vocab``: the output matrix's rows; the tokenizer is padded with unused tokens up to it.
+    ``streamed``: each block of rows drawn from its own seeded generator and the file written tensor by tensor
+    (peak memory one block, for the full-size shapes of benchmarks/synthetic_models.py); by default every tensor
+    is drawn in file order from one generator (the tiny models the tests were tuned on).
+    """
+    path = pathlib.Path(path)
+    weight_type = weight_type.upper()
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    cfg, dims, tensors = _plan(arch, **shape)
+    common = dict(seed=seed, streamed=streamed, n_ctx_train=n_ctx_train, **dims)
     path.parent.mkdir(parents=True, exist_ok=True)
     if weight_type in KQUANT_WEIGHT_TYPES:
         src = path.with_name(path.name + f".{os.getpid()}.f32.gguf")
