@@ -108,7 +108,9 @@ class ChatSession:
             stats.stop = "context"
             return stats
 
-        run, pieces = self.generator.generate(prompt, self.sampler, self.max_tokens, on_step=stats.record_step)
+        # the reply's last token is evaluated too: the next turn's prompt holds it
+        run, pieces = self.generator.generate(prompt, self.sampler, self.max_tokens, on_step=stats.record_step,
+                                              eval_last=True)
         text: list[str] = []
         try:
             for piece in pieces:

@@ -97,17 +97,20 @@ class Generator:
 
     def generate(self, prompt: list[int], sampler: Sampler, max_tokens: int, stop=None,
                  cancel: Callable[[], bool] | None = None,
-                 on_step: Callable[[object], None] | None = None) -> tuple[Generation, Iterator[str]]:
+                 on_step: Callable[[object], None] | None = None,
+                 eval_last: bool = False) -> tuple[Generation, Iterator[str]]:
         """(run, pieces): iterating `pieces` prefills and generates, yielding the text as it comes; `run`
         tells what happened. At most max_tokens tokens; `stop` (None, a string or a list) ends the text
         before the first stop string; cancel() is asked before each further token (True: stop, "cancelled");
         on_step(model) follows each decode step. The loop samples with `sampler` (its random state
-        carries on from call to call) and the tokens so far, the prompt's included."""
+        carries on from call to call) and the tokens so far, the prompt's included.
+        The token that reaches max_tokens is not evaluated unless eval_last (a conversation that goes on:
+        then its K/V come from decode like the other generated tokens', not from the next prefill)."""
         run = Generation(prompt_tokens=len(prompt))
-        return run, self._loop(run, list(prompt), sampler, max_tokens, stop_list(stop), cancel, on_step)
+        return run, self._loop(run, list(prompt), sampler, max_tokens, stop_list(stop), cancel, on_step, eval_last)
 
     def _loop(self, run: Generation, prompt: list[int], sampler: Sampler, max_tokens: int, stops: list[str],
-              cancel, on_step) -> Iterator[str]:
+              cancel, on_step, eval_last: bool) -> Iterator[str]:
         model = self.model
         t0 = time.perf_counter()
         try:
@@ -136,9 +139,8 @@ class Generator:
                 if model.n_past >= model.n_ctx:          # no room for this token's K/V
                     run.stop = "context"
                     break
-                if i + 1 == max_tokens:                 # the last token is not evaluated
-                    run.stop = "length"
-                    break
+                if i + 1 == max_tokens and not eval_last:
+                    break                                # "length"
                 if cancel is not None and cancel():
                     run.stop = "cancelled"
                     break

@@ -116,7 +116,7 @@ def test_stop_strings_are_cut_and_never_streamed(gen, parts, stop):
     text = "one, two, three, four, five, six"
     run, pieces = run_all(gen, words(tok, "Count:"), Script(words(tok, text)), 40, stop=stop)
     cut = text[:min(text.find(s) for s in stop_list(stop) if s in text)]
-    assert "".join(pieces) == cut and run.stop == "stop"
+    assert "".join(pieces) == cut and run.stop == "stop" and all(pieces)
     assert len(run.tokens) < len(words(tok, text))        # it stopped at the token completing the stop string
 
 
@@ -141,6 +141,12 @@ def test_max_tokens_stops_with_length(gen, parts):
     assert len(run.tokens) == 5 and run.stop == "length" and model.n_past == len(prompt) + 4
     run, pieces = run_all(gen, prompt, Script([]), 0)
     assert run.tokens == [] and pieces == [] and run.stop == "length"
+    # eval_last (the chat): the last token is evaluated too, a decode step like the others
+    steps = []
+    run, _ = run_all(gen, prompt, Script(words(tok, " and then, and then, and then")), 5, eval_last=True,
+                     on_step=lambda m: steps.append(m.n_past))
+    assert len(run.tokens) == 5 and run.stop == "length" and model.n_past == len(prompt) + 5
+    assert gen.cached == prompt + run.tokens and steps == [len(prompt) + k for k in range(1, 6)]
 
 
 def test_an_end_of_generation_token_stops_and_is_not_emitted(gen, parts):
@@ -179,3 +185,7 @@ def test_streaming_never_splits_a_utf8_character(gen, parts):
     assert any("\ufffd" in tok.decode([t]) for t in ids)     # some tokens are parts of a character
     run, pieces = run_all(gen, words(tok, "Say:"), Script(ids), len(ids))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    # cut inside a character: the dangling bytes come out at the end, as the detokenizer renders them
+    k = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    run, pieces = run_all(gen, words(tok, "Say:"), Script(ids), k)
+    assert "".join(pieces) == tok.decode(ids[:k]) and pieces[-1].endswith("\ufffd")
