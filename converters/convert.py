@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, quants
 from numba_kernels import dequant, sparse_ffn
 
 from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.generate import Generator
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
 from sparse_gguf import format as fmt
@@ -124,21 +125,18 @@ STAGE_SECONDS = {"replies": 25, "activations": 45, "reference": 5, "allocation":
 
 
 def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done=None) -> list[list[int]]:
-    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply.
-    done(i, n) after each prompt."""
+    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply (one
+    sampler for all, so its draws run on from reply to reply). done(i, n) after each prompt."""
+    generator = Generator(model, tok)
     sampler = Sampler(SamplingParams(temperature=0.7, seed=0))
     out = []
     for i, prompt in enumerate(prompts):
         ids = tok.chat_prompt([{"role": "user", "content": prompt}])
-        model.reset()
-        logits = model.eval(ids)
-        for _ in range(n_tokens):
-            t = sampler(logits)
-            if tok.is_eog(t) or len(ids) + 1 >= model.n_ctx:
-                break
-            ids.append(t)
-            logits = model.eval([t])
-        out.append(ids)
+        generator.reset()            # each reply from an empty cache: the same numbers whatever came before
+        run, pieces = generator.generate(ids, sampler, min(n_tokens, model.n_ctx - 1 - len(ids)))   # < n_ctx
+        for _ in pieces:
+            pass
+        out.append(ids + run.tokens)
         if done:
             done(i + 1, len(prompts))
     return out
