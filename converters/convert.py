@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, quants
 from numba_kernels import dequant, sparse_ffn
 
 from sparse_gguf.errors import SparseGGUFError
+from sparse_gguf.generate import Generator
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
 from sparse_gguf import format as fmt
@@ -124,21 +125,18 @@ STAGE_SECONDS = {"replies": 25, "activations": 45, "reference": 5, "allocation":
 
 
 def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done=None) -> list[list[int]]:
-    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply.
-    done(i, n) after each prompt."""
+    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply (one
+    sampler for all, so its draws run on from reply to reply). done(i, n) after each prompt."""
+    generator = Generator(model, tok)
     sampler = Sampler(SamplingParams(temperature=0.7, seed=0))
     out = []
     for i, prompt in enumerate(prompts):
         ids = tok.chat_prompt([{"role": "user", "content": prompt}])
-        model.reset()
-        logits = model.eval(ids)
-        for _ in range(n_tokens):
-            t = sampler(logits)
-            if tok.is_eog(t) or len(ids) + 1 >= model.n_ctx:
-                break
-            ids.append(t)
-            logits = model.eval([t])
-        out.append(ids)
+        generator.reset()            # each reply from an empty cache: the same numbers whatever came before
+        run, pieces = generator.generate(ids, sampler, min(n_tokens, model.n_ctx - 1 - len(ids)))   # < n_ctx
+        for _ in pieces:
+            pass
+        out.append(ids + run.tokens)
         if done:
             done(i + 1, len(prompts))
     return out
@@ -268,70 +266,101 @@ def choose_predictors(model: Model, stats, levels: list[float], plan, probe: Qua
     return fits
 
 
-def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top1: float = MIN_TOP1,
-            sparsity: float | None = None,
-            calib_files: tuple[Path, ...] = (), calib_only: bool = False, threads: int | None = None,
-            progress=lambda msg: None, write_progress=None, fraction=lambda f: None,
-            allocation_seconds: float = ALLOCATION_SECONDS, attention: AttentionWindow = ATTENTION,
-            output_candidates: int = OUTPUT_CANDIDATES, up_share: float = UP_SHARE,
-            predictors: str = "auto") -> ConvertResult:
-    """progress(message) names each step; fraction(f) reports the share of the whole conversion done (StageBar);
-    write_progress(done, total) follows the file writing in bytes."""
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What `convert` does, checked in one place. output None: <name>.sparse.gguf beside the input. budget_kl
+    and min_top1: the quality bars the allocator meets on held-out tokens; sparsity: one forced level for every
+    layer instead. calib_files: the user's texts, alone with calib_only. attention, output_candidates: the decode
+    defaults written into the file. predictors: auto, on or off (choose_predictors)."""
+    output: Path | None = None
+    budget_kl: float = 0.05
+    min_top1: float = MIN_TOP1
+    sparsity: float | None = None
+    calib_files: tuple[Path, ...] = ()
+    calib_only: bool = False
+    threads: int | None = None
+    attention: AttentionWindow = ATTENTION
+    output_candidates: int = OUTPUT_CANDIDATES
+    predictors: str = "auto"
+    allocation_seconds: float = ALLOCATION_SECONDS
+    up_share: float = UP_SHARE
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", Path(self.output) if self.output else None)
+        object.__setattr__(self, "calib_files", tuple(Path(f) for f in self.calib_files))
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise SparseGGUFError("--sparsity must be in [0, 1)")
+        if self.budget_kl <= 0:
+            raise SparseGGUFError("--budget-kl must be positive")
+        if not 0.0 <= self.min_top1 <= 1.0:
+            raise SparseGGUFError("--min-top1 must be in [0, 1]")
+        if self.predictors not in PREDICTOR_CHOICES:
+            raise SparseGGUFError(f"--predictors must be one of {', '.join(PREDICTOR_CHOICES)}")
+        if self.output_candidates < 0:
+            raise SparseGGUFError("--output-top must be >= 0")
+        if self.calib_only and not self.calib_files:
+            raise SparseGGUFError("--calib-only needs at least one --calib FILE")
+
+    def output_path(self, src: Path) -> Path:
+        """Where the converted file goes; never over the input."""
+        out = self.output or default_output_path(src)
+        if out.resolve() == src.resolve():
+            raise SparseGGUFError("output would overwrite the input; choose another -o")
+        return out
+
+    def calib_texts(self) -> list[str]:
+        """The user's calibration texts."""
+        texts = []
+        for f in self.calib_files:
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise SparseGGUFError(f"{f}: cannot read calibration text ({e})") from None
+        return texts
+
+
+def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda msg: None, write_progress=None,
+            fraction=lambda f: None, **fields) -> ConvertResult:
+    """Convert src as options say; fields: ConvertOptions fields given as keywords, overriding options
+    (convert(src, sparsity=0.3)). progress(message) names each step; fraction(f) reports the share of the whole
+    conversion done (StageBar); write_progress(done, total) follows the file writing in bytes."""
+    o = replace(options or ConvertOptions(), **fields)
     t_start = time.time()
-    bar = StageBar(fraction, {**STAGE_SECONDS, "allocation": allocation_seconds if sparsity is None else 0})
+    bar = StageBar(fraction, {**STAGE_SECONDS, "allocation": o.allocation_seconds if o.sparsity is None else 0})
     src = Path(src)
-    out = Path(out) if out else default_output_path(src)
-    if out.resolve() == src.resolve():
-        raise SparseGGUFError("output would overwrite the input; choose another -o")
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise SparseGGUFError("--sparsity must be in [0, 1)")
-    if budget_kl <= 0:
-        raise SparseGGUFError("--budget-kl must be positive")
-    if not 0.0 <= min_top1 <= 1.0:
-        raise SparseGGUFError("--min-top1 must be in [0, 1]")
-    if predictors not in PREDICTOR_CHOICES:
-        raise SparseGGUFError(f"--predictors must be one of {', '.join(PREDICTOR_CHOICES)}")
-    user_texts = []
-    for f in calib_files:
-        try:
-            user_texts.append(Path(f).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise SparseGGUFError(f"{f}: cannot read calibration text ({e})") from None
-    if calib_only and not user_texts:
-        raise SparseGGUFError("--calib-only needs at least one --calib FILE")
+    out = o.output_path(src)
+    user_texts = o.calib_texts()
 
     check_free_space(out, src.stat().st_size)      # before minutes of calibration; write_model checks again
 
-    model = Model(src, n_ctx=CHUNK * 2, n_threads=threads)
+    model = Model(src, n_ctx=CHUNK * 2, n_threads=o.threads)
     if model.sparsity is not None:
         raise SparseGGUFError(f"{src} is already converted; convert the original file")
     tok = Tokenizer(src)
-    train, held = calibration_chunks(model, tok, user_texts, calib_only, progress,
+    train, held = calibration_chunks(model, tok, user_texts, o.calib_only, progress,
                                      lambda i, n: bar("replies", i / n))
     bar("replies", 1.0)
     progress(f"collecting activations over {sum(map(len, train))} tokens")
     stats = collect_stats(model, train, lambda i, n: bar("activations", i / n))
     probe = QualityProbe(model, held)          # dense reference logits
     bar("reference", 1.0)
-    if output_candidates < 0:
-        raise SparseGGUFError("--output-top must be >= 0")
-    model.set_output_candidates(output_candidates)   # from here on, every measured plan includes it
-    if sparsity is not None:
-        levels = [sparsity] * model.cfg.n_layer
+    model.set_output_candidates(o.output_candidates)   # from here on, every measured plan includes it
+    if o.sparsity is not None:
+        levels = [o.sparsity] * model.cfg.n_layer
     else:
-        progress(f"allocating sparsity to KL <= {budget_kl}")
+        progress(f"allocating sparsity to KL <= {o.budget_kl}")
         t_alloc = time.time()
-        probe.after_score = lambda: bar("allocation", (time.time() - t_alloc) / max(allocation_seconds, 1e-9))
-        levels = allocate(stats, probe, budget_kl, min_top1, deadline=t_alloc + allocation_seconds,
-                          progress=progress, up_share=up_share)
+        probe.after_score = lambda: bar("allocation", (time.time() - t_alloc) / max(o.allocation_seconds, 1e-9))
+        levels = allocate(stats, probe, o.budget_kl, o.min_top1, deadline=t_alloc + o.allocation_seconds,
+                          progress=progress, up_share=o.up_share)
     bar("allocation", 1.0)
     t_plan = time.time()
     probe.after_score = lambda: bar("plan", 0.9 * (1.0 - np.exp(-(time.time() - t_plan) / STAGE_SECONDS["plan"])))
-    plan = plan_for(stats, levels, up_share)
+    plan = plan_for(stats, levels, o.up_share)
     fits = {}
     if any(layer.active for layer in plan.layers):
-        fits = choose_predictors(model, stats, levels, plan, probe, predictors,
-                                 budget_kl if sparsity is None else None, min_top1, progress, up_share)
+        fits = choose_predictors(model, stats, levels, plan, probe, o.predictors,
+                                 o.budget_kl if o.sparsity is None else None, o.min_top1, progress, o.up_share)
         _, _, skipped, _ = measured_sparsity(probe, plan)
         progress("choosing the down layout per layer")
         choose_down_t(model, plan, skipped)
@@ -346,19 +375,19 @@ def convert(src: Path, out: Path | None = None, budget_kl: float = 0.05, min_top
     plan_kv, plan_tensors = plan.to_gguf()
     extra_kv = {
         **plan_kv,
-        **attention.to_gguf(),
+        **o.attention.to_gguf(),
         **output_candidates_to_gguf(model.output_candidates),
         fmt.KEY_SOURCE_PATH: str(src.resolve()),
         fmt.KEY_SOURCE_SHA256: file_sha256(src),
-        fmt.KEY_BUDGET_KL: float(budget_kl) if sparsity is None else 0.0,
-        fmt.KEY_MIN_TOP1: float(min_top1) if sparsity is None else 0.0,
-        fmt.KEY_FORCED_SPARSITY: float(sparsity) if sparsity is not None else -1.0,
+        fmt.KEY_BUDGET_KL: float(o.budget_kl) if o.sparsity is None else 0.0,
+        fmt.KEY_MIN_TOP1: float(o.min_top1) if o.sparsity is None else 0.0,
+        fmt.KEY_FORCED_SPARSITY: float(o.sparsity) if o.sparsity is not None else -1.0,
         fmt.KEY_UP_SKIPPED: [float(s) for s in skipped_up],
         fmt.KEY_DOWN_SKIPPED: [float(s) for s in skipped],
         fmt.KEY_CALIB_TOKENS: result.calib_tokens,
         fmt.KEY_HELDOUT_TOKENS: result.heldout_tokens,
         fmt.KEY_CALIB_SOURCES: ",".join(
-            (["builtin-texts", "self-generated"] if not calib_only else []) + [Path(f).name for f in calib_files]),
+            (["builtin-texts", "self-generated"] if not o.calib_only else []) + [f.name for f in o.calib_files]),
         fmt.KEY_ESTIMATE_KL: float(summary["kl_mean"]),
         fmt.KEY_ESTIMATE_TOP1: float(summary["top1_agreement"]),
         fmt.KEY_ESTIMATE_FFN_BYTES: float(result.ffn_bytes_ratio),

@@ -16,16 +16,16 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .chat import common_prefix
 from .default_model import resolve_model_path
 from .errors import SparseGGUFError
+from .generate import Generation, Generator
 from .model import Model
+from .options import EngineOptions
 from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF   # llama.cpp's "pick a random seed"
 
@@ -49,14 +49,6 @@ class UnsupportedOptionError(SparseGGUFError, ValueError):
     """A llama_cpp.Llama option this engine does not implement was given a non-default value."""
 
 
-@dataclass
-class _Run:
-    """Bookkeeping of one generation, filled in while its text streams out."""
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str = "length"
-
-
 def _reject_unsupported(**given) -> None:
     defaults = {"suffix": None, "logprobs": None, "grammar": None, "logits_processor": None,
                 "stopping_criteria": None, "typical_p": 1.0, "tfs_z": 1.0, "frequency_penalty": 0.0,
@@ -68,24 +60,14 @@ def _reject_unsupported(**given) -> None:
             raise UnsupportedOptionError(f"{name} is not supported by sparse-gguf")
 
 
-def _stop_list(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) for s in stops):
-        raise SparseGGUFError("stop must be a string or a list of strings")
-    return [s for s in stops if s]
+def _finish_reason(run: Generation) -> str:
+    """OpenAI's finish_reason: "stop" at an end-of-generation token or a stop string, else "length"."""
+    return "stop" if run.stop in ("eog", "stop") else "length"
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of text could be the start of a stop string (not yet safe to emit)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+def _usage(run: Generation) -> dict:
+    n = len(run.tokens)
+    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": n, "total_tokens": run.prompt_tokens + n}
 
 
 def _message_text(content) -> str:
@@ -101,24 +83,24 @@ def _message_text(content) -> str:
 
 class SparseLlama:
     """Drop-in for llama_cpp.Llama. Arguments not listed are llama_cpp.Llama's that mean nothing here
-    (GPU offload, batch sizes, mmap...) and are ignored, or engine options passed on to
-    sparse_gguf.Model (`dense`, and the sparse engine's options)."""
+    (GPU offload, batch sizes, mmap...) and are ignored, or the engine's knobs (sparse_gguf.options.EngineOptions:
+    `dense`, `ffn_sparsity`, `attn_window`, ...), which with n_ctx and n_threads make the model's options."""
 
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = LLAMA_DEFAULT_SEED, verbose: bool = True, last_n_tokens_size: int = 64,
                  **kwargs):
-        engine_kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ARGS}
+        knobs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ARGS}
+        options = EngineOptions(n_ctx=n_ctx or None, n_threads=n_threads, **knobs)   # TypeError: unknown knob
         path = resolve_model_path(model_path)
         self.model_path = str(model_path if model_path is not None else path)
         self.verbose = verbose
         self.tokenizer_ = Tokenizer(path)
-        self.model = Model(path, n_ctx=n_ctx or None, n_threads=n_threads, **engine_kwargs)
+        self.model = Model(path, options)
         self.metadata = self.tokenizer_.metadata
         self.chat_format = "chat_template.default"
         self.last_n_tokens_size = last_n_tokens_size
         self._seed = seed
-        self._cached: list[int] = []          # tokens whose K/V are in the engine's cache, in order
-        self._prompt_logits: tuple[list[int], object] | None = None   # the last prompt and its logits
+        self._generator = Generator(self.model, self.tokenizer_)    # owns the engine's KV cache
         if verbose:
             print(f"sparse-gguf: {path.name}, {self.model.cfg.arch}, n_ctx {self.model.n_ctx}, "
                   f"{self.model.n_threads} threads", file=sys.stderr)
@@ -142,9 +124,7 @@ class SparseLlama:
         return self.model.n_past
 
     def reset(self) -> None:
-        self.model.reset()
-        self._cached = []
-        self._prompt_logits = None
+        self._generator.reset()
 
     def set_seed(self, seed: int) -> None:
         self._seed = seed
@@ -187,54 +167,17 @@ class SparseLlama:
         room = n_ctx - n
         return room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
 
-    def _generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stops: list[str],
-                  run: _Run, deadline: float | None = None) -> Iterator[str]:
-        """Yield the generated text in pieces. Stops at an end-of-generation token, a stop string (not
-        emitted), max_tokens or the deadline (a time.monotonic() value, or a callable that returns True when
-        it is time to stop; finish_reason "length"). The engine's cache
-        keeps the prompt's longest prefix shared with the previous call."""
-        if self._prompt_logits is not None and self._prompt_logits[0] == prompt \
-                and common_prefix(self._cached, prompt) == len(prompt):
-            # The same prompt again: reuse its logits rather than re-evaluating its last token alone, whose
-            # logits would differ in the last bits from the batched prefill's (and could flip a greedy tie).
-            logits = self._prompt_logits[1]
-            self.model.truncate(len(prompt))
-        else:
-            keep = min(common_prefix(self._cached, prompt), len(prompt) - 1)
-            self.model.truncate(keep)
-            self._cached = self._cached[:keep]
-            logits = self.model.eval(prompt[keep:])
-            self._prompt_logits = (list(prompt), logits)
-        self._cached = list(prompt)
-        sampler = Sampler(params)
-        decoder = StreamDecoder(self.tokenizer_)
-        text, emitted = "", 0
-        run.finish_reason = "length"
-        for i in range(max_tokens):
-            token = sampler(logits, self._cached)
-            if self.tokenizer_.is_eog(token):
-                run.finish_reason = "stop"
-                break
-            run.completion_tokens += 1
-            text += decoder.push(token)
-            hits = [j for j in (text.find(s, max(0, emitted - len(s))) for s in stops) if j >= 0]
-            if hits:
-                if min(hits) > emitted:
-                    yield text[emitted:min(hits)]
-                run.finish_reason = "stop"
-                return
-            safe = len(text) - _held_back(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if i + 1 == max_tokens or (deadline is not None and (
-                    deadline() if callable(deadline) else time.monotonic() > deadline)):
-                break
-            logits = self.model.eval([token])
-            self._cached.append(token)
-        text += decoder.flush()
-        if len(text) > emitted:
-            yield text[emitted:]
+    def _generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop,
+                  deadline: float | None = None) -> tuple[Generation, Iterator[str]]:
+        """(run, pieces) of the generation loop (sparse_gguf.generate): the text in pieces, ending at an
+        end-of-generation token, a stop string (not emitted), max_tokens or the deadline (a time.monotonic()
+        value, or a callable that returns True when it is time to stop). The engine's cache keeps the
+        prompt's longest prefix shared with the previous call."""
+        def past_deadline() -> bool:
+            return time.monotonic() > deadline
+
+        cancel = deadline if deadline is None or callable(deadline) else past_deadline
+        return self._generator.generate(prompt, Sampler(params), max_tokens, stop, cancel)
 
     # ---- completions --------------------------------------------------------------------------------
 
@@ -262,10 +205,8 @@ class SparseLlama:
             tokens = [int(t) for t in prompt]
             prompt_text = self.tokenizer_.decode(tokens)
         n_gen = self._check_prompt(tokens, max_tokens)
-        stops = _stop_list(stop)
-        run = _Run(prompt_tokens=len(tokens))
         cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), model or self.model_path
-        pieces = self._generate(tokens, n_gen, params, stops, run, deadline)
+        run, pieces = self._generate(tokens, n_gen, params, stop, deadline)
 
         def choice(text: str, finish: str | None) -> dict:
             return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
@@ -279,15 +220,14 @@ class SparseLlama:
                     yield {"id": cid, "object": "text_completion", "created": created, "model": name,
                            "choices": [choice(piece, None)]}
                 yield {"id": cid, "object": "text_completion", "created": created, "model": name,
-                       "choices": [choice("", run.finish_reason)]}
+                       "choices": [choice("", _finish_reason(run))]}
             return chunks()
         text = "".join(pieces)
         if echo:
             text = prompt_text + text
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                "choices": [choice(text, run.finish_reason)],
-                "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-                          "total_tokens": run.prompt_tokens + run.completion_tokens}}
+                "choices": [choice(text, _finish_reason(run))],
+                "usage": _usage(run)}
 
     def __call__(self, prompt: str | list[int], *args, **kwargs):
         return self.create_completion(prompt, *args, **kwargs)
@@ -321,9 +261,8 @@ class SparseLlama:
             msgs.append({"role": m["role"], "content": _message_text(m.get("content"))})
         tokens = self.tokenizer_.chat_prompt(msgs)
         n_gen = self._check_prompt(tokens, max_tokens)
-        run = _Run(prompt_tokens=len(tokens))
         cid, created, name = f"chatcmpl-{uuid.uuid4()}", int(time.time()), model or self.model_path
-        pieces = self._generate(tokens, n_gen, params, _stop_list(stop), run, deadline)
+        run, pieces = self._generate(tokens, n_gen, params, stop, deadline)
 
         if stream:
             def chunk(delta: dict, finish: str | None) -> dict:
@@ -334,11 +273,10 @@ class SparseLlama:
                 yield chunk({"role": "assistant"}, None)
                 for piece in pieces:
                     yield chunk({"content": piece}, None)
-                yield chunk({}, run.finish_reason)
+                yield chunk({}, _finish_reason(run))
             return chunks()
         text = "".join(pieces)
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": run.finish_reason}],
-                "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-                          "total_tokens": run.prompt_tokens + run.completion_tokens}}
+                             "finish_reason": _finish_reason(run)}],
+                "usage": _usage(run)}

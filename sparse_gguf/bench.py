@@ -4,18 +4,23 @@ Tests follow llama-bench: `tgN` decodes N tokens after a 1-token prompt, `ppN` p
 decodes N tokens after a context of D tokens. Inputs are the same pseudo-random tokens for both engines.
 Repetitions alternate between engines (A/B interleaved) so machine noise hits both alike; a warm-up run of
 each test (JIT compilation, page faults) is excluded.
+
+The baseline is llama.cpp at its best: it runs with flash attention on and off (which is faster depends on the
+machine, the model and the depth), both interleaved with the other engines, and each test compares against the
+faster of the two (`fastest_baseline`), so no ratio rests on a weakened baseline.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import SparseGGUFError
+from .reference import LlamaCppEngine
 
 _TEST_RE = re.compile(r"^(tg|pp)(\d+)(?:@d(\d+))?$")
 
@@ -55,6 +60,12 @@ class BenchResult:
     samples_ts: list[float] = field(default_factory=list)
     bytes_per_token: float = 0.0      # decode: bytes one token reads (weights + KV cache), as the engine reports
     depth: int = 0
+    setting: str = ""                 # a baseline's setting ("fa on" / "fa off"), when it ran in several
+    slower: list["BenchResult"] = field(default_factory=list)   # the settings this one beat (fastest_baseline)
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} ({self.setting})" if self.setting else self.engine
 
     @property
     def avg_ts(self) -> float:
@@ -70,7 +81,30 @@ class BenchResult:
         if self.bytes_per_token and self.test.startswith("tg"):
             d["bytes_per_token"] = int(self.bytes_per_token)
             d["gb_s"] = self.avg_ts * self.bytes_per_token / 1e9      # achieved read bandwidth (roofline)
+        if self.setting:
+            d["setting"] = self.setting
+        if self.slower:
+            d["slower"] = [{"setting": r.setting, "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts,
+                            "samples_ts": list(r.samples_ts)} for r in self.slower]
         return d
+
+
+def llama_cpp_baselines(path, n_ctx: int, n_threads: int) -> list[LlamaCppEngine]:
+    """llama.cpp with flash attention off and on: run both, compare against the faster."""
+    return [LlamaCppEngine(path, n_ctx=n_ctx, n_threads=n_threads, flash_attn=fa) for fa in (False, True)]
+
+
+def fastest_baseline(results: list[BenchResult]) -> list[BenchResult]:
+    """One row per engine and test: of an engine's settings, the fastest one's row, holding the others in
+    `slower`. Rows keep their order (at the place of the engine's first setting)."""
+    groups: dict[tuple[str, str], list[BenchResult]] = {}
+    for r in results:
+        groups.setdefault((r.engine, r.test), []).append(r)
+    out = []
+    for rows in groups.values():
+        best = max(rows, key=lambda r: r.avg_ts)
+        out.append(replace(best, slower=[r for r in rows if r is not best]))
+    return out
 
 
 def llama_cpp_bytes_per_token(weight_bytes: int, cfg, n_keys: int) -> float:
@@ -113,15 +147,16 @@ def run_bench(engines: list, tests: list[BenchTest], n_threads: int, reps: int, 
     """bytes_per_token(engine, test) -> bytes one decoded token reads on that engine (after a run)."""
     results = []
     for test in tests:
-        rows = [BenchResult(e.name, test.name, n_threads, depth=test.depth) for e in engines]
-        for e in engines:                      # warm-up (JIT, page cache); also builds the depth context
+        rows = [BenchResult(e.name, test.name, n_threads, depth=test.depth, setting=getattr(e, "setting", ""))
+                for e in engines]
+        for e, row in zip(engines, rows):      # warm-up (JIT, page cache); also builds the depth context
             if progress:
-                progress(f"{e.name} {test.name} warm-up")
+                progress(f"{row.label} {test.name} warm-up")
             run_once(e, BenchTest(test.kind, min(test.n, 8), test.depth), n_vocab, depth_ready=False)
         for rep in range(reps):
             for e, row in zip(engines, rows):
                 if progress:
-                    progress(f"{e.name} {test.name} rep {rep + 1}/{reps}")
+                    progress(f"{row.label} {test.name} rep {rep + 1}/{reps}")
                 row.samples_ts.append(run_once(e, test, n_vocab, depth_ready=bool(test.depth)))
         for e, row in zip(engines, rows):
             if test.kind == "tg":
@@ -139,8 +174,8 @@ def plot_depth_curve(results: list[BenchResult], out_path: str | Path, title: st
     except ImportError:
         raise SparseGGUFError("--plot needs matplotlib: pip install 'sparse-gguf[plot]'") from None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for engine in dict.fromkeys(r.engine for r in results):
-        rows = sorted((r for r in results if r.engine == engine and r.test.startswith("tg")), key=lambda r: r.depth)
+    for engine in dict.fromkeys(r.label for r in results):
+        rows = sorted((r for r in results if r.label == engine and r.test.startswith("tg")), key=lambda r: r.depth)
         if rows:
             ax.errorbar([r.depth for r in rows], [r.avg_ts for r in rows], yerr=[r.stddev_ts for r in rows],
                         marker="o", capsize=3, label=engine)

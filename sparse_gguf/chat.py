@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .generate import Generator
 from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -52,15 +53,6 @@ class TurnStats:
                 f"active FFN fraction: {ffn} | attended tokens per step: {att} | stop: {self.stop}")
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class ChatSession:
     def __init__(self, model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
                  max_tokens: int = 512):
@@ -70,7 +62,7 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         self.messages: list[dict] = []
-        self.cached: list[int] = []          # the tokens whose K/V are in the model's cache, in order
+        self.generator = Generator(model, tokenizer)   # reuses the cached prefix of the conversation
         self.clear()
 
     def clear(self) -> None:
@@ -116,46 +108,24 @@ class ChatSession:
             stats.stop = "context"
             return stats
 
-        # Reuse the cached prefix; always re-evaluate at least the last prompt token to get fresh logits.
-        keep = min(common_prefix(self.cached, prompt), len(prompt) - 1)
-        self.model.truncate(keep)
-        self.cached = self.cached[:keep]
-        decoder = StreamDecoder(self.tok)
+        # the reply's last token is evaluated too: the next turn's prompt holds it
+        run, pieces = self.generator.generate(prompt, self.sampler, self.max_tokens, on_step=stats.record_step,
+                                              eval_last=True)
         text: list[str] = []
         try:
-            t0 = time.perf_counter()
-            logits = self.model.eval(prompt[keep:])
-            self.cached = list(prompt)
-            stats.prompt_tokens = len(prompt) - keep
-            stats.prompt_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            stats.stop = "length"
-            for _ in range(self.max_tokens):
-                token = self.sampler(logits, self.cached)
-                if self.tok.is_eog(token):
-                    stats.stop = "eog"
-                    break
-                piece = decoder.push(token)
-                if piece:
-                    text.append(piece)
-                    on_text(piece)
-                stats.gen_tokens += 1
-                if self.model.n_past >= self.model.n_ctx:
-                    stats.stop = "context"
-                    on_notice("[context full: reply cut]")
-                    break
-                logits = self.model.eval([token])
-                self.cached.append(token)
-                stats.record_step(self.model)
+            for piece in pieces:
+                text.append(piece)
+                on_text(piece)
+            stats.stop = run.stop
         except KeyboardInterrupt:
             stats.stop = "interrupted"
         finally:
-            stats.gen_seconds = time.perf_counter() - t0
-            rest = decoder.flush()
-            if rest:
-                text.append(rest)
-                on_text(rest)
+            pieces.close()                   # an interrupted loop's timings are filled in on closing
+            stats.prompt_tokens, stats.prompt_seconds = run.prefilled, run.prompt_seconds
+            stats.gen_tokens, stats.gen_seconds = len(run.tokens), run.gen_seconds
             self.messages.append({"role": "assistant", "content": "".join(text)})
+        if stats.stop == "context":
+            on_notice("[context full: reply cut]")
         return stats
 
 

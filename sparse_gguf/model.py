@@ -7,6 +7,7 @@ has (biases, QK-norm, post-norms, GeGLU, sliding-window layers). The maths follo
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .errors import SparseGGUFError
 from .ffn import build_ffn
 from .gguf_file import open_gguf
 from .head import CandidateHead, DenseHead
+from .options import DEFAULT_CTX, EngineOptions
 from .resources import check_kv_memory
 from .rope import RopeTable
 from .sparsity import (AttentionWindow, SparsityPlan, TopKSparsity, attention_window_from_gguf,
@@ -28,50 +30,47 @@ from .threads import set_threads
 from .weights import ModelWeights, load_weights, release_mapped_pages
 
 PREFILL_CHUNK = 512   # tokens per prefill step (bounds the attention score matrix)
-DEFAULT_CTX = 4096
 
 
 class Model:
     """A loaded model: its weights, one strategy object per part (each layer's attention and FFN, the output
     head), chosen once from the knobs and the file's plan, and the run state (KV cache, cached positions)."""
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
-                 dense: bool = False, *, attn_window: int | None = None, attn_topk: int | None = None,
-                 attn_sinks: int | None = None, output_candidates: int | None = None,
-                 ffn_sparsity: float | None = None):
-        """dense: ignore the file's sparse plan (FFN thresholds, windowed attention, output candidates).
-        attn_window / attn_topk / attn_sinks / output_candidates override the file's (or, with dense, the
-        dense) settings: attn_window=0 is full attention, output_candidates=0 exact logits for every row.
-        ffn_sparsity replaces the file's FFN thresholds by a per-token rule: skip the down row of that fraction
-        of neurons, the least important by |a_j| ||down[:, j]|| (0: dense FFN)."""
+    def __init__(self, path: str | Path, options: EngineOptions | None = None, **knobs):
+        """options: the knobs (sparse_gguf.options.EngineOptions); knobs: EngineOptions fields given as keywords,
+        overriding options (Model(path, n_ctx=64, dense=True)). Unset knobs take the file's settings: its FFN
+        thresholds, windowed attention and output candidates; attn_window=0 is full attention,
+        output_candidates=0 exact logits for every row. ffn_sparsity replaces the file's FFN thresholds by a
+        per-token rule: skip the down row of that fraction of neurons, the least important by
+        |a_j| ||down[:, j]|| (0: dense FFN)."""
+        self.options = opts = replace(options or EngineOptions(), **knobs)
         self.path = Path(path)
         reader = open_gguf(self.path)      # dropped after loading: its parsed tokenizer fields are large
         self.cfg = cfg = ModelConfig.from_gguf(reader)
-        check_kv_memory(cfg, int(n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX)))   # before loading anything large
+        n_ctx = int(opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX))
+        check_kv_memory(cfg, n_ctx)        # before loading anything large
         self.weights: ModelWeights = load_weights(reader, cfg)
         self._plan: SparsityPlan | None = SparsityPlan.from_gguf(reader, cfg)     # None: a plain GGUF
-        self.dense = dense                   # ignore the file's sparsity plan
-        if ffn_sparsity is not None:
-            if not 0.0 <= ffn_sparsity < 1.0:
-                raise SparseGGUFError(f"--ffn-sparsity must be in [0, 1), got {ffn_sparsity}")
-            self.dense = dense = dense or ffn_sparsity == 0.0
-        self.ffn_topk: TopKSparsity | None = TopKSparsity.build(self.weights, ffn_sparsity) if ffn_sparsity else None
+        # ignore the file's sparsity plan (a top-k rule of 0 is a dense FFN too)
+        self.dense = dense = opts.dense or opts.ffn_sparsity == 0.0
+        self.ffn_topk: TopKSparsity | None = (TopKSparsity.build(self.weights, opts.ffn_sparsity)
+                                              if opts.ffn_sparsity else None)
         file_attn = AttentionWindow() if dense else attention_window_from_gguf(reader)
         self.attn = AttentionWindow(
-            file_attn.sinks if attn_sinks is None else int(attn_sinks),
-            file_attn.window if attn_window is None else int(attn_window),
-            file_attn.topk if attn_topk is None else int(attn_topk))
+            file_attn.sinks if opts.attn_sinks is None else int(opts.attn_sinks),
+            file_attn.window if opts.attn_window is None else int(opts.attn_window),
+            file_attn.topk if opts.attn_topk is None else int(opts.attn_topk))
         if self.attn.enabled and cfg.head_dim % 32:
             raise SparseGGUFError(f"windowed attention needs head_dim a multiple of 32, this model has {cfg.head_dim}")
-        n_cand = (0 if dense else output_candidates_from_gguf(reader)) if output_candidates is None else int(output_candidates)
-        self.set_output_candidates(n_cand)
+        n_cand = opts.output_candidates
+        if n_cand is None:
+            n_cand = 0 if dense else output_candidates_from_gguf(reader)
+        self.set_output_candidates(int(n_cand))
         self._dense_decode_bytes = float(self.weights.decode_bytes)   # a sum over every matrix: once, not per token
         release_mapped_pages(reader)
         del reader
-        self.n_threads = set_threads(n_threads)
-        self.n_ctx = int(n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX))
-        if self.n_ctx < 1:
-            raise SparseGGUFError(f"context size must be positive, got {self.n_ctx}")
+        self.n_threads = set_threads(opts.n_threads)
+        self.n_ctx = n_ctx
 
         self.rope = RopeTable(cfg.rope_dims, cfg.rope_base, cfg.rope_freq_scale, self.weights.rope_freqs,
                               cfg.rope_scaling, cfg.yarn_orig_ctx, cfg.rope_attn_factor)

@@ -18,7 +18,10 @@ from .validate import check_tokenizer_metadata, validate_gguf
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, n_ctx: int, n_threads: int, logits_all: bool = False):
+    def __init__(self, path: str | Path, n_ctx: int, n_threads: int, logits_all: bool = False,
+                 flash_attn: bool = False):
+        """flash_attn: llama.cpp's fused attention kernel (faster at depth on some machines, slower on others;
+        bench runs both and compares against the faster)."""
         import llama_cpp
 
         check_tokenizer_metadata(validate_gguf(path), str(path))   # llama.cpp aborts on some malformed files
@@ -26,12 +29,13 @@ class LlamaCppEngine:
             with quiet_stderr():
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads,
-                    n_threads_batch=n_threads, logits_all=logits_all, verbose=False,
+                    n_threads_batch=n_threads, logits_all=logits_all, flash_attn=flash_attn, verbose=False,
                 )
         except Exception as e:
             raise SparseGGUFError(f"{path}: llama.cpp could not load the model ({e})") from None
         self.n_ctx = n_ctx
         self.logits_all = logits_all
+        self.setting = "fa on" if flash_attn else "fa off"
         self.step_stats: dict[str, float] = {}     # set by the caller that knows the model (bench)
 
     @property

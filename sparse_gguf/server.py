@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -34,6 +34,7 @@ from typing import Literal, Optional, Union
 from .api import SparseLlama
 from .default_model import resolve_model_path
 from .errors import SparseGGUFError
+from .options import DEFAULT_CTX, EngineOptions
 from .threads import set_threads
 
 
@@ -41,8 +42,6 @@ from .threads import set_threads
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    n_ctx: int = 4096
-    n_threads: int | None = None
     max_tokens_cap: int = 1024        # max_tokens above this (or absent) is clamped to it
     max_queue: int = 8                # requests that may wait while one generates; more get 503
     queue_timeout: float = 60.0       # seconds a request may wait for its turn before 503
@@ -120,8 +119,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(llm, settings: ServerSettings, model_id: str):
-    """The FastAPI app serving `llm` (a SparseLlama, or anything with its two create_* methods)."""
+def create_app(llm, settings: ServerSettings, model_id: str, n_threads: int | None = None):
+    """The FastAPI app serving `llm` (a SparseLlama, or anything with its two create_* methods) on n_threads
+    Numba threads (None: physical cores)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -164,7 +164,7 @@ def create_app(llm, settings: ServerSettings, model_id: str):
         max_completion_tokens: Optional[int] = None
 
     executor = ThreadPoolExecutor(1, thread_name_prefix="generate", initializer=set_threads,
-                                  initargs=(settings.n_threads,))   # Numba's thread count is per thread
+                                  initargs=(n_threads,))   # Numba's thread count is per thread
     admission = Admission(settings.max_queue)
     model_lock = asyncio.Lock()
     app = FastAPI(title="sparse-gguf", version="0.1.0")
@@ -287,8 +287,9 @@ def _check_port(host: str, port: int) -> None:
         raise SparseGGUFError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def serve(model: str | Path | None, settings: ServerSettings, **engine_kwargs) -> None:
-    """Load the model and serve it until SIGTERM/SIGINT."""
+def serve(model: str | Path | None, settings: ServerSettings,
+          engine: EngineOptions = EngineOptions(n_ctx=DEFAULT_CTX)) -> None:
+    """Load the model with the engine's knobs and serve it until SIGTERM/SIGINT."""
     try:
         import uvicorn
         import fastapi  # noqa: F401
@@ -303,8 +304,8 @@ def serve(model: str | Path | None, settings: ServerSettings, **engine_kwargs) -
         raise SparseGGUFError("max_queue must be >= 0")
     path = resolve_model_path(model)
     _check_port(settings.host, settings.port)
-    llm = SparseLlama(path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, verbose=False, **engine_kwargs)
-    app = create_app(llm, settings, path.name)
+    llm = SparseLlama(path, verbose=False, **asdict(engine))      # the drop-in's keywords are the options' fields
+    app = create_app(llm, settings, path.name, engine.n_threads)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -172,6 +172,10 @@ def test_bench_json(tiny_model):
         assert set(r) >= {"engine", "test", "n_threads", "avg_ts", "stddev_ts", "samples_ts"}
         assert len(r["samples_ts"]) == 2 and r["avg_ts"] > 0
         assert r["avg_ts"] == pytest.approx(float(np.mean(r["samples_ts"])))
+        if r["engine"] == "llama.cpp":     # the faster of flash attention off and on, and the slower one
+            (slower,) = r["slower"]
+            assert {r["setting"], slower["setting"]} == {"fa on", "fa off"}
+            assert len(slower["samples_ts"]) == 2 and r["avg_ts"] >= slower["avg_ts"] > 0
 
 
 def test_chat_piped_default_model():

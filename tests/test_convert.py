@@ -53,7 +53,7 @@ def test_metadata_tokenizer_and_template_survive(tiny_model, tmp_path, test_text
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
     out = tmp_path / "out.gguf"
-    convert(src, out, sparsity=0.2, calib_files=(calib,), calib_only=True)
+    convert(src, output=out, sparsity=0.2, calib_files=(calib,), calib_only=True)
     before, after = all_metadata(open_gguf(src)), all_metadata(open_gguf(out))
     for key, value in before.items():
         assert after[key] == value, key
@@ -112,7 +112,7 @@ def test_interrupted_conversion_leaves_no_file(tiny_model, tmp_path, test_text):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert(src, out, sparsity=0.3, calib_files=(calib,), calib_only=True, write_progress=interrupt)
+        convert(src, output=out, sparsity=0.3, calib_files=(calib,), calib_only=True, write_progress=interrupt)
     assert out.read_bytes() == b"previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.txt", "out.gguf", src.name])
 
@@ -121,10 +121,10 @@ def test_top1_floor_limits_sparsity(tiny_model, tmp_path, test_text):
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
-    loose = convert(src, tmp_path / "a.gguf", budget_kl=0.5, min_top1=0.0, calib_files=(calib,), calib_only=True,
-                    allocation_seconds=0)
-    strict = convert(src, tmp_path / "b.gguf", budget_kl=0.5, min_top1=0.99, calib_files=(calib,), calib_only=True,
-                     allocation_seconds=0)
+    loose = convert(src, output=tmp_path / "a.gguf", budget_kl=0.5, min_top1=0.0, calib_files=(calib,),
+                    calib_only=True, allocation_seconds=0)
+    strict = convert(src, output=tmp_path / "b.gguf", budget_kl=0.5, min_top1=0.99, calib_files=(calib,),
+                     calib_only=True, allocation_seconds=0)
     assert strict.summary["top1_agreement"] >= 0.99 or max(strict.levels) == 0.0
     assert np.mean(strict.levels) < np.mean(loose.levels)
 
@@ -147,7 +147,7 @@ def test_predictor_layers_convert_load_and_decode_as_masked(tiny_model, tmp_path
     src = _copy(tiny_model(arch, qtype), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
-    res = convert(src, tmp_path / "p.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="on")
+    res = convert(src, output=tmp_path / "p.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="on")
     assert res.modes == [2] * len(res.levels)
     table = json.loads(all_metadata(open_gguf(res.out_path))["sparse_gguf.layer_table"])
     for row in table:
@@ -177,12 +177,13 @@ def test_predictors_off_and_auto(tiny_model, tmp_path, test_text):
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
     done: list[float] = []                                   # the overall progress bar's positions
-    off = convert(src, tmp_path / "off.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="off",
-                  fraction=done.append)
+    off = convert(src, output=tmp_path / "off.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True,
+                  predictors="off", fraction=done.append)
     assert done == sorted(done) and done[-1] == 1.0 and len(set(done)) > 5
-    auto = convert(src, tmp_path / "auto.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True)
+    auto = convert(src, output=tmp_path / "auto.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True)
     assert off.modes == auto.modes == [1, 1]
     assert not any(t.name.startswith("blk.0.ffn_pred") for t in open_gguf(tmp_path / "off.gguf").tensors)
     assert all(row["pred_kept"] > 0.9 for row in auto.layer_table())
     with pytest.raises(SparseGGUFError, match="--predictors"):
-        convert(src, tmp_path / "x.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True, predictors="maybe")
+        convert(src, output=tmp_path / "x.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True,
+                predictors="maybe")

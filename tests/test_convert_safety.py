@@ -135,5 +135,5 @@ def test_convert_checks_free_space_before_calibrating(src, tmp_path, monkeypatch
     monkeypatch.setattr(gguf_out.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     monkeypatch.setattr(convert_mod, "Model", None)          # loading would fail loudly: it must not happen
     with pytest.raises(OSError, match="free disk space"):
-        convert_mod.convert(src, tmp_path / "out.gguf")
+        convert_mod.convert(src, output=tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()

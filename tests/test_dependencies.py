@@ -10,8 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("sparse_gguf", "numba_kernels", "converters", "cli")
-FRONT_ENDS = {"cli", "sparse_gguf.server", "sparse_gguf.chat", "sparse_gguf.api", "sparse_gguf.bench",
-              "sparse_gguf.generate"}
+FRONT_ENDS = {"cli", "sparse_gguf.server", "sparse_gguf.chat", "sparse_gguf.api", "sparse_gguf.bench"}
 STDLIB = set(sys.stdlib_module_names)
 
 

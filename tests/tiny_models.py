@@ -15,7 +15,9 @@ with gguf-py (``gguf.quants.quantize``).  The K-quants (Q4_K, Q5_K, Q6_K and the
 ``_S``/``_M`` mixes) cannot be produced by gguf-py, so an F32 model is written
 first and converted by llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``);
 llama.cpp then chooses the type per tensor (e.g. Q4_K_M mixes Q4_K and Q6_K).
-1-D tensors (norms, biases, rope factors) always stay F32.
+1-D tensors (norms, biases, rope factors) always stay F32.  The file is written tensor by tensor; with
+``streamed=True`` each tensor is also drawn block by block, so benchmarks/synthetic_models.py writes models of
+real sizes (and real vocabulary sizes: ``n_vocab`` pads the tokenizer with unused tokens) through this module.
 
 Per-architecture defaults (n_embd=256, n_ff=512, n_head=4, n_head_kv=2, vocab 49152):
 
@@ -45,6 +47,8 @@ import math
 import os
 import pathlib
 import threading
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -56,12 +60,15 @@ __all__ = [
     "DIRECT_WEIGHT_TYPES",
     "KQUANT_WEIGHT_TYPES",
     "WEIGHT_TYPES",
+    "LLAMA_FTYPES",
     "VOCAB_SIZE",
     "default_model_path",
     "tokenizer_metadata",
     "write_tiny_model",
+    "llama_quantize",
     "cached_tiny_model",
     "expected_tensor_names",
+    "tensor_shapes",
     "GGUFSummary",
     "read_gguf_summary",
 ]
@@ -81,6 +88,8 @@ KQUANT_WEIGHT_TYPES = {
     "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
 }
 WEIGHT_TYPES = DIRECT_WEIGHT_TYPES + tuple(KQUANT_WEIGHT_TYPES)
+# every type llama_quantize can produce (llama.cpp's quantizer also writes the types gguf-py can)
+LLAMA_FTYPES = {**KQUANT_WEIGHT_TYPES, **{t: f"LLAMA_FTYPE_MOSTLY_{t}" for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}}
 
 VOCAB_SIZE = 49152
 
@@ -176,13 +185,18 @@ def tokenizer_metadata() -> dict[str, Any]:
     return out
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool, n_vocab: int = VOCAB_SIZE) -> None:
+    """The default model's tokenizer; past its VOCAB_SIZE tokens, unused ``[PAD<i>]`` tokens up to ``n_vocab``
+    (as convert_hf_to_gguf pads a vocabulary smaller than the embedding matrix)."""
     md = tokenizer_metadata()
+    n_pad = n_vocab - VOCAB_SIZE
+    if n_pad < 0:
+        raise ValueError(f"n_vocab {n_vocab} is smaller than the tokenizer's {VOCAB_SIZE} tokens")
     writer.add_tokenizer_model(md["tokenizer.ggml.model"])
     if "tokenizer.ggml.pre" in md:
         writer.add_tokenizer_pre(md["tokenizer.ggml.pre"])
-    writer.add_token_list(list(md["tokenizer.ggml.tokens"]))
-    writer.add_token_types(list(md["tokenizer.ggml.token_type"]))
+    writer.add_token_list(list(md["tokenizer.ggml.tokens"]) + [f"[PAD{i}]" for i in range(VOCAB_SIZE, n_vocab)])
+    writer.add_token_types(list(md["tokenizer.ggml.token_type"]) + [gguf.TokenType.UNUSED] * n_pad)
     if "tokenizer.ggml.merges" in md:
         writer.add_token_merges(list(md["tokenizer.ggml.merges"]))
     writer.add_bos_token_id(int(md["tokenizer.ggml.bos_token_id"]))
@@ -302,33 +316,43 @@ def _llama3_rope_factors(head_dim: int, base: float, factor: float, low_freq_fac
     return out.astype(np.float32)
 
 
-def _make_tensors(arch: str, cfg: dict[str, Any], *, seed: int, n_embd: int, n_ff: int,
-                  n_head: int, n_head_kv: int, rope_scaling: str | None) -> dict[str, np.ndarray]:
-    """All tensors as float32 numpy arrays in GGUF/numpy order (rows = output features)."""
-    rng = np.random.default_rng(seed)
+@dataclasses.dataclass(frozen=True)
+class TensorRecipe:
+    """How one tensor's values are drawn: its shape (numpy order, rows = output features) and
+    ``draw(rng, n_rows)`` -> float32 array of ``n_rows`` rows, so a big tensor can be drawn block by block."""
+
+    shape: tuple[int, ...]
+    draw: Callable[[np.random.Generator, int], np.ndarray]
+
+
+def _normal(shape: tuple[int, ...], std: float) -> TensorRecipe:
+    return TensorRecipe(shape, lambda rng, n: rng.standard_normal((n, *shape[1:]), dtype=np.float32) * np.float32(std))
+
+
+def _tensor_recipes(arch: str, cfg: dict[str, Any], *, n_vocab: int, n_embd: int, n_ff: int,
+                    n_head: int, n_head_kv: int, rope_scaling: str | None) -> dict[str, TensorRecipe]:
+    """Every tensor of the model, in file order."""
     hd = cfg["head_dim"]
     n_q = n_head * hd
     n_kv = n_head_kv * hd
     g = float(cfg["qk_gain"])
 
-    def mat(n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
-        return (rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(gain / math.sqrt(n_in)))
+    def mat(n_out: int, n_in: int, gain: float = 1.0) -> TensorRecipe:
+        return _normal((n_out, n_in), gain / math.sqrt(n_in))
 
-    def norm(n: int, mean: float = 1.0, noise: float = 0.1) -> np.ndarray:
-        return (mean + noise * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+    def norm(n: int, mean: float = 1.0, noise: float = 0.1) -> TensorRecipe:
+        return TensorRecipe((n,), lambda rng, k: (mean + noise * rng.standard_normal(k, dtype=np.float32)).astype(np.float32))
 
-    t: dict[str, np.ndarray] = {}
-    def vocab_matrix(std: float) -> np.ndarray:
-        return rng.standard_normal((VOCAB_SIZE, n_embd), dtype=np.float32) * np.float32(std)
-
-    t["token_embd.weight"] = vocab_matrix(cfg["embd_std"])
+    t: dict[str, TensorRecipe] = {}
+    t["token_embd.weight"] = _normal((n_vocab, n_embd), cfg["embd_std"])
     t["output_norm.weight"] = norm(n_embd, cfg["out_norm_gain"])
     if not cfg["tied"]:
-        t["output.weight"] = vocab_matrix(0.25)
+        t["output.weight"] = _normal((n_vocab, n_embd), 0.25)
     if arch == "llama" and rope_scaling == "llama3":
-        t["rope_freqs.weight"] = _llama3_rope_factors(
+        factors = _llama3_rope_factors(
             hd, cfg["rope_freq_base"], cfg["rope_factor"], cfg["rope_low_freq_factor"],
             cfg["rope_high_freq_factor"], cfg["rope_orig_ctx"])
+        t["rope_freqs.weight"] = TensorRecipe(factors.shape, lambda rng, n: factors[:n])
 
     qk_norm = arch in ("qwen3", "gemma3")
     for i in range(cfg["n_layer"]):
@@ -340,9 +364,9 @@ def _make_tensors(arch: str, cfg: dict[str, Any], *, seed: int, n_embd: int, n_f
         t[p + "attn_v.weight"] = mat(n_kv, n_embd)
         t[p + "attn_output.weight"] = mat(n_embd, n_q)
         if arch == "qwen2":
-            t[p + "attn_q.bias"] = 0.5 * rng.standard_normal(n_q, dtype=np.float32)
-            t[p + "attn_k.bias"] = 0.5 * rng.standard_normal(n_kv, dtype=np.float32)
-            t[p + "attn_v.bias"] = 0.1 * rng.standard_normal(n_kv, dtype=np.float32)
+            t[p + "attn_q.bias"] = _normal((n_q,), 0.5)
+            t[p + "attn_k.bias"] = _normal((n_kv,), 0.5)
+            t[p + "attn_v.bias"] = _normal((n_kv,), 0.1)
         if qk_norm:
             t[p + "attn_q_norm.weight"] = norm(hd, g)
             t[p + "attn_k_norm.weight"] = norm(hd, g)
@@ -358,13 +382,52 @@ def _make_tensors(arch: str, cfg: dict[str, Any], *, seed: int, n_embd: int, n_f
     return t
 
 
+# rows drawn at once when streaming (4 Mi values: 16 MiB of float32)
+_STREAM_BLOCK_VALUES = 1 << 22
+
+
+def _row_blocks(name: str, recipe: TensorRecipe, rng: np.random.Generator | None, seed: int) -> Iterator[np.ndarray]:
+    """A tensor's values as blocks of rows.  With ``rng``: one block from that generator (the tiny models: every
+    tensor drawn in file order from one generator).  Without: blocks of ~16 MiB, each from a generator seeded by
+    (seed, tensor name, block), so peak memory is one block whatever the model's size."""
+    n_rows = recipe.shape[0]
+    if rng is not None:
+        yield recipe.draw(rng, n_rows)
+        return
+    step = max(1, _STREAM_BLOCK_VALUES // math.prod(recipe.shape[1:]))
+    for i, r0 in enumerate(range(0, n_rows, step)):
+        block_rng = np.random.default_rng((seed, zlib.crc32(name.encode()), i))
+        yield recipe.draw(block_rng, min(step, n_rows - r0))
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 
 
-def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
-                weight_type: str, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
-                n_ctx_train: int, rope_scaling: str | None) -> None:
+class _StreamedTensor:
+    """What GGUFWriter.write_tensor_data needs of an array (``nbytes``, ``tofile``), written block by block."""
+
+    def __init__(self, nbytes: int, blocks: Iterator[np.ndarray]):
+        self.nbytes = nbytes
+        self.blocks = blocks
+
+    def tofile(self, f) -> None:
+        for block in self.blocks:
+            block.tofile(f)
+
+
+def _encode(block: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 rows -> the bytes of ``qtype`` (1-D tensors always stay F32)."""
+    if block.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(block, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return block.astype(np.float16)
+    return gguf.quants.quantize(block, qtype)
+
+
+def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dict[str, TensorRecipe], *,
+                weight_type: str, seed: int, streamed: bool, n_vocab: int, n_embd: int, n_ff: int, n_head: int,
+                n_head_kv: int, n_ctx_train: int, rope_scaling: str | None) -> None:
     qtype = gguf.GGMLQuantizationType[weight_type]
     hd = cfg["head_dim"]
     w = gguf.GGUFWriter(str(path), arch)
@@ -378,7 +441,7 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
     w.add_head_count_kv(n_head_kv)
     w.add_rope_freq_base(float(cfg["rope_freq_base"]))
     w.add_layer_norm_rms_eps(float(cfg["rms_eps"]))
-    w.add_vocab_size(VOCAB_SIZE)
+    w.add_vocab_size(n_vocab)
     w.add_file_type(int(_LLAMA_FILE_TYPE[weight_type]))
     if arch in ("qwen3", "gemma3") or hd * n_head != n_embd:
         w.add_key_length(hd)
@@ -404,30 +467,32 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
             w.add_rope_freq_base_swa(float(cfg["rope_freq_base_swa"]))
         if cfg["final_logit_softcapping"] is not None:
             w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
-    _add_tokenizer(w, cfg["add_bos_token"])
+    _add_tokenizer(w, cfg["add_bos_token"], n_vocab)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    for name, arr in tensors.items():
-        if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            data = gguf.quants.quantize(arr, qtype)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-
+    types = {name: gguf.GGMLQuantizationType.F32 if len(r.shape) == 1 else qtype for name, r in tensors.items()}
+    for name, r in tensors.items():
+        n_bytes = math.prod(gguf.quants.quant_shape_to_byte_shape(r.shape, types[name]))
+        w.add_tensor_info(name, r.shape, np.dtype(np.float32), n_bytes, raw_dtype=types[name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    rng = None if streamed else np.random.default_rng(seed)
+    for name, r in tensors.items():
+        n_bytes = math.prod(gguf.quants.quant_shape_to_byte_shape(r.shape, types[name]))
+        blocks = (_encode(b, types[name]) for b in _row_blocks(name, r, rng, seed))
+        w.write_tensor_data(_StreamedTensor(n_bytes, blocks))
     w.close()
 
 
-def _llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, pure: bool) -> None:
+def llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, pure: bool = False) -> None:
+    """Quantize ``src`` into ``dst`` with llama.cpp's own quantizer (``weight_type``: a key of LLAMA_FTYPES; llama.cpp
+    picks the type per tensor, e.g. Q6_K for the output matrix, unless ``pure``)."""
     import ctypes
 
     import llama_cpp
 
-    ftype = getattr(llama_cpp, KQUANT_WEIGHT_TYPES[weight_type])
+    ftype = getattr(llama_cpp, LLAMA_FTYPES[weight_type])
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -446,22 +511,10 @@ def _llama_quantize(src: pathlib.Path, dst: pathlib.Path, weight_type: str, *, p
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {weight_type}) failed with {rc}")
 
 
-def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0,
-                     n_layer: int | None = None, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
-                     n_head_kv: int = 2, head_dim: int | None = None, n_ctx_train: int = 2048,
-                     rope_scaling: str | None = None, **overrides) -> pathlib.Path:
-    """Write a tiny random-weight GGUF model for ``arch`` to ``path`` and return the path.
-
-    n_layer / head_dim default per architecture (see ``_ARCH_DEFAULTS``: gemma3 has 6
-    layers so that both sliding-window and global layers exist, qwen3 has head_dim=128
-    != n_embd/n_head).  ``rope_scaling``: None, ``"linear"`` (rope.scaling.type=linear,
-    factor 2) or ``"llama3"`` (llama only: a ``rope_freqs.weight`` tensor).
-    ``overrides``: see ``_OVERRIDE_DEFAULTS`` (e.g. ``tied=False`` writes output.weight).
-    """
-    path = pathlib.Path(path)
-    weight_type = weight_type.upper()
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+def _plan(arch: str, *, n_layer: int | None = None, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
+          n_head_kv: int = 2, head_dim: int | None = None, rope_scaling: str | None = None,
+          n_vocab: int = VOCAB_SIZE, **overrides) -> tuple[dict[str, Any], dict[str, Any], dict[str, TensorRecipe]]:
+    """(resolved settings, the shape arguments _write_gguf takes, tensor recipes) of one model."""
     if rope_scaling not in (None, "linear", "llama3", "yarn"):
         raise ValueError(f"unsupported rope_scaling {rope_scaling!r} (None, 'linear', 'llama3' or 'yarn')")
     if rope_scaling == "llama3" and arch != "llama":
@@ -473,16 +526,43 @@ def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0
         cfg["rope_factor"] = 2.0
     if rope_scaling == "llama3" and cfg["rope_factor"] is None:
         cfg["rope_factor"] = 8.0
-    tensors = _make_tensors(arch, cfg, seed=seed, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
-                            n_head_kv=n_head_kv, rope_scaling=rope_scaling)
-    common = dict(n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-                  n_ctx_train=n_ctx_train, rope_scaling=rope_scaling)
+    dims = dict(n_vocab=n_vocab, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                rope_scaling=rope_scaling)
+    return cfg, dims, _tensor_recipes(arch, cfg, **dims)
+
+
+def tensor_shapes(arch: str, **shape) -> dict[str, tuple[int, ...]]:
+    """Name -> shape (numpy order) of every tensor write_tiny_model(path, arch, **shape) writes; nothing drawn."""
+    return {name: r.shape for name, r in _plan(arch, **shape)[2].items()}
+
+
+def write_tiny_model(path, arch: str, *, weight_type: str = "F32", seed: int = 0, n_ctx_train: int = 2048,
+                     streamed: bool = False, **shape) -> pathlib.Path:
+    """Write a tiny random-weight GGUF model for ``arch`` to ``path`` and return the path.
+
+    ``shape`` (see ``_plan``): n_layer, n_embd (256), n_ff (512), n_head (4), n_head_kv (2), head_dim,
+    rope_scaling, n_vocab, and the overrides of ``_OVERRIDE_DEFAULTS`` (e.g. ``tied=False`` writes output.weight).
+    n_layer / head_dim default per architecture (see ``_ARCH_DEFAULTS``: gemma3 has 6
+    layers so that both sliding-window and global layers exist, qwen3 has head_dim=128
+    != n_embd/n_head).  ``rope_scaling``: None, ``"linear"`` (rope.scaling.type=linear,
+    factor 2) or ``"llama3"`` (llama only: a ``rope_freqs.weight`` tensor).
+    ``n_vocab``: the output matrix's rows; the tokenizer is padded with unused tokens up to it.
+    ``streamed``: each block of rows drawn from its own seeded generator and the file written tensor by tensor
+    (peak memory one block, for the full-size shapes of benchmarks/synthetic_models.py); by default every tensor
+    is drawn in file order from one generator (the tiny models the tests were tuned on).
+    """
+    path = pathlib.Path(path)
+    weight_type = weight_type.upper()
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unsupported weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    cfg, dims, tensors = _plan(arch, **shape)
+    common = dict(seed=seed, streamed=streamed, n_ctx_train=n_ctx_train, **dims)
     path.parent.mkdir(parents=True, exist_ok=True)
     if weight_type in KQUANT_WEIGHT_TYPES:
         src = path.with_name(path.name + f".{os.getpid()}.f32.gguf")
         try:
             _write_gguf(src, arch, cfg, tensors, weight_type="F32", **common)
-            _llama_quantize(src, path, weight_type, pure=cfg["quant_pure"])
+            llama_quantize(src, path, weight_type, pure=cfg["quant_pure"])
         finally:
             src.unlink(missing_ok=True)
     else:
