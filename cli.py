@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -68,6 +69,19 @@ def _engine_summary(engine) -> str:
     parts.append(f"output: 4-bit scoring, exact top-{engine.output_candidates}" if engine.output_candidates
                  else "exact output")
     return " · ".join(parts)
+
+
+def _load_engine(path, options: EngineOptions, err):
+    """The Model, with its kernels compiled before the first prompt; on a fresh checkout (nothing in Numba's
+    disk cache yet) that takes tens of seconds, so say so while it runs."""
+    from numba_kernels import compiled_on_disk
+    from sparse_gguf.model import Model
+
+    first_run = not compiled_on_disk()
+    with err.status("compiling kernels, first run only (about 30 s)") if first_run else contextlib.nullcontext():
+        engine = Model(path, options)
+        engine.warm_up()
+    return engine
 
 
 def _console(stderr: bool = False):
@@ -168,7 +182,6 @@ def chat(
     """Interactive streaming chat with the model's own chat template. /help lists the commands; Ctrl-C stops a reply."""
     from sparse_gguf.chat import ChatSession, run_chat
     from sparse_gguf.default_model import resolve_model_path
-    from sparse_gguf.model import Model
     from sparse_gguf.sampling import SamplingParams
     from sparse_gguf.tokenizer import Tokenizer
 
@@ -176,10 +189,10 @@ def chat(
                             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, top_h=top_h).validate()
     path = resolve_model_path(model)
     tok = Tokenizer(path)
-    engine = Model(path, options)
+    err = _console(stderr=True)
+    engine = _load_engine(path, options, err)
     session = ChatSession(engine, tok, params, system, max_tokens)
     interactive = sys.stdin.isatty()
-    err = _console(stderr=True)
 
     def out(text: str) -> None:
         sys.stdout.write(text)

@@ -14,4 +14,16 @@ together with its GGML type code (gguf.GGMLQuantizationType value).
 
 # The kernel modules register their kernels in the qtypes entries as they load: import them here, so every
 # entry is complete whichever module of the package is imported first.
+import os
+
 from . import dequant, qgemv  # noqa: E402,F401
+
+
+def compiled_on_disk() -> bool:
+    """Whether Numba's on-disk cache already holds the decode kernels (False on a fresh checkout: the first run
+    compiles them, which takes tens of seconds). Asked of the batched GEMV, which every quantized model runs;
+    if Numba's cache cannot be inspected, True (say nothing rather than something false)."""
+    try:
+        return os.path.exists(qgemv._gemm._cache._cache_file._index_path)
+    except Exception:   # a Numba without these internals
+        return True

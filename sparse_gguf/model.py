@@ -110,6 +110,14 @@ class Model:
     def n_vocab(self) -> int:
         return self.cfg.n_vocab
 
+    def warm_up(self) -> None:
+        """Run a short prefill and a decode step, then forget them: compiles (or loads from Numba's disk cache)
+        every kernel this model's strategies use, so the first reply does not pay for it."""
+        self.reset()
+        self.eval([0, 0])
+        self.eval([0])
+        self.reset()
+
     def reset(self) -> None:
         self.n_past = 0
 
