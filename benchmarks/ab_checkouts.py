@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    print(f"| model | test | A t/s (median of {args.rounds}) | B t/s | B / A |")
+    print(f"| model | test | A t/s (median of {args.rounds}; min-max) | B t/s | B / A |")
     print("|---|---|---|---|---|")
     for model in args.models.split(","):
         samples: dict[str, dict[str, list[float]]] = {"a": {}, "b": {}}
@@ -56,8 +56,10 @@ def main() -> None:
                 for test, ts in got.items():
                     samples[side].setdefault(test, []).append(ts)
         for test in samples["a"]:
-            a, b = float(np.median(samples["a"][test])), float(np.median(samples["b"][test]))
-            print(f"| {Path(model).name} | {test} | {a:.1f} | {b:.1f} | {b / a:.3f} |", flush=True)
+            sa, sb = samples["a"][test], samples["b"][test]
+            a, b = float(np.median(sa)), float(np.median(sb))
+            print(f"| {Path(model).name} | {test} | {a:.1f} ({min(sa):.1f}-{max(sa):.1f}) | "
+                  f"{b:.1f} ({min(sb):.1f}-{max(sb):.1f}) | {b / a:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
