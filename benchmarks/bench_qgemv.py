@@ -80,8 +80,8 @@ def _stream_read(a):
     return s.sum()
 
 
-def stream_gbs(reps: int = 7) -> float:
-    a = np.ones((512 << 20) // 4, np.float32)
+def stream_gbs(reps: int = 7, n_bytes: int = 512 << 20) -> float:
+    a = np.ones(n_bytes // 4, np.float32)
     _stream_read(a)
     best = 1e9
     for _ in range(reps):

@@ -5,8 +5,8 @@
 
 For each shape and type it writes the file if absent (benchmarks/synthetic_models.py), runs `sparse-gguf bench`
 on it in a fresh process (repetitions A/B interleaved with llama.cpp, flash attention off and on, the faster
-kept), and collects decode GB/s next to the machine's read bandwidth (a parallel sum over a 1 GiB buffer,
-measured first). Writes the markdown table (default docs/scale.md) and a picture of tokens/s per shape, both
+kept), and collects decode GB/s next to the machine's read bandwidth (bench_qgemv's parallel sum over a
+1 GiB buffer, measured first). Writes the markdown table (default docs/scale.md) and a picture of tokens/s per shape, both
 engines, one panel per test (default docs/scale.png). Speed does not depend on weight values, so these files
 measure speed, load time and memory honestly; never quality.
 """
@@ -17,46 +17,18 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from bench_qgemv import stream_gbs  # noqa: E402
 from synthetic_models import SHAPES, synthetic_models  # noqa: E402
 
 TYPES = ("Q4_0", "Q8_0", "Q4_K_M")
 TESTS = "tg128,pp512,tg64@d4096"
-
-
-@njit(parallel=True, cache=True)
-def _parallel_sum(a):
-    n_chunks = 64
-    parts = np.zeros(n_chunks)
-    step = (a.size + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        s = 0.0
-        for i in range(c * step, min(a.size, (c + 1) * step)):
-            s += a[i]
-        parts[c] = s
-    return parts.sum()
-
-
-def read_bandwidth(n_bytes: int = 1 << 30, reps: int = 5) -> float:
-    """GB/s of a parallel float64 sum over a buffer far larger than the caches (best of reps)."""
-    a = np.ones(n_bytes // 8)
-    _parallel_sum(a)
-    best = min(_timed(_parallel_sum, a) for _ in range(reps))
-    return n_bytes / best / 1e9
-
-
-def _timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def bench_file(path: Path, tests: str, reps: int, threads: int | None) -> list[dict]:
@@ -122,7 +94,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
     args = ap.parse_args()
 
-    bandwidth = read_bandwidth()
+    bandwidth = stream_gbs(reps=5, n_bytes=1 << 30)   # far larger than the caches
     print(f"read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
     for shape in args.shapes.split(","):

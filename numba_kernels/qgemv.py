@@ -370,6 +370,10 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix
 # --------------------------------------------------------------------------------------------------
 
 
+# Rows stream from memory faster with a software prefetch this far ahead in qs (the next rows of a chunk follow
+# on): Q4_0 GEMV over a 1.2 GB matrix, 2 threads, 12.8 -> 21.7 GB/s (512: 16.1, 4096: 22.3).
+PREFETCH_BYTES = 2048
+
 # Options of the per-row / per-block helpers.  _nrt=False: these functions never allocate, and without
 # it Numba may leave atomic NRT incref/decref pairs on every array argument at each row's entry/exit
 # (its refcount pruning gives up on the two-accumulator loop CFG): ~10 atomics per row.
@@ -434,6 +438,18 @@ def _blk_q8(path, qs, sc, r, qoff, b, xq, xd, acc):
 # --------------------------------------------------------------------------------------------------
 
 
+@njit(**_ROW_OPTS)
+def _prefetch_128(a, off):
+    simd.prefetch(a, off)
+    simd.prefetch(a, off + np.uint64(64))
+
+
+@njit(**_ROW_OPTS)
+def _prefetch_256(a, off):
+    _prefetch_128(a, off)
+    _prefetch_128(a, off + np.uint64(128))
+
+
 @kernel_for(QT.Q4_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
@@ -445,6 +461,7 @@ def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
+            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
             a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
@@ -465,6 +482,7 @@ def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
+            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
             a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
@@ -485,6 +503,7 @@ def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
+            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
             a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
@@ -505,6 +524,7 @@ def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
+            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
             a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
@@ -525,6 +545,7 @@ def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for k in range(nb >> 1):
+            simd.prefetch(qs, qoff + np.uint64(64 * k + PREFETCH_BYTES))
             a0 = _blk_q8(path, qs, sc, r, qoff, 2 * k, xq, xd, a0)
             a1 = _blk_q8(path, qs, sc, r, qoff, 2 * k + 1, xq, xd, a1)
         if nb & 1:
@@ -558,6 +579,7 @@ def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):          # two superblocks per step: two independent FMA chains
+            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
             so = soff + np.uint64(sb * 10)
             p0 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128), sc, so + np.uint64(2), xq, sb * 256)
             p1 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), sc, so + np.uint64(12), xq, sb * 256 + 256)
@@ -584,6 +606,8 @@ def _span_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):
+            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
+            simd.prefetch(qh, hoff + np.uint64(sb * 32 + PREFETCH_BYTES // 4))
             so = soff + np.uint64(sb * 10)
             p0 = simd.dot_q5k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 32),
                                  sc, so + np.uint64(2), xq, sb * 256)
@@ -614,6 +638,8 @@ def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):
+            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
+            _prefetch_128(qh, hoff + np.uint64(sb * 64 + PREFETCH_BYTES // 2))
             p0 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 64),
                                  sc, soff + np.uint64(sb * 9 + 1), xq, sb * 256)
             p1 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), qh, hoff + np.uint64(sb * 64 + 64),
