@@ -930,23 +930,8 @@ def _dot_q5x2_scalar(w, woff, qh0, qh1, x, xoff):
 
 
 @njit(cache=True)
-def _dot_q4k_sb_scalar(w, woff, sc, soff, x, xoff):
-    w = w.reshape(w.size)
-    sc = sc.reshape(sc.size)
-    x = x.reshape(x.size)
-    s = np.int32(0)
-    for j in range(8):
-        d = np.int32(0)
-        for l in range(32):
-            q = np.int32(w[woff + 32 * (j >> 1) + l])
-            q = (q >> 4) if j & 1 else (q & 15)
-            d += q * np.int32(x[xoff + 32 * j + l])
-        s += np.int32(sc[soff + j] & 0xFF) * d
-    return s
-
-
-@njit(cache=True)
-def _dot_q5k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
+def _dot_q45k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff, five):
+    """Q4_K's superblock sum, or Q5_K's (five: the 5th bits from h)."""
     w = w.reshape(w.size)
     h = h.reshape(h.size)
     sc = sc.reshape(sc.size)
@@ -957,10 +942,21 @@ def _dot_q5k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
         for l in range(32):
             q = np.int32(w[woff + 32 * (j >> 1) + l])
             q = (q >> 4) if j & 1 else (q & 15)
-            q |= ((np.int32(h[hoff + l]) >> j) & 1) << 4
+            if five:
+                q |= ((np.int32(h[hoff + l]) >> j) & 1) << 4
             d += q * np.int32(x[xoff + 32 * j + l])
         s += np.int32(sc[soff + j] & 0xFF) * d
     return s
+
+
+@njit(cache=True)
+def _dot_q4k_sb_scalar(w, woff, sc, soff, x, xoff):
+    return _dot_q45k_sb_scalar(w, woff, w, 0, sc, soff, x, xoff, False)
+
+
+@njit(cache=True)
+def _dot_q5k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
+    return _dot_q45k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff, True)
 
 
 @njit(cache=True)
