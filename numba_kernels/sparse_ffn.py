@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from . import ops, qgemv, simd
 from .actquant import f16_round

@@ -4,7 +4,6 @@ interactive loop of `sparse-gguf chat` (multi-line input, slash commands, saving
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
