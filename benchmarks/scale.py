@@ -3,6 +3,9 @@
     python benchmarks/scale.py                                    # every shape x {Q4_0, Q8_0, Q4_K_M}
     python benchmarks/scale.py --shapes llama-3.2-1b --types Q4_K_M --tests tg128 --reps 2
 
+tg64@d4096 (a 4096-token prefill per engine and repetition first) runs on the --deep-shapes only (default the 1B
+shape, as issue 14 asks); the other shapes run tg128 and pp512.
+
 For each shape and type it writes the file if absent (benchmarks/synthetic_models.py), runs `sparse-gguf bench`
 on it in a fresh process (repetitions A/B interleaved with llama.cpp, flash attention off and on, the faster
 kept), and collects decode GB/s next to the machine's read bandwidth (bench_qgemv's parallel sum over a
@@ -28,7 +31,8 @@ from bench_qgemv import stream_gbs  # noqa: E402
 from synthetic_models import SHAPES, synthetic_models  # noqa: E402
 
 TYPES = ("Q4_0", "Q8_0", "Q4_K_M")
-TESTS = "tg128,pp512,tg64@d4096"
+TESTS = "tg128,pp512"
+DEEP_TESTS = "tg64@d4096"
 
 
 def bench_file(path: Path, tests: str, reps: int, threads: int | None) -> list[dict]:
@@ -87,7 +91,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--types", default=",".join(TYPES))
-    ap.add_argument("--tests", default=TESTS)
+    ap.add_argument("--tests", default=TESTS, help="every file")
+    ap.add_argument("--deep-tests", default=DEEP_TESTS, help="the --deep-shapes' files only")
+    ap.add_argument("--deep-shapes", default="llama-3.2-1b")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--table", type=Path, default=ROOT / "docs" / "scale.md")
@@ -100,8 +106,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for wtype in args.types.split(","):
             (path,) = synthetic_models(shape, [wtype], log=lambda s: print(s, file=sys.stderr))
-            print(f"{shape} {wtype}: bench {args.tests}", file=sys.stderr, flush=True)
-            rows += [dict(r, shape=shape, type=wtype) for r in bench_file(path, args.tests, args.reps, args.threads)]
+            tests = args.tests
+            if args.deep_tests and shape in args.deep_shapes.split(","):
+                tests = f"{tests},{args.deep_tests}" if tests else args.deep_tests
+            print(f"{shape} {wtype}: bench {tests}", file=sys.stderr, flush=True)
+            rows += [dict(r, shape=shape, type=wtype) for r in bench_file(path, tests, args.reps, args.threads)]
             args.table.write_text(table(rows, bandwidth) + "\n", encoding="utf-8")   # after each file: partial results
     print(table(rows, bandwidth))
     plot(rows, args.plot)
