@@ -7,6 +7,9 @@ Pipeline (as llama.cpp's vec_dot kernels):
   2. A per-type kernel computes, for each row and 32-element block, the exact int32 dot product of the
      weight's integer codes with ``xq`` (``simd.dot_*``), scales it by ``d_w * xd`` into an 8-lane float
      accumulator kept in registers across the row, and adds the offset/min terms with scalar math.
+     Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take 8 blocks at a time (``simd.dot8_*``: lane b of one vector = block b's
+     integer dot), so the float work (convert, 8 scales as one vector, one FMA) is per 8 blocks; the
+     K-quants fold the sub-block scales in as integers (one float multiply-add per 256-superblock).
      Rows are split across threads with ``prange`` (each row written by exactly one thread).
 
 Weights are repacked once at load by :func:`pack` into a :class:`PackedMatrix` (layout below).  fp16
