@@ -11,8 +11,13 @@ stack q|k|v and gate|up into one matrix each (4 GEMVs per layer instead of 7: fe
 Other processes sharing the cores make the timings noisy: paths are timed interleaved, median and best
 are reported.
 
+--big MB instead times one GEMV over a random matrix of about MB megabytes (2048 columns; rows repeated from an
+8192-row pack, beyond the caches at ~1 GB) for every fast type: GB/s against the streaming-read reference,
+i.e. how close each type's kernel comes to memory bandwidth.
+
 Usage: PYTHONPATH=. python benchmarks/bench_qgemv.py [--model PATH] [--paths avx2,generic,scalar]
        [--threads 1,2] [--reps 30] [--no-fused]
+       PYTHONPATH=. python benchmarks/bench_qgemv.py --big 1200 [--threads 1,2] [--types Q4_0,Q6_K]
 """
 
 from __future__ import annotations
@@ -145,6 +150,64 @@ def make_token_fn(layers, out_pm, path, fused=False):
     return token, layers_only, output_only
 
 
+BIG_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+_F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+               "Q5_K": [0, 2], "Q6_K": [208]}   # byte offsets of a block's fp16 scales
+
+
+def big_matrix_pm(name: str, mb: float, n_cols: int = 2048, seed: int = 0) -> tuple[qgemv.PackedMatrix, int]:
+    """(a packed random matrix of type `name` of about mb MB, its GGUF bytes): 8192 random rows (finite scales)
+    packed once and repeated."""
+    from gguf.constants import GGML_QUANT_SIZES
+    qt = QT[name]
+    blk, bsz = GGML_QUANT_SIZES[qt]
+    row_bytes = n_cols // blk * bsz
+    r0 = int(min(8192, max(64, mb * 1e6 / row_bytes)))
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(r0, row_bytes), dtype=np.uint8)
+    blocks = raw.reshape(r0, n_cols // blk, bsz)
+    for o in _F16_FIELDS[name]:
+        blocks[..., o:o + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    pm = qgemv.pack(raw, qt, n_cols)
+    rep = max(1, int(mb * 1e6 / raw.nbytes))
+    big = qgemv.PackedMatrix(pm.qtype, r0 * rep, n_cols, np.tile(pm.qs, (rep, 1)), np.tile(pm.sc, (rep, 1)),
+                             np.tile(pm.qh, (rep, 1)))
+    return big, raw.nbytes * rep
+
+
+def big_matrix_table(types: list[str], mb: float, threads: list[int], reps: int = 5) -> None:
+    """Print GB/s (GGUF bytes / best time) of one GEMV over a big matrix per type and thread count."""
+    x = np.random.default_rng(1).standard_normal(2048).astype(np.float32)
+    res = {}
+    for name in types:
+        pm, gguf_bytes = big_matrix_pm(name, mb)
+        xq = qgemv.quantize_for(pm.qtype, x, qgemv.new_q8(2048))
+        out = np.empty(pm.n_rows, np.float32)
+        for nt in threads:
+            numba.set_num_threads(nt)
+            qgemv.gemv(pm, out=out, xq=xq)
+            best = min(_timed(lambda: qgemv.gemv(pm, out=out, xq=xq)) for _ in range(reps))
+            res[name, nt] = gguf_bytes / best / 1e9
+            print(f"  {name} {nt} thread(s): {gguf_bytes / 1e6:.0f} MB in {best * 1e3:.1f} ms, {res[name, nt]:.1f} GB/s",
+                  flush=True)
+        del pm
+    ref = {}
+    for nt in threads:
+        numba.set_num_threads(nt)
+        ref[nt] = stream_gbs(n_bytes=1 << 30)
+    print(f"\n| type | " + " | ".join(f"{nt} thread(s) GB/s (% of {ref[nt]:.1f})" for nt in threads) + " |")
+    print("|---|" + "---|" * len(threads))
+    for name in types:
+        print(f"| {name} | " + " | ".join(f"{res[name, nt]:.1f} ({100 * res[name, nt] / ref[nt]:.0f} %)"
+                                          for nt in threads) + " |")
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
 def time_interleaved(fns: dict, reps: int) -> dict:
     """Run every fn once per round (so background noise hits all alike); -> name: list of seconds."""
     for f in fns.values():
@@ -166,7 +229,13 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="also time q|k|v and gate|up fused into one GEMV each (qgemv.concat_rows)")
+    ap.add_argument("--big", type=float, default=None, metavar="MB",
+                    help="time one GEMV over a random matrix of about MB megabytes per type instead")
+    ap.add_argument("--types", default=",".join(BIG_TYPES), help="types for --big")
     args = ap.parse_args()
+    if args.big is not None:
+        big_matrix_table([t for t in args.types.split(",") if t], args.big, [int(t) for t in args.threads.split(",")])
+        return
 
     path = args.model or default_model()
     layers, out_pm, lb, ob = load(path)

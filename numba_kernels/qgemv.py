@@ -7,6 +7,9 @@ Pipeline (as llama.cpp's vec_dot kernels):
   2. A per-type kernel computes, for each row and 32-element block, the exact int32 dot product of the
      weight's integer codes with ``xq`` (``simd.dot_*``), scales it by ``d_w * xd`` into an 8-lane float
      accumulator kept in registers across the row, and adds the offset/min terms with scalar math.
+     Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take 8 blocks at a time (``simd.dot8_*``: lane b of one vector = block b's
+     integer dot), so the float work (convert, 8 scales as one vector, one FMA) is per 8 blocks; the
+     K-quants fold the sub-block scales in as integers (one float multiply-add per 256-superblock).
      Rows are split across threads with ``prange`` (each row written by exactly one thread).
 
 Weights are repacked once at load by :func:`pack` into a :class:`PackedMatrix` (layout below).  fp16
@@ -65,6 +68,8 @@ __all__ = [
     "set_simd_path",
     "get_simd_path",
     "concat_rows",
+    "PackedGroup",
+    "group_rows",
     "gemm",
 ]
 
@@ -458,10 +463,14 @@ def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
+        doff = r * np.uint64(nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
+        for g in range(nb >> 3):
+            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
+                            sc, doff + np.uint64(8 * g), xd, 8 * g)
+        for k in range((nb >> 3) << 2, nb >> 1):
             a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
@@ -479,10 +488,14 @@ def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
+        doff = r * np.uint64(2 * nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
+        for g in range(nb >> 3):
+            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
+                            sc, doff + np.uint64(8 * g), xd, 8 * g)
+        for k in range((nb >> 3) << 2, nb >> 1):
             a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
@@ -500,10 +513,15 @@ def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
+        doff = r * np.uint64(nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
+        for g in range(nb >> 3):
+            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            a0 = simd.vfma8(path, a0, simd.dot8_q5(path, qs, qoff + np.uint64(128 * g), qh, r * np.uint64(nb) + np.uint64(8 * g),
+                                                  xq, 256 * g),
+                            sc, doff + np.uint64(8 * g), xd, 8 * g)
+        for k in range((nb >> 3) << 2, nb >> 1):
             a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
@@ -521,10 +539,15 @@ def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
+        doff = r * np.uint64(2 * nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            simd.prefetch(qs, qoff + np.uint64(32 * k + PREFETCH_BYTES))
+        for g in range(nb >> 3):
+            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            a0 = simd.vfma8(path, a0, simd.dot8_q5(path, qs, qoff + np.uint64(128 * g), qh, r * np.uint64(nb) + np.uint64(8 * g),
+                                                  xq, 256 * g),
+                            sc, doff + np.uint64(8 * g), xd, 8 * g)
+        for k in range((nb >> 3) << 2, nb >> 1):
             a0, a1 = _pair_q5(path, qs, sc, qh, r, qoff, k, xq, xd, a0, a1)
         if nb & 1:
             a0 = _blk_q5(path, qs, sc, qh, r, qoff, nb - 1, xq, xd, a0)
@@ -542,10 +565,14 @@ def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 32)
+        doff = r * np.uint64(nb)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            simd.prefetch(qs, qoff + np.uint64(64 * k + PREFETCH_BYTES))
+        for g in range(nb >> 3):
+            _prefetch_256(qs, qoff + np.uint64(256 * g + PREFETCH_BYTES))
+            a0 = simd.vfma8(path, a0, simd.dot8_q8(path, qs, qoff + np.uint64(256 * g), xq, 256 * g),
+                            sc, doff + np.uint64(8 * g), xd, 8 * g)
+        for k in range((nb >> 3) << 2, nb >> 1):
             a0 = _blk_q8(path, qs, sc, r, qoff, 2 * k, xq, xd, a0)
             a1 = _blk_q8(path, qs, sc, r, qoff, 2 * k + 1, xq, xd, a1)
         if nb & 1:
@@ -858,6 +885,81 @@ def concat_rows(pms) -> PackedMatrix:
     )
 
 
+class PackedGroup(NamedTuple):
+    """Matrices of different types that multiply the same activation (one activation kind, one n_cols), e.g.
+    q|k|v of a Q4_K_M layer whose v is Q6_K: gemv computes them in one parallel launch, out = the parts'
+    outputs one after the other. qtype is the first part's (quantize_for with it serves every part)."""
+
+    qtype: int
+    n_rows: int
+    n_cols: int
+    parts: tuple  # of PackedMatrix; at most 3
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+def group_rows(pms) -> PackedGroup:
+    """A PackedGroup of 2 or 3 PackedMatrices with one n_cols and one activation kind (see PackedGroup)."""
+    pms = tuple(pms)
+    if not 2 <= len(pms) <= 3:
+        raise ValueError("group_rows takes 2 or 3 matrices")
+    if len({p.n_cols for p in pms}) != 1 or len({qtype_info(p.qtype).act for p in pms}) != 1:
+        raise ValueError("group_rows needs matrices of one n_cols and one activation kind")
+    return PackedGroup(pms[0].qtype, sum(p.n_rows for p in pms), pms[0].n_cols, pms)
+
+
+@njit(cache=True)
+def _row_at(pos, s1, s2, rb0, rb1, rb2, n0, n1):
+    """The first global row of a group whose bytes start at or after byte position pos (s1, s2: the byte
+    offsets of parts 1 and 2; rb: bytes per row; n0, n1: rows of parts 0 and 1)."""
+    if pos <= s1:
+        return (pos + rb0 - 1) // rb0
+    if pos <= s2:
+        return n0 + (pos - s1 + rb1 - 1) // rb1
+    return n0 + n1 + (pos - s2 + rb2 - 1) // rb2
+
+
+@njit(cache=True, parallel=True)
+def _gemv_group(path, t0, qs0, sc0, qh0, o0, rb0, t1, qs1, sc1, qh1, o1, rb1, t2, qs2, sc2, qh2, o2, rb2,
+                xq, xd, xs):
+    """One parallel launch over the rows of up to three matrices of different types (an empty o2 for two):
+    chunks of equal bytes (rb: bytes per row of each part), each cut at the parts' boundaries."""
+    n0, n1, n2 = o0.shape[0], o1.shape[0], o2.shape[0]
+    s1 = n0 * rb0
+    s2 = s1 + n1 * rb1
+    total = s2 + n2 * rb2
+    nch = min(n0 + n1 + n2, 64)
+    rows = np.empty(0, np.int32)
+    for c in prange(nch):
+        lo = _row_at(np.int64(c) * total // nch, s1, s2, rb0, rb1, rb2, n0, n1)
+        hi = _row_at((np.int64(c) + 1) * total // nch, s1, s2, rb0, rb1, rb2, n0, n1)
+        if lo < n0:
+            _span_any(t0, path, qs0, sc0, qh0, xq, xd, xs, rows, o0, lo, min(hi, n0))
+        if hi > n0 and lo < n0 + n1:
+            _span_any(t1, path, qs1, sc1, qh1, xq, xd, xs, rows, o1, max(lo, n0) - n0, min(hi, n0 + n1) - n0)
+        if hi > n0 + n1:
+            _span_any(t2, path, qs2, sc2, qh2, xq, xd, xs, rows, o2, max(lo, n0 + n1) - n0 - n1, hi - n0 - n1)
+
+
+def _gemv_grouped(g: PackedGroup, xq: Q8Act, out: np.ndarray, path) -> None:
+    tok = simd.token(path)
+    outs, r = [], 0
+    for p in g.parts:
+        outs.append(out[r:r + p.n_rows])
+        r += p.n_rows
+    if g.n_rows * (g.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:
+        for p, o in zip(g.parts, outs):
+            qtype_info(p.qtype).span(tok, p.qs, p.sc, p.qh, xq.q, xq.d, xq.s, _ALL_ROWS, o, 0, p.n_rows)
+        return
+    args = []
+    for i in range(3):
+        p, o = (g.parts[i], outs[i]) if i < len(g.parts) else (g.parts[0], out[:0])
+        args += [p.qtype, p.qs, p.sc, p.qh.view(np.uint8), o, max(1, p.nbytes // max(1, p.n_rows))]
+    _gemv_group(tok, *args, xq.q, xq.d, xq.s)
+
+
 # --------------------------------------------------------------------------------------------------
 # Python entry points
 # --------------------------------------------------------------------------------------------------
@@ -879,7 +981,7 @@ def _activation(pm: PackedMatrix, x, scratch, xq) -> Q8Act:
 
 def gemv(pm: PackedMatrix, x: np.ndarray | None = None, out: np.ndarray | None = None,
          scratch: Q8Act | None = None, *, xq: Q8Act | None = None, path: str | None = None) -> np.ndarray:
-    """out[r] = W[r] . x for all rows.
+    """out[r] = W[r] . x for all rows (pm: a PackedMatrix, or a PackedGroup: its parts' outputs in turn).
 
     x: float32 (n_cols,), quantized here into `scratch` (a Q8Act from new_q8(n_cols); allocated if None).
     xq: an already quantized activation (quantize_q8 / quantize_q8_into) - then x is ignored.
@@ -890,6 +992,9 @@ def gemv(pm: PackedMatrix, x: np.ndarray | None = None, out: np.ndarray | None =
         out = np.empty(pm.n_rows, np.float32)
     elif out.shape[0] != pm.n_rows:
         raise ValueError(f"out has {out.shape[0]} elements, matrix has {pm.n_rows} rows")
+    if isinstance(pm, PackedGroup):
+        _gemv_grouped(pm, xq, out, path)
+        return out
     n = pm.n_rows
     t = qtype_info(pm.qtype)
     if n * (pm.n_cols // QK) <= SERIAL_MAX_BLOCKS or _num_threads() == 1:

@@ -103,6 +103,10 @@ __all__ = [
     "dot_q4k_sb",
     "dot_q5k_sb",
     "dot_q6k_sb",
+    "dot8_q4",
+    "dot8_q5",
+    "dot8_q8",
+    "vfma8",
     "iadd",
     "q4k_min_fma",
     "dot_q4_i32",
@@ -617,6 +621,14 @@ def _madd_i16(builder, kind, a, b):
     return builder.add(_shuffle(builder, p, None, range(0, 16, 2)), _shuffle(builder, p, None, range(1, 16, 2)))
 
 
+def _dpwssd(builder, kind, acc, a, b):
+    """acc + _madd_i16(a, b): one vpdpwssd on the vnni path (AVX-VNNI / AVX512-VNNI), else vpmaddwd + add."""
+    if kind == "vnni":
+        fn = _x86_fn(builder, "llvm.x86.avx512.vpdpwssd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+        return builder.call(fn, [acc, builder.bitcast(a, _V8I32), builder.bitcast(b, _V8I32)])
+    return builder.add(acc, _madd_i16(builder, kind, a, b))
+
+
 def _kquant_sb_ir(context, builder, kind, sig, args, w_i, sc_i, x_i, h_i=None):
     """IR of one Q4_K / Q5_K superblock's integer sum (see _make_dot_q4k_sb / _make_dot_q5k_sb)."""
     arg = lambda i: (args[i], sig.args[i])  # noqa: E731
@@ -638,7 +650,7 @@ def _kquant_sb_ir(context, builder, kind, sig, args, w_i, sc_i, x_i, h_i=None):
                 u = builder.or_(u, builder.shl(bit, _vconst(_V32I8, 4)))
             y = _load_vec(context, builder, xt, xa, builder.add(xo, ir.Constant(_I64, 32 * j)), types.intp, _V32I8)
             p = _maddubs_i16(builder, kind, u, y)
-            acc = builder.add(acc, _madd_i16(builder, kind, p, _shuffle(builder, scv, None, [j] * 16)))
+            acc = _dpwssd(builder, kind, acc, p, _shuffle(builder, scv, None, [j] * 16))
     return acc
 
 
@@ -701,16 +713,25 @@ def _make_dot_q6k_sb(kind):
             hb = [_load_vec(context, builder, sig.args[2], ha, builder.add(ho, ir.Constant(_I64, 32 * i)),
                             types.intp, _V32I8) for i in range(2)]
             for b in range(8):
-                q = _load_vec(context, builder, sig.args[0], wa, builder.add(wo, ir.Constant(_I64, 16 * b)),
-                              types.intp, _V16I8)
+                if b % 2 == 0:   # one 32-byte load: blocks b (bytes 0..15) and b+1; low / high nibbles of each
+                    q2 = _load_vec(context, builder, sig.args[0], wa, builder.add(wo, ir.Constant(_I64, 16 * b)),
+                                   types.intp, _V32I8)
+                    lo = builder.and_(q2, _vconst(_V32I8, 0x0F))
+                    hi4 = builder.and_(builder.lshr(q2, _vconst(_V32I8, 4)), _vconst(_V32I8, 0x0F))
+                half = 16 * (b % 2)
+                codes = _shuffle(builder, lo, hi4, list(range(half, half + 16)) + list(range(32 + half, 48 + half)))
                 y = _load_vec(context, builder, sig.args[6], xa, builder.add(xo, ir.Constant(_I64, 32 * b)),
                               types.intp, _V32I8)
-                hi = builder.lshr(hb[b // 4], _vconst(_V32I8, 2 * (b % 4)))
-                hi = builder.shl(builder.and_(hi, _vconst(_V32I8, 3)), _vconst(_V32I8, 4))
-                u = builder.or_(_nibbles_32(builder, q), hi)                    # 0..63
+                sh = 2 * (b % 4)                      # bits sh, sh+1 of the qh byte -> bits 4, 5
+                h = hb[b // 4]
+                if sh < 4:
+                    h = builder.shl(h, _vconst(_V32I8, 4 - sh))
+                elif sh > 4:
+                    h = builder.lshr(h, _vconst(_V32I8, sh - 4))
+                u = builder.or_(codes, builder.and_(h, _vconst(_V32I8, 0x30)))    # 0..63
                 p = builder.sub(_maddubs_i16(builder, kind, u, y), _maddubs_i16(builder, kind, _vconst(_V32I8, 32), y))
                 scale = _shuffle(builder, s16, None, [2 * b] * 8 + [2 * b + 1] * 8)
-                acc = builder.add(acc, _madd_i16(builder, kind, p, scale))
+                acc = _dpwssd(builder, kind, acc, p, scale)
             return acc
 
         return i32x8(w, woff, h, hoff, sc, soff, x, xoff), codegen
@@ -746,6 +767,106 @@ def _q4k_min_fma_scalar(acc, sc, soff, xs, xoff, dm):
     return acc + dm * m
 
 
+def _hsum8_i32_ir(builder, vs):
+    """8 <8 x i32> -> <8 x i32> whose lane r is the sum of vs[r]'s lanes (the _hsum8 tree, integer adds)."""
+    def hadd(x, y):
+        return builder.add(_shuffle(builder, x, y, (0, 2, 8, 10, 4, 6, 12, 14)),
+                           _shuffle(builder, x, y, (1, 3, 9, 11, 5, 7, 13, 15)))
+
+    b = [hadd(vs[2 * i], vs[2 * i + 1]) for i in range(4)]
+    c0, c1 = hadd(b[0], b[1]), hadd(b[2], b[3])
+    return builder.add(_shuffle(builder, c0, c1, (0, 1, 2, 3, 8, 9, 10, 11)),
+                       _shuffle(builder, c0, c1, (4, 5, 6, 7, 12, 13, 14, 15)))
+
+
+def _make_dot8(kind, fmt):
+    """8 consecutive 32-blocks of one row as one i32x8 whose lane b is block b's exact integer dot with x:
+    the blocks' partial-sum vectors are reduced by one shuffle/add tree (7 adds for 8 blocks), so the row
+    then needs one int->float conversion and one multiply-add per 8 blocks instead of per block.
+    fmt 'q4': w[woff:+128] paired nibbles (blocks 2k, 2k+1 in the low / high nibbles of the 32 bytes at 32k);
+    'q5': as q4 with the 5th bits from h[hoff:+8] (uint32 per block); 'q8': w[woff:+256] int8. x[xoff:+256]."""
+    if fmt == "q5":
+        @intrinsic
+        def _dot(typingctx, w, woff, h, hoff, x, xoff):
+            if not (_is_byte_array(w) and _is_byte_array(x) and isinstance(h, types.Array) and h.dtype == types.uint32
+                    and all(isinstance(t, types.Integer) for t in (woff, hoff, xoff))):
+                return None
+
+            def codegen(context, builder, sig, args):
+                wa, wo, ha, ho, xa, xo = args
+                hv = _load_vec(context, builder, sig.args[2], ha, ho, sig.args[3], _V8I32)
+                return _dot8_ir(context, builder, kind, fmt, sig.args[0], wa, wo, sig.args[1], sig.args[4], xa, xo,
+                                sig.args[5], hv)
+
+            return i32x8(w, woff, h, hoff, x, xoff), codegen
+    else:
+        @intrinsic
+        def _dot(typingctx, w, woff, x, xoff):
+            if not (_is_byte_array(w) and _is_byte_array(x) and isinstance(woff, types.Integer)
+                    and isinstance(xoff, types.Integer)):
+                return None
+
+            def codegen(context, builder, sig, args):
+                wa, wo, xa, xo = args
+                return _dot8_ir(context, builder, kind, fmt, sig.args[0], wa, wo, sig.args[1], sig.args[2], xa, xo,
+                                sig.args[3], None)
+
+            return i32x8(w, woff, x, xoff), codegen
+
+    return _dot
+
+
+def _dot8_ir(context, builder, kind, fmt, wt, wa, wo, wot, xt, xa, xo, xot, hv):
+    wo = context.cast(builder, wo, wot, types.intp)
+    xo = context.cast(builder, xo, xot, types.intp)
+
+    def load(ty, a, base, off, vty):
+        return _load_vec(context, builder, ty, a, builder.add(base, ir.Constant(_I64, off)), types.intp, vty)
+
+    parts = []
+    for k in range(4):
+        x0 = load(xt, xa, xo, 64 * k, _V32I8)
+        x1 = load(xt, xa, xo, 64 * k + 32, _V32I8)
+        if fmt == "q8":
+            w0 = load(wt, wa, wo, 64 * k, _V32I8)
+            w1 = load(wt, wa, wo, 64 * k + 32, _V32I8)
+            parts += [_madd(builder, kind, w0, x0, u_signed=True), _madd(builder, kind, w1, x1, u_signed=True)]
+            continue
+        q = load(wt, wa, wo, 32 * k, _V32I8)
+        lo = builder.and_(q, _vconst(_V32I8, 0x0F))
+        hi = builder.lshr(q, _vconst(_V32I8, 4))
+        if fmt == "q5":
+            h0 = builder.extract_element(hv, ir.Constant(_I32, 2 * k))
+            h1 = builder.extract_element(hv, ir.Constant(_I32, 2 * k + 1))
+            lo = builder.or_(lo, _high_bits_32(builder, h0, 0x10))
+            hi = builder.or_(hi, _high_bits_32(builder, h1, 0x10))
+        parts += [_madd(builder, kind, lo, x0), _madd(builder, kind, hi, x1)]
+    return _hsum8_i32_ir(builder, parts)
+
+
+def _make_vfma8(hw: bool):
+    @intrinsic
+    def _vfma8(typingctx, acc, p, sc, soff, xd, xoff):
+        """acc + sitofp(p) * f16(sc[soff:+8]) * xd[xoff:+8], lane-wise (p from dot8_*: lane b = block b)."""
+        if not (acc == f32x8 and p == i32x8 and isinstance(sc, types.Array) and sc.dtype == types.uint16
+                and isinstance(xd, types.Array) and xd.dtype == types.float32
+                and isinstance(soff, types.Integer) and isinstance(xoff, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a, pv, sa, so, xa, xo = args
+            v = _load_vec(context, builder, sig.args[2], sa, so, sig.args[3], _V8I16)
+            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
+                else _f16_soft_vec_ir(builder, v)
+            s = builder.fmul(d, _load_vec(context, builder, sig.args[4], xa, xo, sig.args[5], _V8F32))
+            prod = builder.fmul(builder.sitofp(pv, _V8F32), s, flags=("contract",))
+            return builder.fadd(a, prod, flags=("contract",))
+
+        return f32x8(acc, p, sc, soff, xd, xoff), codegen
+
+    return _vfma8
+
+
 def _variants(factory):
     """{kind: intrinsic} for the vector paths."""
     return {k: factory(k) for k in ("vnni", "avx2", "generic")}
@@ -760,6 +881,11 @@ _DOT_Q8 = _variants(_make_dot_q8)
 _DOT_Q4K_SB = _variants(_make_dot_q4k_sb)
 _DOT_Q5K_SB = _variants(_make_dot_q5k_sb)
 _DOT_Q6K_SB = _variants(_make_dot_q6k_sb)
+_DOT8_Q4 = _variants(lambda k: _make_dot8(k, "q4"))
+_DOT8_Q5 = _variants(lambda k: _make_dot8(k, "q5"))
+_DOT8_Q8 = _variants(lambda k: _make_dot8(k, "q8"))
+_vfma8_hw = _make_vfma8(True)
+_vfma8_soft = _make_vfma8(False)
 
 
 @intrinsic
@@ -969,6 +1095,42 @@ def _dot_q6k_sb_scalar(w, woff, h, hoff, sc, soff, x, xoff):
         p = _dot_q6_scalar(w, woff + 16 * b, h, hoff + 32 * (b >> 2), 2 * (b & 3), x, xoff + 32 * b)
         s += s_lo * p[0] + s_hi * p[1]
     return s
+
+
+@njit(cache=True)
+def _dot8_q4_scalar(w, woff, x, xoff):
+    a0, a1 = _dot_q4x2_scalar(w, woff, x, xoff)
+    a2, a3 = _dot_q4x2_scalar(w, woff + 32, x, xoff + 64)
+    a4, a5 = _dot_q4x2_scalar(w, woff + 64, x, xoff + 128)
+    a6, a7 = _dot_q4x2_scalar(w, woff + 96, x, xoff + 192)
+    return (a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@njit(cache=True)
+def _dot8_q5_scalar(w, woff, h, hoff, x, xoff):
+    h = h.reshape(h.size)
+    a0, a1 = _dot_q5x2_scalar(w, woff, h[hoff], h[hoff + 1], x, xoff)
+    a2, a3 = _dot_q5x2_scalar(w, woff + 32, h[hoff + 2], h[hoff + 3], x, xoff + 64)
+    a4, a5 = _dot_q5x2_scalar(w, woff + 64, h[hoff + 4], h[hoff + 5], x, xoff + 128)
+    a6, a7 = _dot_q5x2_scalar(w, woff + 96, h[hoff + 6], h[hoff + 7], x, xoff + 192)
+    return (a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@njit(cache=True)
+def _dot8_q8_scalar(w, woff, x, xoff):
+    return (_dot_q8_scalar(w, woff, x, xoff), _dot_q8_scalar(w, woff + 32, x, xoff + 32),
+            _dot_q8_scalar(w, woff + 64, x, xoff + 64), _dot_q8_scalar(w, woff + 96, x, xoff + 96),
+            _dot_q8_scalar(w, woff + 128, x, xoff + 128), _dot_q8_scalar(w, woff + 160, x, xoff + 160),
+            _dot_q8_scalar(w, woff + 192, x, xoff + 192), _dot_q8_scalar(w, woff + 224, x, xoff + 224))
+
+
+@njit(cache=True)
+def _vfma8_scalar(acc, p, sc, soff, xd, xoff):
+    sc = sc.reshape(sc.size)
+    xd = xd.reshape(xd.size)
+    for b in range(8):
+        acc += np.float32(p[b]) * (_f16_soft(sc[soff + b]) * xd[xoff + b])
+    return acc
 
 
 @njit(cache=True)
@@ -1449,6 +1611,58 @@ def _ov_f16(path, h):
         return lambda path, h: _f16_hw(h)
     if k is not None:
         return lambda path, h: _f16_soft(h)
+
+
+def dot8_q4(path, w, woff, x, xoff):
+    """8 paired-nibble blocks (w.flat[woff:+128]) x int8 x.flat[xoff:+256]: lane b (vector paths; element b of
+    an int32 8-tuple on scalar) = block b's exact integer dot. Scale with vfma8."""
+
+
+def dot8_q5(path, w, woff, h, hoff, x, xoff):
+    """dot8_q4 with 5-bit values: the 5th bits of block b in the uint32 h.flat[hoff + b]."""
+
+
+def dot8_q8(path, w, woff, x, xoff):
+    """8 int8 blocks (w.flat[woff:+256]) x int8 x.flat[xoff:+256], per block as dot8_q4."""
+
+
+def vfma8(path, acc, p, sc, soff, xd, xoff):
+    """acc + sum over b < 8 of float(p_b) * f16(sc.flat[soff + b]) * xd.flat[xoff + b] (lane-wise on vector
+    paths: reduce acc with vsum)."""
+
+
+@overload(dot8_q4, inline="always")
+def _ov_dot8_q4(path, w, woff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT8_Q4, _dot8_q4_scalar)
+        return lambda path, w, woff, x, xoff: f(w, woff, x, xoff)
+
+
+@overload(dot8_q5, inline="always")
+def _ov_dot8_q5(path, w, woff, h, hoff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT8_Q5, _dot8_q5_scalar)
+        return lambda path, w, woff, h, hoff, x, xoff: f(w, woff, h, hoff, x, xoff)
+
+
+@overload(dot8_q8, inline="always")
+def _ov_dot8_q8(path, w, woff, x, xoff):
+    k = _kind(path)
+    if k is not None:
+        f = _pick(k, _DOT8_Q8, _dot8_q8_scalar)
+        return lambda path, w, woff, x, xoff: f(w, woff, x, xoff)
+
+
+@overload(vfma8, inline="always")
+def _ov_vfma8(path, acc, p, sc, soff, xd, xoff):
+    k = _kind(path)
+    if k == "scalar":
+        return lambda path, acc, p, sc, soff, xd, xoff: _vfma8_scalar(acc, p, sc, soff, xd, xoff)
+    if k is not None:
+        f = _vfma8_hw if F16_NATIVE else _vfma8_soft
+        return lambda path, acc, p, sc, soff, xd, xoff: f(acc, p, sc, soff, xd, xoff)
 
 
 # --------------------------------------------------------------------------------------------------

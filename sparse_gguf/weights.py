@@ -64,6 +64,8 @@ class QuantMatrix:
         (qgemv.gemm: the same numbers as T decode steps, the weights read once per batch); a float type
         dequantizes tiles of rows into BLAS."""
         if self.packed is not None:
+            if x.shape[0] == 1:        # a decode step: one GEMV (no batch quantization, no 32-row tiling)
+                return qgemv.gemv(self.packed, x[0])[None]
             return qgemv.gemm(self.packed, x)
         out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
@@ -144,11 +146,17 @@ def q4_copy(m: QuantMatrix) -> QuantMatrix:
     return QuantMatrix(m.name + ".q4", raw, int(GGMLQuantizationType.Q4_0), m.n_rows, m.n_cols)
 
 
-def stack_packed(mats: tuple[QuantMatrix, ...]) -> qgemv.PackedMatrix | None:
+def stack_packed(mats: tuple[QuantMatrix, ...]) -> qgemv.PackedMatrix | qgemv.PackedGroup | None:
     """Stack the packed forms of matrices sharing a type and a column count into one PackedMatrix, and point
-    each matrix's .packed at its rows of it (views: no copy is kept). None when they cannot be stacked."""
-    if any(m.packed is None for m in mats) or len({(m.qtype, m.n_cols) for m in mats}) != 1:
+    each matrix's .packed at its rows of it (views: no copy is kept). Matrices of different types that share
+    an activation kind (a Q4_K_M layer's Q4_K q, k and Q6_K v) make a PackedGroup instead (one GEMV launch
+    all the same). None when they cannot be computed together."""
+    if any(m.packed is None for m in mats) or len({m.n_cols for m in mats}) != 1:
         return None
+    if len({m.qtype for m in mats}) != 1:
+        if len({m.act_kind for m in mats}) != 1:
+            return None
+        return qgemv.group_rows([m.packed for m in mats])
     stacked = qgemv.concat_rows([m.packed for m in mats])
     r = 0
     for m in mats:
@@ -177,9 +185,10 @@ class LayerWeights:
     post_attn_norm: np.ndarray | None = None  # (n_embd,) gemma3
     post_ffn_norm: np.ndarray | None = None
     # decode: q|k|v and gate|up stacked row-wise (stack_packed), so one quantization of the normed input
-    # and one GEMV launch serve all of them; None when the types differ or a type has no fast kernel
-    qkv: qgemv.PackedMatrix | None = None      # (q_dim + 2 kv_dim, n_embd)
-    gate_up: qgemv.PackedMatrix | None = None  # (2 n_ff, n_embd)
+    # and one GEMV launch serve all of them (a PackedGroup when the types differ but share an activation
+    # kind); None when the activation kinds differ or a type has no fast kernel
+    qkv: qgemv.PackedMatrix | qgemv.PackedGroup | None = None      # (q_dim + 2 kv_dim, n_embd)
+    gate_up: qgemv.PackedMatrix | qgemv.PackedGroup | None = None  # (2 n_ff, n_embd)
 
     def __post_init__(self):
         self.qkv = stack_packed((self.wq, self.wk, self.wv))

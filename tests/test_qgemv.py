@@ -179,6 +179,47 @@ def _block_dots(path, w4, w8, qh, x, out):
         out[2 * k + 1, 4] = simd.hsum_i32(path, p1)
 
 
+@njit(cache=True)
+def _dot8s(path, w4, w8, qh, x, sc, xd, onehot, ones, out, acc):
+    for g in range(x.shape[0] // 256):
+        p4 = simd.dot8_q4(path, w4, 128 * g, x, 256 * g)
+        p5 = simd.dot8_q5(path, w4, 128 * g, qh, 8 * g, x, 256 * g)
+        p8 = simd.dot8_q8(path, w8, 256 * g, x, 256 * g)
+        for b in range(8):   # lane b through vfma8 with the one-hot scales of row b (exact: |dot| < 2^24)
+            out[8 * g + b, 0] = simd.vsum(path, simd.vfma8(path, simd.vzero(path), p4, onehot, 8 * b, ones, 0))
+            out[8 * g + b, 1] = simd.vsum(path, simd.vfma8(path, simd.vzero(path), p5, onehot, 8 * b, ones, 0))
+            out[8 * g + b, 2] = simd.vsum(path, simd.vfma8(path, simd.vzero(path), p8, onehot, 8 * b, ones, 0))
+        acc[g] = simd.vsum(path, simd.vfma8(path, simd.vzero(path), p8, sc, 8 * g, xd, 8 * g))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dot8_exact(path):
+    """The 8-block sums (lane b = block b's integer dot) against numpy, and vfma8's per-lane scaling."""
+    rng = np.random.default_rng(6)
+    nb = 32
+    w4 = rng.integers(0, 256, nb * 16, dtype=np.uint8)
+    w8 = rng.integers(-128, 128, nb * 32).astype(np.int8)
+    qh = rng.integers(0, 2**32, nb, dtype=np.uint64).astype(np.uint32)
+    x = rng.integers(-127, 128, nb * 32).astype(np.int8)
+    w4[:64], w8[:32], x[:64], qh[:2] = 0xFF, -128, -127, 0xFFFFFFFF     # extremes (pmaddubsw / psign)
+    sc = (rng.standard_normal(nb) * 0.02).astype(np.float16).view(np.uint16)
+    xd = rng.uniform(0.001, 0.1, nb).astype(np.float32)
+    out = np.empty((nb, 3), np.int64)
+    acc = np.empty(nb // 8, np.float32)
+    onehot = np.eye(8, dtype=np.float16).view(np.uint16)
+    _dot8s(simd.token(path), w4, w8, qh, x, sc, xd, onehot, np.ones(8, np.float32), out, acc)
+    xi = x.reshape(nb, 32).astype(np.int64)
+    w32 = w4.reshape(nb // 2, 32).astype(np.int64)
+    paired = np.stack([w32 & 15, w32 >> 4], axis=1).reshape(nb, 32)
+    hb = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int64)
+    np.testing.assert_array_equal(out[:, 0], (paired * xi).sum(1))
+    np.testing.assert_array_equal(out[:, 1], ((paired | (hb << 4)) * xi).sum(1))
+    d8 = (w8.reshape(nb, 32).astype(np.int64) * xi).sum(1)
+    np.testing.assert_array_equal(out[:, 2], d8)
+    ref = (d8 * sc.view(np.float16).astype(np.float64) * xd).reshape(-1, 8).sum(1)
+    np.testing.assert_allclose(acc, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_f16_to_f32_all_bit_patterns(path):
     bits = np.arange(65536, dtype=np.uint16)
@@ -368,6 +409,28 @@ def test_concat_rows():
     np.testing.assert_array_equal(out[192:], qgemv.gemv(a[3], x))
     with pytest.raises(ValueError):
         qgemv.concat_rows([a[3], case_data(QT.Q4_0, (191, 576))[3]])
+
+
+@pytest.mark.parametrize("types", [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q4_0, QT.Q8_0), (QT.Q6_K, QT.Q5_K, QT.Q4_K)],
+                         ids=lambda ts: "-".join(t.name for t in ts))
+def test_group_rows(types, monkeypatch):
+    """A PackedGroup (matrices of different types, one activation) gives each part's own GEMV, in one parallel
+    launch (chunks of equal bytes cut at the parts' boundaries) and serially."""
+    shapes = [(200, 1536), (64, 1536), (33, 1536)][:len(types)]
+    pms = [case_data(t, s)[3] for t, s in zip(types, shapes)]
+    x = np.random.default_rng(9).standard_normal(1536).astype(np.float32)
+    g = qgemv.group_rows(pms)
+    assert g.n_rows == sum(s[0] for s in shapes) and g.nbytes == sum(p.nbytes for p in pms)
+    xq = qgemv.quantize_for(types[0], x, qgemv.new_q8(1536))
+    ref = np.concatenate([qgemv.gemv(p, xq=xq) for p in pms])
+    for serial in (0, 1 << 62):
+        monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", serial)
+        out = np.full(g.n_rows, np.nan, np.float32)
+        assert qgemv.gemv(g, x, out) is out
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        qgemv.group_rows([pms[0], case_data(QT.Q4_1, (64, 1536))[3]] if types[0] == QT.Q4_0
+                         else [pms[0], case_data(QT.Q8_0, (64, 1536))[3]])        # activation kinds differ
 
 
 def test_pack_rejects_bad_input():
