@@ -922,8 +922,9 @@ def _interleave8(cb32, wt32, tl):
 
 
 @njit(**_GROUP_OPTS)
-def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n):
-    """The row tiles of rows r_lo..r_hi: uint8 (ntile, 8 n); rows past r_hi are zeros."""
+def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, flip):
+    """The row tiles of rows r_lo..r_hi: uint8 (ntile, 8 n); rows past r_hi are zeros. flip: codes ^ 0x80
+    (Q8_0's int8 codes + 128 as unsigned bytes)."""
     ntile = (r_hi - r_lo + 7) >> 3
     cb = np.zeros((8, n), np.uint8)
     wt = np.empty((ntile, 8 * n), np.uint8)
@@ -934,6 +935,9 @@ def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n):
             r = r_lo + 8 * tl + j
             if r < r_hi:
                 _codes_row(qtype, qs, qh, r, cb, j)
+                if flip:
+                    for e in range(n):
+                        cb[j, e] ^= 0x80
             else:
                 cb[j, :] = 0
         _interleave8(cb32, wt32, tl)
@@ -985,7 +989,7 @@ def _group_q32(path, qtype, qs, sc, qh, xq, xd, xs, s32, out, g, off, has_min, s
     nb = n >> 5
     r_lo = g * GROUP_ROWS
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
-    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n)
+    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, qtype == _Q8_0 and not signed)
     ntile = wt.shape[0]
     dv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) d
     mv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) m (Q4_1 / Q5_1)
@@ -1042,7 +1046,7 @@ def _group_qk(path, qtype, qs, sc, qh, xq, xd, s32, out, g):
     nsb = n >> 8
     r_lo = g * GROUP_ROWS
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
-    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n)
+    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, False)
     ntile = wt.shape[0]
     kf = np.zeros((ntile, nsb * 16), np.float32)       # (tile, sb, [d | -dmin], row)
     ks = np.zeros((ntile, nsb * 64), np.int32)         # (tile, sb, sub-block j, row) sc_j
@@ -1103,7 +1107,7 @@ def _group_q6k(path, qs, sc, qh, xq, xd, s16, out, g):
     nsb = n >> 8
     r_lo = g * GROUP_ROWS
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
-    wt = _unpack_tiles(path, _Q6_K, qs, qh, r_lo, r_hi, n)
+    wt = _unpack_tiles(path, _Q6_K, qs, qh, r_lo, r_hi, n, False)
     ntile = wt.shape[0]
     kf = np.zeros((ntile, nsb * 8), np.float32)        # (tile, sb, row) d
     ks = np.zeros((ntile, nsb * 128), np.int32)        # (tile, sb, group k, row) s_k
@@ -1169,8 +1173,11 @@ def _gemm_q5_1(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
 @kernel_for(QT.Q8_0, "gemm")
 @njit(cache=True, parallel=True)
 def _gemm_q8_0(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    # vnni: codes + 128 as the unsigned operand, minus 128 * the block sum of x; else signed (psign: pmaddubsw's
+    # int16 pair sums would saturate with codes up to 255)
+    vnni = simd.is_vnni(path)
     for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
-        _group_q32(path, _Q8_0, qs, sc, qh, xq, xd, xs, s32, out, g, 0, False, True)
+        _group_q32(path, _Q8_0, qs, sc, qh, xq, xd, xs, s32, out, g, 128 if vnni else 0, False, not vnni)
 
 
 @kernel_for(QT.Q4_K, "gemm")

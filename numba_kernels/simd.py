@@ -1933,3 +1933,16 @@ def _ov_rtile_madd16(path, acc, mp, s, off, stride):
     if k is not None:
         f = _RTILE_MADD16[k]
         return lambda path, acc, mp, s, off, stride: f(acc, mp, s, off, stride)
+
+
+def is_vnni(path):
+    """Whether path is the vnni path (a compile-time constant: vpdpbusd multiplies u8 by s8 without the i16
+    saturation of pmaddubsw, so weights up to 255 may be the unsigned operand)."""
+
+
+@overload(is_vnni, inline="always")
+def _ov_is_vnni(path):
+    k = _kind(path)
+    if k is not None:
+        v = k == "vnni"
+        return lambda path: v
