@@ -857,6 +857,378 @@ def _quantize_rows(x, kquant, sum_fp16, xq, xd, xs):
                 xd[t, b] = f16_round(d)
                 xs[t, b] = f16_round(d * np.float32(ssum)) if sum_fp16 else xd[t, b] * np.float32(ssum)
 
+# --------------------------------------------------------------------------------------------------
+# Prefill GEMM over row tiles: 8 rows x TILE_TOKENS tokens per micro-kernel (simd.rtile_*)
+#
+# A parallel work item takes GROUP_ROWS rows, unpacks their codes once into row tiles (one byte per code, 8 rows
+# interleaved by 4 bytes: the layout of simd's row tiles) with the scales converted to float32 (or int32 for the
+# K-quants' sub-block scales) per 8 rows, then runs every token over them, TILE_TOKENS at a time (the rest one
+# by one). Per block and token, 8 vpdpbusd give the 8 rows' exact integer dots in the lanes of one vector, so the
+# float work (convert, scale, multiply-add) is shared by 8 rows, and each weight load serves TILE_TOKENS tokens.
+# The weights stay quantized in memory: the tiles are a per-thread scratch of GROUP_ROWS * n_cols bytes.
+#
+# Numbers: every block's (or K-quant superblock's) integer sum is exact and the one the GEMV forms (the offset
+# terms enter as integers: Q4_0's 8 * sum(x codes) etc., Q4_K's mins times the block sums of x codes, as
+# llama.cpp); only the float summation order differs from the per-token GEMV (a few float32 ulps of the sum of
+# |terms|, tests/test_qgemv.py).
+# --------------------------------------------------------------------------------------------------
+
+TILE_TOKENS = 4
+"""Tokens per micro-kernel call: each unpacked weight vector is dotted with this many tokens' activations."""
+
+GROUP_ROWS = 32
+"""Rows per parallel work item of the tiled gemm (4 tiles of 8): its unpacked tiles (GROUP_ROWS * n_cols bytes)
+stay in L2 while every token runs over them, and TILE_TOKENS tokens' activations stay in L1 across the tiles."""
+
+_GROUP_OPTS = dict(cache=True, fastmath=True)   # these allocate their scratch: NRT on
+
+
+@njit(cache=True, parallel=True)
+def _act_sums(xq, s16, s32):
+    """Integer sums of each token's int8 codes: s16 (T, n/16) per 16 elements, s32 (T, n/32) per 32."""
+    n_tok, n = xq.shape
+    for t in prange(n_tok):
+        for g in range(n // 16):
+            s = 0
+            for j in range(16):
+                s += np.int32(xq[t, 16 * g + j])
+            s16[t, g] = s
+        for b in range(n // 32):
+            s32[t, b] = s16[t, 2 * b] + s16[t, 2 * b + 1]
+
+
+@njit(**_ROW_OPTS)
+def _codes_row(qtype, qs, qh, r, cb, j):
+    """cb[j, :] = the integer codes of row r (uint8: 0..15 / 0..31 / 0..63, Q8_0's int8 bit patterns)."""
+    n = cb.shape[1]
+    nb = n >> 5
+    if qtype == _Q8_0:
+        for e in range(n):
+            cb[j, e] = np.uint8(qs[r, e])
+    elif qtype == _Q6_K:
+        for b in range(nb):
+            for l in range(16):
+                q = np.int32(qs[r, 16 * b + l])
+                cb[j, 32 * b + l] = q & 15
+                cb[j, 32 * b + 16 + l] = q >> 4
+            ho = 64 * (b >> 3) + 32 * ((b & 7) >> 2)
+            sh = 2 * (b & 3)
+            for l in range(32):
+                cb[j, 32 * b + l] |= ((np.int32(qh[r, ho + l]) >> sh) & 3) << 4
+    else:                                            # paired nibbles (Q4_K / Q5_K: nb is even)
+        for k in range(nb >> 1):
+            for l in range(32):
+                q = np.int32(qs[r, 32 * k + l])
+                cb[j, 64 * k + l] = q & 15
+                cb[j, 64 * k + 32 + l] = q >> 4
+        if nb & 1:
+            o = 16 * (nb - 1)
+            for l in range(16):
+                q = np.int32(qs[r, o + l])
+                cb[j, 32 * (nb - 1) + l] = q & 15
+                cb[j, 32 * (nb - 1) + 16 + l] = q >> 4
+        if qtype == _Q5_0 or qtype == _Q5_1:
+            for b in range(nb):
+                h = np.int64(qh[r, b])
+                for l in range(32):
+                    cb[j, 32 * b + l] |= ((h >> l) & 1) << 4
+        elif qtype == _Q5_K:
+            for sb in range(nb >> 3):
+                for l in range(32):
+                    h = np.int32(qh[r, 32 * sb + l])
+                    for jj in range(8):
+                        cb[j, 256 * sb + 32 * jj + l] |= ((h >> jj) & 1) << 4
+
+
+@njit(**_ROW_OPTS)
+def _interleave8(cb32, wt32, tl):
+    """Tile tl of wt = cb's 8 rows interleaved by 4 bytes: wt32[tl, 8c + j] = cb32[j, c]."""
+    for c in range(cb32.shape[1]):
+        for j in range(8):
+            wt32[tl, 8 * c + j] = cb32[j, c]
+
+
+@njit(**_GROUP_OPTS)
+def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, flip):
+    """The row tiles of rows r_lo..r_hi: uint8 (ntile, 8 n); rows past r_hi are zeros. flip: codes ^ 0x80
+    (Q8_0's int8 codes + 128 as unsigned bytes)."""
+    ntile = (r_hi - r_lo + 7) >> 3
+    cb = np.zeros((8, n), np.uint8)
+    wt = np.empty((ntile, 8 * n), np.uint8)
+    cb32 = cb.view(np.uint32)
+    wt32 = wt.view(np.uint32)
+    for tl in range(ntile):
+        for j in range(8):
+            r = r_lo + 8 * tl + j
+            if r < r_hi:
+                _codes_row(qtype, qs, qh, r, cb, j)
+                if flip:
+                    for e in range(n):
+                        cb[j, e] ^= 0x80
+            else:
+                cb[j, :] = 0
+        _interleave8(cb32, wt32, tl)
+    return wt
+
+
+@njit(**_ROW_OPTS)
+def _store_tile(out, tmp, t0, r0, nr, acc):
+    """out[t0 + t, r0:r0 + nr] = acc[t][:nr] (a whole tile: one vector store per token)."""
+    n_rows = out.shape[1]
+    if nr == 8:
+        simd.rtile_store(out, t0 * n_rows + r0, n_rows, acc)
+    else:
+        simd.rtile_store(tmp, 0, 8, acc)
+        for t in range(len(acc)):
+            for j in range(nr):
+                out[t0 + t, r0 + j] = tmp[8 * t + j]
+
+
+@njit(**_ROW_OPTS)
+def _rt_q32(path, zi, zf, wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t0, r0, nr, off, has_min, signed):
+    """Tile tl (rows r0..r0+nr) x tokens t0..t0+len(zf) of a 32-block type: per block, the integer dot minus
+    off * the token's block sum of codes, times d * xd; plus m * xs with has_min (Q4_1 / Q5_1)."""
+    n = xq.shape[1]
+    nb = n >> 5
+    wbase = tl * 8 * n
+    acc = zf
+    for b in range(nb):
+        wo = wbase + 256 * b
+        xo = t0 * n + 32 * b
+        if signed:
+            p = simd.rtile_dot32s(path, zi, wt, wo, xq, xo, n)
+        else:
+            p = simd.rtile_dot32(path, zi, wt, wo, xq, xo, n)
+        if off != 0:
+            p = simd.rtile_isub(p, s32, t0 * nb + b, nb, off)
+        so = (tl * nb + b) * 8
+        acc = simd.rtile_fma(acc, p, simd.load_f32x8(dv, so), xd, t0 * nb + b, nb)
+        if has_min:
+            acc = simd.rtile_vfma(acc, simd.load_f32x8(mv, so), xs, t0 * nb + b, nb)
+    _store_tile(out, tmp, t0, r0, nr, acc)
+
+
+@njit(**_GROUP_OPTS)
+def _group_q32(path, qtype, qs, sc, qh, xq, xd, xs, s32, out, g, off, has_min, signed):
+    """Rows g*GROUP_ROWS.. of a 32-block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) for every token."""
+    n_tok, n_rows = out.shape
+    n = xq.shape[1]
+    nb = n >> 5
+    r_lo = g * GROUP_ROWS
+    r_hi = min(n_rows, r_lo + GROUP_ROWS)
+    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, qtype == _Q8_0 and not signed)
+    ntile = wt.shape[0]
+    dv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) d
+    mv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) m (Q4_1 / Q5_1)
+    for r in range(r_lo, r_hi):
+        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        for b in range(nb):
+            dv[tl, 8 * b + j] = simd.f16_to_f32(path, sc[r, b])
+            if has_min:
+                mv[tl, 8 * b + j] = simd.f16_to_f32(path, sc[r, nb + b])
+    tmp = np.empty(8 * TILE_TOKENS, np.float32)
+    z = simd.izero(path)
+    f = simd.vzero(path)
+    t0 = 0
+    while t0 + TILE_TOKENS <= n_tok:
+        for tl in range(ntile):
+            _rt_q32(path, (z, z, z, z), (f, f, f, f), wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t0,
+                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl), off, has_min, signed)
+        t0 += TILE_TOKENS
+    for t in range(t0, n_tok):
+        for tl in range(ntile):
+            _rt_q32(path, (z,), (f,), wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t,
+                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl), off, has_min, signed)
+
+
+@njit(**_ROW_OPTS)
+def _rt_qk(path, zi, zf, wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t0, r0, nr):
+    """Tile x tokens of Q4_K / Q5_K: per superblock, sum_j sc_j * (sub-block j's dot) times d * xd, and
+    sum_j m_j * (x codes' sum over sub-block j) (vpmaddwd of int16 pairs) times -dmin * xd."""
+    n = xq.shape[1]
+    nb = n >> 5
+    nsb = nb >> 3
+    wbase = tl * 8 * n
+    acc = zf
+    for sb in range(nsb):
+        s = tl * nsb + sb
+        isum = zi
+        for j in range(8):
+            b = 8 * sb + j
+            p = simd.rtile_dot32(path, zi, wt, wbase + 256 * b, xq, t0 * n + 32 * b, n)
+            isum = simd.rtile_imul_add(isum, p, simd.load_i32x8(ks, 64 * s + 8 * j))
+        msum = zi
+        for k in range(4):
+            msum = simd.rtile_madd16(path, msum, simd.load_i32x8(km, 32 * s + 8 * k), s32, t0 * nb + 8 * sb + 2 * k, nb)
+        acc = simd.rtile_fma(acc, isum, simd.load_f32x8(kf, 16 * s), xd, t0 * nb + 8 * sb, nb)
+        acc = simd.rtile_fma(acc, msum, simd.load_f32x8(kf, 16 * s + 8), xd, t0 * nb + 8 * sb, nb)
+    _store_tile(out, tmp, t0, r0, nr, acc)
+
+
+@njit(**_GROUP_OPTS)
+def _group_qk(path, qtype, qs, sc, qh, xq, xd, s32, out, g):
+    """Rows g*GROUP_ROWS.. of Q4_K / Q5_K for every token."""
+    n_tok, n_rows = out.shape
+    n = xq.shape[1]
+    nsb = n >> 8
+    r_lo = g * GROUP_ROWS
+    r_hi = min(n_rows, r_lo + GROUP_ROWS)
+    wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, False)
+    ntile = wt.shape[0]
+    kf = np.zeros((ntile, nsb * 16), np.float32)       # (tile, sb, [d | -dmin], row)
+    ks = np.zeros((ntile, nsb * 64), np.int32)         # (tile, sb, sub-block j, row) sc_j
+    km = np.zeros((ntile, nsb * 32), np.int32)         # (tile, sb, pair k, row) m_2k | m_2k+1 << 16
+    for r in range(r_lo, r_hi):
+        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        for sb in range(nsb):
+            s = sb * 10
+            kf[tl, 16 * sb + j] = simd.f16_to_f32(path, sc[r, s])
+            kf[tl, 16 * sb + 8 + j] = -simd.f16_to_f32(path, sc[r, s + 1])
+            for jj in range(8):
+                ks[tl, 64 * sb + 8 * jj + j] = np.int32(sc[r, s + 2 + jj]) & 0xFF
+            for k in range(4):
+                km[tl, 32 * sb + 8 * k + j] = (np.int32(sc[r, s + 2 + 2 * k]) >> 8) | ((np.int32(sc[r, s + 3 + 2 * k]) >> 8) << 16)
+    tmp = np.empty(8 * TILE_TOKENS, np.float32)
+    z = simd.izero(path)
+    f = simd.vzero(path)
+    t0 = 0
+    while t0 + TILE_TOKENS <= n_tok:
+        for tl in range(ntile):
+            _rt_qk(path, (z, z, z, z), (f, f, f, f), wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t0,
+                   r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+        t0 += TILE_TOKENS
+    for t in range(t0, n_tok):
+        for tl in range(ntile):
+            _rt_qk(path, (z,), (f,), wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t,
+                   r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+
+
+@njit(**_ROW_OPTS)
+def _rt_q6k(path, zi, zf, wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t0, r0, nr):
+    """Tile x tokens of Q6_K: per superblock, sum_k s_k * (group k's dot of the 6-bit codes) - 32 sum_k s_k *
+    (x codes' sum over group k) (vpmaddwd of int16 pairs holding -32 s_k), times d * xd."""
+    n = xq.shape[1]
+    nb = n >> 5
+    nsb = nb >> 3
+    ng = n >> 4
+    wbase = tl * 8 * n
+    acc = zf
+    for sb in range(nsb):
+        s = tl * nsb + sb
+        isum = zi
+        for k in range(16):
+            g = 16 * sb + k
+            p = simd.rtile_dot16(path, zi, wt, wbase + 128 * g, xq, t0 * n + 16 * g, n)
+            isum = simd.rtile_imul_add(isum, p, simd.load_i32x8(ks, 128 * s + 8 * k))
+        for k in range(8):
+            isum = simd.rtile_madd16(path, isum, simd.load_i32x8(km, 64 * s + 8 * k), s16, t0 * ng + 16 * sb + 2 * k, ng)
+        acc = simd.rtile_fma(acc, isum, simd.load_f32x8(kf, 8 * s), xd, t0 * nb + 8 * sb, nb)
+    _store_tile(out, tmp, t0, r0, nr, acc)
+
+
+@njit(**_GROUP_OPTS)
+def _group_q6k(path, qs, sc, qh, xq, xd, s16, out, g):
+    """Rows g*GROUP_ROWS.. of Q6_K for every token."""
+    n_tok, n_rows = out.shape
+    n = xq.shape[1]
+    nsb = n >> 8
+    r_lo = g * GROUP_ROWS
+    r_hi = min(n_rows, r_lo + GROUP_ROWS)
+    wt = _unpack_tiles(path, _Q6_K, qs, qh, r_lo, r_hi, n, False)
+    ntile = wt.shape[0]
+    kf = np.zeros((ntile, nsb * 8), np.float32)        # (tile, sb, row) d
+    ks = np.zeros((ntile, nsb * 128), np.int32)        # (tile, sb, group k, row) s_k
+    km = np.zeros((ntile, nsb * 64), np.int32)         # (tile, sb, pair k, row) -32 s_2k | -32 s_2k+1 << 16 (int16s)
+    for r in range(r_lo, r_hi):
+        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        for sb in range(nsb):
+            kf[tl, 8 * sb + j] = simd.f16_to_f32(path, sc[r, 9 * sb])
+            for k in range(8):
+                v = np.int32(sc[r, 9 * sb + 1 + k])
+                s_lo = ((v & 0xFF) ^ 0x80) - 0x80
+                s_hi = ((v >> 8) ^ 0x80) - 0x80
+                ks[tl, 128 * sb + 16 * k + j] = s_lo
+                ks[tl, 128 * sb + 16 * k + 8 + j] = s_hi
+                km[tl, 64 * sb + 8 * k + j] = np.int32(((-32 * s_lo) & 0xFFFF) | (np.int64((-32 * s_hi) & 0xFFFF) << 16))
+    tmp = np.empty(8 * TILE_TOKENS, np.float32)
+    z = simd.izero(path)
+    f = simd.vzero(path)
+    t0 = 0
+    while t0 + TILE_TOKENS <= n_tok:
+        for tl in range(ntile):
+            _rt_q6k(path, (z, z, z, z), (f, f, f, f), wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t0,
+                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+        t0 += TILE_TOKENS
+    for t in range(t0, n_tok):
+        for tl in range(ntile):
+            _rt_q6k(path, (z,), (f,), wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t,
+                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+
+
+# One parallel wrapper per type (each its own qualname for the on-disk cache), registered as its `gemm`:
+#   _gemm_X(path_token (a vector path), qs, sc, qh, xq int8 (T, n), xd, xs float32 (T, n/32), s16 int16 (T, n/16),
+#           s32 int16 (T, n/32) (_act_sums), out float32 (T, n_rows)).
+
+@kernel_for(QT.Q4_0, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q4_0(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q32(path, _Q4_0, qs, sc, qh, xq, xd, xs, s32, out, g, 8, False, False)
+
+
+@kernel_for(QT.Q4_1, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q4_1(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q32(path, _Q4_1, qs, sc, qh, xq, xd, xs, s32, out, g, 0, True, False)
+
+
+@kernel_for(QT.Q5_0, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q5_0(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q32(path, _Q5_0, qs, sc, qh, xq, xd, xs, s32, out, g, 16, False, False)
+
+
+@kernel_for(QT.Q5_1, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q5_1(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q32(path, _Q5_1, qs, sc, qh, xq, xd, xs, s32, out, g, 0, True, False)
+
+
+@kernel_for(QT.Q8_0, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q8_0(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    # vnni: codes + 128 as the unsigned operand, minus 128 * the block sum of x; else signed (psign: pmaddubsw's
+    # int16 pair sums would saturate with codes up to 255)
+    vnni = simd.is_vnni(path)
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q32(path, _Q8_0, qs, sc, qh, xq, xd, xs, s32, out, g, 128 if vnni else 0, False, not vnni)
+
+
+@kernel_for(QT.Q4_K, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q4_k(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_qk(path, _Q4_K, qs, sc, qh, xq, xd, s32, out, g)
+
+
+@kernel_for(QT.Q5_K, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q5_k(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_qk(path, _Q5_K, qs, sc, qh, xq, xd, s32, out, g)
+
+
+@kernel_for(QT.Q6_K, "gemm")
+@njit(cache=True, parallel=True)
+def _gemm_q6_k(path, qs, sc, qh, xq, xd, xs, s16, s32, out):
+    for g in prange((out.shape[1] + GROUP_ROWS - 1) // GROUP_ROWS):
+        _group_q6k(path, qs, sc, qh, xq, xd, s16, out, g)
+
+
+
 SERIAL_MAX_BLOCKS = 4096
 """gemv/gemv_rows run serially when rows * blocks-per-row is at most this (~3 us of work): a parallel
 launch costs ~1.8 us, so below this two threads do not pay off (e.g. SmolLM2's 192x576 k/v)."""
@@ -1034,9 +1406,10 @@ def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, o
 
 def gemm(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, path: str | None = None) -> np.ndarray:
     """out (T, n_rows) = x (T, n_cols) @ W.T for a batch of tokens (prefill): each token's activation is rounded
-    as for gemv, and each row's dot product is the one gemv computes (same kernel and integer dots; float sums
-    may differ in the last bit, as fastmath orders them where the kernel is inlined), with the weights read
-    once per batch."""
+    as for gemv, and each row's block (or K-quant superblock) integer sums are the ones gemv computes, with the
+    weights read once per batch. With T >= TILE_TOKENS on a vector path, the type's row-tile kernel (its
+    registry `gemm`: 8 rows x TILE_TOKENS tokens per micro-kernel) runs, whose float sums are ordered
+    differently (within a few float32 ulps of the output's magnitude); else the decode span kernel per token."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != pm.n_cols:
         raise ValueError(f"x must have shape (T, {pm.n_cols}), got {x.shape}")
@@ -1047,7 +1420,13 @@ def gemm(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, path
         raise ValueError(f"out must have shape {(n_tok, pm.n_rows)}, got {out.shape}")
     nb = pm.n_cols // QK
     xq, xd, xs = np.empty((n_tok, pm.n_cols), np.int8), np.empty((n_tok, nb), np.float32), np.empty((n_tok, nb), np.float32)
-    act = qtype_info(pm.qtype).act
-    _quantize_rows(x, act == Q8_K, act == Q8_1, xq, xd, xs)
-    _gemm(pm.qtype, simd.token(path), pm.qs, pm.sc, pm.qh.view(np.uint8), xq, xd, xs, out)
+    t = qtype_info(pm.qtype)
+    _quantize_rows(x, t.act == Q8_K, t.act == Q8_1, xq, xd, xs)
+    tok = simd.token(path)
+    if t.gemm is not None and simd.path_name(tok) != "scalar" and n_tok >= TILE_TOKENS:
+        s16, s32 = np.empty((n_tok, pm.n_cols // 16), np.int16), np.empty((n_tok, nb), np.int16)
+        _act_sums(xq, s16, s32)
+        t.gemm(tok, pm.qs, pm.sc, pm.qh, xq, xd, xs, s16, s32, out)
+    else:
+        _gemm(pm.qtype, tok, pm.qs, pm.sc, pm.qh.view(np.uint8), xq, xd, xs, out)
     return out

@@ -15,7 +15,8 @@ cannot call through a table, gets integer constants from here (`by_code`, dequan
 
 Adding a type: one `QType(...)` line in _ENTRIES, then its kernels, decorated: a row dequantizer in
 dequant.py (plus its branch of the compiled `dequantize_row` dispatch) and, for a fast decode GEMV, a pack
-function and `_span_*` / `_gemv_*` kernels in qgemv.py. tests/test_qtypes.py checks every entry against
+function and `_span_*` / `_gemv_*` kernels in qgemv.py; for a fast prefill, a `_gemm_*` tile kernel there too
+(without one, prefill runs the span kernel per token). tests/test_qtypes.py checks every entry against
 gguf-py and that each has the kernels its abilities need.
 """
 
@@ -29,7 +30,7 @@ from gguf import GGMLQuantizationType as QT
 
 from .actquant import BF16, F16, F32, Q8_0, Q8_1, Q8_K
 
-KERNELS = ("dequantize", "pack", "gemv", "span")
+KERNELS = ("dequantize", "pack", "gemv", "span", "gemm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class QType:
     pack: Callable | None = None         # blocks uint8 (n_rows, n_blocks, type_size) -> (qs, sc, qh) (qgemv layout)
     gemv: Callable | None = None         # njit parallel (path, qs, sc, qh, xq, xd, xs, rows, out) (qgemv.gemv)
     span: Callable | None = None         # njit serial, the same plus (lo, hi): out[lo:hi] only
+    gemm: Callable | None = None         # njit parallel prefill kernel over row tiles x token tiles:
+                                         # (path, qs, sc, qh, xq, xd, xs, s16, s32, out) (qgemv.gemm)
 
     @property
     def code(self) -> int:

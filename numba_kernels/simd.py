@@ -1894,3 +1894,269 @@ def _ov_vstore(path, a, off, v):
 def _ov_hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7):
     if _vector_kind(path) is not None:
         return lambda path, a0, a1, a2, a3, a4, a5, a6, a7: _hsum8(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row tiles for the prefill GEMM: 8 rows x T tokens (vector paths only)
+# --------------------------------------------------------------------------------------------------
+#
+# A tile holds the unpacked integer codes (one byte each) of 8 weight rows, interleaved by 4 bytes: the 32
+# bytes at 32 * (e // 4) hold elements e..e+3 of rows 0..7 (row j in bytes 4j..4j+3). A 32-byte load times
+# one token's 4 activation bytes broadcast to every lane (vpdpbusd / vpmaddubsw + vpmaddwd) adds 4 products
+# to each row's lane, so lane j of an accumulator is row j's dot: no horizontal sums, and the float work
+# (convert, scale, multiply-add) is done once per block for 8 rows. One weight load serves T tokens, each
+# with its own accumulator; the accumulators travel as a tuple of T vectors (T is the tuple's length).
+# The codes are unsigned (u8 operand) except for rtile_dot32s (signed int8 weights, psign trick).
+
+def _is_vec_tuple(t, elem) -> bool:
+    return isinstance(t, types.UniTuple) and t.dtype == elem
+
+
+def _bcast4(context, builder, aryty, ary, off):
+    """4 bytes at &ary.flat[off] (off an intp) broadcast to all 8 dword lanes, as <32 x i8>."""
+    x4 = builder.load(_elem_ptr(context, builder, aryty, ary, off, types.intp, _I32), align=1)
+    return builder.bitcast(_splat(builder, x4, _V8I32), _V32I8)
+
+
+def _make_rtile_dot(kind, nvec: int, signed: bool):
+    @intrinsic
+    def _rtile_dot(typingctx, acc, w, woff, x, xoff, xstride):
+        """acc[t] + the dots of nvec * 4 elements of a row tile (w.flat[woff:+32*nvec]) with token t's int8
+        activations x.flat[xoff + t*xstride:+4*nvec], lane j = row j (t < len(acc))."""
+        if not (_is_vec_tuple(acc, i32x8) and _is_byte_array(w) and _is_byte_array(x)
+                and all(isinstance(a, types.Integer) for a in (woff, xoff, xstride))):
+            return None
+        n_tok = acc.count
+
+        def codegen(context, builder, sig, args):
+            a, wa, wo, xa, xo, xsd = args
+            wo = context.cast(builder, wo, sig.args[2], types.intp)
+            xo = context.cast(builder, xo, sig.args[4], types.intp)
+            xsd = context.cast(builder, xsd, sig.args[5], types.intp)
+            ws = [_load_vec(context, builder, sig.args[1], wa, builder.add(wo, ir.Constant(_I64, 32 * v)),
+                            types.intp, _V32I8) for v in range(nvec)]
+            dpbusd = _x86_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+            out = []
+            for t in range(n_tok):
+                xt = builder.add(xo, builder.mul(xsd, ir.Constant(_I64, t)))
+                chains = [builder.extract_value(a, t), ir.Constant(_V8I32, None)]   # two chains: latency
+                for v in range(nvec):
+                    xb = _bcast4(context, builder, sig.args[3], xa, builder.add(xt, ir.Constant(_I64, 4 * v)))
+                    c = chains[v & 1]
+                    if kind == "vnni" and not signed:
+                        c = builder.call(dpbusd, [c, builder.bitcast(ws[v], _V8I32), builder.bitcast(xb, _V8I32)])
+                    else:
+                        c = builder.add(c, _madd(builder, kind, ws[v], xb, u_signed=signed))
+                    chains[v & 1] = c
+                out.append(builder.add(chains[0], chains[1]))
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return acc(acc, w, woff, x, xoff, xstride), codegen
+
+    return _rtile_dot
+
+
+_RTILE_DOT32 = _variants(lambda k: _make_rtile_dot(k, 8, False))
+_RTILE_DOT32S = _variants(lambda k: _make_rtile_dot(k, 8, True))
+_RTILE_DOT16 = _variants(lambda k: _make_rtile_dot(k, 4, False))
+
+
+def _make_rtile_madd16(kind):
+    @intrinsic
+    def _madd16(typingctx, acc, mp, s, off, stride):
+        """acc[t] + vpmaddwd(mp, broadcast of the int16 pair s.flat[off + t*stride:+2]): lane j += mp_j.lo *
+        s[0] + mp_j.hi * s[1] (mp: per row a pair of int16 carried in an i32 lane)."""
+        if not (_is_vec_tuple(acc, i32x8) and mp == i32x8 and isinstance(s, types.Array) and s.dtype == types.int16
+                and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a, m, sa, so, ss = args
+            so = context.cast(builder, so, sig.args[3], types.intp)
+            ss = context.cast(builder, ss, sig.args[4], types.intp)
+            m16 = builder.bitcast(m, _V16I16)
+            out = []
+            for t in range(sig.args[0].count):
+                o = builder.add(so, builder.mul(ss, ir.Constant(_I64, t)))
+                s2 = builder.load(_elem_ptr(context, builder, sig.args[2], sa, o, types.intp, _I32), align=2)
+                sb = builder.bitcast(_splat(builder, s2, _V8I32), _V16I16)
+                out.append(builder.add(builder.extract_value(a, t), _madd_i16(builder, kind, m16, sb)))
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return acc(acc, mp, s, off, stride), codegen
+
+    return _madd16
+
+
+_RTILE_MADD16 = _variants(_make_rtile_madd16)
+
+
+@intrinsic
+def rtile_isub(typingctx, acc, s, off, stride, c):
+    """acc[t] - c * s.flat[off + t*stride] in every lane (s int16: a token's block sum of codes; c: the weight
+    type's offset, e.g. 8 for Q4_0)."""
+    if not (_is_vec_tuple(acc, i32x8) and isinstance(s, types.Array) and s.dtype == types.int16
+            and all(isinstance(a, types.Integer) for a in (off, stride, c))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, sa, so, ss, cv = args
+        so = context.cast(builder, so, sig.args[2], types.intp)
+        ss = context.cast(builder, ss, sig.args[3], types.intp)
+        cv = builder.trunc(context.cast(builder, cv, sig.args[4], types.int64), _I32)
+        out = []
+        for t in range(sig.args[0].count):
+            o = builder.add(so, builder.mul(ss, ir.Constant(_I64, t)))
+            v = builder.sext(builder.load(_elem_ptr(context, builder, sig.args[1], sa, o, types.intp, _I16), align=2), _I32)
+            out.append(builder.sub(builder.extract_value(a, t), _splat(builder, builder.mul(v, cv), _V8I32)))
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return acc(acc, s, off, stride, c), codegen
+
+
+@intrinsic
+def rtile_fma(typingctx, acc, p, dv, xd, off, stride):
+    """acc[t] + float(p[t]) * dv * xd.flat[off + t*stride] (dv: the 8 rows' scales; xd float32: the tokens'
+    activation scales)."""
+    if not (_is_vec_tuple(acc, f32x8) and _is_vec_tuple(p, i32x8) and acc.count == p.count and dv == f32x8
+            and isinstance(xd, types.Array) and xd.dtype == types.float32
+            and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, pv, d, xa, xo, xs = args
+        xo = context.cast(builder, xo, sig.args[4], types.intp)
+        xs = context.cast(builder, xs, sig.args[5], types.intp)
+        out = []
+        for t in range(sig.args[0].count):
+            o = builder.add(xo, builder.mul(xs, ir.Constant(_I64, t)))
+            s = builder.load(_elem_ptr(context, builder, sig.args[3], xa, o, types.intp, _F32), align=4)
+            sv = builder.fmul(d, _splat(builder, s, _V8F32))
+            pf = builder.sitofp(builder.extract_value(pv, t), _V8F32)
+            out.append(builder.fadd(builder.extract_value(a, t), builder.fmul(pf, sv, flags=("contract",)),
+                                    flags=("contract",)))
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return acc(acc, p, dv, xd, off, stride), codegen
+
+
+@intrinsic
+def rtile_vfma(typingctx, acc, mv, xs, off, stride):
+    """acc[t] + mv * xs.flat[off + t*stride] (Q4_1/Q5_1's min term: mv the 8 rows' mins, xs the tokens'
+    block sums)."""
+    if not (_is_vec_tuple(acc, f32x8) and mv == f32x8 and isinstance(xs, types.Array) and xs.dtype == types.float32
+            and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, m, xa, xo, xst = args
+        xo = context.cast(builder, xo, sig.args[3], types.intp)
+        xst = context.cast(builder, xst, sig.args[4], types.intp)
+        out = []
+        for t in range(sig.args[0].count):
+            o = builder.add(xo, builder.mul(xst, ir.Constant(_I64, t)))
+            s = builder.load(_elem_ptr(context, builder, sig.args[2], xa, o, types.intp, _F32), align=4)
+            out.append(builder.fadd(builder.extract_value(a, t), builder.fmul(m, _splat(builder, s, _V8F32),
+                                    flags=("contract",)), flags=("contract",)))
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return acc(acc, mv, xs, off, stride), codegen
+
+
+@intrinsic
+def rtile_imul_add(typingctx, acc, p, sv):
+    """acc[t] + p[t] * sv lane-wise in int32 (sv: the 8 rows' integer sub-block scales)."""
+    if not (_is_vec_tuple(acc, i32x8) and _is_vec_tuple(p, i32x8) and acc.count == p.count and sv == i32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, pv, s = args
+        out = [builder.add(builder.extract_value(a, t), builder.mul(builder.extract_value(pv, t), s))
+               for t in range(sig.args[0].count)]
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return acc(acc, p, sv), codegen
+
+
+@intrinsic
+def rtile_store(typingctx, out, off, stride, acc):
+    """out.flat[off + t*stride:+8] = acc[t] (out float32)."""
+    if not (isinstance(out, types.Array) and out.dtype == types.float32 and isinstance(off, types.Integer)
+            and isinstance(stride, types.Integer) and _is_vec_tuple(acc, f32x8)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        oa, oo, os_, a = args
+        oo = context.cast(builder, oo, sig.args[1], types.intp)
+        os_ = context.cast(builder, os_, sig.args[2], types.intp)
+        for t in range(sig.args[3].count):
+            o = builder.add(oo, builder.mul(os_, ir.Constant(_I64, t)))
+            builder.store(builder.extract_value(a, t), _elem_ptr(context, builder, sig.args[0], oa, o, types.intp, _V8F32),
+                          align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, off, stride, acc), codegen
+
+
+@intrinsic
+def load_i32x8(typingctx, a, off):
+    """a.flat[off:off+8] of an int32 array as an i32x8 (unaligned vector load)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.int32 and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8I32), align=4)
+
+    return i32x8(a, off), codegen
+
+
+def rtile_dot32(path, acc, w, woff, x, xoff, xstride):
+    """acc[t] + one 32-element block of a row tile (unsigned codes) dotted with token t's activations
+    (see _make_rtile_dot). Vector paths only."""
+
+
+def rtile_dot32s(path, acc, w, woff, x, xoff, xstride):
+    """rtile_dot32 with signed int8 weight codes (Q8_0)."""
+
+
+def rtile_dot16(path, acc, w, woff, x, xoff, xstride):
+    """rtile_dot32 over a 16-element group (Q6_K's scale groups)."""
+
+
+def rtile_madd16(path, acc, mp, s, off, stride):
+    """acc[t] + per row an int16 pair of mp times the int16 pair s.flat[off + t*stride:+2] (vpmaddwd)."""
+
+
+def _ov_rtile(table):
+    def ov(path, acc, w, woff, x, xoff, xstride):
+        k = _vector_kind(path)
+        if k is not None:
+            f = table[k]
+            return lambda path, acc, w, woff, x, xoff, xstride: f(acc, w, woff, x, xoff, xstride)
+    return ov
+
+
+overload(rtile_dot32, inline="always")(_ov_rtile(_RTILE_DOT32))
+overload(rtile_dot32s, inline="always")(_ov_rtile(_RTILE_DOT32S))
+overload(rtile_dot16, inline="always")(_ov_rtile(_RTILE_DOT16))
+
+
+@overload(rtile_madd16, inline="always")
+def _ov_rtile_madd16(path, acc, mp, s, off, stride):
+    k = _vector_kind(path)
+    if k is not None:
+        f = _RTILE_MADD16[k]
+        return lambda path, acc, mp, s, off, stride: f(acc, mp, s, off, stride)
+
+
+def is_vnni(path):
+    """Whether path is the vnni path (a compile-time constant: vpdpbusd multiplies u8 by s8 without the i16
+    saturation of pmaddubsw, so weights up to 255 may be the unsigned operand)."""
+
+
+@overload(is_vnni, inline="always")
+def _ov_is_vnni(path):
+    k = _kind(path)
+    if k is not None:
+        v = k == "vnni"
+        return lambda path: v

@@ -60,8 +60,12 @@ class DenseFFN:
     def batched(self, h: np.ndarray, stats: StepStats) -> np.ndarray:
         """h: (T, n_embd) -> (T, n_embd)."""
         L = self.L
-        gate = L.w_gate.matmul(h)                                    # (T, n_ff)
-        _glu(gate, L.w_up.matmul(h), self.act)
+        if L.gate_up is not None:                                    # one GEMM for gate|up
+            gu = qgemv.gemm(L.gate_up, h)                            # (T, 2 n_ff)
+            gate, up = np.ascontiguousarray(gu[:, :L.w_gate.n_rows]), gu[:, L.w_gate.n_rows:]
+        else:
+            gate, up = L.w_gate.matmul(h), L.w_up.matmul(h)          # (T, n_ff) each
+        _glu(gate, up, self.act)
         stats.ffn_used.append(1.0)
         return L.w_down.matmul(gate)
 

@@ -247,9 +247,12 @@ class Model:
     def _qkv(self, L, h: np.ndarray, decode: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """h: (T, n_embd) normed input -> q (T, n_head, hd), k, v (T, n_kv, hd), with biases and QK-norm."""
         cfg, T = self.cfg, h.shape[0]
-        if decode and L.qkv is not None:                             # one GEMV for q|k|v
-            qkv = qgemv.gemv(L.qkv, out=self._qkv_out[:L.qkv.n_rows],
-                             xq=qgemv.quantize_for(L.qkv.qtype, h[0], self._x8))[None]
+        if L.qkv is not None:                                        # one GEMV / GEMM for q|k|v
+            if decode:
+                qkv = qgemv.gemv(L.qkv, out=self._qkv_out[:L.qkv.n_rows],
+                                 xq=qgemv.quantize_for(L.qkv.qtype, h[0], self._x8))[None]
+            else:
+                qkv = qgemv.gemm(L.qkv, h)                           # (T, q_dim + 2 kv_dim)
             q, k, v = qkv[:, :cfg.q_dim], qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim], qkv[:, cfg.q_dim + cfg.kv_dim:]
         else:
             q, k, v = L.wq.matmul(h), L.wk.matmul(h), L.wv.matmul(h)

@@ -378,6 +378,36 @@ def test_gemm_equals_gemv_per_token(qtype):
         qgemv.gemm(pm, X[:, :-32])
 
 
+TILE_SHAPES_32 = [(45, 608), (8, 64), (3, 32)]               # a row tail past 5 tiles (GROUP_ROWS 32), one tile,
+TILE_SHAPES_K = [(45, 768), (5, 256)]                         # a partial tile; 608: an odd block count
+
+
+@pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
+@pytest.mark.parametrize("path", VECTOR_PATHS)
+def test_gemm_row_tiles(qtype, path):
+    """The row-tile kernels (qtypes' `gemm`: 8 rows x TILE_TOKENS tokens) against the decode GEMV per token and
+    against gguf-py's dequantized weights times the rounded activations. Each block's (K-quant superblock's)
+    integer sum is the GEMV's; only float summation order differs: within 2e-6 of the largest |output|."""
+    assert qtype_info(qtype).gemm is not None
+    for n_rows, n_cols in (TILE_SHAPES_K if qtype in TYPES_K else TILE_SHAPES_32):
+        raw = random_raw(qtype, n_rows, n_cols, seed=int(qtype) + n_rows)
+        pm = qgemv.pack(raw, qtype, n_cols)
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(n_rows, n_cols)
+        for n_tok in (qgemv.TILE_TOKENS, 2 * qgemv.TILE_TOKENS + 3):   # whole token tiles; and 3 left over
+            X = np.random.default_rng(n_tok).standard_normal((n_tok, n_cols)).astype(np.float32)
+            X[1] = 0.0                                                    # an all-zero token (zero scales)
+            X[2, :32] *= 1e3                                              # a token with one large block
+            out = qgemv.gemm(pm, X, path=path)
+            for t in range(n_tok):
+                xq = qgemv.quantize_for(qtype, X[t], qgemv.new_q8(n_cols))
+                ref = qgemv.gemv(pm, xq=xq, path=path)
+                scale = max(float(np.abs(ref).max()), 1e-30)
+                assert np.abs(out[t] - ref).max() <= 2e-6 * scale, (n_rows, n_cols, n_tok, t)
+                exact = w @ (np.repeat(xq.d, 32).astype(np.float64) * xq.q)    # the rounded activation
+                assert np.abs(out[t] - exact).max() <= 2e-4 * max(float(np.abs(exact).max()), 1e-30) + 1e-30
+            assert not np.any(out[1])
+
+
 @pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
 def test_pack_size_and_layout(qtype):
     n_cols = 1536
