@@ -50,6 +50,7 @@ class QuantMatrix:
         if packed is None and fast and info.pack is not None:
             packed = qgemv.pack(raw, self.qtype, n_cols, on_rows=on_rows)
         self.packed = packed
+        self._release = on_rows or (lambda r0, r1: None)   # drops rows r0:r1 of raw from the resident set
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +96,7 @@ class QuantMatrix:
                                                 self.qtype)
                 except ValueError:           # a Q4_0 scale whose 8x overflows fp16: keep the plain layout
                     pass
+                self._release(0, self.n_rows)        # the file pages it read
         return self._bundle
 
 
@@ -146,6 +148,7 @@ def q4_copy(m: QuantMatrix) -> QuantMatrix:
         r1 = min(m.n_rows, r0 + LOWBIT_TILE_ROWS)
         rows = dequant.dequantize(m.raw[r0:r1], m.qtype, m.n_cols)          # (rows, n_cols) float32
         tiles.append(quants.quantize(rows, GGMLQuantizationType.Q4_0))     # (rows, n_cols/32*18) uint8
+        m._release(r0, r1)                                                   # the file pages read
     raw = np.ascontiguousarray(np.concatenate(tiles))
     return QuantMatrix(m.name + ".q4", raw, int(GGMLQuantizationType.Q4_0), m.n_rows, m.n_cols)
 
@@ -278,8 +281,8 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
                     for (name, n_rows), (raw, qtype, cb) in zip(specs, found)], None
         qtype = found[0][1]
         whole, views = pack_stacked([raw for raw, _, _ in found], qtype, n_cols, [cb for _, _, cb in found])
-        return [QuantMatrix(name, raw, qtype, n_rows, n_cols, packed=view)
-                for (name, n_rows), (raw, _, _), view in zip(specs, found, views)], whole
+        return [QuantMatrix(name, raw, qtype, n_rows, n_cols, packed=view, on_rows=cb)
+                for (name, n_rows), (raw, _, cb), view in zip(specs, found, views)], whole
 
     d, hd = cfg.n_embd, cfg.head_dim
     layers = []
