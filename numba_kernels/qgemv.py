@@ -60,6 +60,7 @@ __all__ = [
     "PackedMatrix",
     "Q8Act",
     "pack",
+    "empty_packed",
     "quantize_q8",
     "quantize_q8_into",
     "new_q8",
@@ -261,7 +262,8 @@ def _no_qh(blocks: np.ndarray) -> np.ndarray:
 
 
 # Per-type pack functions (the registry's `pack`): blocks uint8 (n_rows, n_blocks, type_size), a matrix's GGUF
-# rows split into blocks -> (qs, sc, qh) in the layout of the module docstring.
+# rows split into blocks -> (qs, sc, qh) in the layout of the module docstring, each (n_rows, ...) whose trailing
+# dimensions flatten to a row (views of blocks allowed: pack() copies them into place once).
 
 @kernel_for(QT.Q4_0, "pack")
 def _pack_q4_0(blocks):
@@ -289,8 +291,7 @@ def _pack_q5_1(blocks):
 
 @kernel_for(QT.Q8_0, "pack")
 def _pack_q8_0(blocks):
-    n_rows, nbk = blocks.shape[:2]
-    return blocks[..., 2:34].reshape(n_rows, nbk * 32).view(np.int8), _f16_field(blocks, 0), _no_qh(blocks)
+    return blocks[..., 2:34].view(np.int8), _f16_field(blocks, 0), _no_qh(blocks)
 
 
 def _q4_k_scales(blocks: np.ndarray) -> np.ndarray:
@@ -312,17 +313,14 @@ def _q4_k_scales(blocks: np.ndarray) -> np.ndarray:
 @kernel_for(QT.Q4_K, "pack")
 def _pack_q4_k(blocks):
     # block: d f16, dmin f16, scales[12] (6-bit sc/m packed), qs[128]
-    n_rows, nbk = blocks.shape[:2]
-    qs = blocks[..., 16:144].reshape(n_rows, nbk * 128)  # sub-block 2i: low nibbles, 2i+1: high = paired
+    qs = blocks[..., 16:144]  # sub-block 2i: low nibbles, 2i+1: high = paired
     return qs, _q4_k_scales(blocks), _no_qh(blocks)
 
 
 @kernel_for(QT.Q5_K, "pack")
 def _pack_q5_k(blocks):
     # block: d f16, dmin f16, scales[12] (as Q4_K), qh[32] (bit j of byte l: sub-block j's element l), qs[128]
-    n_rows, nbk = blocks.shape[:2]
-    qh = np.ascontiguousarray(blocks[..., 16:48]).reshape(n_rows, nbk * 32)
-    return blocks[..., 48:176].reshape(n_rows, nbk * 128), _q4_k_scales(blocks), qh
+    return blocks[..., 48:176], _q4_k_scales(blocks), blocks[..., 16:48]
 
 
 @kernel_for(QT.Q6_K, "pack")
@@ -332,21 +330,46 @@ def _pack_q6_k(blocks):
     ql = blocks[..., 0:128].reshape(n_rows, nbk, 2, 64)
     vals = np.stack([ql & 0x0F, ql >> 4], axis=3).reshape(n_rows, nbk * 8, 32)  # elements in order
     qs = _nibble_pack(vals).reshape(n_rows, nbk * 128)
-    qh = np.ascontiguousarray(blocks[..., 128:192]).reshape(n_rows, nbk * 64)
+    qh = blocks[..., 128:192]
     s = blocks[..., 192:208].astype(np.uint16)
     d = _f16_field(blocks, 208)
     sc = np.concatenate([d[..., None], s[..., 0::2] | (s[..., 1::2] << 8)], axis=-1).reshape(n_rows, nbk * 9)
     return qs, sc, qh
 
 
-def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix:
-    """Repack raw GGUF bytes (uint8 (n_rows, row_bytes), e.g. a GGUFReader tensor's .data) of a matrix whose
-    type has a fast GEMV (a registry entry with a pack function) into a PackedMatrix.  n_cols defaults to
-    what row_bytes implies."""
+# pack() converts this many bytes of GGUF rows at a time: the packers' temporaries (Q6_K's unpacked codes are 2x
+# its rows) stay a few MiB whatever the matrix, and a caller can drop each chunk's file pages once it is packed.
+PACK_CHUNK_BYTES = 4 << 20
+
+
+def _fast_type(qtype: int):
     t = qtype_info(qtype)
     if t.pack is None:
         fast = [e.name for e in qtypes.all_qtypes() if e.pack is not None]
         raise ValueError(f"{t.name} has no fast GEMV kernel (types with one: {fast})")
+    return t
+
+
+def empty_packed(qtype: int, n_rows: int, n_cols: int) -> PackedMatrix:
+    """An uninitialised PackedMatrix of n_rows rows, for pack(..., out=) to fill (several matrices can be
+    packed straight into the rows of one stacked matrix, with no concatenation afterwards)."""
+    t = _fast_type(qtype)
+    if n_cols % t.block_size:
+        raise ValueError(f"n_cols={n_cols} is not a multiple of the {t.name} block size {t.block_size}")
+    probe = t.pack(np.zeros((1, n_cols // t.block_size, t.type_size), np.uint8))     # one row: the widths
+    qs, sc, qh = (np.empty((n_rows, math.prod(p.shape[1:])), dt)
+                  for p, dt in zip(probe, (probe[0].dtype, np.uint16, probe[2].dtype)))
+    return PackedMatrix(t.code, n_rows, n_cols, qs, sc, qh)
+
+
+def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None, *, on_rows=None,
+         out: PackedMatrix | None = None) -> PackedMatrix:
+    """Repack raw GGUF bytes (uint8 (n_rows, row_bytes), e.g. a GGUFReader tensor's .data) of a matrix whose
+    type has a fast GEMV (a registry entry with a pack function) into a PackedMatrix.  n_cols defaults to
+    what row_bytes implies.  Rows are packed in chunks of about PACK_CHUNK_BYTES straight into the result
+    (`out` if given: an empty_packed of the same type and shape, or rows of one); on_rows(r0, r1), if given,
+    is called once rows r0:r1 of raw have been read for the last time."""
+    t = _fast_type(qtype)
     blk, bsz = t.block_size, t.type_size
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.ndim != 2:
@@ -358,11 +381,21 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None) -> PackedMatrix
         n_cols = row_bytes // bsz * blk
     if n_cols % blk or n_cols // blk * bsz != row_bytes:
         raise ValueError(f"n_cols={n_cols} does not match {row_bytes} bytes of {t.name} per row")
-    qs, sc, qh = t.pack(raw.reshape(n_rows, n_cols // blk, bsz))
-    return PackedMatrix(
-        t.code, n_rows, n_cols,
-        np.ascontiguousarray(qs), np.ascontiguousarray(sc, dtype=np.uint16), np.ascontiguousarray(qh),
-    )
+    if out is None:
+        out = empty_packed(t.code, n_rows, n_cols)
+    elif (out.qtype, out.n_rows, out.n_cols) != (t.code, n_rows, n_cols):
+        raise ValueError(f"out is a {out.n_rows}x{out.n_cols} matrix of type {out.qtype}, "
+                         f"not {n_rows}x{n_cols} {t.name}")
+    step = max(1, PACK_CHUNK_BYTES // row_bytes)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        parts = t.pack(raw[r0:r1].reshape(r1 - r0, n_cols // blk, bsz))    # each (r1 - r0, ...), a row each
+        for o, p in zip((out.qs, out.sc, out.qh), parts):
+            o[r0:r1].reshape(p.shape)[...] = p                      # one copy, from a view of raw if it is one
+        del parts
+        if on_rows is not None:
+            on_rows(r0, r1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

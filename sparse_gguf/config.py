@@ -119,8 +119,8 @@ class ModelConfig:
         if n_head % n_head_kv:
             raise SparseGGUFError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
 
-        tokens = metadata(reader, "tokenizer.ggml.tokens")
-        n_vocab = int(get("vocab_size", len(tokens) if tokens else 0))
+        tokens = reader.get_field("tokenizer.ggml.tokens")     # its length only: not 100k+ Python strings
+        n_vocab = int(get("vocab_size", len(tokens.data) if tokens is not None else 0))
         if n_vocab == 0:
             emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
             n_vocab = int(emb.shape[1]) if emb is not None else 0

@@ -27,6 +27,7 @@ uint32 ggml_type, uint64 offset relative to the aligned start of the data sectio
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -278,8 +279,42 @@ def _walk(c: _Cursor, layout: GGUFLayout) -> None:
 
 def validate_gguf(path: str | Path) -> GGUFLayout:
     """Walk the header of the GGUF file at `path` with the limits above; raise SparseGGUFError (one line)
-    on anything malformed, else return what was found. Reads the header only, never the tensor data."""
+    on anything malformed, else return what was found (shared between callers: do not modify it). Reads the
+    header only, never the tensor data.
+
+    The walk depends only on the file's size and its bytes up to the data section, so a file this process
+    has walked is not walked again while those are unchanged (checked by a digest of the header, a few ms):
+    the tokenizer and the model both validate the file they open, and walking a vocabulary's strings takes
+    a while (SmolLM2's 98k: ~0.25 s)."""
     path = Path(path)
+    key = os.path.abspath(path)
+    hit = _WALKED.get(key)
+    if hit is not None and _header_digest(path, hit[2]) == hit[:2]:
+        return hit[2]
+    layout = _validate(path)
+    digest = _header_digest(path, layout)
+    if digest is not None:
+        _WALKED.pop(key, None)
+        if len(_WALKED) >= 8:
+            _WALKED.pop(next(iter(_WALKED)))
+        _WALKED[key] = (*digest, layout)
+    return layout
+
+
+_WALKED: dict[str, tuple[int, bytes, GGUFLayout]] = {}   # path -> (file size, header digest, layout)
+
+
+def _header_digest(path: Path, layout: GGUFLayout) -> tuple[int, bytes] | None:
+    """(size, BLAKE2b of the bytes before the data section) of the file at path now; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return size, hashlib.blake2b(f.read(layout.data_offset)).digest()
+    except OSError:
+        return None
+
+
+def _validate(path: Path) -> GGUFLayout:
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -35,7 +35,11 @@ class QuantMatrix:
     for this weight type (numba_kernels.actquant), so results track llama.cpp's.
     """
 
-    def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int):
+    def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int, *, fast: bool = True,
+                 on_rows=None, packed: qgemv.PackedMatrix | None = None):
+        """fast=False keeps only the GGUF bytes (the generic kernels; an untied embedding matrix, which only
+        gives rows). on_rows(r0, r1): called once packing has read rows r0:r1 of raw for the last time.
+        packed: raw already packed (e.g. rows of a stacked matrix, pack_stacked)."""
         self.name = name
         self.qtype = int(qtype)
         self.n_rows = n_rows
@@ -43,7 +47,10 @@ class QuantMatrix:
         self.raw = raw                      # uint8 (n_rows, row_bytes), the GGUF bytes (memory-mapped)
         info = qtype_info(self.qtype)
         self.act_kind = info.act
-        self.packed = qgemv.pack(raw, self.qtype, n_cols) if info.pack is not None else None
+        if packed is None and fast and info.pack is not None:
+            packed = qgemv.pack(raw, self.qtype, n_cols, on_rows=on_rows)
+        self.packed = packed
+        self._release = on_rows or (lambda r0, r1: None)   # drops rows r0:r1 of raw from the resident set
 
     @property
     def nbytes(self) -> int:
@@ -91,6 +98,7 @@ class QuantMatrix:
                                                 self.qtype)
                 except ValueError:           # a Q4_0 scale whose 8x overflows fp16: keep the plain layout
                     pass
+                self._release(0, self.n_rows)        # the file pages it read
         return self._bundle
 
 
@@ -142,8 +150,24 @@ def q4_copy(m: QuantMatrix) -> QuantMatrix:
         r1 = min(m.n_rows, r0 + LOWBIT_TILE_ROWS)
         rows = dequant.dequantize(m.raw[r0:r1], m.qtype, m.n_cols)          # (rows, n_cols) float32
         tiles.append(quants.quantize(rows, GGMLQuantizationType.Q4_0))     # (rows, n_cols/32*18) uint8
+        m._release(r0, r1)                                                   # the file pages read
     raw = np.ascontiguousarray(np.concatenate(tiles))
     return QuantMatrix(m.name + ".q4", raw, int(GGMLQuantizationType.Q4_0), m.n_rows, m.n_cols)
+
+
+def pack_stacked(raws: list[np.ndarray], qtype: int, n_cols: int,
+                 on_rows: list | None = None) -> tuple[qgemv.PackedMatrix, list[qgemv.PackedMatrix]]:
+    """Pack matrices of one fast type and column count (raws: uint8 (n_rows_i, row_bytes) each) straight into
+    the rows of one stacked PackedMatrix: (stacked, each matrix's rows of it, views). on_rows[i] is matrix
+    i's pack callback."""
+    stacked = qgemv.empty_packed(qtype, sum(r.shape[0] for r in raws), n_cols)
+    views, r = [], 0
+    for i, raw in enumerate(raws):
+        n = raw.shape[0]
+        view = stacked._replace(n_rows=n, qs=stacked.qs[r:r + n], sc=stacked.sc[r:r + n], qh=stacked.qh[r:r + n])
+        views.append(qgemv.pack(raw, qtype, n_cols, on_rows=on_rows[i] if on_rows else None, out=view))
+        r += n
+    return stacked, views
 
 
 def stack_packed(mats: tuple[QuantMatrix, ...]) -> qgemv.PackedMatrix | qgemv.PackedGroup | None:
@@ -191,8 +215,10 @@ class LayerWeights:
     gate_up: qgemv.PackedMatrix | qgemv.PackedGroup | None = None  # (2 n_ff, n_embd)
 
     def __post_init__(self):
-        self.qkv = stack_packed((self.wq, self.wk, self.wv))
-        self.gate_up = stack_packed((self.w_gate, self.w_up))
+        if self.qkv is None:                 # not packed stacked already (load_weights does)
+            self.qkv = stack_packed((self.wq, self.wk, self.wv))
+        if self.gate_up is None:
+            self.gate_up = stack_packed((self.w_gate, self.w_up))
 
 
 @dataclass
@@ -212,7 +238,11 @@ class ModelWeights:
 
 
 def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
+    """The model's weights from an open GGUF file. A matrix with a fast kernel is repacked in chunks of rows,
+    and each chunk's file pages leave the resident set as soon as it is packed (release_pages), so loading
+    peaks near the packed size rather than the packed size plus the file."""
     tensors = {t.name: t for t in reader.tensors}
+    mm = getattr(reader.data, "_mmap", None)      # the whole file, mapped (np.memmap of offset 0)
 
     def need(name: str):
         t = tensors.get(name)
@@ -231,7 +261,8 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
         v = dequant.dequantize(t.data.view(np.uint8).reshape(-1), int(t.tensor_type), size).reshape(-1)
         return np.ascontiguousarray(v, dtype=np.float32)
 
-    def matrix(name: str, n_rows: int, n_cols: int) -> QuantMatrix:
+    def checked(name: str, n_rows: int, n_cols: int) -> tuple[np.ndarray, int, object]:
+        """(raw uint8 (n_rows, row_bytes) view of the file, type, pack callback dropping packed rows' pages)"""
         t = need(name)
         qtype = int(t.tensor_type)
         if qtype not in SUPPORTED:
@@ -242,22 +273,39 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
             raise SparseGGUFError(f"tensor {name} has shape {list(shape)}, expected {[n_cols, n_rows]}")
         row_bytes = qtype_info(qtype).row_bytes(n_cols)
         raw = t.data.view(np.uint8).reshape(n_rows, row_bytes)
-        return QuantMatrix(name, raw, qtype, n_rows, n_cols)
+        start = int(t.data_offset)
+        return raw, qtype, lambda r0, r1: release_pages(mm, start + r0 * row_bytes, start + r1 * row_bytes)
+
+    def matrix(name: str, n_rows: int, n_cols: int, fast: bool = True) -> QuantMatrix:
+        raw, qtype, on_rows = checked(name, n_rows, n_cols)
+        return QuantMatrix(name, raw, qtype, n_rows, n_cols, fast=fast, on_rows=on_rows)
+
+    def stacked(specs: list[tuple[str, int]], n_cols: int) -> tuple[list[QuantMatrix], qgemv.PackedMatrix | None]:
+        """Matrices (name, n_rows) sharing n_cols, packed straight into one stacked matrix when they share a
+        fast type (q|k|v, gate|up); (the matrices, the stacked form or None)."""
+        found = [checked(name, n_rows, n_cols) for name, n_rows in specs]
+        qtypes = {qtype for _, qtype, _ in found}
+        if len(qtypes) != 1 or qtype_info(found[0][1]).pack is None:
+            return [QuantMatrix(name, raw, qtype, n_rows, n_cols, on_rows=cb)
+                    for (name, n_rows), (raw, qtype, cb) in zip(specs, found)], None
+        qtype = found[0][1]
+        whole, views = pack_stacked([raw for raw, _, _ in found], qtype, n_cols, [cb for _, _, cb in found])
+        return [QuantMatrix(name, raw, qtype, n_rows, n_cols, packed=view, on_rows=cb)
+                for (name, n_rows), (raw, _, cb), view in zip(specs, found, views)], whole
 
     d, hd = cfg.n_embd, cfg.head_dim
     layers = []
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
         tr = cfg.traits
+        attn_norm = vector(p + "attn_norm.weight", d)
+        (wq, wk, wv), qkv = stacked([(p + "attn_q.weight", cfg.q_dim), (p + "attn_k.weight", cfg.kv_dim),
+                                     (p + "attn_v.weight", cfg.kv_dim)], d)
+        wo = matrix(p + "attn_output.weight", d, cfg.q_dim)
+        ffn_norm = vector(p + "ffn_norm.weight", d)
+        (w_gate, w_up), gate_up = stacked([(p + "ffn_gate.weight", cfg.n_ff), (p + "ffn_up.weight", cfg.n_ff)], d)
         layers.append(LayerWeights(
-            attn_norm=vector(p + "attn_norm.weight", d),
-            wq=matrix(p + "attn_q.weight", cfg.q_dim, d),
-            wk=matrix(p + "attn_k.weight", cfg.kv_dim, d),
-            wv=matrix(p + "attn_v.weight", cfg.kv_dim, d),
-            wo=matrix(p + "attn_output.weight", d, cfg.q_dim),
-            ffn_norm=vector(p + "ffn_norm.weight", d),
-            w_gate=matrix(p + "ffn_gate.weight", cfg.n_ff, d),
-            w_up=matrix(p + "ffn_up.weight", cfg.n_ff, d),
+            attn_norm=attn_norm, wq=wq, wk=wk, wv=wv, wo=wo, ffn_norm=ffn_norm, w_gate=w_gate, w_up=w_up,
             w_down=matrix(p + "ffn_down.weight", d, cfg.n_ff),
             bq=vector(p + "attn_q.bias", cfg.q_dim, optional=True),
             bk=vector(p + "attn_k.bias", cfg.kv_dim, optional=True),
@@ -266,13 +314,30 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
             k_norm=vector(p + "attn_k_norm.weight", hd) if tr.qk_norm else None,
             post_attn_norm=vector(p + "post_attention_norm.weight", d) if tr.post_norms else None,
             post_ffn_norm=vector(p + "post_ffw_norm.weight", d) if tr.post_norms else None,
+            qkv=qkv, gate_up=gate_up,
         ))
-    token_embd = matrix("token_embd.weight", cfg.n_vocab, d)
-    output = matrix("output.weight", cfg.n_vocab, d) if "output.weight" in tensors else token_embd
+    tied = "output.weight" not in tensors
+    # an untied embedding matrix only gives rows (a few per token, read from the file): no packed copy
+    token_embd = matrix("token_embd.weight", cfg.n_vocab, d, fast=tied)
+    output = token_embd if tied else matrix("output.weight", cfg.n_vocab, d)
     rope_freqs = vector("rope_freqs.weight", cfg.rope_dims // 2, optional=True)
     return ModelWeights(token_embd=token_embd, output_norm=vector("output_norm.weight", d), output=output,
                         layers=layers, rope_freqs=rope_freqs,
                         output_bias=vector("output.bias", cfg.n_vocab, optional=True))
+
+
+def release_pages(mm: mmap.mmap | None, lo: int, hi: int) -> None:
+    """Drop the pages of bytes lo:hi of the mapping mm from this process's resident set (widened to whole
+    pages). The mapping stays valid: a page touched again is read back from the page cache."""
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    lo = lo // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(len(mm), -(-hi // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
 
 def release_mapped_pages(reader: GGUFReader) -> None:
