@@ -651,3 +651,159 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
     return ffn_decode_bundle_dense_up(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, up_cut, cut, codes,
                                       scales, q41, s.x8.q, s.x8.d, s.x8.s, s.gate_up[:gate_up.n_rows], s.g_act,
                                       s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
+
+
+# --------------------------------------------------------------------------------------------------
+# One token through a predictor layer with a bundled down, in one call
+# --------------------------------------------------------------------------------------------------
+#
+# A predictor layer computes gate, up and down only for its candidates (sparsity.Predictor: s = B (A x),
+# candidate where s_j >= c_j), then keeps those whose |a_j| passes the down cut. PredictorFFN runs that as a
+# chain of calls (two GEMVs, a scan, two row gathers, the down stage); the kernel below is one call, and each
+# thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
+# bundle columns, each in address order.
+
+_GATHER_AHEAD = 2          # candidate rows a gather prefetches ahead (a Q4_0 row of 2048 columns: 1152 bytes)
+
+
+@njit(cache=True, fastmath=True, _nrt=False)
+def _gather_q4(path, q41, qs, sc, xq, xd, xs, rows, out, lo, hi):
+    """out[i] = W[rows[i]] . x for i in lo..hi (Q4_0, or Q4_1 with q41): qgemv's row kernel, but each row
+    prefetches the whole row _GATHER_AHEAD candidates on (qgemv's rows prefetch 2 KB ahead in memory, which in a
+    gather is mostly rows that are not read)."""
+    nb = xd.shape[0]
+    rb = nb * 16
+    for i in range(lo, hi):
+        if i + _GATHER_AHEAD < hi:
+            nr = np.uint64(rows[i + _GATHER_AHEAD])
+            for o in range(0, rb, 64):
+                simd.prefetch(qs, nr * np.uint64(rb) + np.uint64(o))
+            for o in range(0, sc.shape[1], 32):
+                simd.prefetch(sc, nr * np.uint64(sc.shape[1]) + np.uint64(o))
+        r = np.uint64(rows[i])
+        qoff = r * np.uint64(rb)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = qgemv._pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = qgemv._blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        if q41:
+            for b in range(nb):
+                c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
+        else:
+            for b in range(nb):
+                c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
+            c *= np.float32(-8.0)
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
+
+
+@njit(cache=True, error_model="numpy")
+def _candidates_by_group(scores, cut, cand, cstart):
+    """cand[:n] = the j with scores[j] >= cut[j], ascending; cstart[g]:cstart[g+1] = group g's (neurons
+    32g..32g+31). Returns n."""
+    n = 0
+    n_groups = cstart.shape[0] - 1
+    for g in range(n_groups):
+        cstart[g] = n
+        for j in range(32 * g, 32 * g + 32):
+            cand[n] = j                              # n <= j: in bounds; overwritten unless a candidate
+            n += scores[j] >= cut[j]
+    cstart[n_groups] = n
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi):
+    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cstart[g+1]], with
+    act(g) in g_act and up in up_vals at the same index): a_j = act(g_j) u_j kept where |a_j| >= threshold[j],
+    as down_coefs_q8 leaves them, written from rows[cstart[g_lo]] on. Returns (n kept, groups with a kept
+    neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    a_kept = np.empty(32, np.float32)
+    n0 = cstart[g_lo]
+    n = n0
+    n_read = 0
+    for g in range(g_lo, g_hi):
+        gstart[g] = n
+        amax = np.float32(0.0)
+        for u in range(cstart[g], cstart[g + 1]):
+            j = cand[u]
+            a = g_act[u] * up_vals[u]
+            keep = abs(a) >= threshold[j]
+            rows[n] = j                              # n <= u: in bounds; overwritten unless kept
+            a_kept[n - gstart[g]] = a
+            n += keep
+            amax = max(amax, abs(a) * np.float32(keep))
+        gend[g] = n
+        gsum[g] = 0.0
+        gd[g] = 0.0
+        if n == gstart[g]:
+            continue
+        n_read += 1
+        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+    return n - n0, n_read
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, up_qs, up_sc,
+                                gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs, hq, hd, hs, ax, scores,
+                                cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
+    """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
+    cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
+
+      x8 = Q8 copy of x (llama.cpp's, for gate/up's type; the Q8_0 predictor factor A takes the same codes)
+      -> ax = A . x8 -> scores = B . Q8(ax) -> candidates (scores >= pred_cut, ascending, grouped by 32)
+      -> each of two threads takes a share of the groups balanced by candidates: its candidates' gate rows,
+         up rows, a_j = silu(g_j) u_j kept where |a_j| >= threshold[j] as Q8 blocks, the bundle product into
+         its partial output -> out = the sum of the partials.
+
+    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1
+    (type gu_qtype); codes/scales: the down bundle; xq, xd, xs: Q8Act buffers for n_embd, hq, hd, hs for rank;
+    ax (rank,), scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum
+    (n_ff/32,), gstart (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
+    q41 = gu_qtype == _Q4_1
+    qgemv.quantize_q8_into(x, xq, xd, xs, True, q41)
+    rank = ax.shape[0]
+    no_rows = cand[:0]
+    for c in prange(2):                                          # A: a few rows, two threads
+        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, c * rank // 2, (c + 1) * rank // 2)
+    qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
+    n_ff = scores.shape[0]
+    for c in prange(_GEMV_CHUNKS):                               # B: every neuron's score
+        qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores,
+                         c * n_ff // _GEMV_CHUNKS, (c + 1) * n_ff // _GEMV_CHUNKS)
+    n_groups = gsum.shape[0]
+    cstart = np.empty(n_groups + 1, np.int64)
+    n_cand = _candidates_by_group(scores, pred_cut, cand, cstart)
+    bounds = np.empty(3, np.int64)
+    _split_groups(cstart, 2, bounds)
+    gend = np.empty(n_groups, np.int64)
+    counts = np.zeros((2, 2), np.int64)
+    partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
+    for part in prange(2):
+        g_lo = bounds[part]
+        g_hi = bounds[part + 1]
+        c_lo = cstart[g_lo]
+        c_hi = cstart[g_hi]
+        _gather_q4(path, q41, gate_qs, gate_sc, xq, xd, xs, cand, g_act, c_lo, c_hi)
+        _gather_q4(path, q41, up_qs, up_sc, xq, xd, xs, cand, up_vals, c_lo, c_hi)
+        _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
+        k, k_groups = _keep_groups(cand, cstart, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd, gstart,
+                                   gend, gsum, g_lo, g_hi)
+        counts[part, 0] = k
+        counts[part, 1] = k_groups
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
+    _sum_parts(partial, out)
+    return n_cand, counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1]
+
+
+def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch,
+                           xr: "qgemv.Q8Act", ax: np.ndarray) -> tuple:
+    """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
+    Q4_0/Q4_1; codes, scales the down bundle; xr (rank,) Q8Act and ax (rank,) float32 scratch. Output in s.out.
+    Returns (candidates, kept, groups read)."""
+    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, up.qs,
+                                       up.sc, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, xr.q, xr.d,
+                                       xr.s, ax, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows,
+                                       s.aq, s.gd, s.gstart, s.gsum, s.out)
