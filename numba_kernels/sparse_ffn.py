@@ -159,7 +159,8 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 #
 #     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, piece p = c // 4, neuron j = 32g + l:
 #            codes[g, 2048 p + l * plen(p) + 16 (c % 4) + t],  plen(p) = 16 * min(4, n_embd/32 - 4p)
-#     scales (n_ff/32, n_embd/32, 2, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], [g, c, 1, t] = m
+#     scales (n_ff/32, n_embd/32, S, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], and for Q4_1 (S = 2)
+#            [g, c, 1, t] = m; Q4_0 (S = 1) stores d only (m = -8 d, exact in float32)
 #
 # so a token reads whole cache lines of its active neurons only, and reads them in address order (group by
 # group, piece by piece), which the hardware prefetchers can follow. For the active neurons A of group g:
@@ -168,12 +169,14 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 #
 # and with a_j quantized to Q8 blocks as llama.cpp quantizes activations (a_j = xd_g * xq_j), the sum over j
 # is an exact integer sum: the same arithmetic as llama.cpp's Q4_1 x Q8_1 dot, over the active neurons only.
-# Bytes read: n_embd/2 per active neuron, plus 4 n_embd for the scales of each group with an active neuron.
+# Bytes read: n_embd/2 per active neuron, plus 2 S n_embd for the scales of each group with an active neuron
+# (the bundle is exactly the size of the original matrix).
 
 
 def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
     """raw: the GGUF bytes of a Q4_0/Q4_1 down matrix, (n_embd, n_ff/32 * block bytes) uint8 ->
-    (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16), laid out as above."""
+    (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, S, 32) uint16, S = 2 for Q4_1 (d, m), 1 for
+    Q4_0 (d)), laid out as above."""
     t = qtype_info(qtype)
     if not t.column_bundle:
         raise ValueError(f"{t.name} has no column bundle (the registry's column_bundle types have one)")
@@ -183,14 +186,10 @@ def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.nd
     blocks = np.ascontiguousarray(raw).reshape(n_embd, n_groups, bs)
     d = blocks[:, :, 0:2].copy().view(np.uint16)[..., 0]                # (n_embd, n_groups) fp16 bits
     if bs == 20:
-        m = blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]
+        dm = [d, blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]]         # d, m
         qs = blocks[:, :, 4:20]
     else:
-        d32 = d.view(np.float16).astype(np.float32)
-        m16 = (d32 * np.float32(-8.0)).astype(np.float16)
-        if not np.array_equal(m16.astype(np.float32), d32 * np.float32(-8.0)):
-            raise ValueError("Q4_0 scale too large to bundle exactly (|8 d| overflows fp16)")
-        m = m16.view(np.uint16)
+        dm = [d]                                                         # m = -8 d, computed by the kernels
         qs = blocks[:, :, 2:18]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_embd, n_ff)   # (n_embd, n_ff) codes 0..15
     qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
@@ -200,8 +199,8 @@ def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.nd
     for p in range(0, n_chunks, 4):                                          # piece by piece, neuron-major
         c1 = min(n_chunks, p + 4)
         codes[:, 512 * p:512 * c1] = chunk[:, :, p:c1, :].reshape(n_groups, -1)
-    dm = np.stack([d.T, m.T], axis=1)                                        # (n_groups, 2, n_embd)
-    scales = np.ascontiguousarray(dm.reshape(n_groups, 2, n_chunks, 32).transpose(0, 2, 1, 3))
+    dm = np.stack([v.T for v in dm], axis=1)                                 # (n_groups, S, n_embd)
+    scales = np.ascontiguousarray(dm.reshape(n_groups, dm.shape[1], n_chunks, 32).transpose(0, 2, 1, 3))
     return codes, scales
 
 
@@ -272,22 +271,26 @@ _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2
 @njit(cache=True, inline="always")
 def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
     """po[32c : 32c + 32] += d * (xd_g * isum) + m * gsum_g for output chunk c of group g (isum: i0..i3, the
-    integer sums of its rows 0..7, 8..15, 16..23, 24..31)."""
-    off = (g * n_chunks + c) * 64              # scales[g, c]: 32 d, then 32 m
+    integer sums of its rows 0..7, 8..15, 16..23, 24..31). Q4_0 (one scale per block): m * gsum = d * (-8 gsum),
+    the same float32 number as (-8 d) * gsum (a power of two)."""
+    n_sc = scales.shape[2]
+    off = (g * n_chunks + c) * 32 * n_sc       # scales[g, c]: 32 d, then (Q4_1) 32 m
+    moff = off + 32 if n_sc == 2 else off
+    sm = sg if n_sc == 2 else sg * np.float32(-8.0)
     o = 32 * c
     z = simd._vzero()
     simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off), xdg)),
-                     simd.load_f16x8(path, scales, off + 32), sg))
+                     simd.load_f16x8(path, scales, moff), sm))
     simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 8), xdg)),
-                     simd.load_f16x8(path, scales, off + 40), sg))
+                     simd.load_f16x8(path, scales, moff + 8), sm))
     simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 16), xdg)),
-                     simd.load_f16x8(path, scales, off + 48), sg))
+                     simd.load_f16x8(path, scales, moff + 16), sm))
     simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
-                     simd.load_f16x8(path, scales, off + 56), sg))
+                     simd.load_f16x8(path, scales, moff + 24), sm))
 
 
 @njit(cache=True, inline="always")
@@ -318,8 +321,9 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
         gbase = np.int64(g) * codes.shape[1]
         if g + 1 < g_hi:               # the next group's first piece and scales: its loads then hit the cache
             _prefetch_piece(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
-            for o in range(0, 128 * n_chunks, 64):
-                simd.prefetch(scales, (g + 1) * 64 * n_chunks + o // 2)
+            gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
+            for o in range(0, gs, 32):
+                simd.prefetch(scales, (g + 1) * gs + o)
         for c in range(0, n_chunks - 1, 2):
             plen = 16 * min(4, n_chunks - (c & ~3))
             cbase = gbase + 2048 * (c >> 2) + 16 * (c & 3) - 32 * g * plen     # + row j * plen: code_offset
@@ -444,8 +448,9 @@ def _bundle_rows_plain(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                     acc[t] += x * np.int64(b & 15)
                     acc[t + 16] += x * np.int64(b >> 4)
             for t in range(32):
-                o[t] += (simd.f16_to_f32(path, scales[g, c, 0, t]) * gd[g] * np.float32(acc[t])
-                         + simd.f16_to_f32(path, scales[g, c, 1, t]) * gsum[g])
+                d = simd.f16_to_f32(path, scales[g, c, 0, t])
+                m = simd.f16_to_f32(path, scales[g, c, 1, t]) if scales.shape[2] == 2 else d * np.float32(-8.0)
+                o[t] += d * gd[g] * np.float32(acc[t]) + m * gsum[g]
         out[32 * c:32 * c + 32] = o
 
 

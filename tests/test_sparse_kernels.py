@@ -483,9 +483,9 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
     raw = quants.quantize(RNG.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
     codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
     n_chunks = n_embd // 32
-    assert codes.shape == (n_ff // 32, 16 * n_embd) and scales.shape == (n_ff // 32, n_chunks, 2, 32)
-    # the same size as the original for Q4_1; Q4_0 gains an m = -8 d per block (20 bytes a block, not 18)
-    assert codes.nbytes + scales.nbytes == raw.nbytes * (1 if qtype == "Q4_1" else 20 / 18)
+    n_sc = 2 if qtype == "Q4_1" else 1                  # Q4_1: d and m; Q4_0: d (m = -8 d)
+    assert codes.shape == (n_ff // 32, 16 * n_embd) and scales.shape == (n_ff // 32, n_chunks, n_sc, 32)
+    assert codes.nbytes + scales.nbytes == raw.nbytes   # the same size as the original
     q = np.empty((n_embd, n_ff), np.float32)
     for g in range(n_ff // 32):
         for l in range(32):
@@ -497,7 +497,7 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
                 q[32 * c + 16:32 * c + 32, 32 * g + l] = b >> 4
     dm = scales.view(np.float16).astype(np.float32)                             # [g, c, (d|m), t]
     d = dm[:, :, 0, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)         # (n_embd, n_ff)
-    m = dm[:, :, 1, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)
+    m = dm[:, :, 1, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1) if n_sc == 2 else -8 * d
     np.testing.assert_array_equal(d * q + m, quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff))
 
 
