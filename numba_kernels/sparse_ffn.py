@@ -154,16 +154,17 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 # A Q4_1 down stores w[r, j] = d[r, g] * q[r, j] + m[r, g] with 4-bit codes q and one (d, m) fp16 pair per
 # output row r and group g = j // 32 of 32 neurons (Q4_0 is the case m = -8 d). The bundle keeps exactly
 # these numbers, regrouped by neuron. A neuron's codes for one 32-output chunk c are 16 bytes (byte t: row
-# 32c + t in the low nibble, row 32c + 16 + t in the high one); four chunks make a 64-byte piece, one cache
-# line, and a group's 32 neurons store piece by piece:
+# 32c + t in the low nibble, row 32c + 16 + t in the high one); a neuron's chunks follow each other (its
+# n_embd/2 bytes contiguous), and a group's 32 neurons follow each other:
 #
-#     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, piece p = c // 4, neuron j = 32g + l:
-#            codes[g, 2048 p + l * plen(p) + 16 (c % 4) + t],  plen(p) = 16 * min(4, n_embd/32 - 4p)
+#     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, neuron j = 32g + l:  codes[g, (l * n_embd/32 + c) * 16 + t]
 #     scales (n_ff/32, n_embd/32, S, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], and for Q4_1 (S = 2)
 #            [g, c, 1, t] = m; Q4_0 (S = 1) stores d only (m = -8 d, exact in float32)
 #
-# so a token reads whole cache lines of its active neurons only, and reads them in address order (group by
-# group, piece by piece), which the hardware prefetchers can follow. For the active neurons A of group g:
+# so a token reads its active neurons' codes only, each as one contiguous run (16 cache lines at n_embd 2048),
+# group by group: the adjacent-line and streaming prefetchers fetch what is used. (An earlier layout stored a
+# group piece by piece, 64 bytes of each neuron in turn, so a neuron's lines lay 2 KB apart and the prefetchers
+# pulled in the inactive neighbours' lines.) For the active neurons A of group g:
 #
 #     sum_{j in A} a_j w[r, j] = d[r, g] * (sum_{j in A} a_j q[r, j]) + m[r, g] * (sum_{j in A} a_j)
 #
@@ -195,21 +196,26 @@ def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.nd
     qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
     chunk = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8)       # (n_ff, n_chunks, 16)
     chunk = chunk.reshape(n_groups, 32, n_chunks, 16)                        # [g, l, c, t]
-    codes = np.empty((n_groups, 16 * n_embd), np.uint8)
-    for p in range(0, n_chunks, 4):                                          # piece by piece, neuron-major
-        c1 = min(n_chunks, p + 4)
-        codes[:, 512 * p:512 * c1] = chunk[:, :, p:c1, :].reshape(n_groups, -1)
+    codes = _aligned_empty((n_groups, 16 * n_embd))
+    codes[:] = chunk.reshape(n_groups, 16 * n_embd)
     dm = np.stack([v.T for v in dm], axis=1)                                 # (n_groups, S, n_embd)
     scales = np.ascontiguousarray(dm.reshape(n_groups, dm.shape[1], n_chunks, 32).transpose(0, 2, 1, 3))
     return codes, scales
 
 
+def _aligned_empty(shape: tuple) -> np.ndarray:
+    """np.empty(shape, uint8) starting on a 64-byte boundary (malloc gives 16), so a neuron's run of n_embd/2
+    bytes covers n_embd/128 cache lines, not one more."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 64, np.uint8)
+    o = (-buf.ctypes.data) % 64
+    return buf[o:o + n].reshape(shape)
+
+
 @njit(cache=True, inline="always")
 def code_offset(n_chunks, l, c):
     """Offset within a group's codes of neuron l's 16 bytes for output chunk c (layout above)."""
-    p = c >> 2
-    plen = 16 * min(4, n_chunks - 4 * p)
-    return 2048 * p + l * plen + 16 * (c & 3)
+    return (l * n_chunks + c) * 16
 
 
 @njit(cache=True, error_model="numpy")
@@ -265,6 +271,7 @@ def _split_groups(gstart, n_parts, bounds):
     bounds[n_parts] = n_groups
 
 
+_AHEAD_LINES = 2           # lines ahead in each active neuron's codes the bundle product prefetches
 _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
@@ -294,12 +301,12 @@ def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
 
 
 @njit(cache=True, inline="always")
-def _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, p):
-    """Prefetch piece p (a cache line) of the active neurons rows[s:e] of group g, codes at gbase."""
-    plen = 16 * min(4, n_chunks - 4 * p)
-    base = gbase + 2048 * p - 32 * g * plen
+def _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, p):
+    """Prefetch bytes 64p..64p+63 (about a cache line) of each active neuron rows[s:e] of group g, codes at gbase."""
+    rl = 16 * n_chunks
+    base = gbase + 64 * p - 32 * g * rl
     for u in range(s, e):
-        simd.prefetch(codes, base + np.int64(rows[u]) * plen)
+        simd.prefetch(codes, base + np.int64(rows[u]) * rl)
 
 
 @njit(cache=True, error_model="numpy")
@@ -307,7 +314,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
     group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
 
-    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron's piece) and neurons two at a
+    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron) and neurons two at a
     time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
     in int32; an odd last chunk goes alone (simd.nib_pair_i16)."""
     n_chunks = po.shape[0] // 32
@@ -319,16 +326,17 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
         xdg = gd[g]
         sg = gsum[g]
         gbase = np.int64(g) * codes.shape[1]
-        if g + 1 < g_hi:               # the next group's first piece and scales: its loads then hit the cache
-            _prefetch_piece(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
+        if g + 1 < g_hi:               # the next group's first lines and scales: its loads then hit the cache
+            for p in range(_AHEAD_LINES):
+                _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, p)
             gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
             for o in range(0, gs, 32):
                 simd.prefetch(scales, (g + 1) * gs + o)
         for c in range(0, n_chunks - 1, 2):
-            plen = 16 * min(4, n_chunks - (c & ~3))
-            cbase = gbase + 2048 * (c >> 2) + 16 * (c & 3) - 32 * g * plen     # + row j * plen: code_offset
-            if (c & 3) == 0 and c + 4 < n_chunks:      # this group's next piece, one line per active neuron
-                _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + 1)
+            plen = 16 * n_chunks
+            cbase = gbase + 16 * c - 32 * g * plen     # + row j * plen: code_offset
+            if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
+                _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + _AHEAD_LINES)
             a0 = simd.izero(path)      # (chunk c, rows 0..7), (c + 1, 0..7), (c, 8..15), ... (c + 1, 24..31)
             a1 = simd.izero(path)
             a2 = simd.izero(path)

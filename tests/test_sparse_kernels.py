@@ -490,8 +490,7 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
     for g in range(n_ff // 32):
         for l in range(32):
             for c in range(n_chunks):
-                plen = 16 * min(4, n_chunks - 4 * (c // 4))
-                off = 2048 * (c // 4) + l * plen + 16 * (c % 4)
+                off = (l * n_chunks + c) * 16           # neuron l's chunks in turn
                 b = codes[g, off:off + 16]
                 q[32 * c:32 * c + 16, 32 * g + l] = b & 15
                 q[32 * c + 16:32 * c + 32, 32 * g + l] = b >> 4
