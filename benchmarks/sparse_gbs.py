@@ -8,7 +8,8 @@ FFN inputs; the down cut keeps every candidate), and measures, A/B interleaved i
   bytes the strategy reads: predictor, the candidates' gate and up rows, the bundle's codes and scales);
 - whole tokens: tokens/s and GB/s of what a token reads (StepStats),
 
-against the dense FFN. `--steps` adds the step-by-step PredictorFFN (several calls per layer) for each f.
+against the dense FFN. `--steps` adds the step-by-step PredictorFFN (several calls per layer) for each f;
+`--llama-cpp` adds llama.cpp's dense decode of the same file (flash attention off and on; whole tokens only).
 
     python benchmarks/sparse_gbs.py MODEL.gguf [--fractions 1,0.75,0.5,0.25] [--reps 5] [--tokens 32]
 
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", type=int, default=96, help="FFN inputs the cuts are set on")
     ap.add_argument("--steps", action="store_true", help="also the step-by-step PredictorFFN")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's dense decode (tokens/s)")
     args = ap.parse_args()
     m = Model(args.model, n_ctx=args.sample + args.tokens + 16, n_threads=args.threads)
     n_ff = m.cfg.n_ff
@@ -118,6 +120,21 @@ def main() -> None:
         dt = (time.perf_counter() - t0) / n
         return dt, m.step_stats["bytes"], m.step_stats["ffn_active_fraction"]
 
+    llama = {}
+    if args.llama_cpp:
+        from sparse_gguf.reference import LlamaCppEngine
+        llama = {f"llama.cpp {'fa on' if fa else 'fa off'}": LlamaCppEngine(args.model, n_ctx=256, n_threads=args.threads,
+                                                                           flash_attn=fa) for fa in (False, True)}
+    llama_t: dict[str, list[float]] = {k: [] for k in llama}
+
+    def llama_tokens(e, n: int) -> float:
+        e.reset()
+        e.eval([1, 2, 3, 4])
+        t0 = time.perf_counter()
+        for t in range(n):
+            e.eval([100 + t])
+        return (time.perf_counter() - t0) / n
+
     res = {k: {"ffn_t": [], "tok_t": []} for k in configs}
     info = {}
     for rep in range(args.reps + 1):                 # the first round warms up (JIT, caches) and is dropped
@@ -131,6 +148,10 @@ def main() -> None:
             if rep:
                 res[name]["ffn_t"].append(min(ffn_t))
                 res[name]["tok_t"].append(tok_t)
+        for name, e in llama.items():
+            dt = llama_tokens(e, args.tokens)
+            if rep:
+                llama_t[name].append(dt)
     d_ffn = np.median(res["dense"]["ffn_t"])
     d_tok = np.median(res["dense"]["tok_t"])
     print(f"{'config':14s} {'FFN us/token':>12s} {'FFN MB':>7s} {'FFN GB/s':>8s} {'vs dense':>8s} {'kept':>5s}  "
@@ -142,6 +163,12 @@ def main() -> None:
         fb, used, tb, tused = info[name]
         print(f"{name:14s} {ft * 1e6:12.0f} {fb / 1e6:7.1f} {fb / ft / 1e9:8.1f} {fb / ft / d_gbs:8.2f} {used:5.2f}  "
               f"{1 / tt:6.2f} {tb / 1e6:7.1f} {tb / tt / 1e9:8.1f} {tb / tt / d_tgbs:13.2f} {d_tok / tt:12.2f}")
+    if llama:
+        best = min(llama_t, key=lambda k: np.median(llama_t[k]))
+        lt = np.median(llama_t[best])
+        print(f"{best}: {1 / lt:.2f} t/s (runs: " + " ".join(f"{1 / x:.1f}" for x in llama_t[best]) + ")")
+        for name in configs:
+            print(f"  {name:14s} tokens/s vs llama.cpp {lt / np.median(res[name]['tok_t']):.2f}x")
 
 
 if __name__ == "__main__":
