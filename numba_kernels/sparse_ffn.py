@@ -154,26 +154,30 @@ def active_products(g_act, up_vals, rows_up, threshold, rows, coef):
 # A Q4_1 down stores w[r, j] = d[r, g] * q[r, j] + m[r, g] with 4-bit codes q and one (d, m) fp16 pair per
 # output row r and group g = j // 32 of 32 neurons (Q4_0 is the case m = -8 d). The bundle keeps exactly
 # these numbers, regrouped by neuron. A neuron's codes for one 32-output chunk c are 16 bytes (byte t: row
-# 32c + t in the low nibble, row 32c + 16 + t in the high one); four chunks make a 64-byte piece, one cache
-# line, and a group's 32 neurons store piece by piece:
+# 32c + t in the low nibble, row 32c + 16 + t in the high one); a neuron's chunks follow each other (its
+# n_embd/2 bytes contiguous), and a group's 32 neurons follow each other:
 #
-#     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, piece p = c // 4, neuron j = 32g + l:
-#            codes[g, 2048 p + l * plen(p) + 16 (c % 4) + t],  plen(p) = 16 * min(4, n_embd/32 - 4p)
-#     scales (n_ff/32, n_embd/32, 2, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], [g, c, 1, t] = m
+#     codes  (n_ff/32, 32 * n_embd/2) uint8: group g, neuron j = 32g + l:  codes[g, (l * n_embd/32 + c) * 16 + t]
+#     scales (n_ff/32, n_embd/32, S, 32) uint16 fp16 bits: [g, c, 0, t] = d[32c + t, g], and for Q4_1 (S = 2)
+#            [g, c, 1, t] = m; Q4_0 (S = 1) stores d only (m = -8 d, exact in float32)
 #
-# so a token reads whole cache lines of its active neurons only, and reads them in address order (group by
-# group, piece by piece), which the hardware prefetchers can follow. For the active neurons A of group g:
+# so a token reads its active neurons' codes only, each as one contiguous run (16 cache lines at n_embd 2048),
+# group by group: the adjacent-line and streaming prefetchers fetch what is used. (An earlier layout stored a
+# group piece by piece, 64 bytes of each neuron in turn, so a neuron's lines lay 2 KB apart and the prefetchers
+# pulled in the inactive neighbours' lines.) For the active neurons A of group g:
 #
 #     sum_{j in A} a_j w[r, j] = d[r, g] * (sum_{j in A} a_j q[r, j]) + m[r, g] * (sum_{j in A} a_j)
 #
 # and with a_j quantized to Q8 blocks as llama.cpp quantizes activations (a_j = xd_g * xq_j), the sum over j
 # is an exact integer sum: the same arithmetic as llama.cpp's Q4_1 x Q8_1 dot, over the active neurons only.
-# Bytes read: n_embd/2 per active neuron, plus 4 n_embd for the scales of each group with an active neuron.
+# Bytes read: n_embd/2 per active neuron, plus 2 S n_embd for the scales of each group with an active neuron
+# (the bundle is exactly the size of the original matrix).
 
 
 def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
     """raw: the GGUF bytes of a Q4_0/Q4_1 down matrix, (n_embd, n_ff/32 * block bytes) uint8 ->
-    (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, 2, 32) uint16), laid out as above."""
+    (codes (n_ff/32, 16 n_embd) uint8, scales (n_ff/32, n_embd/32, S, 32) uint16, S = 2 for Q4_1 (d, m), 1 for
+    Q4_0 (d)), laid out as above."""
     t = qtype_info(qtype)
     if not t.column_bundle:
         raise ValueError(f"{t.name} has no column bundle (the registry's column_bundle types have one)")
@@ -183,34 +187,35 @@ def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.nd
     blocks = np.ascontiguousarray(raw).reshape(n_embd, n_groups, bs)
     d = blocks[:, :, 0:2].copy().view(np.uint16)[..., 0]                # (n_embd, n_groups) fp16 bits
     if bs == 20:
-        m = blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]
+        dm = [d, blocks[:, :, 2:4].copy().view(np.uint16)[..., 0]]         # d, m
         qs = blocks[:, :, 4:20]
     else:
-        d32 = d.view(np.float16).astype(np.float32)
-        m16 = (d32 * np.float32(-8.0)).astype(np.float16)
-        if not np.array_equal(m16.astype(np.float32), d32 * np.float32(-8.0)):
-            raise ValueError("Q4_0 scale too large to bundle exactly (|8 d| overflows fp16)")
-        m = m16.view(np.uint16)
+        dm = [d]                                                         # m = -8 d, computed by the kernels
         qs = blocks[:, :, 2:18]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_embd, n_ff)   # (n_embd, n_ff) codes 0..15
     qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
     chunk = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8)       # (n_ff, n_chunks, 16)
     chunk = chunk.reshape(n_groups, 32, n_chunks, 16)                        # [g, l, c, t]
-    codes = np.empty((n_groups, 16 * n_embd), np.uint8)
-    for p in range(0, n_chunks, 4):                                          # piece by piece, neuron-major
-        c1 = min(n_chunks, p + 4)
-        codes[:, 512 * p:512 * c1] = chunk[:, :, p:c1, :].reshape(n_groups, -1)
-    dm = np.stack([d.T, m.T], axis=1)                                        # (n_groups, 2, n_embd)
-    scales = np.ascontiguousarray(dm.reshape(n_groups, 2, n_chunks, 32).transpose(0, 2, 1, 3))
+    codes = _aligned_empty((n_groups, 16 * n_embd))
+    codes[:] = chunk.reshape(n_groups, 16 * n_embd)
+    dm = np.stack([v.T for v in dm], axis=1)                                 # (n_groups, S, n_embd)
+    scales = np.ascontiguousarray(dm.reshape(n_groups, dm.shape[1], n_chunks, 32).transpose(0, 2, 1, 3))
     return codes, scales
+
+
+def _aligned_empty(shape: tuple) -> np.ndarray:
+    """np.empty(shape, uint8) starting on a 64-byte boundary (malloc gives 16), so a neuron's run of n_embd/2
+    bytes covers n_embd/128 cache lines, not one more."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 64, np.uint8)
+    o = (-buf.ctypes.data) % 64
+    return buf[o:o + n].reshape(shape)
 
 
 @njit(cache=True, inline="always")
 def code_offset(n_chunks, l, c):
     """Offset within a group's codes of neuron l's 16 bytes for output chunk c (layout above)."""
-    p = c >> 2
-    plen = 16 * min(4, n_chunks - 4 * p)
-    return 2048 * p + l * plen + 16 * (c & 3)
+    return (l * n_chunks + c) * 16
 
 
 @njit(cache=True, error_model="numpy")
@@ -266,37 +271,42 @@ def _split_groups(gstart, n_parts, bounds):
     bounds[n_parts] = n_groups
 
 
+_AHEAD_LINES = 2           # lines ahead in each active neuron's codes the bundle product prefetches
 _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
 @njit(cache=True, inline="always")
 def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
     """po[32c : 32c + 32] += d * (xd_g * isum) + m * gsum_g for output chunk c of group g (isum: i0..i3, the
-    integer sums of its rows 0..7, 8..15, 16..23, 24..31)."""
-    off = (g * n_chunks + c) * 64              # scales[g, c]: 32 d, then 32 m
+    integer sums of its rows 0..7, 8..15, 16..23, 24..31). Q4_0 (one scale per block): m * gsum = d * (-8 gsum),
+    the same float32 number as (-8 d) * gsum (a power of two)."""
+    n_sc = scales.shape[2]
+    off = (g * n_chunks + c) * 32 * n_sc       # scales[g, c]: 32 d, then (Q4_1) 32 m
+    moff = off + 32 if n_sc == 2 else off
+    sm = sg if n_sc == 2 else sg * np.float32(-8.0)
     o = 32 * c
     z = simd._vzero()
     simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off), xdg)),
-                     simd.load_f16x8(path, scales, off + 32), sg))
+                     simd.load_f16x8(path, scales, moff), sm))
     simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 8), xdg)),
-                     simd.load_f16x8(path, scales, off + 40), sg))
+                     simd.load_f16x8(path, scales, moff + 8), sm))
     simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 16), xdg)),
-                     simd.load_f16x8(path, scales, off + 48), sg))
+                     simd.load_f16x8(path, scales, moff + 16), sm))
     simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
-                     simd.load_f16x8(path, scales, off + 56), sg))
+                     simd.load_f16x8(path, scales, moff + 24), sm))
 
 
 @njit(cache=True, inline="always")
-def _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, p):
-    """Prefetch piece p (a cache line) of the active neurons rows[s:e] of group g, codes at gbase."""
-    plen = 16 * min(4, n_chunks - 4 * p)
-    base = gbase + 2048 * p - 32 * g * plen
+def _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, p):
+    """Prefetch bytes 64p..64p+63 (about a cache line) of each active neuron rows[s:e] of group g, codes at gbase."""
+    rl = 16 * n_chunks
+    base = gbase + 64 * p - 32 * g * rl
     for u in range(s, e):
-        simd.prefetch(codes, base + np.int64(rows[u]) * plen)
+        simd.prefetch(codes, base + np.int64(rows[u]) * rl)
 
 
 @njit(cache=True, error_model="numpy")
@@ -304,7 +314,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
     group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
 
-    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron's piece) and neurons two at a
+    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron) and neurons two at a
     time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
     in int32; an odd last chunk goes alone (simd.nib_pair_i16)."""
     n_chunks = po.shape[0] // 32
@@ -316,15 +326,17 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
         xdg = gd[g]
         sg = gsum[g]
         gbase = np.int64(g) * codes.shape[1]
-        if g + 1 < g_hi:               # the next group's first piece and scales: its loads then hit the cache
-            _prefetch_piece(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, 0)
-            for o in range(0, 128 * n_chunks, 64):
-                simd.prefetch(scales, (g + 1) * 64 * n_chunks + o // 2)
+        if g + 1 < g_hi:               # the next group's first lines and scales: its loads then hit the cache
+            for p in range(_AHEAD_LINES):
+                _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, p)
+            gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
+            for o in range(0, gs, 32):
+                simd.prefetch(scales, (g + 1) * gs + o)
         for c in range(0, n_chunks - 1, 2):
-            plen = 16 * min(4, n_chunks - (c & ~3))
-            cbase = gbase + 2048 * (c >> 2) + 16 * (c & 3) - 32 * g * plen     # + row j * plen: code_offset
-            if (c & 3) == 0 and c + 4 < n_chunks:      # this group's next piece, one line per active neuron
-                _prefetch_piece(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + 1)
+            plen = 16 * n_chunks
+            cbase = gbase + 16 * c - 32 * g * plen     # + row j * plen: code_offset
+            if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
+                _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + _AHEAD_LINES)
             a0 = simd.izero(path)      # (chunk c, rows 0..7), (c + 1, 0..7), (c, 8..15), ... (c + 1, 24..31)
             a1 = simd.izero(path)
             a2 = simd.izero(path)
@@ -444,8 +456,9 @@ def _bundle_rows_plain(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                     acc[t] += x * np.int64(b & 15)
                     acc[t + 16] += x * np.int64(b >> 4)
             for t in range(32):
-                o[t] += (simd.f16_to_f32(path, scales[g, c, 0, t]) * gd[g] * np.float32(acc[t])
-                         + simd.f16_to_f32(path, scales[g, c, 1, t]) * gsum[g])
+                d = simd.f16_to_f32(path, scales[g, c, 0, t])
+                m = simd.f16_to_f32(path, scales[g, c, 1, t]) if scales.shape[2] == 2 else d * np.float32(-8.0)
+                o[t] += d * gd[g] * np.float32(acc[t]) + m * gsum[g]
         out[32 * c:32 * c + 32] = o
 
 
@@ -651,3 +664,159 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
     return ffn_decode_bundle_dense_up(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, up_cut, cut, codes,
                                       scales, q41, s.x8.q, s.x8.d, s.x8.s, s.gate_up[:gate_up.n_rows], s.g_act,
                                       s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
+
+
+# --------------------------------------------------------------------------------------------------
+# One token through a predictor layer with a bundled down, in one call
+# --------------------------------------------------------------------------------------------------
+#
+# A predictor layer computes gate, up and down only for its candidates (sparsity.Predictor: s = B (A x),
+# candidate where s_j >= c_j), then keeps those whose |a_j| passes the down cut. PredictorFFN runs that as a
+# chain of calls (two GEMVs, a scan, two row gathers, the down stage); the kernel below is one call, and each
+# thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
+# bundle columns, each in address order.
+
+_GATHER_AHEAD = 2          # candidate rows a gather prefetches ahead (a Q4_0 row of 2048 columns: 1152 bytes)
+
+
+@njit(cache=True, fastmath=True, _nrt=False)
+def _gather_q4(path, q41, qs, sc, xq, xd, xs, rows, out, lo, hi):
+    """out[i] = W[rows[i]] . x for i in lo..hi (Q4_0, or Q4_1 with q41): qgemv's row kernel, but each row
+    prefetches the whole row _GATHER_AHEAD candidates on (qgemv's rows prefetch 2 KB ahead in memory, which in a
+    gather is mostly rows that are not read)."""
+    nb = xd.shape[0]
+    rb = nb * 16
+    for i in range(lo, hi):
+        if i + _GATHER_AHEAD < hi:
+            nr = np.uint64(rows[i + _GATHER_AHEAD])
+            for o in range(0, rb, 64):
+                simd.prefetch(qs, nr * np.uint64(rb) + np.uint64(o))
+            for o in range(0, sc.shape[1], 32):
+                simd.prefetch(sc, nr * np.uint64(sc.shape[1]) + np.uint64(o))
+        r = np.uint64(rows[i])
+        qoff = r * np.uint64(rb)
+        a0 = simd.vzero(path)
+        a1 = simd.vzero(path)
+        for k in range(nb >> 1):
+            a0, a1 = qgemv._pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+        if nb & 1:
+            a0 = qgemv._blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        c = np.float32(0.0)
+        if q41:
+            for b in range(nb):
+                c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
+        else:
+            for b in range(nb):
+                c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
+            c *= np.float32(-8.0)
+        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
+
+
+@njit(cache=True, error_model="numpy")
+def _candidates_by_group(scores, cut, cand, cstart):
+    """cand[:n] = the j with scores[j] >= cut[j], ascending; cstart[g]:cstart[g+1] = group g's (neurons
+    32g..32g+31). Returns n."""
+    n = 0
+    n_groups = cstart.shape[0] - 1
+    for g in range(n_groups):
+        cstart[g] = n
+        for j in range(32 * g, 32 * g + 32):
+            cand[n] = j                              # n <= j: in bounds; overwritten unless a candidate
+            n += scores[j] >= cut[j]
+    cstart[n_groups] = n
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi):
+    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cstart[g+1]], with
+    act(g) in g_act and up in up_vals at the same index): a_j = act(g_j) u_j kept where |a_j| >= threshold[j],
+    as down_coefs_q8 leaves them, written from rows[cstart[g_lo]] on. Returns (n kept, groups with a kept
+    neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    a_kept = np.empty(32, np.float32)
+    n0 = cstart[g_lo]
+    n = n0
+    n_read = 0
+    for g in range(g_lo, g_hi):
+        gstart[g] = n
+        amax = np.float32(0.0)
+        for u in range(cstart[g], cstart[g + 1]):
+            j = cand[u]
+            a = g_act[u] * up_vals[u]
+            keep = abs(a) >= threshold[j]
+            rows[n] = j                              # n <= u: in bounds; overwritten unless kept
+            a_kept[n - gstart[g]] = a
+            n += keep
+            amax = max(amax, abs(a) * np.float32(keep))
+        gend[g] = n
+        gsum[g] = 0.0
+        gd[g] = 0.0
+        if n == gstart[g]:
+            continue
+        n_read += 1
+        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+    return n - n0, n_read
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, up_qs, up_sc,
+                                gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs, hq, hd, hs, ax, scores,
+                                cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
+    """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
+    cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
+
+      x8 = Q8 copy of x (llama.cpp's, for gate/up's type; the Q8_0 predictor factor A takes the same codes)
+      -> ax = A . x8 -> scores = B . Q8(ax) -> candidates (scores >= pred_cut, ascending, grouped by 32)
+      -> each of two threads takes a share of the groups balanced by candidates: its candidates' gate rows,
+         up rows, a_j = silu(g_j) u_j kept where |a_j| >= threshold[j] as Q8 blocks, the bundle product into
+         its partial output -> out = the sum of the partials.
+
+    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1
+    (type gu_qtype); codes/scales: the down bundle; xq, xd, xs: Q8Act buffers for n_embd, hq, hd, hs for rank;
+    ax (rank,), scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum
+    (n_ff/32,), gstart (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
+    q41 = gu_qtype == _Q4_1
+    qgemv.quantize_q8_into(x, xq, xd, xs, True, q41)
+    rank = ax.shape[0]
+    no_rows = cand[:0]
+    for c in prange(2):                                          # A: a few rows, two threads
+        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, c * rank // 2, (c + 1) * rank // 2)
+    qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
+    n_ff = scores.shape[0]
+    for c in prange(_GEMV_CHUNKS):                               # B: every neuron's score
+        qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores,
+                         c * n_ff // _GEMV_CHUNKS, (c + 1) * n_ff // _GEMV_CHUNKS)
+    n_groups = gsum.shape[0]
+    cstart = np.empty(n_groups + 1, np.int64)
+    n_cand = _candidates_by_group(scores, pred_cut, cand, cstart)
+    bounds = np.empty(3, np.int64)
+    _split_groups(cstart, 2, bounds)
+    gend = np.empty(n_groups, np.int64)
+    counts = np.zeros((2, 2), np.int64)
+    partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
+    for part in prange(2):
+        g_lo = bounds[part]
+        g_hi = bounds[part + 1]
+        c_lo = cstart[g_lo]
+        c_hi = cstart[g_hi]
+        _gather_q4(path, q41, gate_qs, gate_sc, xq, xd, xs, cand, g_act, c_lo, c_hi)
+        _gather_q4(path, q41, up_qs, up_sc, xq, xd, xs, cand, up_vals, c_lo, c_hi)
+        _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
+        k, k_groups = _keep_groups(cand, cstart, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd, gstart,
+                                   gend, gsum, g_lo, g_hi)
+        counts[part, 0] = k
+        counts[part, 1] = k_groups
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
+    _sum_parts(partial, out)
+    return n_cand, counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1]
+
+
+def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch,
+                           xr: "qgemv.Q8Act", ax: np.ndarray) -> tuple:
+    """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
+    Q4_0/Q4_1; codes, scales the down bundle; xr (rank,) Q8Act and ax (rank,) float32 scratch. Output in s.out.
+    Returns (candidates, kept, groups read)."""
+    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, up.qs,
+                                       up.sc, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, xr.q, xr.d,
+                                       xr.s, ax, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows,
+                                       s.aq, s.gd, s.gstart, s.gsum, s.out)

@@ -10,6 +10,8 @@ Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (
   ThresholdFFN       decode of a threshold layer: gate in full, up where |act(g_j)| passes, down where |a_j| passes
   FusedThresholdFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, vector SIMD path)
   PredictorFFN       decode of a predictor layer: gate and up rows of the predictor's candidates only, then down
+  FusedPredictorFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, SiLU, vector SIMD
+                     path): predictor, candidates' gate and up rows, act, the kept neurons' down
 
 The sparse strategies' batched path is the masked reference: prefill reads every matrix anyway.
 """
@@ -252,6 +254,30 @@ class FusedThresholdFFN(_SparseDecode):
         return s.out[None]
 
 
+class FusedPredictorFFN(_SparseDecode):
+    """PredictorFFN in one kernel call (sparse_ffn.ffn_decode_predictor_bundle): the predictor's scores, then
+    each thread reads its share of the candidates' gate rows, up rows and down bundle columns, in address order."""
+
+    def __init__(self, *args, tok: tuple):
+        super().__init__(*args)
+        self.tok = tok                       # the SIMD path, fixed at load (the kernel has vector paths only)
+        p = self.layer.predictor
+        self.xr = qgemv.new_q8(p.rank)       # (rank,) Q8 copy of A x
+        self.ax = np.empty(p.rank, np.float32)
+        self.q41 = qtype_info(self.bundle.qtype).act == Q8_1      # the bundle's Q8 block sums are fp16 (Q8_1)
+
+    def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
+        L, s, p, bundle = self.L, self.s, self.layer.predictor, self.bundle
+        n_ff = L.w_gate.n_rows
+        n_cand, n, n_groups = sparse_ffn.decode_predictor_layer(
+            self.tok, x, p.a.packed, p.b.packed, p.cut, L.w_gate.packed, L.w_up.packed, self.cut, bundle.codes,
+            bundle.scales, self.q41, s, self.xr, self.ax)
+        stats.ffn_used.append(n / n_ff)
+        stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_cand / n_ff - 1.0)
+                        + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
+        return s.out[None]
+
+
 def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLayer | None,
               s: sparse_ffn.DecodeScratch | None, observer=None):
     """Layer il's FFN strategy. rule: the layer's sparsity (a converted file's LayerSparsity, the run-time
@@ -274,10 +300,13 @@ def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLaye
                    and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype)
     if not fast_decode:
         return reference
-    if rule.predictor is not None:
-        return PredictorFFN(L, act, rule, s, reference)
     tok = simd.token()
-    if (rule.down_t is None and L.w_down.column_bundle() is not None and qtype_info(L.w_gate.qtype).fused_gate_up
-            and simd.path_name(tok) != "scalar"):
+    fused = (rule.down_t is None and L.w_down.column_bundle() is not None and qtype_info(L.w_gate.qtype).fused_gate_up
+             and simd.path_name(tok) != "scalar" and act != "gelu")
+    if rule.predictor is not None:
+        if fused and rule.predictor.a.packed is not None and rule.predictor.b.packed is not None:
+            return FusedPredictorFFN(L, act, rule, s, reference, tok=tok)
+        return PredictorFFN(L, act, rule, s, reference)
+    if fused:
         return FusedThresholdFFN(L, act, rule, s, reference, tok=tok)
     return ThresholdFFN(L, act, rule, s, reference)

@@ -13,7 +13,7 @@ import pytest
 from converters.convert import convert
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.evaluate import EvalStats
-from sparse_gguf.ffn import PredictorFFN
+from sparse_gguf.ffn import FusedPredictorFFN, PredictorFFN
 from sparse_gguf.gguf_file import all_metadata, open_gguf
 from sparse_gguf.model import Model
 from sparse_gguf.stats import StepStats
@@ -157,7 +157,7 @@ def test_predictor_layers_convert_load_and_decode_as_masked(tiny_model, tmp_path
     assert m.sparsity.layers[0].predictor is not None and m.sparsity.layers[0].up_threshold is None
     h = np.random.default_rng(0).standard_normal((1, m.cfg.n_embd)).astype(np.float32)
     for ffn in m.ffn:
-        assert isinstance(ffn, PredictorFFN)
+        assert isinstance(ffn, FusedPredictorFFN if qtype == "Q4_1" else PredictorFFN)   # Q4_1, SiLU: one kernel
         two = ffn.batched(np.repeat(h, 2, axis=0), StepStats())   # T == 2: everything computed, then masked
         one = ffn.decode(h[0], StepStats())                    # one token: candidates' rows only (gemv_rows)
         np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)

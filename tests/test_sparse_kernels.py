@@ -483,21 +483,20 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
     raw = quants.quantize(RNG.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
     codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
     n_chunks = n_embd // 32
-    assert codes.shape == (n_ff // 32, 16 * n_embd) and scales.shape == (n_ff // 32, n_chunks, 2, 32)
-    # the same size as the original for Q4_1; Q4_0 gains an m = -8 d per block (20 bytes a block, not 18)
-    assert codes.nbytes + scales.nbytes == raw.nbytes * (1 if qtype == "Q4_1" else 20 / 18)
+    n_sc = 2 if qtype == "Q4_1" else 1                  # Q4_1: d and m; Q4_0: d (m = -8 d)
+    assert codes.shape == (n_ff // 32, 16 * n_embd) and scales.shape == (n_ff // 32, n_chunks, n_sc, 32)
+    assert codes.nbytes + scales.nbytes == raw.nbytes   # the same size as the original
     q = np.empty((n_embd, n_ff), np.float32)
     for g in range(n_ff // 32):
         for l in range(32):
             for c in range(n_chunks):
-                plen = 16 * min(4, n_chunks - 4 * (c // 4))
-                off = 2048 * (c // 4) + l * plen + 16 * (c % 4)
+                off = (l * n_chunks + c) * 16           # neuron l's chunks in turn
                 b = codes[g, off:off + 16]
                 q[32 * c:32 * c + 16, 32 * g + l] = b & 15
                 q[32 * c + 16:32 * c + 32, 32 * g + l] = b >> 4
     dm = scales.view(np.float16).astype(np.float32)                             # [g, c, (d|m), t]
     d = dm[:, :, 0, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)         # (n_embd, n_ff)
-    m = dm[:, :, 1, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1)
+    m = dm[:, :, 1, :].reshape(n_ff // 32, n_embd).T.repeat(32, axis=1) if n_sc == 2 else -8 * d
     np.testing.assert_array_equal(d * q + m, quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff))
 
 
@@ -545,3 +544,47 @@ def test_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep, pat
     out = np.full(n_embd, np.nan, np.float32)
     sparse_ffn.bundle_rows_q8(codes, scales, rows[:n], xq[:n], gd, gstart, gsum, out, path)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fraction):
+    """FusedPredictorFFN (one kernel: predictor, the candidates' gate and up rows, the kept neurons' down bundle)
+    gives the masked reference's numbers on every vector SIMD path, with benchmarks/sparse_gbs.py's forced-fraction
+    predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sparse_gbs import ffn_inputs, forced_predictor
+    from sparse_gguf.ffn import FusedPredictorFFN, PredictorFFN
+    from sparse_gguf.format import MODE_PREDICTOR
+
+    m = Model(tiny_model("llama", qtype), n_ctx=96)
+    n_ff, n_embd = m.cfg.n_ff, m.cfg.n_embd
+    rng = np.random.default_rng(3)
+    hs = ffn_inputs(m, [int(t) for t in rng.integers(10, 1000, 64)])
+    layers = []
+    for h in hs:
+        p = forced_predictor(h, n_ff, fraction, rng, rank=32)
+        layers.append(LayerSparsity(MODE_PREDICTOR, threshold=rng.uniform(0, 0.01, n_ff).astype(np.float32),
+                                    predictor=p))
+    m.sparsity = SparsityPlan(layers)
+    assert all(isinstance(ffn, FusedPredictorFFN) for ffn in m.ffn)
+    x = rng.standard_normal((3, n_embd)).astype(np.float32)
+    kept = []
+    for ffn in m.ffn:
+        for path in simd.AVAILABLE_PATHS:
+            if path == "scalar":
+                continue
+            fused = FusedPredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference, tok=simd.token(path))
+            steps = PredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference)
+            for t in range(x.shape[0]):
+                want = ffn.reference.batched(np.repeat(x[t:t + 1], 2, axis=0), StepStats())[:1]   # masked
+                st, st_steps = StepStats(), StepStats()
+                one = fused.decode(x[t], st).copy()
+                np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+                np.testing.assert_allclose(steps.decode(x[t], st_steps), one, rtol=1e-5, atol=1e-5)
+                assert st.ffn_used == st_steps.ffn_used and st.bytes == pytest.approx(st_steps.bytes, rel=1e-6)
+                kept.append(st.ffn_used[0])
+    cand = np.mean([(ffn.layer.predictor.scores(x) >= ffn.layer.predictor.cut).mean() for ffn in m.ffn])
+    assert abs(cand - fraction) < 0.2 and np.mean(kept) < cand      # the down cut drops some candidates

@@ -1,0 +1,197 @@
+"""Does a sparse FFN's decode time follow its bytes? Loads a plain GGUF (e.g. a synthetic model of
+benchmarks/synthetic_models.py), gives every layer a predictor whose candidate fraction is forced (random weights
+make a predictor's choices meaningless, so this benchmark builds one: a random low-rank Q8_0 predictor of the
+converter's largest rank, its per-neuron cut set so that each neuron is a candidate for a fraction f of sample
+FFN inputs; the down cut keeps every candidate), and measures, A/B interleaved in one process, for each f:
+
+- the FFN alone: every layer's decode on its own sample input, in turn (per token, microseconds; GB/s of the
+  bytes the strategy reads: predictor, the candidates' gate and up rows, the bundle's codes and scales);
+- whole tokens: tokens/s and GB/s of what a token reads (StepStats),
+
+against the dense FFN. `--steps` adds the step-by-step PredictorFFN (several calls per layer) for each f;
+`--llama-cpp` adds llama.cpp's dense decode of the same file (flash attention off and on; whole tokens only).
+
+    python benchmarks/sparse_gbs.py MODEL.gguf [--fractions 1,0.75,0.5,0.25] [--reps 5] [--tokens 32]
+
+Bytes are counted as the strategies count them (StepStats.bytes), so "GB/s" is bytes read / time.
+`--cpu-time --threads 1` times the calling thread's CPU time (time.thread_time) instead of wall time: on a
+machine with more runnable processes than cores, wall time mostly measures the scheduler (each parallel region
+waits for all its threads to be scheduled), while one thread's CPU time still holds its memory stalls.
+
+Measured 2026-12-05 at the Llama-3.2-1B shape, Q4_0 (`--steps --llama-cpp --reps 4 --tokens 24 --threads 1
+--cpu-time`; load average 14-17 on 2 cores, so one thread's CPU time; predictor rank 128, 1.4 MB a layer):
+
+    config   FFN us/token  FFN MB  FFN GB/s vs dense  kept | tok GB/s vs dense  t/s vs dense
+    dense           38100   453.0            1.00    1.00 |             1.00          1.00
+    fused f=1       49390   475.3            0.81    1.00 |             0.86          0.83
+    fused f=0.75    45471   357.8            0.66    0.73 |             0.76          0.95
+    fused f=0.5     35991   257.2            0.60    0.50 |             0.75          1.01
+    fused f=0.25    24638   156.1            0.53    0.27 |             0.76          1.10
+    steps f=0.5     44081   257.2            0.49    0.50 |             0.67          0.90
+
+Per layer (1 thread, CPU time): all of gate|up by GEMV 1651 us (11.4 GB/s), all of down 806 us (11.7 GB/s);
+gathering a random half of gate's rows 669 us (7.1 GB/s; qgemv's span 812 us), a quarter 409 us; the bundle
+product over all neurons 1137 us (8.3 GB/s), half 749 us (7.0), a quarter 507 us (6.2). So the FFN's time does
+not follow its bytes because both gathers are latency-bound (a 1152-byte row at random) and the bundle product
+is slower per byte than the dense GEMV even over every neuron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+
+from converters.predictor import RANKS
+from sparse_gguf.ffn import PredictorFFN
+from sparse_gguf.format import MODE_PREDICTOR
+from sparse_gguf.model import Model
+from sparse_gguf.sparsity import LayerSparsity, Predictor, SparsityPlan
+from sparse_gguf.stats import StepStats
+
+
+def forced_predictor(h: np.ndarray, n_ff: int, fraction: float, rng: np.random.Generator,
+                     rank: int = RANKS[-1]) -> Predictor:
+    """A random low-rank Q8_0 predictor (A (rank, n_embd), B (n_ff, rank)) whose per-neuron cut makes each neuron
+    a candidate for a fraction `fraction` of the sample inputs h (k, n_embd) (every neuron at 1.0). The cut lies
+    halfway between two sample scores, so no sample sits on it."""
+    n_embd = h.shape[1]
+    q8 = GGMLQuantizationType.Q8_0
+    a = quants.quantize(rng.standard_normal((rank, n_embd)).astype(np.float32) / np.sqrt(n_embd), q8)
+    b = quants.quantize(rng.standard_normal((n_ff, rank)).astype(np.float32) / np.sqrt(rank), q8)
+    p = Predictor.from_raw(a, b, np.zeros(n_ff, np.float32), n_embd, n_ff)
+    if fraction >= 1.0:
+        p.cut[:] = -np.inf
+        return p
+    s = np.sort(p.scores(h), axis=0)                                     # (k, n_ff)
+    i = min(h.shape[0] - 2, max(0, int(round((1.0 - fraction) * h.shape[0])) - 1))
+    p.cut[:] = (s[i] + s[i + 1]) / 2
+    return p
+
+
+def forced_plan(h_per_layer: list[np.ndarray], n_ff: int, fraction: float, seed: int = 0) -> SparsityPlan:
+    """Every layer a predictor layer with a forced candidate fraction and a down cut that keeps every candidate."""
+    rng = np.random.default_rng(seed)
+    return SparsityPlan([LayerSparsity(MODE_PREDICTOR, threshold=np.zeros(n_ff, np.float32),
+                                       predictor=forced_predictor(h, n_ff, fraction, rng)) for h in h_per_layer])
+
+
+def ffn_inputs(m: Model, tokens: list[int]) -> list[np.ndarray]:
+    """Each layer's FFN inputs (T, n_embd) over a prompt, from the dense model."""
+    got: dict[int, np.ndarray] = {}
+
+    def observe(il, h, g_act, up, a):
+        got[il] = np.array(h, dtype=np.float32)
+
+    with m.running(None, observe):
+        m.reset()
+        m.eval(tokens)
+    return [got[il] for il in range(m.cfg.n_layer)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--fractions", default="1,0.75,0.5,0.25")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sample", type=int, default=96, help="FFN inputs the cuts are set on")
+    ap.add_argument("--steps", action="store_true", help="also the step-by-step PredictorFFN")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's dense decode (tokens/s)")
+    ap.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU time (use --threads 1)")
+    args = ap.parse_args()
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    m = Model(args.model, n_ctx=args.sample + args.tokens + 16, n_threads=args.threads)
+    n_ff = m.cfg.n_ff
+    rng = np.random.default_rng(1)
+    hs = ffn_inputs(m, [int(t) for t in rng.integers(10, m.n_vocab, args.sample)])
+    probe = [h[-1] for h in hs]                                          # one FFN input per layer for the FFN-only loop
+    configs: dict[str, list | None] = {"dense": None}
+    for f in (float(v) for v in args.fractions.split(",") if v):
+        plan = forced_plan(hs, n_ff, f)
+        m.sparsity = plan
+        configs[f"fused f={f:g}"] = m.ffn
+        if args.steps:
+            configs[f"steps f={f:g}"] = [PredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference) for ffn in m.ffn]
+    m.sparsity = None
+    dense_ffn = m.ffn
+    configs["dense"] = dense_ffn
+    print(f"{args.model}: {m.cfg.n_layer} layers, n_embd {m.cfg.n_embd}, n_ff {n_ff}, {type(m.ffn[0]).__name__} "
+          f"dense; sparse: {sorted({type(v[0]).__name__ for v in configs.values()})}")
+
+    def ffn_only(ffns) -> tuple[float, float, float]:
+        st = StepStats()
+        t0 = clock()
+        for ffn, x in zip(ffns, probe):
+            ffn.decode(x, st)
+        dt = clock() - t0
+        return dt, st.bytes, float(np.mean(st.ffn_used))
+
+    ffn_bytes = sum(L.w_gate.nbytes + L.w_up.nbytes + L.w_down.nbytes for L in m.weights.layers)
+
+    def tokens(ffns, n: int) -> tuple[float, float, float]:
+        m.ffn = ffns
+        m.reset()
+        m.eval([1, 2, 3, 4])
+        t0 = clock()
+        for t in range(n):
+            m.eval([100 + t])
+        dt = (clock() - t0) / n
+        return dt, m.step_stats["bytes"], m.step_stats["ffn_active_fraction"]
+
+    llama = {}
+    if args.llama_cpp:
+        from sparse_gguf.reference import LlamaCppEngine
+        llama = {f"llama.cpp {'fa on' if fa else 'fa off'}": LlamaCppEngine(args.model, n_ctx=256, n_threads=args.threads,
+                                                                           flash_attn=fa) for fa in (False, True)}
+    llama_t: dict[str, list[float]] = {k: [] for k in llama}
+
+    def llama_tokens(e, n: int) -> float:
+        e.reset()
+        e.eval([1, 2, 3, 4])
+        t0 = clock()
+        for t in range(n):
+            e.eval([100 + t])
+        return (clock() - t0) / n
+
+    res = {k: {"ffn_t": [], "tok_t": []} for k in configs}
+    info = {}
+    for rep in range(args.reps + 1):                 # the first round warms up (JIT, caches) and is dropped
+        for name, ffns in configs.items():
+            ffn_t = []
+            for _ in range(3):
+                dt, b, used = ffn_only(ffns)
+                ffn_t.append(dt)
+            tok_t, tok_b, tok_used = tokens(ffns, args.tokens)
+            info[name] = (b + ffn_bytes, used, tok_b, tok_used)     # st.bytes is relative to the dense weights
+            if rep:
+                res[name]["ffn_t"].append(min(ffn_t))
+                res[name]["tok_t"].append(tok_t)
+        for name, e in llama.items():
+            dt = llama_tokens(e, args.tokens)
+            if rep:
+                llama_t[name].append(dt)
+    d_ffn = np.median(res["dense"]["ffn_t"])
+    d_tok = np.median(res["dense"]["tok_t"])
+    print(f"{'config':14s} {'FFN us/token':>12s} {'FFN MB':>7s} {'FFN GB/s':>8s} {'vs dense':>8s} {'kept':>5s}  "
+          f"{'tok/s':>6s} {'tok MB':>7s} {'tok GB/s':>8s} {'GB/s vs dense':>13s} {'t/s vs dense':>12s}")
+    d_gbs = info["dense"][0] / d_ffn
+    d_tgbs = info["dense"][2] / d_tok
+    for name in configs:
+        ft, tt = np.median(res[name]["ffn_t"]), np.median(res[name]["tok_t"])
+        fb, used, tb, tused = info[name]
+        print(f"{name:14s} {ft * 1e6:12.0f} {fb / 1e6:7.1f} {fb / ft / 1e9:8.1f} {fb / ft / d_gbs:8.2f} {used:5.2f}  "
+              f"{1 / tt:6.2f} {tb / 1e6:7.1f} {tb / tt / 1e9:8.1f} {tb / tt / d_tgbs:13.2f} {d_tok / tt:12.2f}")
+    if llama:
+        best = min(llama_t, key=lambda k: np.median(llama_t[k]))
+        lt = np.median(llama_t[best])
+        print(f"{best}: {1 / lt:.2f} t/s (runs: " + " ".join(f"{1 / x:.1f}" for x in llama_t[best]) + ")")
+        for name in configs:
+            print(f"  {name:14s} tokens/s vs llama.cpp {lt / np.median(res[name]['tok_t']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
