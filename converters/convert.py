@@ -122,6 +122,7 @@ class StageBar:
         self.report(start + width * min(1.0, max(0.0, fraction)))
 
 
+BUILTIN_TOKENS = 11000    # about what the built-in texts and 40 replies of 64 tokens come to (stage_seconds)
 RATE_TOKENS = CHUNK // 2   # tokens of the prefill timed to size the progress bar's stages (stage_seconds)
 MIN_BISECTION_SCORES = 7   # allocate: 6 bisection steps before its deadline applies, plus the step that overruns it
 PLAN_SCORES = 4            # scores after the allocation: predictor checks, the down layout, the final measure
@@ -424,7 +425,8 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
     # the bar's stages sized by this model's speed: the ETA holds from SmolLM2 to 8B shapes
     prefill, decode = model_rates(model)
     n_prompts = 0 if o.calib_only else len(calib_data.CHAT_PROMPTS)
-    expected_tokens = min(o.calib_tokens or 10 ** 9, 11000 + sum(len(t) // 4 for t in user_texts))
+    builtin = 0 if o.calib_only else BUILTIN_TOKENS
+    expected_tokens = min(o.calib_tokens or 10 ** 9, builtin + sum(len(t) // 4 for t in user_texts))
     bar = StageBar(fraction, stage_seconds(prefill, decode, n_prompts, expected_tokens, HELDOUT_CHUNKS * CHUNK,
                                            o.allocation_seconds if o.sparsity is None else None, src.stat().st_size))
     spill = SpillDir()                              # per-layer samples and reference logits, on disk
