@@ -388,6 +388,9 @@ def convert(
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="force this FFN sparsity in every layer"),
     calib: list[Path] = typer.Option([], "--calib", help="extra calibration text file (repeatable)"),
     calib_only: bool = typer.Option(False, "--calib-only", help="calibrate on --calib files only"),
+    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens",
+                                               help="at most N calibration tokens (default: all ~11k; fewer is "
+                                                    "faster, less accurate)"),
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
     attn_window: int = typer.Option(512, "--attn-window", help="decode default: recent positions attended (0 = full attention)"),
@@ -408,7 +411,8 @@ def convert(
 
     path = resolve_model_path(model)
     options = ConvertOptions(output=output, budget_kl=budget_kl, min_top1=min_top1, sparsity=sparsity,
-                             calib_files=tuple(calib), calib_only=calib_only, threads=threads,
+                             calib_files=tuple(calib), calib_only=calib_only, calib_tokens=calib_tokens,
+                             threads=threads,
                              attention=AttentionWindow(attn_sinks, attn_window, attn_topk),
                              output_candidates=output_top, predictors=predictors)
     attention = options.attention
@@ -422,7 +426,7 @@ def convert(
 
         result = run_convert(path, options, progress=message, fraction=lambda f: bar.update(task, completed=f))
     d = {"output": str(result.out_path), "seconds": result.seconds, "calib_tokens": result.calib_tokens,
-         "heldout_tokens": result.heldout_tokens, "kl_mean": result.summary["kl_mean"],
+         "heldout_tokens": result.heldout_tokens, "calibration": result.calibration, "kl_mean": result.summary["kl_mean"],
          "top1_agreement": result.summary["top1_agreement"], "ffn_bytes_ratio": result.ffn_bytes_ratio,
          "layers": result.layer_table()}
     if json_out:
@@ -448,7 +452,8 @@ def convert(
     con.print(f"decode defaults: attention {attention.sinks} sinks + {attention.window} recent + top-{attention.topk}"
               f" older (eval on long text measures it); output layer: exact logits for the best {output_top} rows"
               " (included in the estimate above)")
-    con.print(f"calibration {d['calib_tokens']} tokens, held out {d['heldout_tokens']}; {d['seconds']:.0f} s")
+    con.print(f"calibration: {d['calibration']}; {d['calib_tokens']} tokens, held out {d['heldout_tokens']}; "
+              f"{d['seconds']:.0f} s")
     con.print(f"wrote {d['output']}", soft_wrap=True)
 
 

@@ -16,6 +16,9 @@ deliberately mixed:
   small assistant.  These are used for data-free calibration: the model is
   asked to answer them itself and the activations of its own replies are
   recorded.
+* ``TEXT_PROMPTS`` -- forty openings of plain text (a story, a recipe, code,
+  a letter, ...) for models without a chat template: the model continues
+  each one and the activations of its continuation are recorded.
 
 All texts and prompts in this module were written specifically for this
 project; they are not excerpts from any external corpus.  They intentionally
@@ -25,7 +28,7 @@ repository, so that calibration does not leak into evaluation.
 
 from __future__ import annotations
 
-__all__ = ["CALIBRATION_TEXTS", "CHAT_PROMPTS"]
+__all__ = ["CALIBRATION_TEXTS", "CHAT_PROMPTS", "TEXT_PROMPTS"]
 
 
 # ---------------------------------------------------------------------------
@@ -804,4 +807,51 @@ CHAT_PROMPTS: tuple[str, ...] = (
     "Write a JavaScript function that returns the largest number in an array.",
     "Suggest three books for someone who enjoyed science fiction novels.",
     "What is a healthy breakfast I can make in five minutes?",
+)
+
+
+# Openings of plain text, for models without a chat template (base models): the model continues each one and
+# the activations of its continuation are recorded, as with CHAT_PROMPTS for chat models. Same genres as
+# CALIBRATION_TEXTS; written for this project.
+TEXT_PROMPTS: tuple[str, ...] = (
+    "The lighthouse keeper had not seen a ship in eleven days when",
+    "Chapter One\n\nThe train pulled into the station an hour late, and",
+    "Glaciers form where more snow falls in winter than melts in summer. Over many years,",
+    "The first public libraries in Europe were",
+    "How to repot a houseplant\n\n1. Choose a pot that is",
+    "Dear Mr. Alvarez,\n\nThank you for your letter of March 3. I am writing to",
+    "def moving_average(values, window):\n    \"\"\"Return the moving average of values.\"\"\"\n",
+    "Ingredients:\n- 2 cups of flour\n- 1 teaspoon of salt\n",
+    "Q: Why do cats purr?\nA:",
+    "In economics, opportunity cost is",
+    "The city council voted on Tuesday to",
+    "Product review: I bought this kettle three months ago and",
+    "$ ls -la /etc/nginx\n",
+    "{\n  \"name\": \"weather-station\",\n  \"version\": \"1.4.2\",\n",
+    "Problem: A rectangle is 8 cm long and 5 cm wide. What is its area?\nSolution:",
+    "The old clock on the wall struck midnight, and",
+    "Photosynthesis takes place mainly in the leaves of plants, where",
+    "Meeting notes, project kickoff\n\nAttendees:",
+    "SELECT customer_id, SUM(amount)\nFROM orders\n",
+    "My grandmother always said that the secret to good bread was",
+    "The French Revolution began in 1789 when",
+    "Volcanoes are openings in the Earth's crust through which",
+    "Tips for a job interview:\n\n*",
+    "The river wound through the valley like",
+    "class Inventory:\n    def __init__(self):\n",
+    "To change a car tire safely, first",
+    "Interviewer: What made you start the company?\nFounder:",
+    "The human heart has four chambers:",
+    "Breaking news: heavy snow has closed",
+    "Once upon a time, in a village at the edge of a great forest,",
+    "A budget is a plan for how you will spend your money.",
+    "The rules of chess are simple to learn:",
+    "Welcome to the user guide for the X200 printer. This section explains",
+    "function debounce(fn, delay) {\n",
+    "The Amazon rainforest covers",
+    "Day 3 of our hiking trip. We woke up before sunrise and",
+    "An email to the team:\n\nHi everyone,\n\n",
+    "The theory of plate tectonics explains",
+    "Customer: My order arrived damaged.\nAgent:",
+    "Autumn leaves were falling on the empty playground as",
 )

@@ -9,38 +9,64 @@ over the calibration tokens, stored per channel as a threshold on |a_j|: t_j = t
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from sparse_gguf.evaluate import EvalStats
 from sparse_gguf.format import MODE_DENSE, MODE_THRESHOLD
 from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
+from sparse_gguf.stats import StepStats
+
+from . import predictor
 
 ROWS_PER_LAYER = 1500              # token rows of activations kept per layer (bounded memory)
+QUANTILE_POINTS = 8192             # points kept of each layer's importance distribution
+GROUP_TOKENS = 1024                # calibration tokens per accumulation step of the regression's sums
+
+
+class SpillDir:
+    """Arrays kept on disk until needed (a temporary directory, removed by close() or when collected), so what
+    calibration keeps per layer does not stay in memory for every layer at once."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="sparse-gguf-calib-")
+        self.path = Path(self._dir.name)
+
+    def save(self, name: str, **arrays) -> Path:
+        path = self.path / f"{name}.npz"
+        np.savez(path, **arrays)
+        return path
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 @dataclass
 class LayerStats:
-    """What calibration keeps of one layer: sorted samples of the two stages' importances, and what the
-    predictor fit needs (converters/predictor.py)."""
+    """What calibration keeps of one layer: the quantiles of the two stages' importances in memory, and on
+    disk (load()) the sample rows and the low-rank regression the predictor fit needs (converters/predictor.py)."""
     down_norm: np.ndarray                    # (n_ff,) ||down[:, j]||
     up_scale: np.ndarray                     # (n_ff,) E|u_j| * ||down[:, j]||: expected weight of |act(g_j)|
-    importance_up: np.ndarray                # (k,) sorted sample of |act(g_j)| * up_scale_j
-    importance: np.ndarray                   # (k,) sorted sample of |a_j| * ||down[:, j]||
-    xtx: np.ndarray | None = None            # (d+1, d+1) float64 sum over all tokens of [x, 1]^T [x, 1]
-    xtt: np.ndarray | None = None            # (d+1, n_ff) float64 sum of [x, 1]^T sqrt(|a| ||down||)
-    h_rows: np.ndarray | None = None         # (rows, d) float16 sampled FFN inputs
-    imp_rows: np.ndarray | None = None       # (rows, n_ff) float16 their importances |a_j| * ||down[:, j]||
+    importance_up: np.ndarray                # (QUANTILE_POINTS + 1,) quantiles of |act(g_j)| * up_scale_j
+    importance: np.ndarray                   # (QUANTILE_POINTS + 1,) quantiles of |a_j| * ||down[:, j]||
+    rows: Path | None = None                 # .npz: h (rows, d) float16 sampled FFN inputs, imp (rows, n_ff)
+    #                                          float16 their importances; v (n_ff, R), wv (d, R) float32 the
+    #                                          predictor regression (predictor.regression), when fitted
 
     def cut(self, level: float) -> float:
         """The down stage's cut on importance at `level`."""
         return self._cut(self.importance, level)
 
     @staticmethod
-    def _cut(sample: np.ndarray, level: float) -> float:
-        return float(sample[min(int(level * sample.size), sample.size - 1)])
+    def _cut(quantiles: np.ndarray, level: float) -> float:
+        """The sample's value at `level` (0..1), interpolated between the kept quantiles."""
+        pos = min(max(level, 0.0), 1.0) * (quantiles.size - 1)
+        i = min(int(pos), quantiles.size - 2)
+        return float(quantiles[i] + (pos - i) * (quantiles[i + 1] - quantiles[i]))
 
     def threshold(self, level: float) -> np.ndarray | None:
         """Per-channel cuts on |a_j| dropping about `level` of the (token, neuron) pairs; None = dense."""
@@ -54,83 +80,137 @@ class LayerStats:
             return None
         return (self._cut(self.importance_up, level) / np.maximum(self.up_scale, 1e-30)).astype(np.float32)
 
-
-def down_column_norms(model) -> list[np.ndarray]:
-    """||down[:, j]|| per layer, from the dequantized down matrix."""
-    norms = []
-    for L in model.weights.layers:
-        w = L.w_down.rows(np.arange(L.w_down.n_rows))               # (n_embd, n_ff)
-        norms.append(np.sqrt((w.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32))
-    return norms
+    def load(self) -> dict[str, np.ndarray]:
+        """The arrays kept on disk: h, imp, and v, wv when the regression was fitted."""
+        with np.load(self.rows) as z:
+            return {k: z[k] for k in z.files}
 
 
-def collect_stats(model, chunks: list[list[int]], progress=None) -> list[LayerStats]:
-    """Run the dense model over calibration chunks. Memory stays bounded: per layer a random subset of
-    token rows of |act(g)|, |a| and the FFN input (float16), plus running sums of |u| and the predictor
-    regression's sufficient statistics."""
-    norms = down_column_norms(model)
-    n_layer, n_ff, d = model.cfg.n_layer, model.cfg.n_ff, model.cfg.n_embd
+def quantiles(sample: np.ndarray, points: int = QUANTILE_POINTS) -> np.ndarray:
+    """(points + 1,) float32: the sorted sample at levels 0, 1/points, .., 1 (sample[int(level * size)])."""
+    s = np.sort(sample.reshape(-1))
+    idx = np.minimum((np.arange(points + 1) * s.size) // points, s.size - 1)
+    return s[idx].astype(np.float32)
+
+
+def down_column_norm(L) -> np.ndarray:
+    """(n_ff,) ||down[:, j]|| of one layer, from the dequantized down matrix."""
+    w = L.w_down.rows(np.arange(L.w_down.n_rows))                   # (n_embd, n_ff)
+    return np.sqrt(np.einsum("ij,ij->j", w, w, dtype=np.float64)).astype(np.float32)
+
+
+class _LayerSums:
+    """One layer's running statistics over the calibration tokens, and what is kept of them at the end."""
+
+    def __init__(self, norm: np.ndarray, d: int, regression: bool):
+        self.norm = norm
+        self.abs_u_sum = np.zeros(norm.size)                              # (n_ff,)
+        self.xtx = np.zeros((d + 1, d + 1)) if regression else None       # sum of [x, 1]^T [x, 1]
+        self.xtt = np.zeros((d + 1, norm.size)) if regression else None   # sum of [x, 1]^T sqrt(|a| ||down||)
+        self.rows_g, self.rows_a, self.rows_h = [], [], []
+        self._x1, self._t = [], []                                        # rows waiting to be summed
+
+    def observe(self, h, g_act, up, a, keep) -> None:
+        self.abs_u_sum += np.abs(up).sum(axis=0)
+        self.rows_g.append(np.abs(g_act[keep]).astype(np.float16))
+        self.rows_a.append(np.abs(a[keep]).astype(np.float16))
+        self.rows_h.append(h[keep].astype(np.float16))
+        if self.xtx is not None:
+            self._x1.append(np.concatenate([h, np.ones((h.shape[0], 1), np.float32)], axis=1))   # (T, d+1)
+            self._t.append(np.sqrt(np.abs(a) * self.norm))                                      # (T, n_ff)
+            if sum(x.shape[0] for x in self._x1) >= GROUP_TOKENS:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Add the waiting rows to the sums: one float32 product per group of tokens, summed in float64."""
+        if self._x1:
+            x1, t = np.concatenate(self._x1), np.concatenate(self._t)
+            self.xtx += x1.T @ x1
+            self.xtt += x1.T @ t
+            self._x1, self._t = [], []
+
+    def finish(self, total: int, spill: SpillDir, il: int) -> LayerStats:
+        self._flush()
+        up_scale = (self.abs_u_sum / max(1, total) * self.norm).astype(np.float32)
+        g = np.concatenate(self.rows_g).astype(np.float32)
+        imp = np.concatenate(self.rows_a).astype(np.float32) * self.norm          # (rows, n_ff)
+        arrays = {"h": np.concatenate(self.rows_h), "imp": imp.astype(np.float16)}
+        if self.xtx is not None:
+            arrays["v"], arrays["wv"] = predictor.regression(self.xtx, self.xtt, max(predictor.RANKS))
+        return LayerStats(self.norm, up_scale, quantiles(g * up_scale), quantiles(imp),
+                          spill.save(f"layer{il}", **arrays))
+
+
+def collect_stats(model, chunks: list[list[int]], spill: SpillDir, progress=None,
+                  regression: bool = True) -> list[LayerStats]:
+    """Run the dense model over calibration chunks one layer at a time: every chunk's residual stream goes
+    through layer 0, then through layer 1, and so on, so only one layer's running sums exist at once (memory
+    does not grow with the number of layers; the residual streams, (tokens, n_embd) float32, are what is kept
+    between layers). Per layer: a random subset of token rows of |act(g)|, |a| and the FFN input (the same
+    tokens in every layer), running sums of |u|, and (regression) the predictor regression's sums, reduced to
+    its low-rank solution when the layer is done. progress(done, total) counts layer-chunk steps."""
+    n_layer, d = model.cfg.n_layer, model.cfg.n_embd
+    regression = regression and d % 32 == 0                           # predictor factors are Q8_0
     total = sum(len(c) for c in chunks)
     keep_prob = min(1.0, ROWS_PER_LAYER / max(1, total))
     rng = np.random.default_rng(0)
-    abs_u_sum = np.zeros((n_layer, n_ff))
-    xtx = np.zeros((n_layer, d + 1, d + 1))
-    xtt = np.zeros((n_layer, d + 1, n_ff))
-    rows_g: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
-    rows_a: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
-    rows_h: list[list[np.ndarray]] = [[] for _ in range(n_layer)]
-
-    def observe(il, h, g_act, up, a):
-        abs_u_sum[il] += np.abs(up).sum(axis=0)
-        x1 = np.concatenate([h, np.ones((h.shape[0], 1), np.float32)], axis=1)     # (T, d+1)
-        xtx[il] += x1.T @ x1
-        xtt[il] += x1.T @ np.sqrt(np.abs(a) * norms[il])
-        keep = rng.random(a.shape[0]) < keep_prob
-        rows_g[il].append(np.abs(g_act[keep]).astype(np.float16))
-        rows_a[il].append(np.abs(a[keep]).astype(np.float16))
-        rows_h[il].append(h[keep].astype(np.float16))
-
-    with model.running(None, observe):
-        for i, chunk in enumerate(chunks):
-            model.reset()
-            model.eval(chunk)
-            if progress:
-                progress(i + 1, len(chunks))
+    keep = [rng.random(len(c)) < keep_prob for c in chunks]
+    streams = [model.embed(np.asarray(c, dtype=np.int64)) for c in chunks]     # (T, n_embd) each
     out = []
     for il in range(n_layer):
-        up_scale = (abs_u_sum[il] / max(1, total) * norms[il]).astype(np.float32)
-        g = np.concatenate(rows_g[il]).astype(np.float32)
-        a = np.concatenate(rows_a[il]).astype(np.float32)
-        imp = a * norms[il]                                                  # (rows, n_ff)
-        out.append(LayerStats(norms[il], up_scale, np.sort((g * up_scale).reshape(-1)), np.sort(imp.reshape(-1)),
-                              xtx[il], xtt[il], np.concatenate(rows_h[il]), imp.astype(np.float16)))
+        sums = _LayerSums(down_column_norm(model.weights.layers[il]), d, regression)
+        rows = {}
+
+        def observe(layer, h, g_act, up, a):
+            sums.observe(h, g_act, up, a, rows["keep"])
+
+        with model.running(None, observe):
+            for i, (x, k) in enumerate(zip(streams, keep)):
+                rows["keep"] = k
+                model.run_layer(il, x, 0, StepStats(0.0))
+                if progress:
+                    progress(il * len(chunks) + i + 1, n_layer * len(chunks))
+        out.append(sums.finish(total, spill, il))
+    model.reset()
     return out
 
 
 @dataclass
 class QualityProbe:
-    """Held-out tokens and the dense model's logits on them: scores a sparsity plan by KL and top-1."""
+    """Held-out tokens and the dense model's logits on them: scores a sparsity plan by KL and top-1. spill: keep
+    the reference logits ((chunk tokens, n_vocab) float32 each: 0.8 GB for 6 x 256 tokens of a 128k
+    vocabulary) on disk, reading one chunk's at a time."""
     model: object
     chunks: list[list[int]]
-    reference: list[np.ndarray] = field(default_factory=list)
+    spill: SpillDir | None = None
+    reference: list = field(default_factory=list)     # per chunk: (tokens, n_vocab) logits, or their .npz
     evaluations: int = 0
     seconds: float = 0.0
     after_score: object = None          # called after each score (the converter's progress bar)
 
     def __post_init__(self):
         with self.model.running(None):
-            self.reference = [self._logits(c) for c in self.chunks]
+            for i, c in enumerate(self.chunks):
+                logits = self._logits(c)
+                self.reference.append(self.spill.save(f"reference{i}", logits=logits) if self.spill else logits)
 
     def _logits(self, chunk) -> np.ndarray:
         self.model.reset()
         return self.model.eval(chunk, logits_all=True)
 
+    def _reference(self, i: int) -> np.ndarray:
+        ref = self.reference[i]
+        if isinstance(ref, Path):
+            with np.load(ref) as z:
+                return z["logits"]
+        return ref
+
     def score(self, plan: SparsityPlan | None, observer=None) -> dict:
         t0 = time.perf_counter()
         with self.model.running(plan, observer):
             stats = EvalStats.empty()
-            for chunk, ref in zip(self.chunks, self.reference):
-                stats.add_chunk(chunk, self._logits(chunk), ref)
+            for i, chunk in enumerate(self.chunks):
+                stats.add_chunk(chunk, self._logits(chunk), self._reference(i))
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
         if self.after_score is not None:

@@ -1,7 +1,8 @@
 """`sparse-gguf convert`: calibrate a GGUF model's FFN sparsity to a quality budget and write a new GGUF.
 
 Steps (each its own function, testable alone): calibration tokens (built-in texts, the model's own replies
-to built-in prompts, the user's file) -> activation statistics (calibrate.collect_stats) -> per-layer
+to built-in chat prompts or, without a chat template, its continuations of plain-text openings; the user's
+file) -> activation statistics (calibrate.collect_stats, one layer at a time) -> per-layer
 sparsity levels to the KL budget (calibrate.allocate) or a forced level -> measurement on held-out tokens ->
 the output file (gguf_out.write_model: temp file, then rename).
 """
@@ -29,8 +30,8 @@ from sparse_gguf.tokenizer import Tokenizer
 
 from . import calib_data, predictor
 from .gguf_out import check_free_space, file_sha256, write_model
-from .calibrate import (UP_SHARE, PredictorReport, QualityProbe, allocate, collect_stats, measured_sparsity,
-                        plan_for)
+from .calibrate import (UP_SHARE, PredictorReport, QualityProbe, SpillDir, allocate, collect_stats,
+                        measured_sparsity, plan_for)
 
 CHUNK = 256                # tokens per calibration chunk
 HELDOUT_CHUNKS = 6         # chunks kept apart to measure quality
@@ -60,6 +61,7 @@ class ConvertResult:
     ffn_bytes_ratio: float
     calib_tokens: int
     heldout_tokens: int
+    calibration: str              # what the calibration material was (Calibration.description)
     seconds: float
     down_layout: list[str]        # per layer: how decode reads down (down_layout)
     modes: list[int]              # per layer: sparsity.MODE_*
@@ -104,11 +106,11 @@ def default_output_path(src: Path) -> Path:
 
 class StageBar:
     """The conversion's overall progress, 0..1, for a bar with an ETA. Each stage advances its own share, sized by
-    the seconds it takes (STAGE_SECONDS: a default conversion of the default model on 2 cores; the allocation
-    stage by its time limit)."""
+    the seconds it is expected to take (stage_seconds: from the model's measured speed and the work)."""
 
     def __init__(self, report, seconds: dict[str, float]):
-        total, start = sum(seconds.values()), 0.0
+        self.seconds = dict(seconds)
+        total, start = max(sum(seconds.values()), 1e-9), 0.0
         self.span = {}
         for stage, sec in seconds.items():
             self.span[stage] = (start / total, sec / total)
@@ -120,18 +122,54 @@ class StageBar:
         self.report(start + width * min(1.0, max(0.0, fraction)))
 
 
-STAGE_SECONDS = {"replies": 25, "activations": 45, "reference": 5, "allocation": ALLOCATION_SECONDS, "plan": 25,
-                 "write": 5}
+BUILTIN_TOKENS = 11000    # about what the built-in texts and 40 replies of 64 tokens come to (stage_seconds)
+RATE_TOKENS = CHUNK // 2   # tokens of the prefill timed to size the progress bar's stages (stage_seconds)
+MIN_BISECTION_SCORES = 7   # allocate: 6 bisection steps before its deadline applies, plus the step that overruns it
+PLAN_SCORES = 4            # scores after the allocation: predictor checks, the down layout, the final measure
 
 
-def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done=None) -> list[list[int]]:
-    """Data-free calibration: each prompt in the chat template plus the model's own sampled reply (one
-    sampler for all, so its draws run on from reply to reply). done(i, n) after each prompt."""
+def model_rates(model: Model) -> tuple[float, float]:
+    """(seconds per token of a prefill with logits for every position, seconds per decode step) of this model on
+    this machine, from a short timed run after one that compiles (or loads) the kernels."""
+    model.reset()
+    model.eval([0, 0], logits_all=True)
+    model.eval([0])
+    model.reset()
+    t0 = time.perf_counter()
+    model.eval([0] * RATE_TOKENS, logits_all=True)
+    prefill = (time.perf_counter() - t0) / RATE_TOKENS
+    t0 = time.perf_counter()
+    for _ in range(4):
+        model.eval([0])
+    decode = (time.perf_counter() - t0) / 4
+    model.reset()
+    return prefill, decode
+
+
+def stage_seconds(prefill: float, decode: float, n_prompts: int, calib_tokens: int, heldout_tokens: int,
+                  allocation_seconds: float | None, file_bytes: int) -> dict[str, float]:
+    """Expected seconds of each stage (StageBar), from the model's rates (model_rates) and the work: prompts
+    answered, calibration and held-out tokens, the allocation's time limit (None: a forced level), the file."""
+    score = heldout_tokens * prefill
+    return {"replies": n_prompts * (40 * prefill + GEN_TOKENS * decode),
+            "activations": calib_tokens * prefill * 1.2,     # the observed (masked) path and the sums
+            "reference": score,
+            "allocation": 0.0 if allocation_seconds is None else
+            max(allocation_seconds + score, MIN_BISECTION_SCORES * score),
+            "plan": PLAN_SCORES * score,
+            "write": file_bytes / 200e6}
+
+
+def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done=None,
+                      chat: bool = True) -> list[list[int]]:
+    """Data-free calibration: each prompt in the chat template (chat) or as plain text after BOS (a model
+    without a template continues it), plus the model's own sampled reply (one sampler for all, so its draws
+    run on from reply to reply). done(i, n) after each prompt."""
     generator = Generator(model, tok)
     sampler = Sampler(SamplingParams(temperature=0.7, seed=0))
     out = []
     for i, prompt in enumerate(prompts):
-        ids = tok.chat_prompt([{"role": "user", "content": prompt}])
+        ids = tok.chat_prompt([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, add_bos=True)
         generator.reset()            # each reply from an empty cache: the same numbers whatever came before
         run, pieces = generator.generate(ids, sampler, min(n_tokens, model.n_ctx - 1 - len(ids)))   # < n_ctx
         for _ in pieces:
@@ -142,18 +180,53 @@ def generated_replies(model: Model, tok: Tokenizer, prompts, n_tokens: int, done
     return out
 
 
+def evenly(items: list, n: int) -> list:
+    """n of the items, evenly spaced, in order (all when n >= len(items))."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+@dataclass
+class Calibration:
+    """The calibration material: training and held-out chunks (at most CHUNK tokens each) and where it came from."""
+    train: list[list[int]]
+    held: list[list[int]]
+    sources: list[str]            # KEY_CALIB_SOURCES: builtin-texts, self-generated (chat replies) or
+    #                               self-continued (continuations of plain text), the user's file names
+    description: str              # one line for the user
+
+
 def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], calib_only: bool,
-                       progress, done=None) -> tuple[list[list[int]], list[list[int]]]:
-    """(training chunks, held-out chunks) of at most CHUNK tokens. done(i, n): replies generated so far."""
+                       progress, done=None, calib_tokens: int | None = None,
+                       user_names: tuple[str, ...] = ()) -> Calibration:
+    """Training and held-out chunks of at most CHUNK tokens. Built-in material (unless calib_only): the
+    built-in texts, and the model's own writing: its replies to chat prompts when the file has a chat template,
+    else its continuations of plain-text openings. calib_tokens: at most this many training tokens (fewer
+    prompts answered and evenly spaced chunks kept); the held-out chunks stay. done(i, n): replies generated."""
     texts = list(user_texts)
     sequences: list[list[int]] = []
+    sources: list[str] = []
+    what: list[str] = []
     if not calib_only:
         texts += list(calib_data.CALIBRATION_TEXTS)
-        progress("generating calibration replies")
-        sequences += generated_replies(model, tok, calib_data.CHAT_PROMPTS, GEN_TOKENS, done)
     stream: list[int] = []
     for t in texts:
         stream += tok.encode(t, add_bos=True) + [tok.eos_id]
+    if not calib_only:
+        chat = bool(tok.chat_template)
+        prompts = calib_data.CHAT_PROMPTS if chat else calib_data.TEXT_PROMPTS
+        if calib_tokens is not None:       # answer fewer prompts when the texts alone exceed the budget's share
+            expected = len(stream) + len(prompts) * (GEN_TOKENS + 32)
+            prompts = evenly(list(prompts), max(1, -(-len(prompts) * calib_tokens // expected)))
+        sources += ["builtin-texts", "self-generated" if chat else "self-continued"]
+        what += ["built-in texts", f"the model's replies to {len(prompts)} chat prompts" if chat else
+                 f"the model's continuations of {len(prompts)} plain-text openings (the file has no chat template)"]
+        progress("generating calibration replies" if chat else "generating calibration continuations (no chat template)")
+        sequences += generated_replies(model, tok, prompts, GEN_TOKENS, done, chat)
+    if user_texts:
+        sources += list(user_names)
+        what.insert(0, "your text" if len(user_texts) == 1 else f"your {len(user_texts)} texts")
     chunks = [stream[i:i + CHUNK] for i in range(0, len(stream) - CHUNK // 4, CHUNK)]
     chunks += [s[:CHUNK] for s in sequences if len(s) > 8]
     chunks = [c for c in chunks if len(c) >= 16]
@@ -166,7 +239,12 @@ def calibration_chunks(model: Model, tok: Tokenizer, user_texts: list[str], cali
     held_idx = set(sorted(held_idx)[:n_held])
     held = [c for i, c in enumerate(chunks) if i in held_idx]
     train = [c for i, c in enumerate(chunks) if i not in held_idx]
-    return train, held
+    if calib_tokens is not None and sum(map(len, train)) > calib_tokens:
+        n = max(1, min(len(train), calib_tokens * len(train) // sum(map(len, train))))
+        while n > 1 and sum(map(len, evenly(train, n))) > calib_tokens:
+            n -= 1
+        train = evenly(train, n)
+    return Calibration(train, held, sources, " + ".join(what))
 
 
 def ffn_bytes_ratio(model: Model, plan, skipped_up: list[float], skipped_down: list[float]) -> float:
@@ -227,10 +305,14 @@ def fit_predictors(model: Model, stats, levels: list[float], plan) -> dict[int, 
     to reading gate + up in full (calibration sample)."""
     out = {}
     for il, (layer, st, lv) in enumerate(zip(plan.layers, stats, levels)):
-        if not layer.active or st.xtx is None or model.cfg.n_embd % 32:
+        if not layer.active or st.rows is None or model.cfg.n_embd % 32:
+            continue
+        kept = st.load()                   # one layer's sample rows and regression at a time
+        if "v" not in kept:
             continue
         L = model.weights.layers[il]
-        best, ratio = predictor.cheapest(predictor.fit(st.xtx, st.xtt, st.h_rows, st.imp_rows, st.cut(lv)),
+        best, ratio = predictor.cheapest(predictor.fit_basis(kept["v"], kept["wv"], kept["h"], kept["imp"],
+                                                             st.cut(lv)),
                                          L.w_gate.nbytes + L.w_up.nbytes)
         if best is not None:
             out[il] = (best, ratio)
@@ -271,13 +353,15 @@ class ConvertOptions:
     """What `convert` does, checked in one place. output None: <name>.sparse.gguf beside the input. budget_kl
     and min_top1: the quality bars the allocator meets on held-out tokens; sparsity: one forced level for every
     layer instead. calib_files: the user's texts, alone with calib_only. attention, output_candidates: the decode
-    defaults written into the file. predictors: auto, on or off (choose_predictors)."""
+    defaults written into the file. predictors: auto, on or off (choose_predictors). calib_tokens: at most this
+    many calibration tokens (None: all the material; fewer is faster and less accurate)."""
     output: Path | None = None
     budget_kl: float = 0.05
     min_top1: float = MIN_TOP1
     sparsity: float | None = None
     calib_files: tuple[Path, ...] = ()
     calib_only: bool = False
+    calib_tokens: int | None = None
     threads: int | None = None
     attention: AttentionWindow = ATTENTION
     output_candidates: int = OUTPUT_CANDIDATES
@@ -298,6 +382,8 @@ class ConvertOptions:
             raise SparseGGUFError(f"--predictors must be one of {', '.join(PREDICTOR_CHOICES)}")
         if self.output_candidates < 0:
             raise SparseGGUFError("--output-top must be >= 0")
+        if self.calib_tokens is not None and self.calib_tokens < CHUNK:
+            raise SparseGGUFError(f"--calib-tokens must be at least {CHUNK}")
         if self.calib_only and not self.calib_files:
             raise SparseGGUFError("--calib-only needs at least one --calib FILE")
 
@@ -326,7 +412,6 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
     conversion done (StageBar); write_progress(done, total) follows the file writing in bytes."""
     o = replace(options or ConvertOptions(), **fields)
     t_start = time.time()
-    bar = StageBar(fraction, {**STAGE_SECONDS, "allocation": o.allocation_seconds if o.sparsity is None else 0})
     src = Path(src)
     out = o.output_path(src)
     user_texts = o.calib_texts()
@@ -337,38 +422,51 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
     if model.sparsity is not None:
         raise SparseGGUFError(f"{src} is already converted; convert the original file")
     tok = Tokenizer(src)
-    train, held = calibration_chunks(model, tok, user_texts, o.calib_only, progress,
-                                     lambda i, n: bar("replies", i / n))
-    bar("replies", 1.0)
-    progress(f"collecting activations over {sum(map(len, train))} tokens")
-    stats = collect_stats(model, train, lambda i, n: bar("activations", i / n))
-    probe = QualityProbe(model, held)          # dense reference logits
-    bar("reference", 1.0)
-    model.set_output_candidates(o.output_candidates)   # from here on, every measured plan includes it
-    if o.sparsity is not None:
-        levels = [o.sparsity] * model.cfg.n_layer
-    else:
-        progress(f"allocating sparsity to KL <= {o.budget_kl}")
-        t_alloc = time.time()
-        probe.after_score = lambda: bar("allocation", (time.time() - t_alloc) / max(o.allocation_seconds, 1e-9))
-        levels = allocate(stats, probe, o.budget_kl, o.min_top1, deadline=t_alloc + o.allocation_seconds,
-                          progress=progress, up_share=o.up_share)
-    bar("allocation", 1.0)
-    t_plan = time.time()
-    probe.after_score = lambda: bar("plan", 0.9 * (1.0 - np.exp(-(time.time() - t_plan) / STAGE_SECONDS["plan"])))
-    plan = plan_for(stats, levels, o.up_share)
-    fits = {}
-    if any(layer.active for layer in plan.layers):
-        fits = choose_predictors(model, stats, levels, plan, probe, o.predictors,
-                                 o.budget_kl if o.sparsity is None else None, o.min_top1, progress, o.up_share)
-        _, _, skipped, _ = measured_sparsity(probe, plan)
-        progress("choosing the down layout per layer")
-        choose_down_t(model, plan, skipped)
-    report = {il: (f.predictor, stats[il].cut(levels[il]), stats[il].down_norm) for il, (f, _) in fits.items()}
-    summary, skipped_up, skipped, pred_reports = measured_sparsity(probe, plan, report)   # the plan as it runs
+    # the bar's stages sized by this model's speed: the ETA holds from SmolLM2 to 8B shapes
+    prefill, decode = model_rates(model)
+    n_prompts = 0 if o.calib_only else len(calib_data.CHAT_PROMPTS)
+    builtin = 0 if o.calib_only else BUILTIN_TOKENS
+    expected_tokens = min(o.calib_tokens or 10 ** 9, builtin + sum(len(t) // 4 for t in user_texts))
+    bar = StageBar(fraction, stage_seconds(prefill, decode, n_prompts, expected_tokens, HELDOUT_CHUNKS * CHUNK,
+                                           o.allocation_seconds if o.sparsity is None else None, src.stat().st_size))
+    spill = SpillDir()                              # per-layer samples and reference logits, on disk
+    try:
+        cal = calibration_chunks(model, tok, user_texts, o.calib_only, progress, lambda i, n: bar("replies", i / n),
+                                 o.calib_tokens, tuple(f.name for f in o.calib_files))
+        train, held = cal.train, cal.held
+        bar("replies", 1.0)
+        progress(f"collecting activations over {sum(map(len, train))} tokens")
+        stats = collect_stats(model, train, spill, lambda i, n: bar("activations", i / n),
+                              regression=o.predictors != "off")
+        probe = QualityProbe(model, held, spill)          # dense reference logits
+        bar("reference", 1.0)
+        model.set_output_candidates(o.output_candidates)   # from here on, every measured plan includes it
+        if o.sparsity is not None:
+            levels = [o.sparsity] * model.cfg.n_layer
+        else:
+            progress(f"allocating sparsity to KL <= {o.budget_kl}")
+            t_alloc, span = time.time(), bar.seconds["allocation"]
+            probe.after_score = lambda: bar("allocation", (time.time() - t_alloc) / max(span, 1e-9))
+            levels = allocate(stats, probe, o.budget_kl, o.min_top1, deadline=t_alloc + o.allocation_seconds,
+                              progress=progress, up_share=o.up_share)
+        bar("allocation", 1.0)
+        t_plan, span = time.time(), bar.seconds["plan"]
+        probe.after_score = lambda: bar("plan", 0.9 * (1.0 - np.exp(-(time.time() - t_plan) / max(span, 1e-9))))
+        plan = plan_for(stats, levels, o.up_share)
+        fits = {}
+        if any(layer.active for layer in plan.layers):
+            fits = choose_predictors(model, stats, levels, plan, probe, o.predictors,
+                                     o.budget_kl if o.sparsity is None else None, o.min_top1, progress, o.up_share)
+            _, _, skipped, _ = measured_sparsity(probe, plan)
+            progress("choosing the down layout per layer")
+            choose_down_t(model, plan, skipped)
+        report = {il: (f.predictor, stats[il].cut(levels[il]), stats[il].down_norm) for il, (f, _) in fits.items()}
+        summary, skipped_up, skipped, pred_reports = measured_sparsity(probe, plan, report)   # the plan as it runs
+    finally:
+        spill.close()
     result = ConvertResult(out, levels, skipped_up, skipped, summary,
                            ffn_bytes_ratio(model, plan, skipped_up, skipped),
-                           sum(map(len, train)), sum(map(len, held)), 0.0,
+                           sum(map(len, train)), sum(map(len, held)), cal.description, 0.0,
                            [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)],
                            [layer.mode for layer in plan.layers], pred_reports)
 
@@ -386,8 +484,7 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
         fmt.KEY_DOWN_SKIPPED: [float(s) for s in skipped],
         fmt.KEY_CALIB_TOKENS: result.calib_tokens,
         fmt.KEY_HELDOUT_TOKENS: result.heldout_tokens,
-        fmt.KEY_CALIB_SOURCES: ",".join(
-            (["builtin-texts", "self-generated"] if not o.calib_only else []) + [f.name for f in o.calib_files]),
+        fmt.KEY_CALIB_SOURCES: ",".join(cal.sources),
         fmt.KEY_ESTIMATE_KL: float(summary["kl_mean"]),
         fmt.KEY_ESTIMATE_TOP1: float(summary["top1_agreement"]),
         fmt.KEY_ESTIMATE_FFN_BYTES: float(result.ffn_bytes_ratio),

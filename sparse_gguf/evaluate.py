@@ -48,20 +48,26 @@ class EvalStats:
     nll_model: list     # per scored token: -log p_model(next)
     nll_ref: list
 
+    ROW_BLOCK = 32
+
     @classmethod
     def empty(cls) -> "EvalStats":
         return cls([], [], [], [])
 
     def add_chunk(self, chunk: list[int], logits_model: np.ndarray, logits_ref: np.ndarray) -> None:
-        """logits_*: (n, V) for the chunk's n positions; scores positions 0..n-2."""
-        lp_m = log_softmax(logits_model[:-1])
-        lp_r = log_softmax(logits_ref[:-1])
-        nxt = np.asarray(chunk[1:])
-        self.kl.extend((np.exp(lp_r) * (lp_r - lp_m)).sum(axis=-1).tolist())
-        self.agree.extend((lp_m.argmax(-1) == lp_r.argmax(-1)).tolist())
-        rows = np.arange(len(nxt))
-        self.nll_model.extend((-lp_m[rows, nxt]).tolist())
-        self.nll_ref.extend((-lp_r[rows, nxt]).tolist())
+        """logits_*: (n, V) for the chunk's n positions; scores positions 0..n-2, ROW_BLOCK rows at a time (the
+        float64 log-probabilities of a 128k vocabulary are 1 MB a row)."""
+        n = len(chunk) - 1
+        for r0 in range(0, n, self.ROW_BLOCK):
+            r1 = min(n, r0 + self.ROW_BLOCK)
+            lp_m = log_softmax(logits_model[r0:r1])
+            lp_r = log_softmax(logits_ref[r0:r1])
+            nxt = np.asarray(chunk[r0 + 1:r1 + 1])
+            self.kl.extend((np.exp(lp_r) * (lp_r - lp_m)).sum(axis=-1).tolist())
+            self.agree.extend((lp_m.argmax(-1) == lp_r.argmax(-1)).tolist())
+            rows = np.arange(len(nxt))
+            self.nll_model.extend((-lp_m[rows, nxt]).tolist())
+            self.nll_ref.extend((-lp_r[rows, nxt]).tolist())
 
     def summary(self) -> dict:
         kl = np.asarray(self.kl)

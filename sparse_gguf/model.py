@@ -208,30 +208,47 @@ class Model:
     # ---- forward pass -----------------------------------------------------------------------------
 
     def _forward(self, tokens: np.ndarray, logits_all: bool) -> np.ndarray:
-        cfg, w = self.cfg, self.weights
-        T, p0, eps = tokens.size, self.n_past, cfg.rms_eps
+        T, p0 = tokens.size, self.n_past
         decode = T == 1
         # bytes one token reads: every weight matrix, adjusted by what each strategy skips, plus the KV cache
         stats = StepStats(self._dense_decode_bytes if decode else 0.0)
-        x = w.token_embd.rows(tokens)                                # (T, n_embd) residual stream
-        if cfg.embed_scale != 1.0:
-            x *= np.float32(cfg.embed_scale)
+        x = self.embed(tokens)                                       # (T, n_embd) residual stream
         h = np.empty_like(x)                                         # (T, n_embd) normed input
+        for il in range(self.cfg.n_layer):
+            self.run_layer(il, x, p0, stats, h)
+        return self._head(x, T, logits_all, stats)
 
-        for L, attention, ffn in zip(w.layers, self.attention, self.ffn):
-            ops.rmsnorm(x, L.attn_norm, eps, h)
-            q, k, v = self._qkv(L, h, decode)                        # (T, n_head, hd), (T, n_kv, hd) x 2
-            attn = attention.decode(q, k, v, p0, stats) if decode else attention.batched(q, k, v, p0, stats)
-            o = L.wo.matmul(attn)                                    # (T, n_embd)
-            if L.post_attn_norm is not None:
-                ops.rmsnorm(o, L.post_attn_norm, eps, o)
-            x += o
-            ops.rmsnorm(x, L.ffn_norm, eps, h)
-            f = ffn.decode(h[0], stats) if decode else ffn.batched(h, stats)   # (T, n_embd)
-            if L.post_ffn_norm is not None:
-                ops.rmsnorm(f, L.post_ffn_norm, eps, f)
-            x += f
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """(T,) token ids -> (T, n_embd) float32, the residual stream entering layer 0."""
+        x = self.weights.token_embd.rows(tokens)
+        if self.cfg.embed_scale != 1.0:
+            x *= np.float32(self.cfg.embed_scale)
+        return x
 
+    def run_layer(self, il: int, x: np.ndarray, p0: int, stats: StepStats, h: np.ndarray | None = None) -> None:
+        """Layer il over the residual stream x (T, n_embd) at positions p0 .. p0+T-1, in place; writes the
+        layer's KV cache. h: (T, n_embd) scratch for the normed input. Calibration runs one layer over every
+        chunk before the next (converters/calibrate.collect_stats); _forward runs every layer per chunk."""
+        cfg, L, attention, ffn = self.cfg, self.weights.layers[il], self.attention[il], self.ffn[il]
+        eps, decode = cfg.rms_eps, x.shape[0] == 1
+        if h is None:
+            h = np.empty_like(x)
+        ops.rmsnorm(x, L.attn_norm, eps, h)
+        q, k, v = self._qkv(L, h, decode)                            # (T, n_head, hd), (T, n_kv, hd) x 2
+        attn = attention.decode(q, k, v, p0, stats) if decode else attention.batched(q, k, v, p0, stats)
+        o = L.wo.matmul(attn)                                        # (T, n_embd)
+        if L.post_attn_norm is not None:
+            ops.rmsnorm(o, L.post_attn_norm, eps, o)
+        x += o
+        ops.rmsnorm(x, L.ffn_norm, eps, h)
+        f = ffn.decode(h[0], stats) if decode else ffn.batched(h, stats)   # (T, n_embd)
+        if L.post_ffn_norm is not None:
+            ops.rmsnorm(f, L.post_ffn_norm, eps, f)
+        x += f
+
+    def _head(self, x: np.ndarray, T: int, logits_all: bool, stats: StepStats) -> np.ndarray:
+        """The residual stream after the last layer -> logits; advances n_past by T."""
+        cfg, w, eps, decode = self.cfg, self.weights, self.cfg.rms_eps, T == 1
         self.n_past += T
         xs = x if logits_all else x[-1:]
         hs = np.empty_like(xs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -100,6 +101,39 @@ def test_budget_is_met_with_default_calibration(tiny_model, tmp_path):
     assert not np.array_equal(sparse, dense)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_model_without_chat_template_converts_on_its_continuations(tiny_model, tmp_path, arch):
+    """A base model (no tokenizer.chat_template) calibrates on the built-in texts and its own continuations of
+    plain-text openings, says so, and meets the budget with real sparsity as a chat model does."""
+    src = _copy(tiny_model(arch, "Q8_0", chat_template=False), tmp_path)
+    assert not Tokenizer(src).chat_template
+    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=5, calib_tokens=3000)
+    assert "continuations" in res.calibration and "no chat template" in res.calibration
+    md = all_metadata(open_gguf(res.out_path))
+    assert md["sparse_gguf.calibration.sources"] == "builtin-texts,self-continued"
+    assert res.calib_tokens <= 3000
+    assert res.summary["kl_mean"] <= 0.05 and np.mean(res.skipped) > 0.1 and res.ffn_bytes_ratio < 1.0
+    assert np.isfinite(_logits(res.out_path)).all()
+
+
+def test_cli_says_which_calibration_it_used(tiny_model, tmp_path):
+    src = _copy(tiny_model("qwen2", "Q8_0", chat_template=False), tmp_path)
+    r = run_cli("convert", src, "--sparsity", "0.3", "--calib-tokens", "512", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "continuations" in json.loads(r.stdout)["calibration"]
+    r = run_cli("convert", src, "-o", tmp_path / "b.gguf", "--sparsity", "0.3", "--calib-tokens", "512")
+    assert r.returncode == 0 and "calibration: built-in texts + the model's continuations" in " ".join(r.stdout.split())
+
+
+def test_calib_tokens_bounds_the_calibration(tiny_model, tmp_path):
+    """--calib-tokens N: at most N training tokens, fewer prompts answered; the held-out chunks stay."""
+    src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
+    small = convert(src, output=tmp_path / "s.gguf", sparsity=0.3, calib_tokens=1000)
+    assert small.calib_tokens <= 1000 and small.heldout_tokens >= 6 * 200
+    assert "replies to 4 chat prompts" in small.calibration
+    assert all_metadata(open_gguf(small.out_path))["sparse_gguf.calibration.sources"] == "builtin-texts,self-generated"
+
+
 def test_interrupted_conversion_leaves_no_file(tiny_model, tmp_path, test_text):
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
@@ -111,9 +145,14 @@ def test_interrupted_conversion_leaves_no_file(tiny_model, tmp_path, test_text):
         if done > 0:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    spill = tmp_path / "tmp"                                 # where the calibration's temporary arrays go
+    spill.mkdir()
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(spill))
         convert(src, output=out, sparsity=0.3, calib_files=(calib,), calib_only=True, write_progress=interrupt)
     assert out.read_bytes() == b"previous output"
+    assert list(spill.iterdir()) == []
+    spill.rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.txt", "out.gguf", src.name])
 
 
@@ -136,6 +175,7 @@ def test_failing_conversion_is_one_line_and_writes_nothing(tiny_model, tmp_path)
     assert_clean_error(run_cli("convert", src, "-o", src), "overwrite the input")
     assert_clean_error(run_cli("convert", src, "--sparsity", "1.5"), "--sparsity")
     assert_clean_error(run_cli("convert", src, "--predictors", "maybe"), "--predictors")
+    assert_clean_error(run_cli("convert", src, "--calib-tokens", "10"), "--calib-tokens")
     assert sorted(tmp_path.iterdir()) == before
 
 

@@ -151,6 +151,7 @@ _OVERRIDE_DEFAULTS: dict[str, Any] = dict(
     quant_pure=False,          # llama_model_quantize_params.pure: all 2-D tensors to the base type
     # metadata
     name=None,                 # general.name
+    chat_template=True,        # False: no tokenizer.chat_template (a base model)
     add_bos_token=None,        # tokenizer.ggml.add_bos_token (default: False, gemma3: True)
 )
 
@@ -185,7 +186,8 @@ def tokenizer_metadata() -> dict[str, Any]:
     return out
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool, n_vocab: int = VOCAB_SIZE) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool, n_vocab: int = VOCAB_SIZE,
+                   chat_template: bool = True) -> None:
     """The default model's tokenizer; past its VOCAB_SIZE tokens, unused ``[PAD<i>]`` tokens up to ``n_vocab``
     (as convert_hf_to_gguf pads a vocabulary smaller than the embedding matrix)."""
     md = tokenizer_metadata()
@@ -207,7 +209,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, add_bos: bool, n_vocab: int = VOCAB_
         writer.add_pad_token_id(int(md["tokenizer.ggml.padding_token_id"]))
     writer.add_add_bos_token(bool(add_bos))
     writer.add_add_space_prefix(bool(md.get("tokenizer.ggml.add_space_prefix", False)))
-    if "tokenizer.chat_template" in md:
+    if chat_template and "tokenizer.chat_template" in md:
         writer.add_chat_template(md["tokenizer.chat_template"])
 
 
@@ -467,7 +469,7 @@ def _write_gguf(path: pathlib.Path, arch: str, cfg: dict[str, Any], tensors: dic
             w.add_rope_freq_base_swa(float(cfg["rope_freq_base_swa"]))
         if cfg["final_logit_softcapping"] is not None:
             w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
-    _add_tokenizer(w, cfg["add_bos_token"], n_vocab)
+    _add_tokenizer(w, cfg["add_bos_token"], n_vocab, cfg["chat_template"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     types = {name: gguf.GGMLQuantizationType.F32 if len(r.shape) == 1 else qtype for name, r in tensors.items()}
