@@ -206,16 +206,42 @@ class QualityProbe:
         return ref
 
     def score(self, plan: SparsityPlan | None, observer=None) -> dict:
+        """EvalStats.summary over all held-out tokens, plus per chunk: chunk_tokens, chunk_kl (mean KL) and
+        chunk_top1 (top-1 agreement), for bootstrap_interval."""
         t0 = time.perf_counter()
+        ends = [0]
         with self.model.running(plan, observer):
             stats = EvalStats.empty()
             for i, chunk in enumerate(self.chunks):
                 stats.add_chunk(chunk, self._logits(chunk), self._reference(i))
+                ends.append(len(stats.kl))
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
         if self.after_score is not None:
             self.after_score()
-        return stats.summary()
+        spans = list(zip(ends[:-1], ends[1:]))
+        return {**stats.summary(), "chunk_tokens": [b - a for a, b in spans],
+                "chunk_kl": [float(np.mean(stats.kl[a:b])) for a, b in spans],
+                "chunk_top1": [float(np.mean(stats.agree[a:b])) for a, b in spans]}
+
+
+BOOTSTRAP_RESAMPLES = 2000      # resamples of the held-out chunks for the estimate's interval
+BOOTSTRAP_LEVEL = 0.90          # central interval: 5th to 95th percentile
+
+
+def bootstrap_interval(chunk_values, chunk_tokens, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = BOOTSTRAP_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap over chunks: draw as many chunks as there are, with replacement, take the
+    token-weighted mean of their per-chunk values, and return the central `level` interval of those means.
+    Chunks, not tokens, are resampled: neighbouring tokens of one text are not independent. Seeded: the same
+    inputs give the same interval."""
+    v = np.asarray(chunk_values, np.float64)                                  # (n,)
+    w = np.asarray(chunk_tokens, np.float64)                                  # (n,)
+    pick = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))   # (resamples, n)
+    means = (v[pick] * w[pick]).sum(axis=1) / w[pick].sum(axis=1)             # (resamples,)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 @dataclass

@@ -11,7 +11,9 @@ import tempfile
 import numpy as np
 import pytest
 
-from converters.convert import convert
+from converters import calibrate
+from converters import convert as convert_module
+from converters.convert import ConvertOptions, convert
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.evaluate import EvalStats
 from sparse_gguf.ffn import FusedPredictorFFN, PredictorFFN
@@ -156,16 +158,30 @@ def test_interrupted_conversion_leaves_no_file(tiny_model, tmp_path, test_text):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.txt", "out.gguf", src.name])
 
 
-def test_top1_floor_limits_sparsity(tiny_model, tmp_path, test_text):
+def test_top1_floor_limits_sparsity(tiny_model, tmp_path, test_text, monkeypatch):
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
+    targets = []                                     # what the allocator is asked to meet on held-out tokens
+
+    def spy(stats, probe, budget_kl, min_top1, **kw):
+        targets.append((budget_kl, min_top1))
+        return calibrate.allocate(stats, probe, budget_kl, min_top1, **kw)
+
+    monkeypatch.setattr(convert_module, "allocate", spy)
     loose = convert(src, output=tmp_path / "a.gguf", budget_kl=0.5, min_top1=0.0, calib_files=(calib,),
                     calib_only=True, allocation_seconds=0)
     strict = convert(src, output=tmp_path / "b.gguf", budget_kl=0.5, min_top1=0.99, calib_files=(calib,),
                      calib_only=True, allocation_seconds=0)
-    assert strict.summary["top1_agreement"] >= 0.99 or max(strict.levels) == 0.0
+    assert targets == [ConvertOptions(budget_kl=0.5, min_top1=m).heldout_targets() for m in (0.0, 0.99)]
+    assert targets[1][0] < 0.5 and targets[1][1] > 0.99           # tighter than the bars (HELDOUT_GAP_*)
+    assert strict.summary["top1_agreement"] >= targets[1][1] or max(strict.levels) == 0.0
     assert np.mean(strict.levels) < np.mean(loose.levels)
+    for res in (loose, strict):                      # the estimate's bootstrap interval over the held-out chunks
+        s = res.summary
+        assert len(s["chunk_tokens"]) >= 2 and sum(s["chunk_tokens"]) == s["tokens"]
+        assert s["kl_interval"][0] <= s["kl_mean"] <= s["kl_interval"][1]
+        assert s["top1_interval"][0] <= s["top1_agreement"] <= s["top1_interval"][1]
 
 
 def test_failing_conversion_is_one_line_and_writes_nothing(tiny_model, tmp_path):
