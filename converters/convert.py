@@ -132,10 +132,14 @@ class StageBar:
             self.span[stage] = (start / total, sec / total)
             start += sec
         self.report = report
+        self.position = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
+        """Stage `stage` is `fraction` done. The bar never moves back (a stage's end, start + width, and the next
+        stage's start can differ in the last bit)."""
         start, width = self.span[stage]
-        self.report(start + width * min(1.0, max(0.0, fraction)))
+        self.position = max(self.position, start + width * min(1.0, max(0.0, fraction)))
+        self.report(self.position)
 
 
 BUILTIN_TOKENS = 11000    # about what the built-in texts and 40 replies of 64 tokens come to (stage_seconds)

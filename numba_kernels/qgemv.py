@@ -1437,12 +1437,14 @@ def gemv_rows(pm: PackedMatrix, rows: np.ndarray, x: np.ndarray | None = None, o
     return out
 
 
-def gemm(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, path: str | None = None) -> np.ndarray:
+def gemm(pm: PackedMatrix | PackedGroup, x: np.ndarray, out: np.ndarray | None = None, *,
+         path: str | None = None) -> np.ndarray:
     """out (T, n_rows) = x (T, n_cols) @ W.T for a batch of tokens (prefill): each token's activation is rounded
     as for gemv, and each row's block (or K-quant superblock) integer sums are the ones gemv computes, with the
     weights read once per batch. With T >= TILE_TOKENS on a vector path, the type's row-tile kernel (its
     registry `gemm`: 8 rows x TILE_TOKENS tokens per micro-kernel) runs, whose float sums are ordered
-    differently (within a few float32 ulps of the output's magnitude); else the decode span kernel per token."""
+    differently (within a few float32 ulps of the output's magnitude); else the decode span kernel per token.
+    pm may be a PackedGroup: the activation is quantized once and the parts' outputs sit side by side."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != pm.n_cols:
         raise ValueError(f"x must have shape (T, {pm.n_cols}), got {x.shape}")
@@ -1453,13 +1455,25 @@ def gemm(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, *, path
         raise ValueError(f"out must have shape {(n_tok, pm.n_rows)}, got {out.shape}")
     nb = pm.n_cols // QK
     xq, xd, xs = np.empty((n_tok, pm.n_cols), np.int8), np.empty((n_tok, nb), np.float32), np.empty((n_tok, nb), np.float32)
-    t = qtype_info(pm.qtype)
-    _quantize_rows(x, t.act == Q8_K, t.act == Q8_1, xq, xd, xs)
+    act = qtype_info(pm.qtype).act                  # a group's parts share it
+    _quantize_rows(x, act == Q8_K, act == Q8_1, xq, xd, xs)
     tok = simd.token(path)
-    if t.gemm is not None and simd.path_name(tok) != "scalar" and n_tok >= TILE_TOKENS:
+    tiled = simd.path_name(tok) != "scalar" and n_tok >= TILE_TOKENS
+    s16 = s32 = None
+    if tiled:
         s16, s32 = np.empty((n_tok, pm.n_cols // 16), np.int16), np.empty((n_tok, nb), np.int16)
         _act_sums(xq, s16, s32)
-        t.gemm(tok, pm.qs, pm.sc, pm.qh, xq, xd, xs, s16, s32, out)
-    else:
-        _gemm(pm.qtype, tok, pm.qs, pm.sc, pm.qh.view(np.uint8), xq, xd, xs, out)
+    parts = pm.parts if isinstance(pm, PackedGroup) else (pm,)
+    r = 0
+    for p in parts:
+        # the kernels write whole rows of their out: a part of a group gets its own, copied into place
+        o = out if len(parts) == 1 else np.empty((n_tok, p.n_rows), np.float32)
+        t = qtype_info(p.qtype)
+        if tiled and t.gemm is not None:
+            t.gemm(tok, p.qs, p.sc, p.qh, xq, xd, xs, s16, s32, o)
+        else:
+            _gemm(p.qtype, tok, p.qs, p.sc, p.qh.view(np.uint8), xq, xd, xs, o)
+        if len(parts) > 1:
+            out[:, r:r + p.n_rows] = o
+        r += p.n_rows
     return out

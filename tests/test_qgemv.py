@@ -445,7 +445,8 @@ def test_concat_rows():
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_group_rows(types, monkeypatch):
     """A PackedGroup (matrices of different types, one activation) gives each part's own GEMV, in one parallel
-    launch (chunks of equal bytes cut at the parts' boundaries) and serially."""
+    launch (chunks of equal bytes cut at the parts' boundaries) and serially; and each part's own GEMM for a
+    prefill batch (the parts' outputs side by side)."""
     shapes = [(200, 1536), (64, 1536), (33, 1536)][:len(types)]
     pms = [case_data(t, s)[3] for t, s in zip(types, shapes)]
     x = np.random.default_rng(9).standard_normal(1536).astype(np.float32)
@@ -458,6 +459,8 @@ def test_group_rows(types, monkeypatch):
         out = np.full(g.n_rows, np.nan, np.float32)
         assert qgemv.gemv(g, x, out) is out
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    X = np.random.default_rng(10).standard_normal((2 * qgemv.TILE_TOKENS + 1, 1536)).astype(np.float32)
+    np.testing.assert_array_equal(qgemv.gemm(g, X), np.concatenate([qgemv.gemm(p, X) for p in pms], axis=1))
     with pytest.raises(ValueError):
         qgemv.group_rows([pms[0], case_data(QT.Q4_1, (64, 1536))[3]] if types[0] == QT.Q4_0
                          else [pms[0], case_data(QT.Q8_0, (64, 1536))[3]])        # activation kinds differ
