@@ -488,54 +488,47 @@ def _prefetch_256(a, off):
     _prefetch_128(a, off + np.uint64(128))
 
 
+@njit(**_ROW_OPTS)
+def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, prefetch):
+    """Row r of Q4_0 (value = (q - 8) * d: sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)) or, has_min, Q4_1
+    (value = q * d + m: sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)) dotted with a Q8 activation. The one
+    row sum of both types, for the GEMV and for sparse gathers alike (the same float order, so a neuron near
+    a cut falls on the same side in both). prefetch: PREFETCH_BYTES ahead of the row (consecutive rows)."""
+    nb = xd.shape[0]
+    qoff = r * np.uint64(nb * 16)
+    doff = r * np.uint64(2 * nb if has_min else nb)
+    a0 = simd.vzero(path)
+    a1 = simd.vzero(path)
+    for g in range(nb >> 3):
+        if prefetch:
+            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+        a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
+                        sc, doff + np.uint64(8 * g), xd, 8 * g)
+    for k in range((nb >> 3) << 2, nb >> 1):
+        a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+    if nb & 1:
+        a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+    c = np.float32(0.0)
+    mo = np.uint64(nb if has_min else 0)
+    for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
+        c += simd.f16_to_f32(path, sc[r, mo + np.uint64(b)]) * xs[np.uint64(b)]
+    if has_min:
+        return simd.vsum(path, simd.vadd(path, a0, a1)) + c
+    return simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(8.0) * c
+
+
 @kernel_for(QT.Q4_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """Q4_0 (value = (q - 8) * d): sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)."""
-    nb = xd.shape[0]
     for i in range(lo, hi):
-        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
-        qoff = r * np.uint64(nb * 16)
-        doff = r * np.uint64(nb)
-        a0 = simd.vzero(path)
-        a1 = simd.vzero(path)
-        for g in range(nb >> 3):
-            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
-            a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
-                            sc, doff + np.uint64(8 * g), xd, 8 * g)
-        for k in range((nb >> 3) << 2, nb >> 1):
-            a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
-        if nb & 1:
-            a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
-        c = np.float32(0.0)
-        for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
-            c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
-        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(8.0) * c
+        out[i] = _row_q4(path, qs, sc, np.uint64(i if rows.shape[0] == 0 else rows[i]), xq, xd, xs, False, True)
 
 
 @kernel_for(QT.Q4_1, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """Q4_1 (value = q * d + m): sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)."""
-    nb = xd.shape[0]
     for i in range(lo, hi):
-        r = np.uint64(i if rows.shape[0] == 0 else rows[i])
-        qoff = r * np.uint64(nb * 16)
-        doff = r * np.uint64(2 * nb)
-        a0 = simd.vzero(path)
-        a1 = simd.vzero(path)
-        for g in range(nb >> 3):
-            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
-            a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
-                            sc, doff + np.uint64(8 * g), xd, 8 * g)
-        for k in range((nb >> 3) << 2, nb >> 1):
-            a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
-        if nb & 1:
-            a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
-        c = np.float32(0.0)
-        for b in range(nb):
-            c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
-        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
+        out[i] = _row_q4(path, qs, sc, np.uint64(i if rows.shape[0] == 0 else rows[i]), xq, xd, xs, True, True)
 
 
 @kernel_for(QT.Q5_0, "span")

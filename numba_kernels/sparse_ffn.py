@@ -693,23 +693,7 @@ def _gather_q4(path, q41, qs, sc, xq, xd, xs, rows, out, lo, hi):
                 simd.prefetch(qs, nr * np.uint64(rb) + np.uint64(o))
             for o in range(0, sc.shape[1], 32):
                 simd.prefetch(sc, nr * np.uint64(sc.shape[1]) + np.uint64(o))
-        r = np.uint64(rows[i])
-        qoff = r * np.uint64(rb)
-        a0 = simd.vzero(path)
-        a1 = simd.vzero(path)
-        for k in range(nb >> 1):
-            a0, a1 = qgemv._pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
-        if nb & 1:
-            a0 = qgemv._blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
-        c = np.float32(0.0)
-        if q41:
-            for b in range(nb):
-                c += simd.f16_to_f32(path, sc[r, np.uint64(nb + b)]) * xs[np.uint64(b)]
-        else:
-            for b in range(nb):
-                c += simd.f16_to_f32(path, sc[r, np.uint64(b)]) * xs[np.uint64(b)]
-            c *= np.float32(-8.0)
-        out[i] = simd.vsum(path, simd.vadd(path, a0, a1)) + c
+        out[i] = qgemv._row_q4(path, qs, sc, np.uint64(rows[i]), xq, xd, xs, q41, False)
 
 
 @njit(cache=True, error_model="numpy")
