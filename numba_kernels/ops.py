@@ -257,32 +257,50 @@ def _attention_decode_plain(path, q, k_cache, v_cache, start, end, scale, out):
             out[h, i] = acc[i]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def masked_softmax_f16(scores, p0, window):
+def masked_softmax_f16(scores: np.ndarray, p0: int, window: int) -> None:
     """In place over the last axis, for prefill. scores: (n_rows, T, L) raw q.k*scale for T queries at
     positions p0..p0+T-1 against keys 0..L-1. Causal mask (and, with window > 0, keys > pos - window only);
-    the probabilities are rounded to f16 as llama.cpp's f16 p.v product does; masked entries become 0."""
+    the probabilities are rounded to f16 as llama.cpp's f16 p.v product does; masked entries become 0.
+    The exponentials are numpy's (SIMD; Numba's scalar expf was most of prefill's attention time)."""
+    _shift_rows(scores, p0, window)
+    np.exp(scores, out=scores)
+    _normalize_rows_f16(scores, p0, window)
+
+
+@njit(cache=True, inline="always")
+def _row_span(p0, t, window, L):
+    """Keys lo..hi-1 that query t (at position p0 + t) attends to."""
+    pos = p0 + t
+    lo = pos - window + 1 if window > 0 else 0
+    return max(lo, 0), min(pos + 1, L)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _shift_rows(scores, p0, window):
+    """scores[r, t, j] - the row's max over the attended keys; -inf for the others (exp gives 0)."""
     R, T, L = scores.shape
     for rt in prange(R * T):
         r = rt // T
         t = rt - r * T
-        pos = p0 + t
-        lo = pos - window + 1 if window > 0 else 0
-        if lo < 0:
-            lo = 0
-        hi = min(pos + 1, L)
+        lo, hi = _row_span(p0, t, window, L)
         m = -np.inf
         for j in range(lo, hi):
-            if scores[r, t, j] > m:
-                m = scores[r, t, j]
+            m = max(m, scores[r, t, j])
+        for j in range(L):
+            scores[r, t, j] = scores[r, t, j] - m if lo <= j < hi else -np.inf
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _normalize_rows_f16(scores, p0, window):
+    """Exponentials -> probabilities over the attended keys, rounded to f16 (the others are 0 already)."""
+    R, T, L = scores.shape
+    for rt in prange(R * T):
+        r = rt // T
+        t = rt - r * T
+        lo, hi = _row_span(p0, t, window, L)
         total = 0.0
         for j in range(lo, hi):
-            e = np.float32(math.exp(scores[r, t, j] - m))
-            scores[r, t, j] = e
-            total += e
+            total += scores[r, t, j]
         inv = np.float32(1.0 / total)
-        for j in range(L):
-            if j >= lo and j < hi:
-                scores[r, t, j] = f16_round(scores[r, t, j] * inv)
-            else:
-                scores[r, t, j] = 0.0
+        for j in range(lo, hi):
+            scores[r, t, j] = f16_round(scores[r, t, j] * inv)
