@@ -15,9 +15,13 @@ are reported.
 8192-row pack, beyond the caches at ~1 GB) for every fast type: GB/s against the streaming-read reference,
 i.e. how close each type's kernel comes to memory bandwidth.
 
+--gemm T times prefill's batched product instead: qgemv.gemm of T tokens over a random 8192 x 2048 matrix per type
+and path (the row-tile kernels), in GMAC/s (multiply-adds of the 8192 x 2048 x T product per second).
+
 Usage: PYTHONPATH=. python benchmarks/bench_qgemv.py [--model PATH] [--paths avx2,generic,scalar]
        [--threads 1,2] [--reps 30] [--no-fused]
        PYTHONPATH=. python benchmarks/bench_qgemv.py --big 1200 [--threads 1,2] [--types Q4_0,Q6_K]
+       PYTHONPATH=. python benchmarks/bench_qgemv.py --gemm 512 [--threads 1,2] [--types Q4_K,Q6_K] [--paths vnni]
 """
 
 from __future__ import annotations
@@ -202,6 +206,24 @@ def big_matrix_table(types: list[str], mb: float, threads: list[int], reps: int 
                                           for nt in threads) + " |")
 
 
+def gemm_table(types: list[str], n_tok: int, threads: list[int], paths: list[str], reps: int = 5) -> None:
+    """Print GMAC/s (best of reps, paths interleaved) of prefill's qgemv.gemm per type, path and thread count."""
+    x = np.random.default_rng(1).standard_normal((n_tok, 2048)).astype(np.float32)
+    print(f"| type | threads | " + " | ".join(f"{p} GMAC/s" for p in paths) + " |")
+    print("|---|---|" + "---|" * len(paths))
+    for name in types:
+        from gguf.constants import GGML_QUANT_SIZES
+        blk, bsz = GGML_QUANT_SIZES[QT[name]]
+        pm, _ = big_matrix_pm(name, 8192 * 2048 // blk * bsz / 1e6)      # exactly 8192 rows
+        for nt in threads:
+            numba.set_num_threads(nt)
+            fns = {p: (lambda p=p: qgemv.gemm(pm, x, path=p)) for p in paths}
+            ts = time_interleaved(fns, reps)
+            macs = pm.n_rows * pm.n_cols * n_tok
+            print(f"| {name} | {nt} | " + " | ".join(f"{macs / min(ts[p]) / 1e9:.1f}" for p in paths) + " |",
+                  flush=True)
+
+
 def _timed(f) -> float:
     t0 = time.perf_counter()
     f()
@@ -231,8 +253,14 @@ def main():
                     help="also time q|k|v and gate|up fused into one GEMV each (qgemv.concat_rows)")
     ap.add_argument("--big", type=float, default=None, metavar="MB",
                     help="time one GEMV over a random matrix of about MB megabytes per type instead")
-    ap.add_argument("--types", default=",".join(BIG_TYPES), help="types for --big")
+    ap.add_argument("--types", default=",".join(BIG_TYPES), help="types for --big and --gemm")
+    ap.add_argument("--gemm", type=int, default=None, metavar="T",
+                    help="time prefill's batched product of T tokens (qgemv.gemm) per type and path instead")
     args = ap.parse_args()
+    if args.gemm is not None:
+        gemm_table([t for t in args.types.split(",") if t], args.gemm, [int(t) for t in args.threads.split(",")],
+                   [p for p in args.paths.split(",") if p and p != "scalar"], max(3, args.reps // 6))
+        return
     if args.big is not None:
         big_matrix_table([t for t in args.types.split(",") if t], args.big, [int(t) for t in args.threads.split(",")])
         return

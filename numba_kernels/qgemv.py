@@ -884,13 +884,14 @@ def _quantize_rows(x, kquant, sum_fp16, xq, xd, xs):
                 xs[t, b] = f16_round(d * np.float32(ssum)) if sum_fp16 else xd[t, b] * np.float32(ssum)
 
 # --------------------------------------------------------------------------------------------------
-# Prefill GEMM over row tiles: 8 rows x TILE_TOKENS tokens per micro-kernel (simd.rtile_*)
+# Prefill GEMM over row tiles: R rows x TILE_TOKENS tokens per micro-kernel (simd.rtile_*; R = simd.tile_rows:
+# 16 in zmm registers with AVX512-VNNI, else 8)
 #
-# A parallel work item takes GROUP_ROWS rows, unpacks their codes once into row tiles (one byte per code, 8 rows
+# A parallel work item takes GROUP_ROWS rows, unpacks their codes once into row tiles (one byte per code, R rows
 # interleaved by 4 bytes: the layout of simd's row tiles) with the scales converted to float32 (or int32 for the
-# K-quants' sub-block scales) per 8 rows, then runs every token over them, TILE_TOKENS at a time (the rest one
-# by one). Per block and token, 8 vpdpbusd give the 8 rows' exact integer dots in the lanes of one vector, so the
-# float work (convert, scale, multiply-add) is shared by 8 rows, and each weight load serves TILE_TOKENS tokens.
+# K-quants' sub-block scales) per R rows, then runs every token over them, TILE_TOKENS at a time (the rest one
+# by one). Per block and token, 8 vpdpbusd give the R rows' exact integer dots in the lanes of one vector, so the
+# float work (convert, scale, multiply-add) is shared by R rows, and each weight load serves TILE_TOKENS tokens.
 # The weights stay quantized in memory: the tiles are a per-thread scratch of GROUP_ROWS * n_cols bytes.
 #
 # Numbers: every block's (or K-quant superblock's) integer sum is exact and the one the GEMV forms (the offset
@@ -903,7 +904,7 @@ TILE_TOKENS = 4
 """Tokens per micro-kernel call: each unpacked weight vector is dotted with this many tokens' activations."""
 
 GROUP_ROWS = 32
-"""Rows per parallel work item of the tiled gemm (4 tiles of 8): its unpacked tiles (GROUP_ROWS * n_cols bytes)
+"""Rows per parallel work item of the tiled gemm (2 tiles of 16 or 4 of 8): its unpacked tiles (GROUP_ROWS * n_cols bytes)
 stay in L2 while every token runs over them, and TILE_TOKENS tokens' activations stay in L1 across the tiles."""
 
 _GROUP_OPTS = dict(cache=True, fastmath=True)   # these allocate their scratch: NRT on
@@ -967,25 +968,27 @@ def _codes_row(qtype, qs, qh, r, cb, j):
 
 
 @njit(**_ROW_OPTS)
-def _interleave8(cb32, wt32, tl):
-    """Tile tl of wt = cb's 8 rows interleaved by 4 bytes: wt32[tl, 8c + j] = cb32[j, c]."""
+def _interleave(cb32, wt32, tl):
+    """Tile tl of wt = cb's R rows interleaved by 4 bytes: wt32[tl, R c + j] = cb32[j, c]."""
+    R = cb32.shape[0]
     for c in range(cb32.shape[1]):
-        for j in range(8):
-            wt32[tl, 8 * c + j] = cb32[j, c]
+        for j in range(R):
+            wt32[tl, R * c + j] = cb32[j, c]
 
 
 @njit(**_GROUP_OPTS)
 def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, flip):
-    """The row tiles of rows r_lo..r_hi: uint8 (ntile, 8 n); rows past r_hi are zeros. flip: codes ^ 0x80
+    """The row tiles of rows r_lo..r_hi: uint8 (ntile, R n); rows past r_hi are zeros. flip: codes ^ 0x80
     (Q8_0's int8 codes + 128 as unsigned bytes)."""
-    ntile = (r_hi - r_lo + 7) >> 3
-    cb = np.zeros((8, n), np.uint8)
-    wt = np.empty((ntile, 8 * n), np.uint8)
+    R = simd.tile_rows(path)
+    ntile = (r_hi - r_lo + R - 1) // R
+    cb = np.zeros((R, n), np.uint8)
+    wt = np.empty((ntile, R * n), np.uint8)
     cb32 = cb.view(np.uint32)
     wt32 = wt.view(np.uint32)
     for tl in range(ntile):
-        for j in range(8):
-            r = r_lo + 8 * tl + j
+        for j in range(R):
+            r = r_lo + R * tl + j
             if r < r_hi:
                 _codes_row(qtype, qs, qh, r, cb, j)
                 if flip:
@@ -993,33 +996,34 @@ def _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, flip):
                         cb[j, e] ^= 0x80
             else:
                 cb[j, :] = 0
-        _interleave8(cb32, wt32, tl)
+        _interleave(cb32, wt32, tl)
     return wt
 
 
 @njit(**_ROW_OPTS)
-def _store_tile(out, tmp, t0, r0, nr, acc):
-    """out[t0 + t, r0:r0 + nr] = acc[t][:nr] (a whole tile: one vector store per token)."""
+def _store_tile(out, tmp, t0, r0, nr, R, acc):
+    """out[t0 + t, r0:r0 + nr] = acc[t][:nr] (a whole tile of R rows: one vector store per token)."""
     n_rows = out.shape[1]
-    if nr == 8:
+    if nr == R:
         simd.rtile_store(out, t0 * n_rows + r0, n_rows, acc)
     else:
-        simd.rtile_store(tmp, 0, 8, acc)
+        simd.rtile_store(tmp, 0, R, acc)
         for t in range(len(acc)):
             for j in range(nr):
-                out[t0 + t, r0 + j] = tmp[8 * t + j]
+                out[t0 + t, r0 + j] = tmp[R * t + j]
 
 
 @njit(**_ROW_OPTS)
 def _rt_q32(path, zi, zf, wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t0, r0, nr, off, has_min, signed):
     """Tile tl (rows r0..r0+nr) x tokens t0..t0+len(zf) of a 32-block type: per block, the integer dot minus
     off * the token's block sum of codes, times d * xd; plus m * xs with has_min (Q4_1 / Q5_1)."""
+    R = simd.tile_rows(path)
     n = xq.shape[1]
     nb = n >> 5
-    wbase = tl * 8 * n
+    wbase = tl * R * n
     acc = zf
     for b in range(nb):
-        wo = wbase + 256 * b
+        wo = wbase + 32 * R * b
         xo = t0 * n + 32 * b
         if signed:
             p = simd.rtile_dot32s(path, zi, wt, wo, xq, xo, n)
@@ -1027,16 +1031,17 @@ def _rt_q32(path, zi, zf, wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t0, r0, nr,
             p = simd.rtile_dot32(path, zi, wt, wo, xq, xo, n)
         if off != 0:
             p = simd.rtile_isub(p, s32, t0 * nb + b, nb, off)
-        so = (tl * nb + b) * 8
-        acc = simd.rtile_fma(acc, p, simd.load_f32x8(dv, so), xd, t0 * nb + b, nb)
+        so = (tl * nb + b) * R
+        acc = simd.rtile_fma(acc, p, simd.tile_loadf(path, dv, so), xd, t0 * nb + b, nb)
         if has_min:
-            acc = simd.rtile_vfma(acc, simd.load_f32x8(mv, so), xs, t0 * nb + b, nb)
-    _store_tile(out, tmp, t0, r0, nr, acc)
+            acc = simd.rtile_vfma(acc, simd.tile_loadf(path, mv, so), xs, t0 * nb + b, nb)
+    _store_tile(out, tmp, t0, r0, nr, R, acc)
 
 
 @njit(**_GROUP_OPTS)
 def _group_q32(path, qtype, qs, sc, qh, xq, xd, xs, s32, out, g, off, has_min, signed):
     """Rows g*GROUP_ROWS.. of a 32-block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) for every token."""
+    R = simd.tile_rows(path)
     n_tok, n_rows = out.shape
     n = xq.shape[1]
     nb = n >> 5
@@ -1044,56 +1049,59 @@ def _group_q32(path, qtype, qs, sc, qh, xq, xd, xs, s32, out, g, off, has_min, s
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
     wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, qtype == _Q8_0 and not signed)
     ntile = wt.shape[0]
-    dv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) d
-    mv = np.zeros((ntile, nb * 8), np.float32)         # (tile, block, row) m (Q4_1 / Q5_1)
+    dv = np.zeros((ntile, nb * R), np.float32)         # (tile, block, row) d
+    mv = np.zeros((ntile, nb * R), np.float32)         # (tile, block, row) m (Q4_1 / Q5_1)
     for r in range(r_lo, r_hi):
-        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        tl, j = (r - r_lo) // R, (r - r_lo) % R
         for b in range(nb):
-            dv[tl, 8 * b + j] = simd.f16_to_f32(path, sc[r, b])
+            dv[tl, R * b + j] = simd.f16_to_f32(path, sc[r, b])
             if has_min:
-                mv[tl, 8 * b + j] = simd.f16_to_f32(path, sc[r, nb + b])
-    tmp = np.empty(8 * TILE_TOKENS, np.float32)
-    z = simd.izero(path)
-    f = simd.vzero(path)
+                mv[tl, R * b + j] = simd.f16_to_f32(path, sc[r, nb + b])
+    tmp = np.empty(R * TILE_TOKENS, np.float32)
+    z = simd.tile_izero(path)
+    f = simd.tile_fzero(path)
     t0 = 0
     while t0 + TILE_TOKENS <= n_tok:
         for tl in range(ntile):
             _rt_q32(path, (z, z, z, z), (f, f, f, f), wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t0,
-                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl), off, has_min, signed)
+                    r_lo + R * tl, min(R, r_hi - r_lo - R * tl), off, has_min, signed)
         t0 += TILE_TOKENS
     for t in range(t0, n_tok):
         for tl in range(ntile):
             _rt_q32(path, (z,), (f,), wt, dv, mv, xq, xd, xs, s32, out, tmp, tl, t,
-                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl), off, has_min, signed)
+                    r_lo + R * tl, min(R, r_hi - r_lo - R * tl), off, has_min, signed)
 
 
 @njit(**_ROW_OPTS)
 def _rt_qk(path, zi, zf, wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t0, r0, nr):
     """Tile x tokens of Q4_K / Q5_K: per superblock, sum_j sc_j * (sub-block j's dot) times d * xd, and
     sum_j m_j * (x codes' sum over sub-block j) (vpmaddwd of int16 pairs) times -dmin * xd."""
+    R = simd.tile_rows(path)
     n = xq.shape[1]
     nb = n >> 5
     nsb = nb >> 3
-    wbase = tl * 8 * n
+    wbase = tl * R * n
     acc = zf
     for sb in range(nsb):
         s = tl * nsb + sb
         isum = zi
         for j in range(8):
             b = 8 * sb + j
-            p = simd.rtile_dot32(path, zi, wt, wbase + 256 * b, xq, t0 * n + 32 * b, n)
-            isum = simd.rtile_imul_add(isum, p, simd.load_i32x8(ks, 64 * s + 8 * j))
+            p = simd.rtile_dot32(path, zi, wt, wbase + 32 * R * b, xq, t0 * n + 32 * b, n)
+            isum = simd.rtile_imul_add(isum, p, simd.tile_loadi(path, ks, R * (8 * s + j)))
         msum = zi
         for k in range(4):
-            msum = simd.rtile_madd16(path, msum, simd.load_i32x8(km, 32 * s + 8 * k), s32, t0 * nb + 8 * sb + 2 * k, nb)
-        acc = simd.rtile_fma(acc, isum, simd.load_f32x8(kf, 16 * s), xd, t0 * nb + 8 * sb, nb)
-        acc = simd.rtile_fma(acc, msum, simd.load_f32x8(kf, 16 * s + 8), xd, t0 * nb + 8 * sb, nb)
-    _store_tile(out, tmp, t0, r0, nr, acc)
+            msum = simd.rtile_madd16(path, msum, simd.tile_loadi(path, km, R * (4 * s + k)), s32,
+                                     t0 * nb + 8 * sb + 2 * k, nb)
+        acc = simd.rtile_fma(acc, isum, simd.tile_loadf(path, kf, 2 * R * s), xd, t0 * nb + 8 * sb, nb)
+        acc = simd.rtile_fma(acc, msum, simd.tile_loadf(path, kf, 2 * R * s + R), xd, t0 * nb + 8 * sb, nb)
+    _store_tile(out, tmp, t0, r0, nr, R, acc)
 
 
 @njit(**_GROUP_OPTS)
 def _group_qk(path, qtype, qs, sc, qh, xq, xd, s32, out, g):
     """Rows g*GROUP_ROWS.. of Q4_K / Q5_K for every token."""
+    R = simd.tile_rows(path)
     n_tok, n_rows = out.shape
     n = xq.shape[1]
     nsb = n >> 8
@@ -1101,60 +1109,63 @@ def _group_qk(path, qtype, qs, sc, qh, xq, xd, s32, out, g):
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
     wt = _unpack_tiles(path, qtype, qs, qh, r_lo, r_hi, n, False)
     ntile = wt.shape[0]
-    kf = np.zeros((ntile, nsb * 16), np.float32)       # (tile, sb, [d | -dmin], row)
-    ks = np.zeros((ntile, nsb * 64), np.int32)         # (tile, sb, sub-block j, row) sc_j
-    km = np.zeros((ntile, nsb * 32), np.int32)         # (tile, sb, pair k, row) m_2k | m_2k+1 << 16
+    kf = np.zeros((ntile, nsb * 2 * R), np.float32)    # (tile, sb, [d | -dmin], row)
+    ks = np.zeros((ntile, nsb * 8 * R), np.int32)      # (tile, sb, sub-block j, row) sc_j
+    km = np.zeros((ntile, nsb * 4 * R), np.int32)      # (tile, sb, pair k, row) m_2k | m_2k+1 << 16
     for r in range(r_lo, r_hi):
-        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        tl, j = (r - r_lo) // R, (r - r_lo) % R
         for sb in range(nsb):
             s = sb * 10
-            kf[tl, 16 * sb + j] = simd.f16_to_f32(path, sc[r, s])
-            kf[tl, 16 * sb + 8 + j] = -simd.f16_to_f32(path, sc[r, s + 1])
+            kf[tl, 2 * R * sb + j] = simd.f16_to_f32(path, sc[r, s])
+            kf[tl, 2 * R * sb + R + j] = -simd.f16_to_f32(path, sc[r, s + 1])
             for jj in range(8):
-                ks[tl, 64 * sb + 8 * jj + j] = np.int32(sc[r, s + 2 + jj]) & 0xFF
+                ks[tl, R * (8 * sb + jj) + j] = np.int32(sc[r, s + 2 + jj]) & 0xFF
             for k in range(4):
-                km[tl, 32 * sb + 8 * k + j] = (np.int32(sc[r, s + 2 + 2 * k]) >> 8) | ((np.int32(sc[r, s + 3 + 2 * k]) >> 8) << 16)
-    tmp = np.empty(8 * TILE_TOKENS, np.float32)
-    z = simd.izero(path)
-    f = simd.vzero(path)
+                km[tl, R * (4 * sb + k) + j] = (np.int32(sc[r, s + 2 + 2 * k]) >> 8) | ((np.int32(sc[r, s + 3 + 2 * k]) >> 8) << 16)
+    tmp = np.empty(R * TILE_TOKENS, np.float32)
+    z = simd.tile_izero(path)
+    f = simd.tile_fzero(path)
     t0 = 0
     while t0 + TILE_TOKENS <= n_tok:
         for tl in range(ntile):
             _rt_qk(path, (z, z, z, z), (f, f, f, f), wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t0,
-                   r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+                   r_lo + R * tl, min(R, r_hi - r_lo - R * tl))
         t0 += TILE_TOKENS
     for t in range(t0, n_tok):
         for tl in range(ntile):
             _rt_qk(path, (z,), (f,), wt, kf, ks, km, xq, xd, s32, out, tmp, tl, t,
-                   r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+                   r_lo + R * tl, min(R, r_hi - r_lo - R * tl))
 
 
 @njit(**_ROW_OPTS)
 def _rt_q6k(path, zi, zf, wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t0, r0, nr):
     """Tile x tokens of Q6_K: per superblock, sum_k s_k * (group k's dot of the 6-bit codes) - 32 sum_k s_k *
     (x codes' sum over group k) (vpmaddwd of int16 pairs holding -32 s_k), times d * xd."""
+    R = simd.tile_rows(path)
     n = xq.shape[1]
     nb = n >> 5
     nsb = nb >> 3
     ng = n >> 4
-    wbase = tl * 8 * n
+    wbase = tl * R * n
     acc = zf
     for sb in range(nsb):
         s = tl * nsb + sb
         isum = zi
         for k in range(16):
             g = 16 * sb + k
-            p = simd.rtile_dot16(path, zi, wt, wbase + 128 * g, xq, t0 * n + 16 * g, n)
-            isum = simd.rtile_imul_add(isum, p, simd.load_i32x8(ks, 128 * s + 8 * k))
+            p = simd.rtile_dot16(path, zi, wt, wbase + 16 * R * g, xq, t0 * n + 16 * g, n)
+            isum = simd.rtile_imul_add(isum, p, simd.tile_loadi(path, ks, R * (16 * s + k)))
         for k in range(8):
-            isum = simd.rtile_madd16(path, isum, simd.load_i32x8(km, 64 * s + 8 * k), s16, t0 * ng + 16 * sb + 2 * k, ng)
-        acc = simd.rtile_fma(acc, isum, simd.load_f32x8(kf, 8 * s), xd, t0 * nb + 8 * sb, nb)
-    _store_tile(out, tmp, t0, r0, nr, acc)
+            isum = simd.rtile_madd16(path, isum, simd.tile_loadi(path, km, R * (8 * s + k)), s16,
+                                     t0 * ng + 16 * sb + 2 * k, ng)
+        acc = simd.rtile_fma(acc, isum, simd.tile_loadf(path, kf, R * s), xd, t0 * nb + 8 * sb, nb)
+    _store_tile(out, tmp, t0, r0, nr, R, acc)
 
 
 @njit(**_GROUP_OPTS)
 def _group_q6k(path, qs, sc, qh, xq, xd, s16, out, g):
     """Rows g*GROUP_ROWS.. of Q6_K for every token."""
+    R = simd.tile_rows(path)
     n_tok, n_rows = out.shape
     n = xq.shape[1]
     nsb = n >> 8
@@ -1162,33 +1173,33 @@ def _group_q6k(path, qs, sc, qh, xq, xd, s16, out, g):
     r_hi = min(n_rows, r_lo + GROUP_ROWS)
     wt = _unpack_tiles(path, _Q6_K, qs, qh, r_lo, r_hi, n, False)
     ntile = wt.shape[0]
-    kf = np.zeros((ntile, nsb * 8), np.float32)        # (tile, sb, row) d
-    ks = np.zeros((ntile, nsb * 128), np.int32)        # (tile, sb, group k, row) s_k
-    km = np.zeros((ntile, nsb * 64), np.int32)         # (tile, sb, pair k, row) -32 s_2k | -32 s_2k+1 << 16 (int16s)
+    kf = np.zeros((ntile, nsb * R), np.float32)        # (tile, sb, row) d
+    ks = np.zeros((ntile, nsb * 16 * R), np.int32)     # (tile, sb, group k, row) s_k
+    km = np.zeros((ntile, nsb * 8 * R), np.int32)      # (tile, sb, pair k, row) -32 s_2k | -32 s_2k+1 << 16 (int16s)
     for r in range(r_lo, r_hi):
-        tl, j = (r - r_lo) >> 3, (r - r_lo) & 7
+        tl, j = (r - r_lo) // R, (r - r_lo) % R
         for sb in range(nsb):
-            kf[tl, 8 * sb + j] = simd.f16_to_f32(path, sc[r, 9 * sb])
+            kf[tl, R * sb + j] = simd.f16_to_f32(path, sc[r, 9 * sb])
             for k in range(8):
                 v = np.int32(sc[r, 9 * sb + 1 + k])
                 s_lo = ((v & 0xFF) ^ 0x80) - 0x80
                 s_hi = ((v >> 8) ^ 0x80) - 0x80
-                ks[tl, 128 * sb + 16 * k + j] = s_lo
-                ks[tl, 128 * sb + 16 * k + 8 + j] = s_hi
-                km[tl, 64 * sb + 8 * k + j] = np.int32(((-32 * s_lo) & 0xFFFF) | (np.int64((-32 * s_hi) & 0xFFFF) << 16))
-    tmp = np.empty(8 * TILE_TOKENS, np.float32)
-    z = simd.izero(path)
-    f = simd.vzero(path)
+                ks[tl, R * (16 * sb + 2 * k) + j] = s_lo
+                ks[tl, R * (16 * sb + 2 * k + 1) + j] = s_hi
+                km[tl, R * (8 * sb + k) + j] = np.int32(((-32 * s_lo) & 0xFFFF) | (np.int64((-32 * s_hi) & 0xFFFF) << 16))
+    tmp = np.empty(R * TILE_TOKENS, np.float32)
+    z = simd.tile_izero(path)
+    f = simd.tile_fzero(path)
     t0 = 0
     while t0 + TILE_TOKENS <= n_tok:
         for tl in range(ntile):
             _rt_q6k(path, (z, z, z, z), (f, f, f, f), wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t0,
-                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+                    r_lo + R * tl, min(R, r_hi - r_lo - R * tl))
         t0 += TILE_TOKENS
     for t in range(t0, n_tok):
         for tl in range(ntile):
             _rt_q6k(path, (z,), (f,), wt, kf, ks, km, xq, xd, s16, out, tmp, tl, t,
-                    r_lo + 8 * tl, min(8, r_hi - r_lo - 8 * tl))
+                    r_lo + R * tl, min(R, r_hi - r_lo - R * tl))
 
 
 # One parallel wrapper per type (each its own qualname for the on-disk cache), registered as its `gemm`:
@@ -1435,7 +1446,7 @@ def gemm(pm: PackedMatrix | PackedGroup, x: np.ndarray, out: np.ndarray | None =
     """out (T, n_rows) = x (T, n_cols) @ W.T for a batch of tokens (prefill): each token's activation is rounded
     as for gemv, and each row's block (or K-quant superblock) integer sums are the ones gemv computes, with the
     weights read once per batch. With T >= TILE_TOKENS on a vector path, the type's row-tile kernel (its
-    registry `gemm`: 8 rows x TILE_TOKENS tokens per micro-kernel) runs, whose float sums are ordered
+    registry `gemm`: simd.tile_rows rows x TILE_TOKENS tokens per micro-kernel) runs, whose float sums are ordered
     differently (within a few float32 ulps of the output's magnitude); else the decode span kernel per token.
     pm may be a PackedGroup: the activation is quantized once and the parts' outputs sit side by side."""
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -1897,54 +1897,129 @@ def _ov_hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 # --------------------------------------------------------------------------------------------------
-# Row tiles for the prefill GEMM: 8 rows x T tokens (vector paths only)
+# Row tiles for the prefill GEMM: R rows x T tokens (vector paths only)
 # --------------------------------------------------------------------------------------------------
 #
-# A tile holds the unpacked integer codes (one byte each) of 8 weight rows, interleaved by 4 bytes: the 32
-# bytes at 32 * (e // 4) hold elements e..e+3 of rows 0..7 (row j in bytes 4j..4j+3). A 32-byte load times
+# A tile holds the unpacked integer codes (one byte each) of R weight rows, interleaved by 4 bytes: the 4R
+# bytes at 4R * (e // 4) hold elements e..e+3 of rows 0..R-1 (row j in bytes 4j..4j+3). A 4R-byte load times
 # one token's 4 activation bytes broadcast to every lane (vpdpbusd / vpmaddubsw + vpmaddwd) adds 4 products
 # to each row's lane, so lane j of an accumulator is row j's dot: no horizontal sums, and the float work
-# (convert, scale, multiply-add) is done once per block for 8 rows. One weight load serves T tokens, each
+# (convert, scale, multiply-add) is done once per block for R rows. One weight load serves T tokens, each
 # with its own accumulator; the accumulators travel as a tuple of T vectors (T is the tuple's length).
 # The codes are unsigned (u8 operand) except for rtile_dot32s (signed int8 weights, psign trick).
+#
+# R (tile_rows(path)) is 16 on the vnni path where the CPU has AVX512-VNNI: the tiles live in zmm registers
+# (i32x16 / f32x16) and one vpdpbusd does 64 multiply-adds, twice the ymm instruction's work at the same
+# instruction rate (5.0 G/s per core on this project's Xeon for both widths), which is what bounds the GEMM.
+# Elsewhere R is 8 (ymm: AVX-VNNI, AVX2, generic IR).
 
-def _is_vec_tuple(t, elem) -> bool:
-    return isinstance(t, types.UniTuple) and t.dtype == elem
+HAS_AVX512_VNNI: bool = HAS_VNNI and {"avx512f", "avx512bw", "avx512vnni"} <= _FEATURES
 
 
-def _bcast4(context, builder, aryty, ary, off):
-    """4 bytes at &ary.flat[off] (off an intp) broadcast to all 8 dword lanes, as <32 x i8>."""
+class F32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+class I32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="i32x16")
+
+
+f32x16 = F32x16Type()
+i32x16 = I32x16Type()
+_V16F32 = ir.VectorType(_F32, 16)
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F32)
+
+
+@register_model(I32x16Type)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16I32)
+
+
+_INT_VEC = {8: i32x8, 16: i32x16}
+_FLOAT_VEC = {8: f32x8, 16: f32x16}
+
+
+def _tile_rows(kind: str) -> int:
+    return 16 if kind == "vnni" and HAS_AVX512_VNNI else 8
+
+
+def _int_lanes(t) -> int | None:
+    """R for an accumulator tuple of i32xR, else None."""
+    if isinstance(t, types.UniTuple):
+        for r, vt in _INT_VEC.items():
+            if t.dtype == vt:
+                return r
+    return None
+
+
+def _float_lanes(t) -> int | None:
+    if isinstance(t, types.UniTuple):
+        for r, vt in _FLOAT_VEC.items():
+            if t.dtype == vt:
+                return r
+    return None
+
+
+def _iv(r: int) -> ir.VectorType:
+    return ir.VectorType(_I32, r)
+
+
+def _fv(r: int) -> ir.VectorType:
+    return ir.VectorType(_F32, r)
+
+
+def _bcast4(context, builder, aryty, ary, off, r: int):
+    """4 bytes at &ary.flat[off] (off an intp) broadcast to all r dword lanes, as <4r x i8>."""
     x4 = builder.load(_elem_ptr(context, builder, aryty, ary, off, types.intp, _I32), align=1)
-    return builder.bitcast(_splat(builder, x4, _V8I32), _V32I8)
+    return builder.bitcast(_splat(builder, x4, _iv(r)), ir.VectorType(_I8, 4 * r))
 
 
 def _make_rtile_dot(kind, nvec: int, signed: bool):
     @intrinsic
     def _rtile_dot(typingctx, acc, w, woff, x, xoff, xstride):
-        """acc[t] + the dots of nvec * 4 elements of a row tile (w.flat[woff:+32*nvec]) with token t's int8
+        """acc[t] + the dots of nvec * 4 elements of a row tile (w.flat[woff:+4R*nvec]) with token t's int8
         activations x.flat[xoff + t*xstride:+4*nvec], lane j = row j (t < len(acc))."""
-        if not (_is_vec_tuple(acc, i32x8) and _is_byte_array(w) and _is_byte_array(x)
+        r = _int_lanes(acc)
+        if not (r is not None and _is_byte_array(w) and _is_byte_array(x)
                 and all(isinstance(a, types.Integer) for a in (woff, xoff, xstride))):
             return None
+        if r == 16 and kind != "vnni":                         # zmm tiles: vpdpbusd only
+            return None
         n_tok = acc.count
+        vi = _iv(r)
+        vb = ir.VectorType(_I8, 4 * r)
 
         def codegen(context, builder, sig, args):
             a, wa, wo, xa, xo, xsd = args
             wo = context.cast(builder, wo, sig.args[2], types.intp)
             xo = context.cast(builder, xo, sig.args[4], types.intp)
             xsd = context.cast(builder, xsd, sig.args[5], types.intp)
-            ws = [_load_vec(context, builder, sig.args[1], wa, builder.add(wo, ir.Constant(_I64, 32 * v)),
-                            types.intp, _V32I8) for v in range(nvec)]
-            dpbusd = _x86_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+            ws = [_load_vec(context, builder, sig.args[1], wa, builder.add(wo, ir.Constant(_I64, 4 * r * v)),
+                            types.intp, vb) for v in range(nvec)]
+            dpbusd = _x86_fn(builder, f"llvm.x86.avx512.vpdpbusd.{32 * r}", vi, [vi, vi, vi])
             out = []
             for t in range(n_tok):
                 xt = builder.add(xo, builder.mul(xsd, ir.Constant(_I64, t)))
-                chains = [builder.extract_value(a, t), ir.Constant(_V8I32, None)]   # two chains: latency
+                chains = [builder.extract_value(a, t), ir.Constant(vi, None)]   # two chains: latency
                 for v in range(nvec):
-                    xb = _bcast4(context, builder, sig.args[3], xa, builder.add(xt, ir.Constant(_I64, 4 * v)))
+                    xb = _bcast4(context, builder, sig.args[3], xa, builder.add(xt, ir.Constant(_I64, 4 * v)), r)
                     c = chains[v & 1]
-                    if kind == "vnni" and not signed:
-                        c = builder.call(dpbusd, [c, builder.bitcast(ws[v], _V8I32), builder.bitcast(xb, _V8I32)])
+                    if kind == "vnni" and signed and r == 16:
+                        # no vpsignb on zmm: (w ^ 0x80) . x - 128 . x, both by vpdpbusd
+                        k80 = ir.Constant(vb, [0x80] * (4 * r))
+                        c = builder.call(dpbusd, [c, builder.bitcast(builder.xor(ws[v], k80), vi), builder.bitcast(xb, vi)])
+                        c = builder.sub(c, builder.call(dpbusd, [ir.Constant(vi, None), builder.bitcast(k80, vi),
+                                                                 builder.bitcast(xb, vi)]))
+                    elif kind == "vnni" and not signed:
+                        c = builder.call(dpbusd, [c, builder.bitcast(ws[v], vi), builder.bitcast(xb, vi)])
                     else:
                         c = builder.add(c, _madd(builder, kind, ws[v], xb, u_signed=signed))
                     chains[v & 1] = c
@@ -1961,12 +2036,21 @@ _RTILE_DOT32S = _variants(lambda k: _make_rtile_dot(k, 8, True))
 _RTILE_DOT16 = _variants(lambda k: _make_rtile_dot(k, 4, False))
 
 
+def _madd_i16_lanes(builder, kind, a, b, r: int):
+    """<2r x i16> x <2r x i16> -> <r x i32>, lane k = a_2k * b_2k + a_2k+1 * b_2k+1 (vpmaddwd, ymm or zmm)."""
+    if r == 8:
+        return _madd_i16(builder, kind, a, b)
+    v16 = ir.VectorType(_I16, 32)
+    return builder.call(_x86_fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [v16, v16]), [a, b])
+
+
 def _make_rtile_madd16(kind):
     @intrinsic
     def _madd16(typingctx, acc, mp, s, off, stride):
         """acc[t] + vpmaddwd(mp, broadcast of the int16 pair s.flat[off + t*stride:+2]): lane j += mp_j.lo *
         s[0] + mp_j.hi * s[1] (mp: per row a pair of int16 carried in an i32 lane)."""
-        if not (_is_vec_tuple(acc, i32x8) and mp == i32x8 and isinstance(s, types.Array) and s.dtype == types.int16
+        r = _int_lanes(acc)
+        if not (r is not None and mp == _INT_VEC[r] and isinstance(s, types.Array) and s.dtype == types.int16
                 and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
             return None
 
@@ -1974,13 +2058,14 @@ def _make_rtile_madd16(kind):
             a, m, sa, so, ss = args
             so = context.cast(builder, so, sig.args[3], types.intp)
             ss = context.cast(builder, ss, sig.args[4], types.intp)
-            m16 = builder.bitcast(m, _V16I16)
+            v16 = ir.VectorType(_I16, 2 * r)
+            m16 = builder.bitcast(m, v16)
             out = []
             for t in range(sig.args[0].count):
                 o = builder.add(so, builder.mul(ss, ir.Constant(_I64, t)))
                 s2 = builder.load(_elem_ptr(context, builder, sig.args[2], sa, o, types.intp, _I32), align=2)
-                sb = builder.bitcast(_splat(builder, s2, _V8I32), _V16I16)
-                out.append(builder.add(builder.extract_value(a, t), _madd_i16(builder, kind, m16, sb)))
+                sb = builder.bitcast(_splat(builder, s2, _iv(r)), v16)
+                out.append(builder.add(builder.extract_value(a, t), _madd_i16_lanes(builder, kind, m16, sb, r)))
             return context.make_tuple(builder, sig.return_type, out)
 
         return acc(acc, mp, s, off, stride), codegen
@@ -1995,7 +2080,8 @@ _RTILE_MADD16 = _variants(_make_rtile_madd16)
 def rtile_isub(typingctx, acc, s, off, stride, c):
     """acc[t] - c * s.flat[off + t*stride] in every lane (s int16: a token's block sum of codes; c: the weight
     type's offset, e.g. 8 for Q4_0)."""
-    if not (_is_vec_tuple(acc, i32x8) and isinstance(s, types.Array) and s.dtype == types.int16
+    r = _int_lanes(acc)
+    if not (r is not None and isinstance(s, types.Array) and s.dtype == types.int16
             and all(isinstance(a, types.Integer) for a in (off, stride, c))):
         return None
 
@@ -2008,7 +2094,7 @@ def rtile_isub(typingctx, acc, s, off, stride, c):
         for t in range(sig.args[0].count):
             o = builder.add(so, builder.mul(ss, ir.Constant(_I64, t)))
             v = builder.sext(builder.load(_elem_ptr(context, builder, sig.args[1], sa, o, types.intp, _I16), align=2), _I32)
-            out.append(builder.sub(builder.extract_value(a, t), _splat(builder, builder.mul(v, cv), _V8I32)))
+            out.append(builder.sub(builder.extract_value(a, t), _splat(builder, builder.mul(v, cv), _iv(r))))
         return context.make_tuple(builder, sig.return_type, out)
 
     return acc(acc, s, off, stride, c), codegen
@@ -2016,9 +2102,10 @@ def rtile_isub(typingctx, acc, s, off, stride, c):
 
 @intrinsic
 def rtile_fma(typingctx, acc, p, dv, xd, off, stride):
-    """acc[t] + float(p[t]) * dv * xd.flat[off + t*stride] (dv: the 8 rows' scales; xd float32: the tokens'
+    """acc[t] + float(p[t]) * dv * xd.flat[off + t*stride] (dv: the R rows' scales; xd float32: the tokens'
     activation scales)."""
-    if not (_is_vec_tuple(acc, f32x8) and _is_vec_tuple(p, i32x8) and acc.count == p.count and dv == f32x8
+    r = _float_lanes(acc)
+    if not (r is not None and _int_lanes(p) == r and acc.count == p.count and dv == _FLOAT_VEC[r]
             and isinstance(xd, types.Array) and xd.dtype == types.float32
             and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
         return None
@@ -2031,8 +2118,8 @@ def rtile_fma(typingctx, acc, p, dv, xd, off, stride):
         for t in range(sig.args[0].count):
             o = builder.add(xo, builder.mul(xs, ir.Constant(_I64, t)))
             s = builder.load(_elem_ptr(context, builder, sig.args[3], xa, o, types.intp, _F32), align=4)
-            sv = builder.fmul(d, _splat(builder, s, _V8F32))
-            pf = builder.sitofp(builder.extract_value(pv, t), _V8F32)
+            sv = builder.fmul(d, _splat(builder, s, _fv(r)))
+            pf = builder.sitofp(builder.extract_value(pv, t), _fv(r))
             out.append(builder.fadd(builder.extract_value(a, t), builder.fmul(pf, sv, flags=("contract",)),
                                     flags=("contract",)))
         return context.make_tuple(builder, sig.return_type, out)
@@ -2042,9 +2129,10 @@ def rtile_fma(typingctx, acc, p, dv, xd, off, stride):
 
 @intrinsic
 def rtile_vfma(typingctx, acc, mv, xs, off, stride):
-    """acc[t] + mv * xs.flat[off + t*stride] (Q4_1/Q5_1's min term: mv the 8 rows' mins, xs the tokens'
+    """acc[t] + mv * xs.flat[off + t*stride] (Q4_1/Q5_1's min term: mv the R rows' mins, xs the tokens'
     block sums)."""
-    if not (_is_vec_tuple(acc, f32x8) and mv == f32x8 and isinstance(xs, types.Array) and xs.dtype == types.float32
+    r = _float_lanes(acc)
+    if not (r is not None and mv == _FLOAT_VEC[r] and isinstance(xs, types.Array) and xs.dtype == types.float32
             and isinstance(off, types.Integer) and isinstance(stride, types.Integer)):
         return None
 
@@ -2056,7 +2144,7 @@ def rtile_vfma(typingctx, acc, mv, xs, off, stride):
         for t in range(sig.args[0].count):
             o = builder.add(xo, builder.mul(xst, ir.Constant(_I64, t)))
             s = builder.load(_elem_ptr(context, builder, sig.args[2], xa, o, types.intp, _F32), align=4)
-            out.append(builder.fadd(builder.extract_value(a, t), builder.fmul(m, _splat(builder, s, _V8F32),
+            out.append(builder.fadd(builder.extract_value(a, t), builder.fmul(m, _splat(builder, s, _fv(r)),
                                     flags=("contract",)), flags=("contract",)))
         return context.make_tuple(builder, sig.return_type, out)
 
@@ -2065,8 +2153,9 @@ def rtile_vfma(typingctx, acc, mv, xs, off, stride):
 
 @intrinsic
 def rtile_imul_add(typingctx, acc, p, sv):
-    """acc[t] + p[t] * sv lane-wise in int32 (sv: the 8 rows' integer sub-block scales)."""
-    if not (_is_vec_tuple(acc, i32x8) and _is_vec_tuple(p, i32x8) and acc.count == p.count and sv == i32x8):
+    """acc[t] + p[t] * sv lane-wise in int32 (sv: the R rows' integer sub-block scales)."""
+    r = _int_lanes(acc)
+    if not (r is not None and _int_lanes(p) == r and acc.count == p.count and sv == _INT_VEC[r]):
         return None
 
     def codegen(context, builder, sig, args):
@@ -2080,9 +2169,10 @@ def rtile_imul_add(typingctx, acc, p, sv):
 
 @intrinsic
 def rtile_store(typingctx, out, off, stride, acc):
-    """out.flat[off + t*stride:+8] = acc[t] (out float32)."""
+    """out.flat[off + t*stride:+R] = acc[t] (out float32)."""
+    r = _float_lanes(acc)
     if not (isinstance(out, types.Array) and out.dtype == types.float32 and isinstance(off, types.Integer)
-            and isinstance(stride, types.Integer) and _is_vec_tuple(acc, f32x8)):
+            and isinstance(stride, types.Integer) and r is not None):
         return None
 
     def codegen(context, builder, sig, args):
@@ -2091,23 +2181,101 @@ def rtile_store(typingctx, out, off, stride, acc):
         os_ = context.cast(builder, os_, sig.args[2], types.intp)
         for t in range(sig.args[3].count):
             o = builder.add(oo, builder.mul(os_, ir.Constant(_I64, t)))
-            builder.store(builder.extract_value(a, t), _elem_ptr(context, builder, sig.args[0], oa, o, types.intp, _V8F32),
+            builder.store(builder.extract_value(a, t), _elem_ptr(context, builder, sig.args[0], oa, o, types.intp, _fv(r)),
                           align=4)
         return context.get_dummy_value()
 
     return types.none(out, off, stride, acc), codegen
 
 
-@intrinsic
-def load_i32x8(typingctx, a, off):
-    """a.flat[off:off+8] of an int32 array as an i32x8 (unaligned vector load)."""
-    if not (isinstance(a, types.Array) and a.dtype == types.int32 and isinstance(off, types.Integer)):
-        return None
+def _make_tile_load(r: int, is_float: bool):
+    vt = (_FLOAT_VEC if is_float else _INT_VEC)[r]
+    dt = types.float32 if is_float else types.int32
+    lty = _fv(r) if is_float else _iv(r)
 
-    def codegen(context, builder, sig, args):
-        return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8I32), align=4)
+    @intrinsic
+    def _load(typingctx, a, off):
+        if not (isinstance(a, types.Array) and a.dtype == dt and isinstance(off, types.Integer)):
+            return None
 
-    return i32x8(a, off), codegen
+        def codegen(context, builder, sig, args):
+            return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], lty), align=4)
+
+        return vt(a, off), codegen
+
+    return _load
+
+
+def _make_tile_zero(r: int, is_float: bool):
+    vt = (_FLOAT_VEC if is_float else _INT_VEC)[r]
+    lty = _fv(r) if is_float else _iv(r)
+
+    @intrinsic
+    def _zero(typingctx):
+        def codegen(context, builder, sig, args):
+            return ir.Constant(lty, None)
+
+        return vt(), codegen
+
+    return _zero
+
+
+_TILE_LOADF = {r: _make_tile_load(r, True) for r in (8, 16)}
+_TILE_LOADI = {r: _make_tile_load(r, False) for r in (8, 16)}
+_TILE_FZERO = {r: _make_tile_zero(r, True) for r in (8, 16)}
+_TILE_IZERO = {r: _make_tile_zero(r, False) for r in (8, 16)}
+
+
+def tile_rows(path):
+    """R, the rows of a prefill row tile on this vector path (a compile-time constant: 16 or 8)."""
+
+
+def tile_loadf(path, a, off):
+    """a.flat[off:off+R] of a float32 array as an R-lane vector (R = tile_rows(path))."""
+
+
+def tile_loadi(path, a, off):
+    """a.flat[off:off+R] of an int32 array as an R-lane vector."""
+
+
+def tile_fzero(path):
+    """The R-lane float zero (a row tile's float accumulator)."""
+
+
+def tile_izero(path):
+    """The R-lane int32 zero (a row tile's integer accumulator)."""
+
+
+@overload(tile_rows, inline="always")
+def _ov_tile_rows(path):
+    k = _vector_kind(path)
+    if k is not None:
+        r = _tile_rows(k)
+        return lambda path: r
+
+
+def _ov_tile_load(table):
+    def ov(path, a, off):
+        k = _vector_kind(path)
+        if k is not None:
+            f = table[_tile_rows(k)]
+            return lambda path, a, off: f(a, off)
+    return ov
+
+
+def _ov_tile_zero(table):
+    def ov(path):
+        k = _vector_kind(path)
+        if k is not None:
+            f = table[_tile_rows(k)]
+            return lambda path: f()
+    return ov
+
+
+overload(tile_loadf, inline="always")(_ov_tile_load(_TILE_LOADF))
+overload(tile_loadi, inline="always")(_ov_tile_load(_TILE_LOADI))
+overload(tile_fzero, inline="always")(_ov_tile_zero(_TILE_FZERO))
+overload(tile_izero, inline="always")(_ov_tile_zero(_TILE_IZERO))
 
 
 def rtile_dot32(path, acc, w, woff, x, xoff, xstride):

@@ -220,6 +220,49 @@ def test_dot8_exact(path):
     np.testing.assert_allclose(acc, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@njit(cache=True)
+def _rtile_dots(path, w, ws, x, out):
+    """out[k, t, j] = row j of a one-block row tile dotted with token t's x: k = 0 rtile_dot32 (w, unsigned
+    codes), 1 rtile_dot32s (ws, signed), 2 rtile_dot16 (w's first 16 elements); through rtile_fma with unit
+    scales (exact: |dot| < 2^24) and rtile_store."""
+    R = simd.tile_rows(path)
+    z = simd.tile_izero(path)
+    f = simd.tile_fzero(path)
+    one = simd.tile_loadf(path, np.ones(R, np.float32), 0)
+    xd = np.ones(2, np.float32)
+    n = x.shape[1]
+    p = simd.rtile_dot32(path, (z, z), w, 0, x, 0, n)
+    simd.rtile_store(out, 0, R, simd.rtile_fma((f, f), p, one, xd, 0, 1))
+    p = simd.rtile_dot32s(path, (z, z), ws, 0, x, 0, n)
+    simd.rtile_store(out, 2 * R, R, simd.rtile_fma((f, f), p, one, xd, 0, 1))
+    p = simd.rtile_dot16(path, (z, z), w, 0, x, 0, n)
+    simd.rtile_store(out, 4 * R, R, simd.rtile_fma((f, f), p, one, xd, 0, 1))
+
+
+@pytest.mark.parametrize("path", VECTOR_PATHS)
+def test_rtile_dots_exact(path):
+    """The row-tile dots at the path's tile width (simd.tile_rows: 16 lanes in zmm on the vnni path with
+    AVX512-VNNI, else 8) against numpy: tile byte 4R*c + 4j + e is element 4c + e of row j."""
+    R = simd._tile_rows(path)
+    rng = np.random.default_rng(11)
+    w = rng.integers(0, 256, 32 * R, dtype=np.uint8)
+    ws = rng.integers(-128, 128, 32 * R).astype(np.int8)
+    x = rng.integers(-127, 128, (2, 32)).astype(np.int8)
+    ws[:4 * R], x[0, :4] = -128, -127                # extremes
+    if path == "vnni":                               # vpdpbusd takes u8 up to 255
+        w[:4 * R] = 0xFF
+    else:
+        w &= 0x3F                                    # pmaddubsw's pairs saturate: the codes these paths get (<= 6 bits)
+    out = np.zeros(6 * R, np.float32)
+    _rtile_dots(simd.token(path), w, ws, x, out)
+    xi = x.astype(np.int64)
+    rows = lambda t: t.reshape(8, R, 4).transpose(1, 0, 2).reshape(R, 32).astype(np.int64)   # (row, element)
+    got = out.reshape(3, 2, R)
+    np.testing.assert_array_equal(got[0], xi @ rows(w).T)
+    np.testing.assert_array_equal(got[1], xi @ rows(ws).T)
+    np.testing.assert_array_equal(got[2], xi[:, :16] @ rows(w)[:, :16].T)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_f16_to_f32_all_bit_patterns(path):
     bits = np.arange(65536, dtype=np.uint16)
@@ -385,7 +428,8 @@ TILE_SHAPES_K = [(45, 768), (5, 256)]                         # a partial tile; 
 @pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
 @pytest.mark.parametrize("path", VECTOR_PATHS)
 def test_gemm_row_tiles(qtype, path):
-    """The row-tile kernels (qtypes' `gemm`: 8 rows x TILE_TOKENS tokens) against the decode GEMV per token and
+    """The row-tile kernels (qtypes' `gemm`: simd.tile_rows rows x TILE_TOKENS tokens: 16 on the
+    vnni path with AVX512-VNNI, else 8) against the decode GEMV per token and
     against gguf-py's dequantized weights times the rounded activations. Each block's (K-quant superblock's)
     integer sum is the GEMV's; only float summation order differs: within 2e-6 of the largest |output|."""
     assert qtype_info(qtype).gemm is not None
