@@ -400,8 +400,11 @@ def convert(
     attn_sinks: int = typer.Option(4, "--attn-sinks", help="decode default: first positions always attended"),
     output_top: int = typer.Option(64, "--output-top", help="rows given exact logits after 4-bit scoring (0 = all exact)"),
     predictors: str = typer.Option("auto", "--predictors",
-                                   help="low-rank activation predictors: auto (where they read fewer bytes within "
-                                        "the budget), on (every sparse layer), off"),
+                                   help="low-rank activation predictors: auto (where they decode faster here, within "
+                                        "the budget), on (instead of thresholds), off"),
+    keep_slower_sparse: bool = typer.Option(False, "--keep-slower-sparse",
+                                            help="keep the allocated sparse layers where they decode slower than "
+                                                 "dense on this machine (default: those layers stay dense)"),
 ):
     """Calibrate FFN sparsity to a quality budget and write a sparse GGUF."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -409,6 +412,7 @@ def convert(
 
     from converters.calibrate import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES
     from converters.convert import ConvertOptions, convert as run_convert
+    from converters.timing import SPEED_MARGIN as TIMING_MARGIN
     from sparse_gguf.default_model import resolve_model_path
     from sparse_gguf.sparsity import AttentionWindow
 
@@ -417,7 +421,8 @@ def convert(
                              calib_files=tuple(calib), calib_only=calib_only, calib_tokens=calib_tokens,
                              threads=threads,
                              attention=AttentionWindow(attn_sinks, attn_window, attn_topk),
-                             output_candidates=output_top, predictors=predictors)
+                             output_candidates=output_top, predictors=predictors,
+                             keep_slower_sparse=keep_slower_sparse)
     attention = options.attention
     err = _console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -434,7 +439,7 @@ def convert(
          "calibration": result.calibration, "kl_mean": s["kl_mean"],
          "kl_interval": s["kl_interval"], "top1_agreement": s["top1_agreement"], "top1_interval": s["top1_interval"],
          "target_kl": None, "target_top1": None, "ffn_bytes_ratio": result.ffn_bytes_ratio,
-         "layers": result.layer_table()}
+         "ffn_time_ratio": result.ffn_time_ratio, "timings": result.timings, "layers": result.layer_table()}
     if sparsity is None:
         d["target_kl"], d["target_top1"] = options.heldout_targets()
     if json_out:
@@ -443,23 +448,29 @@ def convert(
     con = _console()
     t = Table(title="per-layer FFN plan (sparsity measured on held-out calibration tokens)")
     for col in ("layer", "mode", "level", "up skipped", "down skipped", "down layout", "pred. rank", "candidates",
-                "recall", "precision"):
-        t.add_column(col, justify="right" if col not in ("mode", "down layout") else "left")
+                "recall", "precision", "choice: time vs dense"):
+        t.add_column(col, justify="left" if col in ("mode", "down layout", "choice: time vs dense") else "right")
     for row in result.layer_table():
         pred = ([str(row["pred_rank"])] + [f"{row[k]:.3f}" for k in ("pred_kept", "pred_recall", "pred_precision")]
                 if row["pred_rank"] else ["-"] * 4)
         t.add_row(str(row["layer"]), row["mode"], f"{row['level']:.3f}", f"{row['up_skipped']:.3f}",
                   f"{row['down_skipped']:.3f}",
                   {"q8_0": "by neuron (Q8_0)", "bundle": "by neuron (exact)"}.get(row["down_layout"], "original"),
-                  *pred)
+                  *pred, row["choice"])
     con.print(t)
-    con.print("up skipped: in predictor layers, gate and up; pred. rank .. precision: the layer's best predictor on "
-              "held-out tokens (candidates: share of neurons it picks; recall: of the neurons the down cut keeps)")
+    con.print("level: the sparsity the allocator gave the layer (unused where the choice is dense); "
+              "up skipped: in predictor layers, gate and up; pred. rank .. precision: the layer's best predictor on "
+              "held-out tokens (candidates: share of neurons it picks; recall: of the neurons the down cut keeps); "
+              "choice: the strategy run, and each sparse one's measured decode time of the layer's FFN relative to "
+              f"dense (a sparse one must take at most {1 - TIMING_MARGIN:.0%} of the time of dense, a predictor also "
+              "of the threshold's)")
     (kl_lo, kl_hi), (t_lo, t_hi) = d["kl_interval"], d["top1_interval"]
     con.print(f"held-out estimate vs dense: KL {d['kl_mean']:.4f} nats ({BOOTSTRAP_LEVEL:.0%} interval {kl_lo:.4f}-"
               f"{kl_hi:.4f}), top-1 {d['top1_agreement']:.3f} ({t_lo:.3f}-{t_hi:.3f}); bootstrap: "
               f"{BOOTSTRAP_RESAMPLES} resamples of the {d['heldout_chunks']} held-out chunks; "
               f"FFN bytes per token {d['ffn_bytes_ratio']:.1%} of dense")
+    con.print(f"FFN decode time per token {d['ffn_time_ratio']:.1%} of dense on this machine (times {d['timings']})",
+              soft_wrap=True)
     if d["target_kl"] is not None:
         con.print(f"targets held out: KL <= {d['target_kl']:.4f}, top-1 >= {d['target_top1']:.3f}, so that text "
                   f"unlike the calibration's keeps KL <= {budget_kl}, top-1 >= {min_top1} (margin: "

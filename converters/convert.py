@@ -3,8 +3,10 @@
 Steps (each its own function, testable alone): calibration tokens (built-in texts, the model's own replies
 to built-in chat prompts or, without a chat template, its continuations of plain-text openings; the user's
 file) -> activation statistics (calibrate.collect_stats, one layer at a time) -> per-layer
-sparsity levels to the KL budget (calibrate.allocate) or a forced level -> measurement on held-out tokens ->
-the output file (gguf_out.write_model: temp file, then rename).
+sparsity levels to the KL budget (calibrate.allocate) or a forced level -> predictors and down layouts -> per
+layer, the strategy by its measured decode time on this machine (timing.choose: a layer stays dense where sparse
+is not faster) -> measurement of the final plan on held-out tokens -> the output file (gguf_out.write_model:
+temp file, then rename).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from sparse_gguf.generate import Generator
 from sparse_gguf.model import Model
 from sparse_gguf.sampling import Sampler, SamplingParams
 from sparse_gguf import format as fmt
-from sparse_gguf.format import MODE_NAMES, MODE_PREDICTOR
-from sparse_gguf.sparsity import AttentionWindow, DownT, LayerSparsity, output_candidates_to_gguf, up_read_fraction
+from sparse_gguf.format import MODE_DENSE, MODE_NAMES, MODE_PREDICTOR
+from sparse_gguf.sparsity import (AttentionWindow, DownT, LayerSparsity, SparsityPlan, output_candidates_to_gguf,
+                                  up_read_fraction)
 from sparse_gguf.tokenizer import Tokenizer
 
-from . import calib_data, predictor
+from . import calib_data, predictor, timing
 from .gguf_out import check_free_space, file_sha256, write_model
 from .calibrate import (UP_SHARE, PredictorReport, QualityProbe, SpillDir, allocate, bootstrap_interval,
                         collect_stats, measured_sparsity, plan_for)
@@ -82,6 +85,15 @@ class ConvertResult:
     down_layout: list[str]        # per layer: how decode reads down (down_layout)
     modes: list[int]              # per layer: sparsity.MODE_*
     predictors: dict[int, PredictorReport]   # per layer with a fitted predictor (used or not), held-out
+    choices: list[timing.Choice]  # per layer: the strategy run and why (timing.choose)
+    times: list[dict[str, float]]  # per layer: seconds per token of each candidate strategy on this machine
+    timings: str                  # where the times came from: measured now or the cache, and the cache file
+
+    @property
+    def ffn_time_ratio(self) -> float:
+        """The FFN's decode time per token with the chosen strategies, relative to dense (measured times)."""
+        return (sum(t[c.strategy] for t, c in zip(self.times, self.choices))
+                / max(sum(t["dense"] for t in self.times), 1e-30))
 
     @property
     def down_t(self) -> list[bool]:
@@ -98,7 +110,9 @@ class ConvertResult:
                          "down_layout": dl, "pred_rank": p.rank if p else 0,
                          "pred_kept": round(float(p.kept), 4) if p else None,
                          "pred_recall": round(float(p.recall), 4) if p else None,
-                         "pred_precision": round(float(p.precision), 4) if p else None})
+                         "pred_precision": round(float(p.precision), 4) if p else None,
+                         "choice": self.choices[il].reason,
+                         "time_us": {s: round(t * 1e6, 2) for s, t in self.times[il].items()}})
         return rows
 
 
@@ -321,8 +335,8 @@ PREDICTOR_CHOICES = ("auto", "on", "off")
 
 
 def fit_predictors(model: Model, stats, levels: list[float], plan) -> dict[int, tuple[predictor.PredictorFit, float]]:
-    """Per active layer, the predictor (rank chosen by bytes) for its down cut, and its estimated bytes relative
-    to reading gate + up in full (calibration sample)."""
+    """Per active layer, the predictor (the rank that reads the fewest bytes) for its down cut, and its estimated
+    bytes relative to reading gate + up in full (calibration sample)."""
     out = {}
     for il, (layer, st, lv) in enumerate(zip(plan.layers, stats, levels)):
         if not layer.active or st.rows is None or model.cfg.n_embd % 32:
@@ -339,33 +353,64 @@ def fit_predictors(model: Model, stats, levels: list[float], plan) -> dict[int, 
     return out
 
 
-def use_predictors(plan, fits: dict, which: list[int]) -> None:
-    """Switch the listed layers to predictor mode (their down cut stays; no up stage)."""
-    for il in which:
-        layer = plan.layers[il]
-        plan.layers[il] = LayerSparsity(MODE_PREDICTOR, layer.threshold, None, None, fits[il][0].predictor)
+def strategy_candidates(model: Model, plan, levels: list[float], fits: dict, predictors: str,
+                        up_share: float = UP_SHARE) -> list[dict[str, timing.Candidate]]:
+    """Per layer, the strategies timing.choose picks from, each with its timing key: "dense"; where the plan's
+    layer is sparse, "threshold" (that layer: its down cut and down layout; not with --predictors on where a
+    predictor was fitted) and "predictor" (the fitted predictor with the same down cut and layout; not with
+    --predictors off)."""
+    machine, act = timing.machine(model.n_threads), model.cfg.traits.activation
+    out = []
+    for il, (L, layer, lv) in enumerate(zip(model.weights.layers, plan.layers, levels)):
+        c = {"dense": timing.Candidate(None, timing.strategy_key(machine, L, act, "dense"))}
+        if layer.active:
+            layout = down_layout(model, layer, il)
+            if predictors != "on" or il not in fits:
+                up_level = lv * up_share if layer.up_threshold is not None else 0.0
+                c["threshold"] = timing.Candidate(layer, timing.strategy_key(machine, L, act, "threshold", lv,
+                                                                             up_level, layout))
+            if predictors != "off" and il in fits:
+                fit = fits[il][0]
+                c["predictor"] = timing.Candidate(
+                    LayerSparsity(MODE_PREDICTOR, layer.threshold, None, layer.down_t, fit.predictor),
+                    timing.strategy_key(machine, L, act, "predictor", lv, 0.0, layout, fit.rank, fit.kept))
+        out.append(c)
+    return out
 
 
-def choose_predictors(model: Model, stats, levels: list[float], plan, probe: QualityProbe, mode: str,
-                      budget_kl: float | None, min_top1: float, progress, up_share: float = UP_SHARE) -> dict:
-    """Fit predictors; "auto" switches the layers where one reads fewer bytes (predictor.pays), then, while the
-    plan misses the quality bars (when a budget applies), switches back the layer that saves the least.
-    "on" switches every layer that has a fit. Returns the fits (reported whether used or not)."""
-    progress("fitting activation predictors")
-    fits = fit_predictors(model, stats, levels, plan)
-    if mode == "off":
-        return fits
-    which = sorted((il for il, (_, ratio) in fits.items() if mode == "on" or predictor.pays(ratio)),
-                   key=lambda il: fits[il][1])
-    use_predictors(plan, fits, which)
-    while which and mode == "auto" and budget_kl is not None:
-        q = probe.score(plan)
+def timing_inputs(stats) -> list[np.ndarray]:
+    """Per layer, up to timing.INPUTS_PER_LAYER of its calibration FFN inputs, (k, n_embd) float32."""
+    out = []
+    for st in stats:
+        h = st.load()["h"][:timing.INPUTS_PER_LAYER]
+        out.append(np.ascontiguousarray(h if len(h) else np.ones((1, h.shape[1])), dtype=np.float32))
+    return out
+
+
+def plan_of(candidates: list[dict[str, timing.Candidate]], choices: list[timing.Choice]) -> SparsityPlan:
+    """The plan that runs each layer's chosen candidate."""
+    return SparsityPlan([c[choice.strategy].layer or LayerSparsity(MODE_DENSE)
+                         for c, choice in zip(candidates, choices)])
+
+
+def drop_predictors_for_quality(candidates, times: list[dict[str, float]], choices: list[timing.Choice],
+                                probe: QualityProbe, budget_kl: float, min_top1: float, dense_allowed: bool,
+                                progress) -> None:
+    """While the plan misses the quality bars and some layer runs a predictor, the predictor layer whose next
+    choice without a predictor (timing.choose) loses the least time switches to it. Updates choices in place."""
+    while True:
+        which = [il for il, c in enumerate(choices) if c.strategy == "predictor"]
+        if not which:
+            return
+        q = probe.score(plan_of(candidates, choices))
         if q["kl_mean"] <= budget_kl and q["top1_agreement"] >= min_top1:
-            break
-        il = which.pop()                                             # the smallest saving goes first
-        plan.layers[il] = plan_for([stats[il]], [levels[il]], up_share).layers[0]
-        progress(f"layer {il}: predictor misses the quality bars, threshold mode")
-    return fits
+            return
+        fallback = {il: timing.choose({s: t for s, t in times[il].items() if s != "predictor"}, dense_allowed)
+                    for il in which}
+        il = min(which, key=lambda i: times[i][fallback[i].strategy] - times[i]["predictor"])
+        choices[il] = timing.Choice(fallback[il].strategy,
+                                    fallback[il].reason + "; its predictor missed the quality bars")
+        progress(f"layer {il}: predictor misses the quality bars, {fallback[il].strategy}")
 
 
 @dataclass(frozen=True)
@@ -374,8 +419,10 @@ class ConvertOptions:
     and min_top1: the quality bars for text unlike the calibration's (the allocator meets heldout_targets on its
     held-out tokens); sparsity: one forced level for every
     layer instead. calib_files: the user's texts, alone with calib_only. attention, output_candidates: the decode
-    defaults written into the file. predictors: auto, on or off (choose_predictors). calib_tokens: at most this
-    many calibration tokens (None: all the material; fewer is faster and less accurate)."""
+    defaults written into the file. predictors: auto, on or off (strategy_candidates). calib_tokens: at most this
+    many calibration tokens (None: all the material; fewer is faster and less accurate). keep_slower_sparse: the
+    allocated sparse layers stay sparse where they decode slower than dense here (timing.choose; a forced
+    sparsity always does). timing_cache: the measured times' file (None: timing.default_cache_path())."""
     output: Path | None = None
     budget_kl: float = 0.05
     min_top1: float = MIN_TOP1
@@ -389,9 +436,12 @@ class ConvertOptions:
     predictors: str = "auto"
     allocation_seconds: float = ALLOCATION_SECONDS
     up_share: float = UP_SHARE
+    keep_slower_sparse: bool = False
+    timing_cache: Path | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output) if self.output else None)
+        object.__setattr__(self, "timing_cache", Path(self.timing_cache) if self.timing_cache else None)
         object.__setattr__(self, "calib_files", tuple(Path(f) for f in self.calib_files))
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise SparseGGUFError("--sparsity must be in [0, 1)")
@@ -483,12 +533,21 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
         plan = plan_for(stats, levels, o.up_share)
         fits = {}
         if any(layer.active for layer in plan.layers):
-            fits = choose_predictors(model, stats, levels, plan, probe, o.predictors,
-                                     target_kl if o.sparsity is None else None, target_top1, progress,
-                                     o.up_share)
+            progress("fitting activation predictors")
+            fits = fit_predictors(model, stats, levels, plan)
             _, _, skipped, _ = measured_sparsity(probe, plan)
             progress("choosing the down layout per layer")
             choose_down_t(model, plan, skipped)
+        # the one place a layer's strategy is chosen: by its measured decode time (converters/timing.py)
+        candidates = strategy_candidates(model, plan, levels, fits, o.predictors, o.up_share)
+        cache = timing.TimingCache(o.timing_cache)
+        times, measured_now = timing.layer_times(model, candidates, lambda: timing_inputs(stats), cache, progress)
+        dense_allowed = o.sparsity is None and not o.keep_slower_sparse
+        choices = [timing.choose(t, dense_allowed) for t in times]
+        if o.predictors == "auto" and o.sparsity is None:
+            drop_predictors_for_quality(candidates, times, choices, probe, target_kl, target_top1, dense_allowed,
+                                        progress)
+        plan = plan_of(candidates, choices)
         report = {il: (f.predictor, stats[il].cut(levels[il]), stats[il].down_norm) for il, (f, _) in fits.items()}
         summary, skipped_up, skipped, pred_reports = measured_sparsity(probe, plan, report)   # the plan as it runs
     finally:
@@ -499,7 +558,8 @@ def convert(src: Path, options: ConvertOptions | None = None, *, progress=lambda
                            ffn_bytes_ratio(model, plan, skipped_up, skipped),
                            sum(map(len, train)), sum(map(len, held)), cal.description, 0.0,
                            [down_layout(model, layer, il) for il, layer in enumerate(plan.layers)],
-                           [layer.mode for layer in plan.layers], pred_reports)
+                           [layer.mode for layer in plan.layers], pred_reports, choices, times,
+                           f"{'measured now' if measured_now else 'from the cache'}, {cache.path}")
 
     plan_kv, plan_tensors = plan.to_gguf()
     extra_kv = {

@@ -1,5 +1,5 @@
-"""Low-rank activation predictors for the FFN (Deja Vu, Liu et al. 2023; PowerInfer, Song et al. 2023): fit,
-choose a rank, and decide per layer whether a predictor pays.
+"""Low-rank activation predictors for the FFN (Deja Vu, Liu et al. 2023; PowerInfer, Song et al. 2023): fit
+and choose a rank. Whether a layer uses its predictor is decided by measured decode time (converters/timing.py).
 
 A predictor scores every neuron of a layer from its normed FFN input x: s = B (A x), A: (rank, n_embd),
 B: (n_ff, rank). Neuron j is a candidate where s_j >= c_j; only candidates compute gate, up and down (the down
@@ -17,9 +17,8 @@ cut of the threshold mode still applies among them). The fit:
   neuron) pairs the down cut keeps, on the calibration sample, computed with the Q8_0-rounded factors the file
   will carry. Channels with too few such pairs to place a cut are always candidates.
 
-Whether a layer uses its predictor is a byte count: predictor bytes + candidates x (gate + up row bytes)
-against gate + up in full (the down part is the same either way). On SmolLM2-135M no layer's predictor pays:
-for 99% recall the candidates are 92-98% of the neurons (docs/FORMAT.md has the measurement).
+The rank is the one that reads the fewest bytes: predictor bytes + candidates x (gate + up row bytes). On
+SmolLM2-135M, for 99% recall the candidates are 92-98% of the neurons (docs/FORMAT.md has the measurement).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ RECALL = 0.99              # share of the pairs the down cut keeps that the pred
 RANKS = (32, 64, 128)      # tried per layer (multiples of 32: the factors are Q8_0)
 MIN_POSITIVES = 16         # a channel with fewer kept pairs in the sample is always a candidate
 RIDGE = 1e-3               # lambda = RIDGE * mean eigenvalue of Cxx
-GAIN_MARGIN = 0.03         # a predictor must save this share of gate + up bytes to be used (estimate noise)
 
 
 @dataclass
@@ -128,8 +126,3 @@ def cheapest(fits: list[PredictorFit], gate_up_bytes: int) -> tuple[PredictorFit
         if best is None or ratio < best_ratio:
             best, best_ratio = f, ratio
     return best, best_ratio
-
-
-def pays(ratio: float) -> bool:
-    """Whether a predictor reading `ratio` of gate + up is worth its recall loss."""
-    return ratio < 1.0 - GAIN_MARGIN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -12,6 +13,22 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from tiny_models import cached_tiny_model  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def timings_cache(tmp_path_factory):
+    """The converter's measured FFN times go to a session file, never the user's cache (converters/timing.py);
+    the CLI's subprocesses inherit it."""
+    from converters.timing import CACHE_ENV
+
+    path = tmp_path_factory.getbasetemp() / "timings.json"
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

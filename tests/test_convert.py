@@ -41,7 +41,8 @@ def test_converted_model_of_each_architecture_loads_and_runs(tiny_model, tmp_pat
     src = _copy(tiny_model(arch, "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
-    res = convert(src, sparsity=0.3, calib_files=(calib,), calib_only=True, up_share=0.5)   # with an up stage
+    res = convert(src, sparsity=0.3, calib_files=(calib,), calib_only=True, up_share=0.5,   # with an up stage
+                  predictors="off")
     assert res.out_path == tmp_path / (src.name[:-5] + ".sparse.gguf") and res.out_path.is_file()
     m = Model(res.out_path, n_ctx=256)
     assert m.sparsity is not None and all(layer.active for layer in m.sparsity.layers)
@@ -92,7 +93,8 @@ def test_budget_is_met_with_default_calibration(tiny_model, tmp_path):
     """Built-in texts and self-generated replies; the allocator reaches real sparsity within the budget."""
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     # random tiny models have many near-tied tokens, so the top-1 floor is left out here
-    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=20)
+    # sparse layers kept where they decode slower (on a tiny model they do): this test is about the allocator
+    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=20, keep_slower_sparse=True)
     assert res.summary["kl_mean"] <= 0.05
     assert np.mean(res.skipped) > 0.1 and res.ffn_bytes_ratio < 1.0
     # the converted file, evaluated against its own dense path on the probe tokens, agrees with the estimate
@@ -109,7 +111,8 @@ def test_model_without_chat_template_converts_on_its_continuations(tiny_model, t
     plain-text openings, says so, and meets the budget with real sparsity as a chat model does."""
     src = _copy(tiny_model(arch, "Q8_0", chat_template=False), tmp_path)
     assert not Tokenizer(src).chat_template
-    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=5, calib_tokens=3000)
+    res = convert(src, budget_kl=0.05, min_top1=0.0, allocation_seconds=5, calib_tokens=3000,
+                  keep_slower_sparse=True)
     assert "continuations" in res.calibration and "no chat template" in res.calibration
     md = all_metadata(open_gguf(res.out_path))
     assert md["sparse_gguf.calibration.sources"] == "builtin-texts,self-continued"
@@ -227,8 +230,8 @@ def test_predictor_layers_convert_load_and_decode_as_masked(tiny_model, tmp_path
 
 
 def test_predictors_off_and_auto(tiny_model, tmp_path, test_text):
-    """off: no predictor tensors; auto on a random model: predictors cannot pay (they pick nearly every neuron),
-    so the layers stay in threshold mode, and the report still measures them."""
+    """off: no predictor tensors; auto: each layer runs the strategy its measured times choose (a forced level:
+    threshold or predictor, never dense), and the report measures the predictors either way."""
     src = _copy(tiny_model("llama", "Q8_0"), tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(test_text * 3)
@@ -237,7 +240,9 @@ def test_predictors_off_and_auto(tiny_model, tmp_path, test_text):
                   predictors="off", fraction=done.append)
     assert done == sorted(done) and done[-1] == 1.0 and len(set(done)) > 5
     auto = convert(src, output=tmp_path / "auto.gguf", sparsity=0.3, calib_files=(calib,), calib_only=True)
-    assert off.modes == auto.modes == [1, 1]
+    assert off.modes == [1, 1] and [c.strategy for c in off.choices] == ["threshold"] * 2
+    assert auto.modes == [{"threshold": 1, "predictor": 2}[c.strategy] for c in auto.choices]
+    assert all(set(t) == {"dense", "threshold", "predictor"} for t in auto.times)
     assert not any(t.name.startswith("blk.0.ffn_pred") for t in open_gguf(tmp_path / "off.gguf").tensors)
     assert all(row["pred_kept"] > 0.9 for row in auto.layer_table())
     with pytest.raises(SparseGGUFError, match="--predictors"):
