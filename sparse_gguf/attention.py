@@ -60,11 +60,12 @@ class CausalAttention:
         """q (1, n_head, hd), k, v (1, n_kv, hd) of the token at position p0 -> (1, n_head*hd)."""
         cos, sin = self.rope.get(p0, 1)
         attn_kernels.rope_store_decode(q, k, v, cos, sin, self.cfg.traits.rope_neox, self.cache.k.view(np.uint16),
-                                       self.cache.v.view(np.uint16), p0, *self._keys())
+                                       self.cache.v.view(np.uint16), p0, *self._keys(p0))
         self._prescale(q)
         return self._attend_decode(q, p0 + 1, stats)
 
-    def _keys(self) -> tuple[np.ndarray, np.ndarray]:
+    def _keys(self, p0: int) -> tuple[np.ndarray, np.ndarray]:
+        """The 4-bit key arrays the decode step at position p0 writes its key into (none here)."""
         return _NO_KEYS
 
     def _attend_decode(self, q: np.ndarray, n_keys: int, stats: StepStats) -> np.ndarray:
@@ -124,7 +125,8 @@ class CausalAttention:
 class WindowedAttention(CausalAttention):
     """Windowed top-k once the context is longer than what it attends to (AttentionWindow): the sinks, the
     recent window and the top-k older positions by 4-bit key scores. Keeps its layer's 4-bit keys (Q4_0 rows,
-    layout: numba_kernels.attention). Prefill attends to every position (exact, and fast in BLAS) unless
+    layout: numba_kernels.attention), made once the context outgrows what a token attends to (until then a step
+    is CausalAttention's). Prefill attends to every position (exact, and fast in BLAS) unless
     `like_decode` is set: then each query of a batch makes the choice decode would make, so `eval` measures
     what generation computes."""
 
@@ -135,10 +137,26 @@ class WindowedAttention(CausalAttention):
         tiles = (cfg.n_head_kv, attn_kernels.n_tiles(n_ctx))
         self.keys_q4 = np.zeros(tiles + (4 * cfg.head_dim,), dtype=np.uint8)          # (n_kv, n_tiles, 4 hd)
         self.keys_d = np.zeros(tiles + (8 * (cfg.head_dim // 32),), dtype=np.uint16)  # (n_kv, n_tiles, 8 nb) fp16
+        self.n_keyed = 0           # positions 0..n_keyed-1 have their 4-bit keys (made when scoring first needs them)
         self.like_decode = False
 
-    def _keys(self) -> tuple[np.ndarray, np.ndarray]:
+    def _keys(self, p0: int) -> tuple[np.ndarray, np.ndarray]:
+        # While the context fits what a token attends to nothing is scored: the step runs as CausalAttention's,
+        # without the 4-bit key. Past that, the keys not made yet are made from the fp16 cache first.
+        self.n_keyed = min(self.n_keyed, p0)                          # positions from p0 on are rewritten
+        if p0 + 1 <= self.w.max_attended:
+            return _NO_KEYS
+        self._key_up_to(p0)
+        self.n_keyed = p0 + 1                                        # rope_store_decode writes p0's
         return self.keys_q4, self.keys_d
+
+    def _key_up_to(self, end: int) -> None:
+        """The 4-bit keys of positions n_keyed..end-1, from the fp16 cache (as decode makes them)."""
+        if self.n_keyed < end:
+            k16 = self.cache.k[:, self.n_keyed:end].astype(np.float32)      # (n_kv, n, head_dim)
+            for kvh in range(self.cfg.n_head_kv):
+                attn_kernels.quantize_keys_q4(k16[kvh], self.n_keyed, self.keys_q4[kvh], self.keys_d[kvh])
+            self.n_keyed = end
 
     def _attend_decode(self, q: np.ndarray, n_keys: int, stats: StepStats) -> np.ndarray:
         if n_keys <= self.w.max_attended:
@@ -158,9 +176,9 @@ class WindowedAttention(CausalAttention):
         return out.reshape(1, -1)
 
     def _stored(self, p0: int, T: int) -> None:
-        k16 = self.cache.k[:, p0:p0 + T].astype(np.float32)         # (n_kv, T, head_dim)
-        for kvh in range(self.cfg.n_head_kv):
-            attn_kernels.quantize_keys_q4(k16[kvh], p0, self.keys_q4[kvh], self.keys_d[kvh])
+        self.n_keyed = min(self.n_keyed, p0)
+        if p0 + T > self.w.max_attended:                             # a query here or a later decode may score
+            self._key_up_to(p0 + T)
 
     def _mask(self, q: np.ndarray, p0: int, scores: np.ndarray) -> bool:
         if not self.like_decode or p0 + q.shape[0] <= self.w.max_attended:

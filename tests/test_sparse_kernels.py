@@ -8,6 +8,7 @@ import pytest
 
 from numba_kernels import attention as A
 from numba_kernels import ops, simd
+from sparse_gguf.attention import WindowedAttention
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.ffn import FusedThresholdFFN
 from sparse_gguf.format import MODE_THRESHOLD
@@ -334,6 +335,36 @@ def test_windowed_model_decode_matches_its_prefill_and_covering_window_is_dense(
     kl = kl_rows(batched[40:], step)
     assert kl.mean() < 0.01, kl.mean()
     assert not np.allclose(batched[40:], dense[40:], atol=1e-3)   # the window does change the result
+
+
+def test_windowed_keys_made_when_first_scored_equal_the_cache_keys(tiny_model):
+    """WindowedAttention makes its 4-bit keys only once the context outgrows what a token attends to, then from
+    the fp16 cache: they equal quantize_keys_q4 of the cache, also after a rewind to an earlier position."""
+    path = tiny_model("llama", "Q8_0")
+    m = Model(path, n_ctx=192, attn_sinks=4, attn_window=32, attn_topk=64)      # attends to at most 100
+    layers = [a for a in m.attention if isinstance(a, WindowedAttention)]
+    assert layers
+
+    def check(n):
+        for a in layers:
+            assert a.n_keyed == n
+            kq, kd = np.zeros_like(a.keys_q4), np.zeros_like(a.keys_d)
+            for h in range(kq.shape[0]):
+                A.quantize_keys_q4(a.cache.k[h, :n].astype(np.float32), 0, kq[h], kd[h])
+            full = n // A.TILE                                  # whole tiles (a partial one holds stale rows)
+            np.testing.assert_array_equal(a.keys_q4[:, :full], kq[:, :full])
+            np.testing.assert_array_equal(a.keys_d[:, :full], kd[:, :full])
+
+    m.eval(tokens(60))
+    check(0)                                                    # nothing scored yet: no keys made
+    for t in tokens(60, seed=1):                                # decode crosses 100 positions
+        m.eval([t])
+    check(120)
+    m.reset()
+    m.eval(tokens(50, seed=2))                                  # a rewind: positions from 0 rewritten
+    check(0)
+    m.eval(tokens(90, seed=3))                                  # a prefill chunk past 100
+    check(140)
 
 
 def test_output_candidates_exact_for_the_best_rows(tiny_model):
