@@ -234,26 +234,29 @@ def _nibble_pack(v: np.ndarray) -> np.ndarray:
     return (v[..., :16] & 0x0F) | (v[..., 16:] << 4)
 
 
-def _pair_pack(v: np.ndarray) -> np.ndarray:
-    """(n_rows, nb, 32) codes 0..15 -> (n_rows, nb*16) bytes in paired order (see module docstring)."""
-    n_rows, nb, _ = v.shape
-    v = v.astype(np.uint8)
-    out = np.empty((n_rows, nb * 16), np.uint8)
+def _pair_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n_rows, nb, 16) GGUF nibble bytes (byte j: code j low, code 16 + j high) -> (n_rows, nb*16) bytes in
+    paired order (module docstring), straight from the bytes: for blocks a = 2k, b = 2k+1, byte j < 16 of the
+    pair is code j of a | code j of b << 4 = (a_j & 0x0F) | (b_j << 4), byte 16 + j the same for code 16 + j
+    = (a_j >> 4) | (b_j & 0xF0)."""
+    n_rows, nb, _ = q.shape
     npair = nb // 2
-    pairs = v[:, : 2 * npair].reshape(n_rows, npair, 2, 32)
-    out[:, : 32 * npair] = ((pairs[:, :, 0] & 0x0F) | (pairs[:, :, 1] << 4)).reshape(n_rows, 32 * npair)
-    if nb & 1:
-        out[:, 32 * npair:] = _nibble_pack(v[:, -1])
+    out = np.empty((n_rows, nb * 16), np.uint8)
+    pairs = q[:, :2 * npair].reshape(n_rows, npair, 2, 16)
+    a, b = pairs[:, :, 0], pairs[:, :, 1]
+    o = out[:, :32 * npair].reshape(n_rows, npair, 32)
+    np.bitwise_or(a & 0x0F, b << 4, out=o[..., :16])
+    np.bitwise_or(a >> 4, b & 0xF0, out=o[..., 16:])
+    if nb & 1:                                   # the last block alone: its GGUF bytes are its single order
+        out[:, 32 * npair:] = q[:, -1]
     return out
 
 
-def _codes4(q: np.ndarray) -> np.ndarray:
-    """(..., 16) GGUF nibble bytes -> (..., 32) codes (elements 0..15 low nibbles, 16..31 high)."""
-    return np.concatenate([q & 0x0F, q >> 4], axis=-1)
-
-
 def _f16_field(blocks: np.ndarray, off: int) -> np.ndarray:
-    """uint16 fp16 bit patterns at byte offset `off` of each block: (n_rows, nb)."""
+    """uint16 fp16 bit patterns at byte offset `off` of each block: (n_rows, nb). (Every type's block size and
+    fp16 offsets are even: a 2-byte view of the blocks when their bytes are contiguous.)"""
+    if blocks.shape[-1] % 2 == 0 and off % 2 == 0 and blocks.strides[-1] == 1:
+        return blocks.view("<u2")[..., off // 2].astype(np.uint16)
     return np.ascontiguousarray(blocks[..., off:off + 2]).view("<u2")[..., 0].astype(np.uint16)
 
 
@@ -267,26 +270,26 @@ def _no_qh(blocks: np.ndarray) -> np.ndarray:
 
 @kernel_for(QT.Q4_0, "pack")
 def _pack_q4_0(blocks):
-    return _pair_pack(_codes4(blocks[..., 2:18])), _f16_field(blocks, 0), _no_qh(blocks)
+    return _pair_nibbles(blocks[..., 2:18]), _f16_field(blocks, 0), _no_qh(blocks)
 
 
 @kernel_for(QT.Q4_1, "pack")
 def _pack_q4_1(blocks):
     sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
-    return _pair_pack(_codes4(blocks[..., 4:20])), sc, _no_qh(blocks)
+    return _pair_nibbles(blocks[..., 4:20]), sc, _no_qh(blocks)
 
 
 @kernel_for(QT.Q5_0, "pack")
 def _pack_q5_0(blocks):
     qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0].astype(np.uint32)
-    return _pair_pack(_codes4(blocks[..., 6:22])), _f16_field(blocks, 0), qh
+    return _pair_nibbles(blocks[..., 6:22]), _f16_field(blocks, 0), qh
 
 
 @kernel_for(QT.Q5_1, "pack")
 def _pack_q5_1(blocks):
     sc = np.concatenate([_f16_field(blocks, 0), _f16_field(blocks, 2)], axis=-1)
     qh = np.ascontiguousarray(blocks[..., 4:8]).view("<u4")[..., 0].astype(np.uint32)
-    return _pair_pack(_codes4(blocks[..., 8:24])), sc, qh
+    return _pair_nibbles(blocks[..., 8:24]), sc, qh
 
 
 @kernel_for(QT.Q8_0, "pack")

@@ -237,6 +237,17 @@ class ModelWeights:
         return per_layer + self.output.nbytes + self.token_embd.nbytes // self.token_embd.n_rows
 
 
+def _float_vector(raw: np.ndarray, qtype: int) -> np.ndarray:
+    """The bytes of an F32, F16 or BF16 vector (little-endian; BF16 is the upper half of an F32) -> a float32
+    copy. numpy rather than the dequantize kernel: a model has a hundred such norms and biases, each a parallel
+    kernel launch otherwise."""
+    if qtype == GGMLQuantizationType.F32:
+        return raw.view("<f4").astype(np.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return raw.view("<f2").astype(np.float32)
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
 def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
     """The model's weights from an open GGUF file. A matrix with a fast kernel is repacked in chunks of rows,
     and each chunk's file pages leave the resident set as soon as it is packed (release_pages), so loading
@@ -258,8 +269,7 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
             raise SparseGGUFError(f"tensor {name} has type {type_name(t.tensor_type)}; 1-D tensors must be F32/F16/BF16")
         if int(t.n_elements) != size:
             raise SparseGGUFError(f"tensor {name} has {int(t.n_elements)} elements, expected {size}")
-        v = dequant.dequantize(t.data.view(np.uint8).reshape(-1), int(t.tensor_type), size).reshape(-1)
-        return np.ascontiguousarray(v, dtype=np.float32)
+        return _float_vector(t.data.view(np.uint8).reshape(-1), int(t.tensor_type))
 
     def checked(name: str, n_rows: int, n_cols: int) -> tuple[np.ndarray, int, object]:
         """(raw uint8 (n_rows, row_bytes) view of the file, type, pack callback dropping packed rows' pages)"""

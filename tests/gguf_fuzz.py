@@ -30,7 +30,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _vocab() -> tuple[list[str], list[int], list[str]]:
+def small_vocab() -> tuple[list[str], list[int], list[str]]:
+    """The small model's gpt2 vocabulary: (64 tokens, their types, 5 merges)."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ċ", "Ġ"] + letters
     merges = [f"{a} {b}" for a, b in (("t", "h"), ("th", "e"), ("a", "n"), ("Ġ", "t"), ("i", "n"))]
@@ -50,7 +51,7 @@ def small_model(path: Path, kv: dict | None = None, tensors: dict | None = None,
     from gguf import GGMLQuantizationType as QT
     from gguf import GGUFValueType as VT
 
-    tokens, types, merges = _vocab()
+    tokens, types, merges = small_vocab()
     rng = np.random.default_rng(0)
     hd = N_EMBD // N_HEAD
     meta: dict = {

@@ -277,6 +277,22 @@ def test_f16_all_bit_patterns():
     np.testing.assert_array_equal(ours.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_vectors_loaded_by_numpy_match_the_kernel(qtype):
+    """sparse_gguf.weights converts 1-D F32/F16/BF16 tensors (norms, biases) with numpy: the kernel's bits, for
+    every 16-bit pattern (NaN payloads, infinities, subnormals, -0) and random 32-bit ones."""
+    from sparse_gguf.weights import _float_vector
+
+    if qtype == T.F32:
+        raw = np.random.default_rng(0).integers(0, 1 << 32, 1 << 16, dtype=np.uint32).view(np.uint8)
+    else:
+        raw = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
+    n = raw.size // GGML_QUANT_SIZES[qtype][1]
+    ours = _float_vector(raw, int(qtype))
+    assert ours.dtype == np.float32 and ours.shape == (n,) and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours.view(np.uint32), D.dequantize(raw, int(qtype), n).view(np.uint32))
+
+
 def test_supported_types():
     assert D.SUPPORTED_TYPES == frozenset(int(t) for t in TYPES)
     with pytest.raises(ValueError):

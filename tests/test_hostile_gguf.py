@@ -29,10 +29,12 @@ from gguf import GGUFValueType as VT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_fuzz import N_EMBD, N_FF, TOKENIZER_CHILD, check_loads, header_end, mutate, small_model, structure
+from gguf_fuzz import (N_EMBD, N_FF, TOKENIZER_CHILD, check_loads, header_end, mutate, small_model, small_vocab,
+                       structure)
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.gguf_file import open_gguf
 from sparse_gguf.tokenizer import Tokenizer
+from sparse_gguf import validate
 from sparse_gguf.validate import check_tokenizer_metadata, validate_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +100,14 @@ def _uint8_array_2_60(d: bytes) -> bytes:
     return _patch(_patch(d, off + 4, "<I", int(VT.UINT8)), off + 8, "<Q", 2**60)
 
 
+def _token_length_offset(d: bytes, i: int) -> int:
+    """Offset of the length field of token i of the vocabulary."""
+    off = _key_value_offset(d, "tokenizer.ggml.tokens") + 4 + 4 + 8
+    for _ in range(i):
+        off += 8 + struct.unpack_from("<Q", d, off)[0]
+    return off
+
+
 STRUCTURAL = {
     "uint8 array 2**60 long": (_uint8_array_2_60, ["token_type", "elements"]),
     # name: (mutator(data) -> data, words the message must contain)
@@ -109,6 +119,12 @@ STRUCTURAL = {
                                                 2**60), ["tokenizer.ggml.tokens", "elements"]),
     "int array past the end": (lambda d: _patch(d, _key_value_offset(d, "tokenizer.ggml.token_type") + 8, "<Q",
                                                 2**21 - 1), ["token_type"]),
+    "token length 2**40": (lambda d: _patch(d, _token_length_offset(d, 3), "<Q", 2**40),
+                           ["element 3 of 'tokenizer.ggml.tokens'", "limit"]),
+    "token length past the end": (lambda d: _patch(d, _token_length_offset(d, 3), "<Q", 2**23),
+                                  ["element 3 of 'tokenizer.ggml.tokens'", "needs"]),
+    "last token cut by the end of the file": (lambda d: d[:_token_length_offset(d, 63) + 4],
+                                              ["element 63 of 'tokenizer.ggml.tokens' length"]),
     "string length 2**40": (lambda d: _patch(d, _key_value_offset(d, "general.name") + 4, "<Q", 2**40),
                             ["general.name"]),
     "unknown value type": (lambda d: _patch(d, _key_value_offset(d, "general.name"), "<I", 13),
@@ -154,11 +170,48 @@ def test_structural_damage_refused(base, tmp_path, case):
     _refused(p, *needles)
 
 
-def test_default_model_header_passes(default_model):
+def test_default_model_header_passes(default_model, span, monkeypatch):
+    monkeypatch.setattr(validate, "_WALKED", {})
     layout = validate_gguf(default_model)
     check_tokenizer_metadata(layout)
     assert len(layout.tensors) == 272
     assert layout.arrays["tokenizer.ggml.tokens"].length == 49152
+    assert layout.arrays["tokenizer.ggml.tokens"].min_str_bytes == 1
+    assert layout.arrays["tokenizer.ggml.merges"].min_str_bytes == 3
+
+
+STRING_ARRAYS = {  # strings in arrays, each checked alone (validate checks them all in one pass)
+    "a character split across two tokens": ("tokenizer.ggml.tokens", 7, [b"\xc3", b"\xa9"], "element 7 of"),
+    "an invalid byte in the last merge": ("tokenizer.ggml.merges", 4, [b"a \xff"], "element 4 of"),
+    "a lone surrogate in a token": ("tokenizer.ggml.tokens", 0, [b"\xed\xa0\x80"], "element 0 of"),
+    "a character cut by the end of a token": ("tokenizer.ggml.tokens", 63, [b"x\xe6\x97"], "element 63 of"),
+}
+
+
+@pytest.fixture(params=[None, 1, 40], ids=["one-run", "a-string-a-run", "40-byte-runs"])
+def span(request, monkeypatch):
+    """validate checks an array's strings in runs of at most _SPAN bytes: also in many short runs."""
+    if request.param is not None:
+        monkeypatch.setattr(validate, "_SPAN", request.param)
+
+
+@pytest.mark.parametrize("case", list(STRING_ARRAYS))
+def test_invalid_utf8_in_a_string_array_refused(tmp_path, case, span):
+    key, i, bad, needle = STRING_ARRAYS[case]
+    tokens, types, merges = small_vocab()
+    values = [s.encode() for s in (tokens if key.endswith("tokens") else merges)]
+    values[i:i + len(bad)] = bad
+    vt = VT.ARRAY, VT.STRING
+    p = small_model(tmp_path / "utf8.gguf", kv={key: (values, *vt)})
+    msg = _refused(p, "not valid UTF-8", needle)
+    assert repr(key) in msg
+
+
+def test_duplicate_token_refused_at_its_second_place(tmp_path, span):
+    tokens, _, _ = small_vocab()
+    tokens[40] = tokens[9]
+    p = small_model(tmp_path / "dup.gguf", kv={"tokenizer.ggml.tokens": (tokens, VT.ARRAY, VT.STRING)})
+    _refused(p, f"token 40 of the vocabulary ({tokens[9].encode()!r}) appears twice")
 
 
 def test_alignment_must_be_power_of_two(tmp_path):

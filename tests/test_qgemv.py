@@ -471,6 +471,34 @@ def test_pack_size_and_layout(qtype):
     np.testing.assert_array_equal(pm2.qs, pm.qs)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("nb", [7, 8])
+def test_pack_layout_of_4bit_codes(qtype, nb):
+    """qs and sc element by element as the module docstring lays them out (blocks paired, an odd last block
+    alone), from the GGUF block bytes; also from a view whose bytes are not contiguous."""
+    n_rows = 5
+    raw = random_raw(qtype, n_rows, 32 * nb, seed=nb)
+    bsz = raw.shape[1] // nb
+    q_off = {QT.Q4_0: 2, QT.Q4_1: 4, QT.Q5_0: 6, QT.Q5_1: 8}[qtype]
+    blocks = raw.reshape(n_rows, nb, bsz)
+    q = blocks[..., q_off:q_off + 16]
+    codes = np.concatenate([q & 0x0F, q >> 4], axis=-1)                    # (n_rows, nb, 32): element order
+    qs = np.zeros((n_rows, nb * 16), np.uint8)
+    for k in range(nb):
+        if k % 2 == 0 and k + 1 < nb:
+            qs[:, 16 * k:16 * k + 32] = codes[:, k] | (codes[:, k + 1] << 4)
+        elif k % 2 == 0:
+            qs[:, 16 * k:16 * k + 16] = codes[:, k, :16] | (codes[:, k, 16:] << 4)
+    f16 = lambda off: blocks[..., off].astype(np.uint16) | (blocks[..., off + 1].astype(np.uint16) << 8)
+    sc = f16(0) if qtype in (QT.Q4_0, QT.Q5_0) else np.concatenate([f16(0), f16(2)], axis=-1)
+    wide = np.zeros((n_rows, raw.shape[1] + 3), np.uint8)
+    wide[:, 1:-2] = raw
+    for src in (raw, wide[:, 1:-2]):                                    # contiguous, and rows with a stride
+        pm = qgemv.pack(src, qtype)
+        np.testing.assert_array_equal(pm.qs, qs)
+        np.testing.assert_array_equal(pm.sc, sc)
+
+
 def test_concat_rows():
     a = case_data(QT.Q4_1, (191, 576))
     b = case_data(QT.Q4_1, (1, 576))
