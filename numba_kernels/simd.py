@@ -9,7 +9,7 @@ hands us the ``llvmlite.ir.IRBuilder`` of the *calling* function, so we can emit
 ``llvm.x86.avx2.pmadd.ub.sw``) straight into the jitted kernel.  The emitted IR is inlined at the call
 site; LLVM then schedules and register-allocates it together with the surrounding loop.
 
-The other half of the trick is a pair of Numba types, ``f32x8`` and ``i32x8``, whose data model *is*
+The other half of the trick is a Numba type, ``SimdVector`` (``f32x8``, ``i32x8``; 16 lanes for zmm), whose data model *is*
 an LLVM vector (``<8 x float>`` / ``<8 x i32>``).  A Numba variable of that type lives in a ymm
 register, so a kernel can keep a vector accumulator across all blocks of a row (as llama.cpp does)
 and reduce it horizontally only once per row::
@@ -216,19 +216,6 @@ def _kind(path) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class F32x8Type(types.Type):
-    def __init__(self):
-        super().__init__(name="f32x8")
-
-
-class I32x8Type(types.Type):
-    def __init__(self):
-        super().__init__(name="i32x8")
-
-
-f32x8 = F32x8Type()
-i32x8 = I32x8Type()
-
 _I1 = ir.IntType(1)
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -246,16 +233,23 @@ _V8I32 = ir.VectorType(_I32, 8)
 _V8F32 = ir.VectorType(_F32, 8)
 
 
-@register_model(F32x8Type)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8F32)
+class SimdVector(types.Type):
+    """A Numba type whose data model is an LLVM vector of `lanes` float32 or int32 (a variable of it lives in a
+    SIMD register): f32x8 / i32x8 (ymm) and f32x16 / i32x16 (zmm, the prefill row tiles)."""
+
+    def __init__(self, elem: str, lanes: int):
+        self.elem, self.lanes = elem, lanes
+        super().__init__(name=f"{elem}x{lanes}")
 
 
-@register_model(I32x8Type)
-class _I32x8Model(models.PrimitiveModel):
+@register_model(SimdVector)
+class _SimdVectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8I32)
+        super().__init__(dmm, fe_type, ir.VectorType(_F32 if fe_type.elem == "f32" else _I32, fe_type.lanes))
+
+
+f32x8 = SimdVector("f32", 8)
+i32x8 = SimdVector("i32", 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1916,31 +1910,8 @@ def _ov_hsum8(path, a0, a1, a2, a3, a4, a5, a6, a7):
 HAS_AVX512_VNNI: bool = HAS_VNNI and {"avx512f", "avx512bw", "avx512vnni"} <= _FEATURES
 
 
-class F32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="f32x16")
-
-
-class I32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="i32x16")
-
-
-f32x16 = F32x16Type()
-i32x16 = I32x16Type()
-_V16F32 = ir.VectorType(_F32, 16)
-
-
-@register_model(F32x16Type)
-class _F32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16F32)
-
-
-@register_model(I32x16Type)
-class _I32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16I32)
+f32x16 = SimdVector("f32", 16)
+i32x16 = SimdVector("i32", 16)
 
 
 _INT_VEC = {8: i32x8, 16: i32x16}
@@ -1951,21 +1922,21 @@ def _tile_rows(kind: str) -> int:
     return 16 if kind == "vnni" and HAS_AVX512_VNNI else 8
 
 
-def _int_lanes(t) -> int | None:
-    """R for an accumulator tuple of i32xR, else None."""
+def _lanes(t, vecs: dict) -> int | None:
+    """R for a tuple of the R-lane vectors of vecs (_INT_VEC or _FLOAT_VEC), else None."""
     if isinstance(t, types.UniTuple):
-        for r, vt in _INT_VEC.items():
+        for r, vt in vecs.items():
             if t.dtype == vt:
                 return r
     return None
+
+
+def _int_lanes(t) -> int | None:
+    return _lanes(t, _INT_VEC)
 
 
 def _float_lanes(t) -> int | None:
-    if isinstance(t, types.UniTuple):
-        for r, vt in _FLOAT_VEC.items():
-            if t.dtype == vt:
-                return r
-    return None
+    return _lanes(t, _FLOAT_VEC)
 
 
 def _iv(r: int) -> ir.VectorType:
