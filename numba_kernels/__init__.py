@@ -12,10 +12,57 @@ Contract shared by all weight kernels: a weight matrix W of shape (n_rows, n_col
 together with its GGML type code (gguf.GGMLQuantizationType value).
 """
 
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numba
+
+CACHE_UNUSED_DAYS = 14     # another source version's cache directory not used for this long is removed
+
+
+def cache_dir(sources: Path, environ=os.environ) -> Path:
+    """Numba's on-disk cache for the kernels in the folder `sources`: one directory per version of their code.
+    Numba checks a cached kernel only against its own file's timestamp, but kernels inline helpers from the other
+    files (simd.py into qgemv.py, ...): after a change to a helper, a kernel whose file did not change would load
+    stale code, or fail to unpickle a type that is gone (seen: AttributeError 'F32x8Type' once simd's vector
+    types were merged). A digest of every kernel source (with Numba's and Python's versions) names the directory
+    instead, under NUMBA_CACHE_DIR if set, else the user's cache folder."""
+    h = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
+    for f in sorted(sources.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    base = Path(environ.get("NUMBA_CACHE_DIR") or
+                Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-gguf" / "numba")
+    return base / f"kernels-{h.hexdigest()[:16]}"
+
+
+def use_cache_dir(path: Path) -> bool:
+    """Point Numba's cache at path (read as each @njit(cache=True) kernel is defined, so before the kernel modules
+    load), mark it used now, and remove other versions' directories unused for CACHE_UNUSED_DAYS. False (Numba's
+    own choice of folder stays) if path cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.utime(path)
+    except OSError:
+        return False
+    numba.config.CACHE_DIR = str(path)
+    stale = time.time() - CACHE_UNUSED_DAYS * 86400
+    for other in path.parent.glob("kernels-*"):
+        try:
+            if other != path and other.stat().st_mtime < stale:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            pass
+    return True
+
+
+use_cache_dir(cache_dir(Path(__file__).parent))
+
 # The kernel modules register their kernels in the qtypes entries as they load: import them here, so every
 # entry is complete whichever module of the package is imported first.
-import os
-
 from . import dequant, qgemv  # noqa: E402,F401
 
 

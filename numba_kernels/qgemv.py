@@ -426,19 +426,19 @@ _ROW_OPTS = dict(cache=True, fastmath=True, _nrt=False)
 
 
 @njit(**_ROW_OPTS)
-def _blk_q4(path, qs, sc, r, qoff, b, xq, xd, acc):
-    """Single-order block b (the odd last block of a row)."""
+def _blk_q4(path, qs, sc, r, c0, qoff, b, xq, xd, acc):
+    """Single-order block b (the odd last block of a row; its scale at sc[r, c0 + b])."""
     p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
-    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
+    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, c0 + np.uint64(b)], xd[np.uint64(b)]))
 
 
 @njit(**_ROW_OPTS)
-def _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1):
+def _pair_q4(path, qs, sc, r, c0, qoff, k, xq, xd, a0, a1):
     """Paired blocks 2k (-> a0) and 2k+1 (-> a1)."""
     b = np.uint64(2 * k)
     p0, p1 = simd.dot_q4x2(path, qs, qoff + 32 * k, xq, 64 * k)
-    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, b], xd[b]))
-    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, b + np.uint64(1)], xd[b + np.uint64(1)]))
+    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, c0 + b], xd[b]))
+    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, c0 + b + np.uint64(1)], xd[b + np.uint64(1)]))
     return a0, a1
 
 
@@ -497,22 +497,31 @@ def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, prefetch):
     (value = q * d + m: sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)) dotted with a Q8 activation. The one
     row sum of both types, for the GEMV and for sparse gathers alike (the same float order, so a neuron near
     a cut falls on the same side in both). prefetch: PREFETCH_BYTES ahead of the row (consecutive rows)."""
+    qoff = r * np.uint64(xd.shape[0] * 16)
+    return _row_q4_at(path, qs, qoff, sc, r, np.uint64(0), xq, xd, xs, has_min, prefetch,
+                      qoff + np.uint64(PREFETCH_BYTES))
+
+
+@njit(**_ROW_OPTS)
+def _row_q4_at(path, qs, qoff, sc, r, c0, xq, xd, xs, has_min, prefetch, pf_off):
+    """_row_q4 of a row whose codes start at qs.flat[qoff] and whose scales (d, then m for Q4_1) start at
+    sc[r, c0]. prefetch: while reading byte o of the row's codes, prefetch qs.flat[pf_off + o] (the dense GEMV:
+    PREFETCH_BYTES on in memory; a gather: the row a few entries on), so the lines in flight keep pace."""
     nb = xd.shape[0]
-    qoff = r * np.uint64(nb * 16)
-    doff = r * np.uint64(2 * nb if has_min else nb)
+    doff = r * np.uint64(sc.shape[1]) + c0
     a0 = simd.vzero(path)
     a1 = simd.vzero(path)
     for g in range(nb >> 3):
         if prefetch:
-            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            _prefetch_128(qs, pf_off + np.uint64(128 * g))
         a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
                         sc, doff + np.uint64(8 * g), xd, 8 * g)
     for k in range((nb >> 3) << 2, nb >> 1):
-        a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
+        a0, a1 = _pair_q4(path, qs, sc, r, c0, qoff, k, xq, xd, a0, a1)
     if nb & 1:
-        a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
+        a0 = _blk_q4(path, qs, sc, r, c0, qoff, nb - 1, xq, xd, a0)
     c = np.float32(0.0)
-    mo = np.uint64(nb if has_min else 0)
+    mo = c0 + np.uint64(nb if has_min else 0)
     for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
         c += simd.f16_to_f32(path, sc[r, mo + np.uint64(b)]) * xs[np.uint64(b)]
     if has_min:
@@ -520,18 +529,42 @@ def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, prefetch):
     return simd.vsum(path, simd.vadd(path, a0, a1)) - np.float32(8.0) * c
 
 
+GATHER_AHEAD = 4           # a gather of rows prefetches the row this many entries on, in step with its reads
+
+
+@njit(**_ROW_OPTS)
+def _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, has_min):
+    """_row_q4 of row rows[i] of a gather over rows[lo:hi] (any rows, ascending). The dense GEMV's prefetch, a
+    fixed distance ahead in memory, would fetch the rows a gather skips; this one fetches row rows[i + GATHER_AHEAD]
+    in step with reading row rows[i] (its scales at once), so as many lines stay in flight as in the dense GEMV.
+    1B shape, Q4_0, 2 threads, gate and up rows of 16 layers: half the rows in 0.6-0.7x the dense GEMV's time
+    (a whole-row prefetch of the row two on: 0.8x), a quarter in 0.25-0.3x (0.4x)."""
+    r = np.uint64(rows[i])
+    nx = np.uint64(rows[i + GATHER_AHEAD]) if i + GATHER_AHEAD < hi else r
+    rb = np.uint64(xd.shape[0] * 16)
+    for o in range(0, sc.shape[1], 32):
+        simd.prefetch(sc, nx * np.uint64(sc.shape[1]) + np.uint64(o))
+    return _row_q4_at(path, qs, r * rb, sc, r, np.uint64(0), xq, xd, xs, has_min, True, nx * rb)
+
+
 @kernel_for(QT.Q4_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
-        out[i] = _row_q4(path, qs, sc, np.uint64(i if rows.shape[0] == 0 else rows[i]), xq, xd, xs, False, True)
+        if rows.shape[0] == 0:
+            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, False, True)
+        else:
+            out[i] = _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, False)
 
 
 @kernel_for(QT.Q4_1, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
-        out[i] = _row_q4(path, qs, sc, np.uint64(i if rows.shape[0] == 0 else rows[i]), xq, xd, xs, True, True)
+        if rows.shape[0] == 0:
+            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, True, True)
+        else:
+            out[i] = _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, True)
 
 
 @kernel_for(QT.Q5_0, "span")

@@ -301,12 +301,11 @@ def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
 
 
 @njit(cache=True, inline="always")
-def _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, p):
-    """Prefetch bytes 64p..64p+63 (about a cache line) of each active neuron rows[s:e] of group g, codes at gbase."""
-    rl = 16 * n_chunks
-    base = gbase + 64 * p - 32 * g * rl
+def _prefetch_line(codes, rows, s, e, stride, p):
+    """Prefetch bytes 64p..64p+63 (about a cache line) of each active neuron rows[s:e]'s codes (neuron j's at
+    codes.flat[j * stride])."""
     for u in range(s, e):
-        simd.prefetch(codes, base + np.int64(rows[u]) * rl)
+        simd.prefetch(codes, 64 * p + np.int64(rows[u]) * stride)
 
 
 @njit(cache=True, error_model="numpy")
@@ -318,6 +317,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
     in int32; an odd last chunk goes alone (simd.nib_pair_i16)."""
     n_chunks = po.shape[0] // 32
+    stride = 16 * n_chunks             # neuron j's codes: codes.flat[j * stride:], chunk c's at + 16 c
     for g in range(g_lo, g_hi):
         s = gstart[g]
         e = gend[g]
@@ -325,18 +325,16 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
             continue
         xdg = gd[g]
         sg = gsum[g]
-        gbase = np.int64(g) * codes.shape[1]
         if g + 1 < g_hi:               # the next group's first lines and scales: its loads then hit the cache
             for p in range(_AHEAD_LINES):
-                _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], (g + 1) * codes.shape[1], g + 1, n_chunks, p)
+                _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], stride, p)
             gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
             for o in range(0, gs, 32):
                 simd.prefetch(scales, (g + 1) * gs + o)
         for c in range(0, n_chunks - 1, 2):
-            plen = 16 * n_chunks
-            cbase = gbase + 16 * c - 32 * g * plen     # + row j * plen: code_offset
+            cbase = 16 * c                             # + row j * stride
             if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
-                _prefetch_line(codes, rows, s, e, gbase, g, n_chunks, (c >> 2) + _AHEAD_LINES)
+                _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
             a0 = simd.izero(path)      # (chunk c, rows 0..7), (c + 1, 0..7), (c, 8..15), ... (c + 1, 24..31)
             a1 = simd.izero(path)
             a2 = simd.izero(path)
@@ -353,10 +351,10 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
                 h3 = simd.izero(path)
                 stop = min(e, u + 2 * _PAIRS_I16)
                 while u < stop:
-                    o0 = cbase + np.int64(rows[u]) * plen
+                    o0 = cbase + np.int64(rows[u]) * stride
                     x0 = np.int64(xq[u])
                     if u + 1 < stop:
-                        o1 = cbase + np.int64(rows[u + 1]) * plen
+                        o1 = cbase + np.int64(rows[u + 1]) * stride
                         x1 = np.int64(xq[u + 1])
                     else:
                         o1 = o0
@@ -393,10 +391,10 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
                 h_hi = simd.izero(path)
                 stop = min(e, u + 2 * _PAIRS_I16)
                 while u < stop:
-                    o0 = gbase + code_offset(n_chunks, rows[u] - 32 * g, c)
+                    o0 = 16 * c + np.int64(rows[u]) * stride
                     x0 = np.int64(xq[u])
                     if u + 1 < stop:
-                        o1 = gbase + code_offset(n_chunks, rows[u + 1] - 32 * g, c)
+                        o1 = 16 * c + np.int64(rows[u + 1]) * stride
                         x1 = np.int64(xq[u + 1])
                     else:
                         o1 = o0
@@ -676,24 +674,12 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
 # bundle columns, each in address order.
 
-_GATHER_AHEAD = 2          # candidate rows a gather prefetches ahead (a Q4_0 row of 2048 columns: 1152 bytes)
-
-
 @njit(cache=True, fastmath=True, _nrt=False)
 def _gather_q4(path, q41, qs, sc, xq, xd, xs, rows, out, lo, hi):
-    """out[i] = W[rows[i]] . x for i in lo..hi (Q4_0, or Q4_1 with q41): qgemv's row kernel, but each row
-    prefetches the whole row _GATHER_AHEAD candidates on (qgemv's rows prefetch 2 KB ahead in memory, which in a
-    gather is mostly rows that are not read)."""
-    nb = xd.shape[0]
-    rb = nb * 16
+    """out[i] = W[rows[i]] . x for i in lo..hi (Q4_0, or Q4_1 with q41): qgemv's gather rows (each prefetching
+    the row qgemv.GATHER_AHEAD entries on as it reads)."""
     for i in range(lo, hi):
-        if i + _GATHER_AHEAD < hi:
-            nr = np.uint64(rows[i + _GATHER_AHEAD])
-            for o in range(0, rb, 64):
-                simd.prefetch(qs, nr * np.uint64(rb) + np.uint64(o))
-            for o in range(0, sc.shape[1], 32):
-                simd.prefetch(sc, nr * np.uint64(sc.shape[1]) + np.uint64(o))
-        out[i] = qgemv._row_q4(path, qs, sc, np.uint64(rows[i]), xq, xd, xs, q41, False)
+        out[i] = qgemv._gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, q41)
 
 
 @njit(cache=True, error_model="numpy")
