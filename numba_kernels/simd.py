@@ -1256,43 +1256,121 @@ def _ov_nib_pair2_i16(path, q, off0, off1, x0, x1):
         return lambda path, q, off0, off1, x0, x1: f(q, off0, off1, x0, x1)
 
 
+def _int_vec(t) -> int | None:
+    """The lanes of an i32x8 / i32x16 type, else None."""
+    return t.lanes if isinstance(t, SimdVector) and t.elem == "i32" else None
+
+
 @intrinsic
 def add_i16(typingctx, a, b):
-    """Lane-wise int16 sum of two i32x8 carrying 16 int16 lanes (nib_pair_i16)."""
-    if not (a == i32x8 and b == i32x8):
+    """Lane-wise int16 sum of two i32x8 (i32x16) carrying 16 (32) int16 lanes (nib_pair_i16, nib_pair4_i16)."""
+    r = _int_vec(a)
+    if r is None or a != b:
         return None
+    v16 = ir.VectorType(_I16, 2 * r)
 
     def codegen(context, builder, sig, args):
-        s = builder.add(builder.bitcast(args[0], _V16I16), builder.bitcast(args[1], _V16I16))
-        return builder.bitcast(s, _V8I32)
+        return builder.bitcast(builder.add(builder.bitcast(args[0], v16), builder.bitcast(args[1], v16)), _iv(r))
 
-    return i32x8(a, b), codegen
+    return a(a, b), codegen
 
 
 @intrinsic
 def widen_i16(typingctx, a):
-    """16 int16 lanes (carried in an i32x8) -> (lanes 0..7, lanes 8..15) sign-extended to i32x8."""
-    if a != i32x8:
+    """2R int16 lanes (carried in an R-lane int32 vector) -> (lanes 0..R-1, lanes R..2R-1) sign-extended."""
+    r = _int_vec(a)
+    if r is None:
         return None
 
     def codegen(context, builder, sig, args):
-        w = builder.sext(builder.bitcast(args[0], _V16I16), ir.VectorType(_I32, 16))
-        return context.make_tuple(builder, sig.return_type, [_shuffle(builder, w, None, range(0, 8)),
-                                                             _shuffle(builder, w, None, range(8, 16))])
+        w = builder.sext(builder.bitcast(args[0], ir.VectorType(_I16, 2 * r)), ir.VectorType(_I32, 2 * r))
+        return context.make_tuple(builder, sig.return_type, [_shuffle(builder, w, None, range(0, r)),
+                                                             _shuffle(builder, w, None, range(r, 2 * r))])
 
-    return types.UniTuple(i32x8, 2)(a), codegen
+    return types.UniTuple(a, 2)(a), codegen
 
 
 @intrinsic
 def add_i32(typingctx, a, b):
-    """Lane-wise int32 sum of two i32x8."""
-    if not (a == i32x8 and b == i32x8):
+    """Lane-wise int32 sum of two i32x8 (or two i32x16)."""
+    if _int_vec(a) is None or a != b:
         return None
 
     def codegen(context, builder, sig, args):
         return builder.add(args[0], args[1])
 
-    return i32x8(a, b), codegen
+    return a(a, b), codegen
+
+
+@intrinsic
+def halves_i32(typingctx, a):
+    """An i32x16 -> (lanes 0..7, lanes 8..15) as two i32x8."""
+    if _int_vec(a) != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, sig.return_type, [_shuffle(builder, args[0], None, range(0, 8)),
+                                                             _shuffle(builder, args[0], None, range(8, 16))])
+
+    return types.UniTuple(i32x8, 2)(a), codegen
+
+
+def _make_nib_pair4(x86: bool):
+    @intrinsic
+    def _pair4(typingctx, q, off0, off1, x0, x1):
+        """See nib_pair4_i16."""
+        if not (_is_byte_array(q) and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1))):
+            return None
+        v64 = ir.VectorType(_I8, 64)
+        v32w = ir.VectorType(_I16, 32)
+
+        def codegen(context, builder, sig, args):
+            qa, o0, o1, a0, a1 = args
+            b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], v64)
+            b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], v64)
+            xb0 = builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I8)
+            xb1 = builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I8)
+            xs = _shuffle(builder, _splat(builder, xb0, v64), _splat(builder, xb1, v64),
+                          [0 if t % 2 == 0 else 64 for t in range(64)])          # x0, x1, x0, x1, ...
+            out = []
+            for lo in (True, False):
+                n0 = builder.and_(b0, _vconst(v64, 0x0F)) if lo else builder.lshr(b0, _vconst(v64, 4))
+                n1 = builder.and_(b1, _vconst(v64, 0x0F)) if lo else builder.lshr(b1, _vconst(v64, 4))
+                for half in (0, 8):      # vpunpck{l,h}bw per 128-bit lane (one lane = one chunk)
+                    idx = []
+                    for lane in (0, 16, 32, 48):
+                        for t in range(half, half + 8):
+                            idx += [lane + t, 64 + lane + t]
+                    u = _shuffle(builder, n0, n1, idx)
+                    if x86:
+                        maddubs = _x86_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32w, [v64, v64])
+                        p16 = builder.call(maddubs, [u, xs])
+                    else:
+                        pr = builder.mul(builder.zext(u, ir.VectorType(_I16, 64)),
+                                         builder.sext(xs, ir.VectorType(_I16, 64)))
+                        p16 = builder.add(_shuffle(builder, pr, None, range(0, 64, 2)),
+                                          _shuffle(builder, pr, None, range(1, 64, 2)))
+                    out.append(builder.bitcast(p16, _iv(16)))
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return types.UniTuple(i32x16, 4)(q, off0, off1, x0, x1), codegen
+
+    return _pair4
+
+
+def nib_pair4_i16(path, q, off0, off1, x0, x1):
+    """nib_pair2_i16 over four 32-output chunks (64 code bytes of each column, one zmm register): returns four
+    i32x16 of 32 int16 lanes, rows 0..7, 8..15, 16..23, 24..31 of q0 * x0 + q1 * x1, each 128-bit lane one
+    chunk (c, c+1, c+2, c+3). x86 with AVX-512: one vpmaddubsw per 32 lanes; generic IR elsewhere (where
+    tile_rows(path) is 8 and callers take the ymm steps). Vector paths."""
+
+
+@overload(nib_pair4_i16, inline="always")
+def _ov_nib_pair4_i16(path, q, off0, off1, x0, x1):
+    k = _vector_kind(path)
+    if k is not None:
+        f = _nib_pair4_x86 if _tile_rows(k) == 16 else _nib_pair4_generic
+        return lambda path, q, off0, off1, x0, x1: f(q, off0, off1, x0, x1)
 
 
 @intrinsic
@@ -1914,6 +1992,9 @@ f32x16 = SimdVector("f32", 16)
 i32x16 = SimdVector("i32", 16)
 
 
+_nib_pair4_x86 = _make_nib_pair4(True)
+_nib_pair4_generic = _make_nib_pair4(False)
+
 _INT_VEC = {8: i32x8, 16: i32x16}
 _FLOAT_VEC = {8: f32x8, 16: f32x16}
 
@@ -2195,6 +2276,7 @@ _TILE_LOADF = {r: _make_tile_load(r, True) for r in (8, 16)}
 _TILE_LOADI = {r: _make_tile_load(r, False) for r in (8, 16)}
 _TILE_FZERO = {r: _make_tile_zero(r, True) for r in (8, 16)}
 _TILE_IZERO = {r: _make_tile_zero(r, False) for r in (8, 16)}
+izero_x16 = _TILE_IZERO[16]        # the i32x16 zero on any path (nib_pair4_i16's sums)
 
 
 def tile_rows(path):

@@ -308,6 +308,68 @@ def _prefetch_line(codes, rows, s, e, stride, p):
         simd.prefetch(codes, 64 * p + np.int64(rows[u]) * stride)
 
 
+@njit(cache=True, inline="always")
+def _quad_chunks(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po):
+    """po[32c : 32c + 128] += the bundle product of chunks c..c+3 over the active neurons rows[s:e] of group g
+    (zmm: simd.nib_pair4_i16, one 64-byte line of each neuron per pair of neurons); the same integer sums as
+    two pair steps."""
+    a0 = simd.izero_x16()     # (chunks c, c + 1) x rows 0..7, 8..15, 16..23, 24..31, then (c + 2, c + 3)
+    a1 = simd.izero_x16()
+    a2 = simd.izero_x16()
+    a3 = simd.izero_x16()
+    a4 = simd.izero_x16()
+    a5 = simd.izero_x16()
+    a6 = simd.izero_x16()
+    a7 = simd.izero_x16()
+    cbase = 16 * c
+    u = s
+    while u < e:
+        h0 = simd.izero_x16()
+        h1 = simd.izero_x16()
+        h2 = simd.izero_x16()
+        h3 = simd.izero_x16()
+        stop = min(e, u + 2 * _PAIRS_I16)
+        while u < stop:
+            o0 = cbase + np.int64(rows[u]) * stride
+            x0 = np.int64(xq[u])
+            if u + 1 < stop:
+                o1 = cbase + np.int64(rows[u + 1]) * stride
+                x1 = np.int64(xq[u + 1])
+            else:
+                o1 = o0
+                x1 = np.int64(0)
+            p0, p1, p2, p3 = simd.nib_pair4_i16(path, codes, o0, o1, x0, x1)
+            h0 = simd.add_i16(h0, p0)
+            h1 = simd.add_i16(h1, p1)
+            h2 = simd.add_i16(h2, p2)
+            h3 = simd.add_i16(h3, p3)
+            u += 2
+        w0, w1 = simd.widen_i16(h0)
+        a0 = simd.add_i32(a0, w0)
+        a4 = simd.add_i32(a4, w1)
+        w0, w1 = simd.widen_i16(h1)
+        a1 = simd.add_i32(a1, w0)
+        a5 = simd.add_i32(a5, w1)
+        w0, w1 = simd.widen_i16(h2)
+        a2 = simd.add_i32(a2, w0)
+        a6 = simd.add_i32(a6, w1)
+        w0, w1 = simd.widen_i16(h3)
+        a3 = simd.add_i32(a3, w0)
+        a7 = simd.add_i32(a7, w1)
+    r0, r1 = simd.halves_i32(a0)
+    r2, r3 = simd.halves_i32(a1)
+    r4, r5 = simd.halves_i32(a2)
+    r6, r7 = simd.halves_i32(a3)
+    _finish_chunk(path, scales, g, n_chunks, c, r0, r2, r4, r6, xdg, sg, po)
+    _finish_chunk(path, scales, g, n_chunks, c + 1, r1, r3, r5, r7, xdg, sg, po)
+    r0, r1 = simd.halves_i32(a4)
+    r2, r3 = simd.halves_i32(a5)
+    r4, r5 = simd.halves_i32(a6)
+    r6, r7 = simd.halves_i32(a7)
+    _finish_chunk(path, scales, g, n_chunks, c + 2, r0, r2, r4, r6, xdg, sg, po)
+    _finish_chunk(path, scales, g, n_chunks, c + 3, r1, r3, r5, r7, xdg, sg, po)
+
+
 @njit(cache=True, error_model="numpy")
 def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
     """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
@@ -331,7 +393,14 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
             gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
             for o in range(0, gs, 32):
                 simd.prefetch(scales, (g + 1) * gs + o)
-        for c in range(0, n_chunks - 1, 2):
+        c = 0
+        if simd.tile_rows(path) == 16:       # zmm (AVX-512): four chunks, a whole line of each neuron, per step
+            while c + 4 <= n_chunks:
+                if c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
+                    _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
+                _quad_chunks(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po)
+                c += 4
+        while c + 2 <= n_chunks:
             cbase = 16 * c                             # + row j * stride
             if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
                 _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
@@ -379,6 +448,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
                 a7 = simd.add_i32(a7, w1)
             _finish_chunk(path, scales, g, n_chunks, c, a0, a2, a4, a6, xdg, sg, po)
             _finish_chunk(path, scales, g, n_chunks, c + 1, a1, a3, a5, a7, xdg, sg, po)
+            c += 2
         if n_chunks & 1:
             c = n_chunks - 1
             i0 = simd.izero(path)
