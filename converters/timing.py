@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from numba_kernels import simd
+from numba_kernels import SOURCE_DIGEST, simd
 from sparse_gguf.format import MODE_DENSE
 from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
 from sparse_gguf.stats import StepStats
@@ -85,7 +85,8 @@ def choose(times: dict[str, float], dense_allowed: bool = True, margin: float = 
 
 
 def machine(n_threads: int) -> str:
-    """What the times depend on besides the layer: CPU model, SIMD path, threads, this package's version."""
+    """What the times depend on besides the layer: CPU model, SIMD path, threads, this package's version and
+    its kernels' sources (numba_kernels.SOURCE_DIGEST: a changed kernel is timed again)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -96,7 +97,7 @@ def machine(n_threads: int) -> str:
         version = metadata.version("sparse-gguf")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return f"{cpu}, {simd.get_path()}, {n_threads} threads, sparse-gguf {version}"
+    return f"{cpu}, {simd.get_path()}, {n_threads} threads, sparse-gguf {version}, kernels {SOURCE_DIGEST}"
 
 
 def _type_name(qtype: int) -> str:

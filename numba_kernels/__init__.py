@@ -24,19 +24,25 @@ import numba
 CACHE_UNUSED_DAYS = 14     # another source version's cache directory not used for this long is removed
 
 
+def source_digest(sources: Path) -> str:
+    """A digest of every kernel source in the folder `sources`, with Numba's and Python's versions: what a
+    compiled kernel, or a time measured with it, depends on."""
+    h = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
+    for f in sorted(sources.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_dir(sources: Path, environ=os.environ) -> Path:
     """Numba's on-disk cache for the kernels in the folder `sources`: one directory per version of their code.
     Numba checks a cached kernel only against its own file's timestamp, but kernels inline helpers from the other
     files (simd.py into qgemv.py, ...): after a change to a helper, a kernel whose file did not change would load
     stale code, or fail to unpickle a type that is gone (seen: AttributeError 'F32x8Type' once simd's vector
     types were merged). A digest of every kernel source (with Numba's and Python's versions) names the directory
-    instead, under NUMBA_CACHE_DIR if set, else the user's cache folder."""
-    h = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
-    for f in sorted(sources.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    (source_digest) instead, under NUMBA_CACHE_DIR if set, else the user's cache folder."""
     base = Path(environ.get("NUMBA_CACHE_DIR") or
                 Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-gguf" / "numba")
-    return base / f"kernels-{h.hexdigest()[:16]}"
+    return base / f"kernels-{source_digest(sources)}"
 
 
 def use_cache_dir(path: Path) -> bool:
@@ -59,6 +65,7 @@ def use_cache_dir(path: Path) -> bool:
     return True
 
 
+SOURCE_DIGEST = source_digest(Path(__file__).parent)
 use_cache_dir(cache_dir(Path(__file__).parent))
 
 # The kernel modules register their kernels in the qtypes entries as they load: import them here, so every

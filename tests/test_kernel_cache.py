@@ -51,3 +51,10 @@ def test_use_cache_dir_removes_only_long_unused_versions(tmp_path):
     finally:
         numba.config.CACHE_DIR = saved
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_converter_timings_are_keyed_on_the_kernel_sources():
+    from converters import timing
+
+    assert numba_kernels.SOURCE_DIGEST in timing.machine(2)
+    assert cache_dir(Path(numba_kernels.__file__).parent).name == f"kernels-{numba_kernels.SOURCE_DIGEST}"
