@@ -18,22 +18,33 @@ Bytes are counted as the strategies count them (StepStats.bytes), so "GB/s" is b
 machine with more runnable processes than cores, wall time mostly measures the scheduler (each parallel region
 waits for all its threads to be scheduled), while one thread's CPU time still holds its memory stalls.
 
-Measured 2026-12-05 at the Llama-3.2-1B shape, Q4_0 (`--steps --llama-cpp --reps 4 --tokens 24 --threads 1
---cpu-time`; load average 14-17 on 2 cores, so one thread's CPU time; predictor rank 128, 1.4 MB a layer):
+Measured 2026-12-06 on a quiet machine (2 threads, wall time, read bandwidth ~23 GB/s; predictor rank 128),
+after gathers prefetch along the gather and the bundle product took zmm steps. FFN alone (every layer's decode
+on its own input), GB/s of the bytes the strategy reads against the dense FFN's, and whole tokens against dense
+and against llama.cpp's faster setting in the same run:
 
-    config   FFN us/token  FFN MB  FFN GB/s vs dense  kept | tok GB/s vs dense  t/s vs dense
-    dense           38100   453.0            1.00    1.00 |             1.00          1.00
-    fused f=1       49390   475.3            0.81    1.00 |             0.86          0.83
-    fused f=0.75    45471   357.8            0.66    0.73 |             0.76          0.95
-    fused f=0.5     35991   257.2            0.60    0.50 |             0.75          1.01
-    fused f=0.25    24638   156.1            0.53    0.27 |             0.76          1.10
-    steps f=0.5     44081   257.2            0.49    0.50 |             0.67          0.90
+    `--reps 4 --tokens 24 --llama-cpp`, Llama-3.2-1B shape, Q4_0 (16 layers; llama.cpp fa on 16.1 t/s):
+    config        FFN ms/token  FFN MB  FFN GB/s vs dense | tok/s vs dense  vs llama.cpp
+    dense                21.2   453.0             1.00    |         1.00         1.69x
+    fused f=1            22.6   475.3             0.99    |         0.90         1.53x
+    fused f=0.75         19.4   357.5             0.86    |         1.08         1.81x
+    fused f=0.5          16.0   257.2             0.75    |         1.09         1.83x
+    fused f=0.25         12.9   156.1             0.57    |         1.21         2.04x
 
-Per layer (1 thread, CPU time): all of gate|up by GEMV 1651 us (11.4 GB/s), all of down 806 us (11.7 GB/s);
-gathering a random half of gate's rows 669 us (7.1 GB/s; qgemv's span 812 us), a quarter 409 us; the bundle
-product over all neurons 1137 us (8.3 GB/s), half 749 us (7.0), a quarter 507 us (6.2). So the FFN's time does
-not follow its bytes because both gathers are latency-bound (a 1152-byte row at random) and the bundle product
-is slower per byte than the dense GEMV even over every neuron.
+    `--reps 3 --tokens 12 --llama-cpp`, Llama-3.1-8B shape, Q4_0 (32 layers; llama.cpp fa off 2.72 t/s):
+    dense               170.2  3170.9             1.00    |         1.00         1.65x
+    fused f=1           186.1  3251.1             0.94    |         1.00         1.65x
+    fused f=0.75        132.3  2412.0             0.98    |         1.25         2.06x
+    fused f=0.5         103.4  1727.8             0.90    |         1.24         2.04x
+    fused f=0.25         70.6  1037.7             0.79    |         1.48         2.44x
+
+What keeps the 1B shape below its bytes: a fixed cost per layer of ~300 us (FFN time at 2% of the neurons, from
+DRAM; 150 us with the layer in cache), of which the predictor's B GEMV (8192 rows of 128) is ~60 us and the rest
+the kernel's four parallel regions and their small serial steps, against a dense FFN of ~1.4 ms a layer.
+The day before (2026-12-05, under load, one thread's CPU time) both gathers and the bundle product were the
+problem: gathering half of gate's rows took 0.81x the time of all of them (the whole-row prefetch of the row two
+on, and qgemv's span prefetching 2 KB ahead in memory, i.e. the rows it skips), and the bundle product ran at
+half the dense GEMV's rate over the same neurons.
 """
 
 from __future__ import annotations
