@@ -426,19 +426,19 @@ _ROW_OPTS = dict(cache=True, fastmath=True, _nrt=False)
 
 
 @njit(**_ROW_OPTS)
-def _blk_q4(path, qs, sc, r, c0, qoff, b, xq, xd, acc):
-    """Single-order block b (the odd last block of a row; its scale at sc[r, c0 + b])."""
+def _blk_q4(path, qs, sc, r, qoff, b, xq, xd, acc):
+    """Single-order block b (the odd last block of a row)."""
     p = simd.dot_q4(path, qs, qoff + 16 * b, xq, 32 * b)
-    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, c0 + np.uint64(b)], xd[np.uint64(b)]))
+    return simd.vfma(path, acc, p, simd.vscale(path, sc[r, np.uint64(b)], xd[np.uint64(b)]))
 
 
 @njit(**_ROW_OPTS)
-def _pair_q4(path, qs, sc, r, c0, qoff, k, xq, xd, a0, a1):
+def _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1):
     """Paired blocks 2k (-> a0) and 2k+1 (-> a1)."""
     b = np.uint64(2 * k)
     p0, p1 = simd.dot_q4x2(path, qs, qoff + 32 * k, xq, 64 * k)
-    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, c0 + b], xd[b]))
-    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, c0 + b + np.uint64(1)], xd[b + np.uint64(1)]))
+    a0 = simd.vfma(path, a0, p0, simd.vscale(path, sc[r, b], xd[b]))
+    a1 = simd.vfma(path, a1, p1, simd.vscale(path, sc[r, b + np.uint64(1)], xd[b + np.uint64(1)]))
     return a0, a1
 
 
@@ -492,36 +492,28 @@ def _prefetch_256(a, off):
 
 
 @njit(**_ROW_OPTS)
-def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, prefetch):
+def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, pf_off):
     """Row r of Q4_0 (value = (q - 8) * d: sum_b d_b * (xd_b * sum_j q_j y_j - 8 * xs_b)) or, has_min, Q4_1
     (value = q * d + m: sum_b (d_b * xd_b * sum_j q_j y_j + m_b * xs_b)) dotted with a Q8 activation. The one
     row sum of both types, for the GEMV and for sparse gathers alike (the same float order, so a neuron near
-    a cut falls on the same side in both). prefetch: PREFETCH_BYTES ahead of the row (consecutive rows)."""
-    qoff = r * np.uint64(xd.shape[0] * 16)
-    return _row_q4_at(path, qs, qoff, sc, r, np.uint64(0), xq, xd, xs, has_min, prefetch,
-                      qoff + np.uint64(PREFETCH_BYTES))
-
-
-@njit(**_ROW_OPTS)
-def _row_q4_at(path, qs, qoff, sc, r, c0, xq, xd, xs, has_min, prefetch, pf_off):
-    """_row_q4 of a row whose codes start at qs.flat[qoff] and whose scales (d, then m for Q4_1) start at
-    sc[r, c0]. prefetch: while reading byte o of the row's codes, prefetch qs.flat[pf_off + o] (the dense GEMV:
-    PREFETCH_BYTES on in memory; a gather: the row a few entries on), so the lines in flight keep pace."""
+    a cut falls on the same side in both). While it reads byte o of the row's codes it prefetches
+    qs.flat[pf_off + o] (the GEMV: PREFETCH_BYTES on in memory; a gather: the row a few entries on), so the
+    lines in flight keep pace with the reads."""
     nb = xd.shape[0]
-    doff = r * np.uint64(sc.shape[1]) + c0
+    qoff = r * np.uint64(nb * 16)
+    doff = r * np.uint64(2 * nb if has_min else nb)
     a0 = simd.vzero(path)
     a1 = simd.vzero(path)
     for g in range(nb >> 3):
-        if prefetch:
-            _prefetch_128(qs, pf_off + np.uint64(128 * g))
+        _prefetch_128(qs, pf_off + np.uint64(128 * g))
         a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
                         sc, doff + np.uint64(8 * g), xd, 8 * g)
     for k in range((nb >> 3) << 2, nb >> 1):
-        a0, a1 = _pair_q4(path, qs, sc, r, c0, qoff, k, xq, xd, a0, a1)
+        a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
     if nb & 1:
-        a0 = _blk_q4(path, qs, sc, r, c0, qoff, nb - 1, xq, xd, a0)
+        a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
     c = np.float32(0.0)
-    mo = c0 + np.uint64(nb if has_min else 0)
+    mo = np.uint64(nb if has_min else 0)
     for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
         c += simd.f16_to_f32(path, sc[r, mo + np.uint64(b)]) * xs[np.uint64(b)]
     if has_min:
@@ -544,7 +536,7 @@ def _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, has_min):
     rb = np.uint64(xd.shape[0] * 16)
     for o in range(0, sc.shape[1], 32):
         simd.prefetch(sc, nx * np.uint64(sc.shape[1]) + np.uint64(o))
-    return _row_q4_at(path, qs, r * rb, sc, r, np.uint64(0), xq, xd, xs, has_min, True, nx * rb)
+    return _row_q4(path, qs, sc, r, xq, xd, xs, has_min, nx * rb)
 
 
 @kernel_for(QT.Q4_0, "span")
@@ -552,7 +544,7 @@ def _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, has_min):
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         if rows.shape[0] == 0:
-            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, False, True)
+            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, False, np.uint64(i * 16 * xd.shape[0] + PREFETCH_BYTES))
         else:
             out[i] = _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, False)
 
@@ -562,7 +554,7 @@ def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
 def _span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
     for i in range(lo, hi):
         if rows.shape[0] == 0:
-            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, True, True)
+            out[i] = _row_q4(path, qs, sc, np.uint64(i), xq, xd, xs, True, np.uint64(i * 16 * xd.shape[0] + PREFETCH_BYTES))
         else:
             out[i] = _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, True)
 

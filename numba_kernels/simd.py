@@ -1195,64 +1195,85 @@ def nib_pair_i16(typingctx, q, off0, off1, x0, x1):
     return types.UniTuple(i32x8, 2)(q, off0, off1, x0, x1), codegen
 
 
-def _make_nib_pair2(x86: bool):
+def _make_nib_pairs(chunks: int, x86: bool):
+    nb = 16 * chunks                       # code bytes of each column: `chunks` 32-output chunks
+    vb = ir.VectorType(_I8, nb)
+    vw = ir.VectorType(_I16, nb)
+    maddubs = "llvm.x86.avx2.pmadd.ub.sw" if chunks == 2 else "llvm.x86.avx512.pmaddubs.w.512"
+
     @intrinsic
-    def _pair2(typingctx, q, off0, off1, x0, x1):
-        """See nib_pair2_i16."""
+    def _pairs(typingctx, q, off0, off1, x0, x1):
+        """See nib_pairs_i16."""
         if not (_is_byte_array(q) and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1))):
             return None
 
         def codegen(context, builder, sig, args):
             qa, o0, o1, a0, a1 = args
-            b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], _V32I8)
-            b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], _V32I8)
+            b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], vb)
+            b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], vb)
             xb0 = builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I8)
             xb1 = builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I8)
-            xs = _shuffle(builder, _splat(builder, xb0, _V32I8), _splat(builder, xb1, _V32I8),
-                          [0 if t % 2 == 0 else 32 for t in range(32)])          # x0, x1, x0, x1, ...
+            xs = _shuffle(builder, _splat(builder, xb0, vb), _splat(builder, xb1, vb),
+                          [0 if t % 2 == 0 else nb for t in range(nb)])          # x0, x1, x0, x1, ...
             out = []
             for lo in (True, False):
-                n0 = builder.and_(b0, _vconst(_V32I8, 0x0F)) if lo else builder.lshr(b0, _vconst(_V32I8, 4))
-                n1 = builder.and_(b1, _vconst(_V32I8, 0x0F)) if lo else builder.lshr(b1, _vconst(_V32I8, 4))
-                for half in (0, 8):      # AVX2 unpack{lo,hi}bw, per 128-bit lane: byte pairs (q0_t, q1_t)
+                n0 = builder.and_(b0, _vconst(vb, 0x0F)) if lo else builder.lshr(b0, _vconst(vb, 4))
+                n1 = builder.and_(b1, _vconst(vb, 0x0F)) if lo else builder.lshr(b1, _vconst(vb, 4))
+                for half in (0, 8):      # vpunpck{l,h}bw per 128-bit lane (one lane = one chunk): (q0_t, q1_t)
                     idx = []
-                    for lane in (0, 16):
+                    for lane in range(0, nb, 16):
                         for t in range(half, half + 8):
-                            idx += [lane + t, 32 + lane + t]
+                            idx += [lane + t, nb + lane + t]
                     u = _shuffle(builder, n0, n1, idx)
                     if x86:
-                        maddubs = _x86_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
-                        p16 = builder.call(maddubs, [u, xs])
+                        p16 = builder.call(_x86_fn(builder, maddubs, ir.VectorType(_I16, nb // 2), [vb, vb]), [u, xs])
                     else:
-                        pr = builder.mul(builder.zext(u, _V32I16), builder.sext(xs, _V32I16))
-                        p16 = builder.add(_shuffle(builder, pr, None, range(0, 32, 2)),
-                                          _shuffle(builder, pr, None, range(1, 32, 2)))
-                    out.append(builder.bitcast(p16, _V8I32))
+                        pr = builder.mul(builder.zext(u, vw), builder.sext(xs, vw))
+                        p16 = builder.add(_shuffle(builder, pr, None, range(0, nb, 2)),
+                                          _shuffle(builder, pr, None, range(1, nb, 2)))
+                    out.append(builder.bitcast(p16, _iv(nb // 4)))
             return context.make_tuple(builder, sig.return_type, out)
 
-        return types.UniTuple(i32x8, 4)(q, off0, off1, x0, x1), codegen
+        return types.UniTuple(SimdVector("i32", nb // 4), 4)(q, off0, off1, x0, x1), codegen
 
-    return _pair2
-
-
-_nib_pair2_x86 = _make_nib_pair2(True)
-_nib_pair2_generic = _make_nib_pair2(False)
+    return _pairs
 
 
-def nib_pair2_i16(path, q, off0, off1, x0, x1):
-    """Column-bundle building block over two 32-output chunks: the 32 code bytes at q.flat[off0] (column j0:
-    chunk c then chunk c+1, 16 bytes each, byte t holding row t in the low nibble and row 16 + t in the high
-    one) and at q.flat[off1] (column j1), times the int8 values x0 and x1. Returns four vectors of 16 int16
-    lanes (carried in i32x8) of q0 * x0 + q1 * x1: rows 0..7, 8..15, 16..23, 24..31, each as (chunk c's 8
-    rows, chunk c+1's 8 rows). |lane| <= 2 * 15 * 127, so 8 calls can be summed with add_i16. x86: pairs of
-    bytes interleaved (vpunpck{l,h}bw) into one vpmaddubsw per 16 lanes; generic IR elsewhere. Vector paths."""
+_NIB_PAIRS = {(chunks, x86): _make_nib_pairs(chunks, x86) for chunks in (2, 4) for x86 in (True, False)}
 
 
-@overload(nib_pair2_i16, inline="always")
-def _ov_nib_pair2_i16(path, q, off0, off1, x0, x1):
+def _bundle_chunks(kind: str) -> int:
+    return 4 if _tile_rows(kind) == 16 else 2
+
+
+def bundle_chunks(path):
+    """C, the 32-output chunks one column-bundle step takes on this vector path (a compile-time constant): 4 where
+    the row tiles are zmm (AVX512-VNNI: a whole cache line of each column), else 2."""
+
+
+def nib_pairs_i16(path, q, off0, off1, x0, x1):
+    """Column-bundle building block over C = bundle_chunks(path) chunks: the 16 C code bytes at q.flat[off0]
+    (column j0: chunk c, c+1, ..., 16 bytes each, byte t holding row t in the low nibble and row 16 + t in the
+    high one) and at q.flat[off1] (column j1), times the int8 values x0 and x1. Returns four vectors of 8 C
+    int16 lanes (carried in the path's tile int32 vector: i32x8 for C = 2, i32x16 for C = 4) of q0 * x0 + q1 * x1:
+    rows 0..7, 8..15, 16..23, 24..31, each 128-bit lane one chunk's 8 rows. |lane| <= 2 * 15 * 127, so 8 calls
+    can be summed with add_i16. x86: byte pairs interleaved (vpunpck{l,h}bw) into one vpmaddubsw per 16 C lanes;
+    generic IR elsewhere. Vector paths."""
+
+
+@overload(bundle_chunks, inline="always")
+def _ov_bundle_chunks(path):
     k = _vector_kind(path)
     if k is not None:
-        f = _nib_pair2_x86 if k in ("avx2", "vnni") else _nib_pair2_generic
+        c = _bundle_chunks(k)
+        return lambda path: c
+
+
+@overload(nib_pairs_i16, inline="always")
+def _ov_nib_pairs_i16(path, q, off0, off1, x0, x1):
+    k = _vector_kind(path)
+    if k is not None:
+        f = _NIB_PAIRS[(_bundle_chunks(k), k in ("avx2", "vnni"))]
         return lambda path, q, off0, off1, x0, x1: f(q, off0, off1, x0, x1)
 
 
@@ -1263,7 +1284,7 @@ def _int_vec(t) -> int | None:
 
 @intrinsic
 def add_i16(typingctx, a, b):
-    """Lane-wise int16 sum of two i32x8 (i32x16) carrying 16 (32) int16 lanes (nib_pair_i16, nib_pair4_i16)."""
+    """Lane-wise int16 sum of two i32x8 (i32x16) carrying 16 (32) int16 lanes (nib_pair_i16, nib_pairs_i16)."""
     r = _int_vec(a)
     if r is None or a != b:
         return None
@@ -1313,64 +1334,6 @@ def halves_i32(typingctx, a):
                                                              _shuffle(builder, args[0], None, range(8, 16))])
 
     return types.UniTuple(i32x8, 2)(a), codegen
-
-
-def _make_nib_pair4(x86: bool):
-    @intrinsic
-    def _pair4(typingctx, q, off0, off1, x0, x1):
-        """See nib_pair4_i16."""
-        if not (_is_byte_array(q) and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1))):
-            return None
-        v64 = ir.VectorType(_I8, 64)
-        v32w = ir.VectorType(_I16, 32)
-
-        def codegen(context, builder, sig, args):
-            qa, o0, o1, a0, a1 = args
-            b0 = _load_vec(context, builder, sig.args[0], qa, o0, sig.args[1], v64)
-            b1 = _load_vec(context, builder, sig.args[0], qa, o1, sig.args[2], v64)
-            xb0 = builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I8)
-            xb1 = builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I8)
-            xs = _shuffle(builder, _splat(builder, xb0, v64), _splat(builder, xb1, v64),
-                          [0 if t % 2 == 0 else 64 for t in range(64)])          # x0, x1, x0, x1, ...
-            out = []
-            for lo in (True, False):
-                n0 = builder.and_(b0, _vconst(v64, 0x0F)) if lo else builder.lshr(b0, _vconst(v64, 4))
-                n1 = builder.and_(b1, _vconst(v64, 0x0F)) if lo else builder.lshr(b1, _vconst(v64, 4))
-                for half in (0, 8):      # vpunpck{l,h}bw per 128-bit lane (one lane = one chunk)
-                    idx = []
-                    for lane in (0, 16, 32, 48):
-                        for t in range(half, half + 8):
-                            idx += [lane + t, 64 + lane + t]
-                    u = _shuffle(builder, n0, n1, idx)
-                    if x86:
-                        maddubs = _x86_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32w, [v64, v64])
-                        p16 = builder.call(maddubs, [u, xs])
-                    else:
-                        pr = builder.mul(builder.zext(u, ir.VectorType(_I16, 64)),
-                                         builder.sext(xs, ir.VectorType(_I16, 64)))
-                        p16 = builder.add(_shuffle(builder, pr, None, range(0, 64, 2)),
-                                          _shuffle(builder, pr, None, range(1, 64, 2)))
-                    out.append(builder.bitcast(p16, _iv(16)))
-            return context.make_tuple(builder, sig.return_type, out)
-
-        return types.UniTuple(i32x16, 4)(q, off0, off1, x0, x1), codegen
-
-    return _pair4
-
-
-def nib_pair4_i16(path, q, off0, off1, x0, x1):
-    """nib_pair2_i16 over four 32-output chunks (64 code bytes of each column, one zmm register): returns four
-    i32x16 of 32 int16 lanes, rows 0..7, 8..15, 16..23, 24..31 of q0 * x0 + q1 * x1, each 128-bit lane one
-    chunk (c, c+1, c+2, c+3). x86 with AVX-512: one vpmaddubsw per 32 lanes; generic IR elsewhere (where
-    tile_rows(path) is 8 and callers take the ymm steps). Vector paths."""
-
-
-@overload(nib_pair4_i16, inline="always")
-def _ov_nib_pair4_i16(path, q, off0, off1, x0, x1):
-    k = _vector_kind(path)
-    if k is not None:
-        f = _nib_pair4_x86 if _tile_rows(k) == 16 else _nib_pair4_generic
-        return lambda path, q, off0, off1, x0, x1: f(q, off0, off1, x0, x1)
 
 
 @intrinsic
@@ -1992,9 +1955,6 @@ f32x16 = SimdVector("f32", 16)
 i32x16 = SimdVector("i32", 16)
 
 
-_nib_pair4_x86 = _make_nib_pair4(True)
-_nib_pair4_generic = _make_nib_pair4(False)
-
 _INT_VEC = {8: i32x8, 16: i32x16}
 _FLOAT_VEC = {8: f32x8, 16: f32x16}
 
@@ -2276,7 +2236,6 @@ _TILE_LOADF = {r: _make_tile_load(r, True) for r in (8, 16)}
 _TILE_LOADI = {r: _make_tile_load(r, False) for r in (8, 16)}
 _TILE_FZERO = {r: _make_tile_zero(r, True) for r in (8, 16)}
 _TILE_IZERO = {r: _make_tile_zero(r, False) for r in (8, 16)}
-izero_x16 = _TILE_IZERO[16]        # the i32x16 zero on any path (nib_pair4_i16's sums)
 
 
 def tile_rows(path):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
+from numba.core.extending import overload
 
 from . import ops, qgemv, simd
 from .actquant import f16_round
@@ -308,26 +309,56 @@ def _prefetch_line(codes, rows, s, e, stride, p):
         simd.prefetch(codes, 64 * p + np.int64(rows[u]) * stride)
 
 
+def _finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+    """_finish_chunk for each chunk of one bundle step from its sums (widen_i16's halves of the int16 sums of rows
+    0..7, 8..15, 16..23, 24..31): with 2 chunks a step, lo_k is chunk c's and hi_k chunk c + 1's; with 4 (i32x16),
+    lo_k holds chunks c, c + 1 and hi_k chunks c + 2, c + 3."""
+
+
+@overload(_finish_step, inline="always")
+def _ov_finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+    if lo0.lanes == 8:
+        def two(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+            _finish_chunk(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, xdg, sg, po)
+            _finish_chunk(path, scales, g, n_chunks, c + 1, hi0, hi1, hi2, hi3, xdg, sg, po)
+        return two
+
+    def four(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+        a0, b0 = simd.halves_i32(lo0)
+        a1, b1 = simd.halves_i32(lo1)
+        a2, b2 = simd.halves_i32(lo2)
+        a3, b3 = simd.halves_i32(lo3)
+        _finish_chunk(path, scales, g, n_chunks, c, a0, a1, a2, a3, xdg, sg, po)
+        _finish_chunk(path, scales, g, n_chunks, c + 1, b0, b1, b2, b3, xdg, sg, po)
+        a0, b0 = simd.halves_i32(hi0)
+        a1, b1 = simd.halves_i32(hi1)
+        a2, b2 = simd.halves_i32(hi2)
+        a3, b3 = simd.halves_i32(hi3)
+        _finish_chunk(path, scales, g, n_chunks, c + 2, a0, a1, a2, a3, xdg, sg, po)
+        _finish_chunk(path, scales, g, n_chunks, c + 3, b0, b1, b2, b3, xdg, sg, po)
+    return four
+
+
 @njit(cache=True, inline="always")
-def _quad_chunks(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po):
-    """po[32c : 32c + 128] += the bundle product of chunks c..c+3 over the active neurons rows[s:e] of group g
-    (zmm: simd.nib_pair4_i16, one 64-byte line of each neuron per pair of neurons); the same integer sums as
-    two pair steps."""
-    a0 = simd.izero_x16()     # (chunks c, c + 1) x rows 0..7, 8..15, 16..23, 24..31, then (c + 2, c + 3)
-    a1 = simd.izero_x16()
-    a2 = simd.izero_x16()
-    a3 = simd.izero_x16()
-    a4 = simd.izero_x16()
-    a5 = simd.izero_x16()
-    a6 = simd.izero_x16()
-    a7 = simd.izero_x16()
-    cbase = 16 * c
+def _bundle_step(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po):
+    """po[32c : 32(c + C)] += the bundle product of chunks c..c+C-1 (C = simd.bundle_chunks(path)) over the active
+    neurons rows[s:e] of group g: neurons two at a time (simd.nib_pairs_i16), summed in int16 over 8 pairs, then
+    widened into int32 sums that stay in registers."""
+    lo0 = simd.tile_izero(path)
+    lo1 = simd.tile_izero(path)
+    lo2 = simd.tile_izero(path)
+    lo3 = simd.tile_izero(path)
+    hi0 = simd.tile_izero(path)
+    hi1 = simd.tile_izero(path)
+    hi2 = simd.tile_izero(path)
+    hi3 = simd.tile_izero(path)
+    cbase = 16 * c                             # + row j * stride
     u = s
     while u < e:
-        h0 = simd.izero_x16()
-        h1 = simd.izero_x16()
-        h2 = simd.izero_x16()
-        h3 = simd.izero_x16()
+        h0 = simd.tile_izero(path)
+        h1 = simd.tile_izero(path)
+        h2 = simd.tile_izero(path)
+        h3 = simd.tile_izero(path)
         stop = min(e, u + 2 * _PAIRS_I16)
         while u < stop:
             o0 = cbase + np.int64(rows[u]) * stride
@@ -338,36 +369,25 @@ def _quad_chunks(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xd
             else:
                 o1 = o0
                 x1 = np.int64(0)
-            p0, p1, p2, p3 = simd.nib_pair4_i16(path, codes, o0, o1, x0, x1)
+            p0, p1, p2, p3 = simd.nib_pairs_i16(path, codes, o0, o1, x0, x1)
             h0 = simd.add_i16(h0, p0)
             h1 = simd.add_i16(h1, p1)
             h2 = simd.add_i16(h2, p2)
             h3 = simd.add_i16(h3, p3)
             u += 2
         w0, w1 = simd.widen_i16(h0)
-        a0 = simd.add_i32(a0, w0)
-        a4 = simd.add_i32(a4, w1)
+        lo0 = simd.add_i32(lo0, w0)
+        hi0 = simd.add_i32(hi0, w1)
         w0, w1 = simd.widen_i16(h1)
-        a1 = simd.add_i32(a1, w0)
-        a5 = simd.add_i32(a5, w1)
+        lo1 = simd.add_i32(lo1, w0)
+        hi1 = simd.add_i32(hi1, w1)
         w0, w1 = simd.widen_i16(h2)
-        a2 = simd.add_i32(a2, w0)
-        a6 = simd.add_i32(a6, w1)
+        lo2 = simd.add_i32(lo2, w0)
+        hi2 = simd.add_i32(hi2, w1)
         w0, w1 = simd.widen_i16(h3)
-        a3 = simd.add_i32(a3, w0)
-        a7 = simd.add_i32(a7, w1)
-    r0, r1 = simd.halves_i32(a0)
-    r2, r3 = simd.halves_i32(a1)
-    r4, r5 = simd.halves_i32(a2)
-    r6, r7 = simd.halves_i32(a3)
-    _finish_chunk(path, scales, g, n_chunks, c, r0, r2, r4, r6, xdg, sg, po)
-    _finish_chunk(path, scales, g, n_chunks, c + 1, r1, r3, r5, r7, xdg, sg, po)
-    r0, r1 = simd.halves_i32(a4)
-    r2, r3 = simd.halves_i32(a5)
-    r4, r5 = simd.halves_i32(a6)
-    r6, r7 = simd.halves_i32(a7)
-    _finish_chunk(path, scales, g, n_chunks, c + 2, r0, r2, r4, r6, xdg, sg, po)
-    _finish_chunk(path, scales, g, n_chunks, c + 3, r1, r3, r5, r7, xdg, sg, po)
+        lo3 = simd.add_i32(lo3, w0)
+        hi3 = simd.add_i32(hi3, w1)
+    _finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po)
 
 
 @njit(cache=True, error_model="numpy")
@@ -375,9 +395,8 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
     group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
 
-    Chunks are taken two at a time (c, c + 1: 32 contiguous bytes of a neuron) and neurons two at a
-    time (simd.nib_pair2_i16: one u8 x i8 multiply-add per 16 outputs), summed in int16 over 8 pairs, then
-    in int32; an odd last chunk goes alone (simd.nib_pair_i16)."""
+    Chunks are taken simd.bundle_chunks(path) at a time (_bundle_step: 2, or 4 in zmm, i.e. 32 or 64 contiguous
+    bytes of each neuron) and neurons two at a time; the chunks left over go one at a time (simd.nib_pair_i16)."""
     n_chunks = po.shape[0] // 32
     stride = 16 * n_chunks             # neuron j's codes: codes.flat[j * stride:], chunk c's at + 16 c
     for g in range(g_lo, g_hi):
@@ -394,63 +413,13 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
             for o in range(0, gs, 32):
                 simd.prefetch(scales, (g + 1) * gs + o)
         c = 0
-        if simd.tile_rows(path) == 16:       # zmm (AVX-512): four chunks, a whole line of each neuron, per step
-            while c + 4 <= n_chunks:
-                if c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
-                    _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
-                _quad_chunks(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po)
-                c += 4
-        while c + 2 <= n_chunks:
-            cbase = 16 * c                             # + row j * stride
+        step = simd.bundle_chunks(path)
+        while c + step <= n_chunks:
             if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
                 _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
-            a0 = simd.izero(path)      # (chunk c, rows 0..7), (c + 1, 0..7), (c, 8..15), ... (c + 1, 24..31)
-            a1 = simd.izero(path)
-            a2 = simd.izero(path)
-            a3 = simd.izero(path)
-            a4 = simd.izero(path)
-            a5 = simd.izero(path)
-            a6 = simd.izero(path)
-            a7 = simd.izero(path)
-            u = s
-            while u < e:
-                h0 = simd.izero(path)
-                h1 = simd.izero(path)
-                h2 = simd.izero(path)
-                h3 = simd.izero(path)
-                stop = min(e, u + 2 * _PAIRS_I16)
-                while u < stop:
-                    o0 = cbase + np.int64(rows[u]) * stride
-                    x0 = np.int64(xq[u])
-                    if u + 1 < stop:
-                        o1 = cbase + np.int64(rows[u + 1]) * stride
-                        x1 = np.int64(xq[u + 1])
-                    else:
-                        o1 = o0
-                        x1 = np.int64(0)
-                    p0, p1, p2, p3 = simd.nib_pair2_i16(path, codes, o0, o1, x0, x1)
-                    h0 = simd.add_i16(h0, p0)
-                    h1 = simd.add_i16(h1, p1)
-                    h2 = simd.add_i16(h2, p2)
-                    h3 = simd.add_i16(h3, p3)
-                    u += 2
-                w0, w1 = simd.widen_i16(h0)
-                a0 = simd.add_i32(a0, w0)
-                a1 = simd.add_i32(a1, w1)
-                w0, w1 = simd.widen_i16(h1)
-                a2 = simd.add_i32(a2, w0)
-                a3 = simd.add_i32(a3, w1)
-                w0, w1 = simd.widen_i16(h2)
-                a4 = simd.add_i32(a4, w0)
-                a5 = simd.add_i32(a5, w1)
-                w0, w1 = simd.widen_i16(h3)
-                a6 = simd.add_i32(a6, w0)
-                a7 = simd.add_i32(a7, w1)
-            _finish_chunk(path, scales, g, n_chunks, c, a0, a2, a4, a6, xdg, sg, po)
-            _finish_chunk(path, scales, g, n_chunks, c + 1, a1, a3, a5, a7, xdg, sg, po)
-            c += 2
-        if n_chunks & 1:
-            c = n_chunks - 1
+            _bundle_step(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po)
+            c += step
+        while c < n_chunks:            # the last chunks (fewer than a step), one at a time
             i0 = simd.izero(path)
             i1 = simd.izero(path)
             i2 = simd.izero(path)
@@ -480,6 +449,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
                 i2 = simd.add_i32(i2, w2)
                 i3 = simd.add_i32(i3, w3)
             _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
+            c += 1
 
 
 @njit(cache=True, error_model="numpy")
@@ -744,14 +714,6 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
 # bundle columns, each in address order.
 
-@njit(cache=True, fastmath=True, _nrt=False)
-def _gather_q4(path, q41, qs, sc, xq, xd, xs, rows, out, lo, hi):
-    """out[i] = W[rows[i]] . x for i in lo..hi (Q4_0, or Q4_1 with q41): qgemv's gather rows (each prefetching
-    the row qgemv.GATHER_AHEAD entries on as it reads)."""
-    for i in range(lo, hi):
-        out[i] = qgemv._gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, q41)
-
-
 @njit(cache=True, error_model="numpy")
 def _candidates_by_group(scores, cut, cand, cstart):
     """cand[:n] = the j with scores[j] >= cut[j], ascending; cstart[g]:cstart[g+1] = group g's (neurons
@@ -799,8 +761,8 @@ def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, up_qs, up_sc,
-                                gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs, hq, hd, hs, ax, scores,
+def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, gate_qh,
+                                up_qs, up_sc, up_qh, gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs, hq, hd, hs, ax, scores,
                                 cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
     """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
     cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
@@ -839,8 +801,8 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         g_hi = bounds[part + 1]
         c_lo = cstart[g_lo]
         c_hi = cstart[g_hi]
-        _gather_q4(path, q41, gate_qs, gate_sc, xq, xd, xs, cand, g_act, c_lo, c_hi)
-        _gather_q4(path, q41, up_qs, up_sc, xq, xd, xs, cand, up_vals, c_lo, c_hi)
+        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, cand, g_act, c_lo, c_hi)   # row gathers
+        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, cand, up_vals, c_lo, c_hi)
         _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
         k, k_groups = _keep_groups(cand, cstart, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd, gstart,
                                    gend, gsum, g_lo, g_hi)
@@ -856,7 +818,7 @@ def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales,
     """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
     Q4_0/Q4_1; codes, scales the down bundle; xr (rank,) Q8Act and ax (rank,) float32 scratch. Output in s.out.
     Returns (candidates, kept, groups read)."""
-    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, up.qs,
-                                       up.sc, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, xr.q, xr.d,
+    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, gate.qh,
+                                       up.qs, up.sc, up.qh, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, xr.q, xr.d,
                                        xr.s, ax, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows,
                                        s.aq, s.gd, s.gstart, s.gsum, s.out)
