@@ -143,16 +143,19 @@ class StageBar:
         total, start = max(sum(seconds.values()), 1e-9), 0.0
         self.span = {}
         for stage, sec in seconds.items():
-            self.span[stage] = (start / total, sec / total)
+            self.span[stage] = (start / total, min(1.0, (start + sec) / total))
             start += sec
+        if self.span:                        # the last stage ends exactly at 1, whatever the float sums give
+            self.span[stage] = (self.span[stage][0], 1.0)
         self.report = report
         self.position = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
-        """Stage `stage` is `fraction` done. The bar never moves back (a stage's end, start + width, and the next
-        stage's start can differ in the last bit)."""
-        start, width = self.span[stage]
-        self.position = max(self.position, start + width * min(1.0, max(0.0, fraction)))
+        """Stage `stage` is `fraction` done. The bar never moves back (a stage's end and the next stage's start can
+        differ in the last bit) and a finished stage is at its end exactly."""
+        lo, hi = self.span[stage]
+        f = min(1.0, max(0.0, fraction))
+        self.position = max(self.position, hi if f >= 1.0 else lo + (hi - lo) * f)
         self.report(self.position)
 
 
