@@ -1337,6 +1337,71 @@ def halves_i32(typingctx, a):
 
 
 @intrinsic
+def pair_halves_i32(typingctx, a, b):
+    """Two i32x16 -> (a's lanes 0..7 then b's 0..7, a's lanes 8..15 then b's 8..15): a zmm bundle step's sums of
+    rows 8k..8k+7 (a) and 8k+8..8k+15 (b) of two chunks as each chunk's 16 consecutive rows (one vpermt2d each)."""
+    if _int_vec(a) != 16 or a != b:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, sig.return_type,
+                                  [_shuffle(builder, args[0], args[1], list(range(0, 8)) + list(range(16, 24))),
+                                   _shuffle(builder, args[0], args[1], list(range(8, 16)) + list(range(24, 32)))])
+
+    return types.UniTuple(a, 2)(a, b), codegen
+
+
+def _make_finish16(has_min: bool):
+    v16f = ir.VectorType(_F32, 16)
+    v16h = ir.VectorType(ir.HalfType(), 16)
+    v16s = ir.VectorType(_I16, 16)
+
+    @intrinsic
+    def _finish(typingctx, po, o, isum, scales, doff, moff, xdg, s):
+        """See finish16_q4_0 / finish16_q4_1."""
+        if not (isinstance(po, types.Array) and po.dtype == types.float32 and _int_vec(isum) == 16
+                and isinstance(scales, types.Array) and scales.dtype == types.uint16
+                and all(isinstance(t, types.Integer) for t in (o, doff, moff))
+                and all(isinstance(t, types.Float) for t in (xdg, s))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pa, oo, iv, sa, do, mo, xd, sv = args
+
+            def f16(off, offty):
+                h = builder.load(_elem_ptr(context, builder, sig.args[3], sa, off, offty, v16s), align=2)
+                return builder.fpext(builder.bitcast(h, v16h), v16f)
+
+            ptr = _elem_ptr(context, builder, sig.args[0], pa, oo, sig.args[1], v16f)
+            acc = builder.load(ptr, align=4)
+            x = _splat(builder, context.cast(builder, xd, sig.args[6], types.float32), v16f)
+            sm = _splat(builder, context.cast(builder, sv, sig.args[7], types.float32), v16f)
+            isf = builder.sitofp(iv, v16f)
+            d = f16(do, sig.args[4])
+            c = ("contract",)
+            if has_min:      # po + d (xd isum) + m s
+                acc = builder.fadd(acc, builder.fmul(d, builder.fmul(isf, x), flags=c), flags=c)
+                acc = builder.fadd(acc, builder.fmul(f16(mo, sig.args[5]), sm, flags=c), flags=c)
+            else:            # po + d (xd isum + s), s = -8 gsum
+                t = builder.fadd(builder.fmul(isf, x, flags=c), sm, flags=c)
+                acc = builder.fadd(acc, builder.fmul(d, t, flags=c), flags=c)
+            builder.store(acc, ptr, align=4)
+            return context.get_dummy_value()
+
+        return types.none(po, o, isum, scales, doff, moff, xdg, s), codegen
+
+    return _finish
+
+
+# po.flat[o:o+16] += d * (xdg * isum + s) for 16 consecutive output rows of a Q4_0 column bundle (d: the 16 fp16
+# scales at scales.flat[doff]; isum: an i32x16 of integer sums; s = -8 gsum, Q4_0's offset; moff unused), and for
+# Q4_1 po += d * (xdg * isum) + m * s (m at scales.flat[moff], s = gsum). The zmm bundle step's finish (AVX-512,
+# so F16C): 6-8 instructions per 16 rows.
+finish16_q4_0 = _make_finish16(False)
+finish16_q4_1 = _make_finish16(True)
+
+
+@intrinsic
 def load_f32x8(typingctx, a, off):
     """a.flat[off:off+8] of a float32 array as an f32x8 (unaligned vector load)."""
     if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(off, types.Integer)):

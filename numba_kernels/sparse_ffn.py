@@ -324,19 +324,33 @@ def _ov_finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, 
         return two
 
     def four(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
-        a0, b0 = simd.halves_i32(lo0)
-        a1, b1 = simd.halves_i32(lo1)
-        a2, b2 = simd.halves_i32(lo2)
-        a3, b3 = simd.halves_i32(lo3)
-        _finish_chunk(path, scales, g, n_chunks, c, a0, a1, a2, a3, xdg, sg, po)
-        _finish_chunk(path, scales, g, n_chunks, c + 1, b0, b1, b2, b3, xdg, sg, po)
-        a0, b0 = simd.halves_i32(hi0)
-        a1, b1 = simd.halves_i32(hi1)
-        a2, b2 = simd.halves_i32(hi2)
-        a3, b3 = simd.halves_i32(hi3)
-        _finish_chunk(path, scales, g, n_chunks, c + 2, a0, a1, a2, a3, xdg, sg, po)
-        _finish_chunk(path, scales, g, n_chunks, c + 3, b0, b1, b2, b3, xdg, sg, po)
+        _finish_chunks16(scales, g, n_chunks, c, lo0, lo1, lo2, lo3, xdg, sg, po)
+        _finish_chunks16(scales, g, n_chunks, c + 2, hi0, hi1, hi2, hi3, xdg, sg, po)
     return four
+
+
+@njit(cache=True, inline="always")
+def _finish16(scales, g, n_chunks, c, half, isum, xdg, sg, po):
+    """po[32c + 16 half : +16] += that half of chunk c's finish (_finish_chunk) from its 16 integer sums."""
+    n_sc = scales.shape[2]
+    off = (g * n_chunks + c) * 32 * n_sc + 16 * half
+    o = 32 * c + 16 * half
+    if n_sc == 2:
+        simd.finish16_q4_1(po, o, isum, scales, off, off + 32, xdg, sg)
+    else:
+        simd.finish16_q4_0(po, o, isum, scales, off, off, xdg, sg * np.float32(-8.0))
+
+
+@njit(cache=True, inline="always")
+def _finish_chunks16(scales, g, n_chunks, c, s0, s1, s2, s3, xdg, sg, po):
+    """_finish_chunk for chunks c and c + 1 from i32x16 sums s_k (rows 8k..8k+7 of chunk c, then of chunk c + 1),
+    regrouped into 16 consecutive rows (simd.pair_halves_i32) so the float work runs 16 lanes wide."""
+    a, b = simd.pair_halves_i32(s0, s1)        # rows 0..15 of chunk c, of chunk c + 1
+    e, f = simd.pair_halves_i32(s2, s3)        # rows 16..31
+    _finish16(scales, g, n_chunks, c, 0, a, xdg, sg, po)
+    _finish16(scales, g, n_chunks, c, 1, e, xdg, sg, po)
+    _finish16(scales, g, n_chunks, c + 1, 0, b, xdg, sg, po)
+    _finish16(scales, g, n_chunks, c + 1, 1, f, xdg, sg, po)
 
 
 @njit(cache=True, inline="always")
@@ -454,12 +468,11 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
 
 @njit(cache=True, error_model="numpy")
 def _sum_parts(partial, out):
-    """out = partial.sum(axis=0), partial: (n_parts, n)."""
-    for i in range(out.shape[0]):
-        t = np.float32(0.0)
-        for part in range(partial.shape[0]):
-            t += partial[part, i]
-        out[i] = t
+    """out = partial.sum(axis=0), partial: (n_parts, n) (part by part, so each pass vectorizes)."""
+    out[:] = partial[0]
+    for part in range(1, partial.shape[0]):
+        for i in range(out.shape[0]):
+            out[i] += partial[part, i]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -715,23 +728,23 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # bundle columns, each in address order.
 
 @njit(cache=True, error_model="numpy")
-def _candidates_by_group(scores, cut, cand, cstart):
-    """cand[:n] = the j with scores[j] >= cut[j], ascending; cstart[g]:cstart[g+1] = group g's (neurons
-    32g..32g+31). Returns n."""
-    n = 0
-    n_groups = cstart.shape[0] - 1
-    for g in range(n_groups):
+def _candidates_by_group(scores, cut, cand, cstart, cend, g_lo, g_hi, n0):
+    """The candidates of groups g_lo..g_hi-1 (neurons 32g..32g+31): the j with scores[j] >= cut[j], ascending,
+    written from cand[n0] on (n0 <= 32 g_lo); group g's are cand[cstart[g]:cend[g]]. Returns how many."""
+    n = n0
+    for g in range(g_lo, g_hi):
         cstart[g] = n
         for j in range(32 * g, 32 * g + 32):
             cand[n] = j                              # n <= j: in bounds; overwritten unless a candidate
             n += scores[j] >= cut[j]
-    cstart[n_groups] = n
-    return n
+        cend[g] = n
+    return n - n0
 
 
 @njit(cache=True, error_model="numpy")
-def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi):
-    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cstart[g+1]], with
+def _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum,
+                 g_lo, g_hi):
+    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cend[g]], with
     act(g) in g_act and up in up_vals at the same index): a_j = act(g_j) u_j kept where |a_j| >= threshold[j],
     as down_coefs_q8 leaves them, written from rows[cstart[g_lo]] on. Returns (n kept, groups with a kept
     neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
@@ -742,7 +755,7 @@ def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd
     for g in range(g_lo, g_hi):
         gstart[g] = n
         amax = np.float32(0.0)
-        for u in range(cstart[g], cstart[g + 1]):
+        for u in range(cstart[g], cend[g]):
             j = cand[u]
             a = g_act[u] * up_vals[u]
             keep = abs(a) >= threshold[j]
@@ -762,63 +775,62 @@ def _keep_groups(cand, cstart, g_act, up_vals, threshold, sum_fp16, rows, xq, gd
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, gate_qh,
-                                up_qs, up_sc, up_qh, gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs, hq, hd, hs, ax, scores,
-                                cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
+                                up_qs, up_sc, up_qh, gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs,
+                                scores, cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
     """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
     cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
 
       x8 = Q8 copy of x (llama.cpp's, for gate/up's type; the Q8_0 predictor factor A takes the same codes)
-      -> ax = A . x8 -> scores = B . Q8(ax) -> candidates (scores >= pred_cut, ascending, grouped by 32)
-      -> each of two threads takes a share of the groups balanced by candidates: its candidates' gate rows,
-         up rows, a_j = silu(g_j) u_j kept where |a_j| >= threshold[j] as Q8 blocks, the bundle product into
-         its partial output -> out = the sum of the partials.
+      -> one parallel region, each of two threads on its half of the neurons (groups of 32), with no wait:
+         ax = A . x8 (both threads compute all of it: rank rows, cheaper than waiting for each other)
+         -> scores = B . Q8(ax) for its neurons -> its candidates (scores >= pred_cut, ascending)
+         -> their gate rows, up rows -> a_j = silu(g_j) u_j kept where |a_j| >= threshold[j], as Q8 blocks
+         -> the bundle product into its partial output
+      -> out = the sum of the two partials.
 
     a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1
-    (type gu_qtype); codes/scales: the down bundle; xq, xd, xs: Q8Act buffers for n_embd, hq, hd, hs for rank;
-    ax (rank,), scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum
-    (n_ff/32,), gstart (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
+    (type gu_qtype); codes/scales: the down bundle; xq, xd, xs: Q8Act buffers for n_embd; scores, g_act,
+    up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
+    (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
     q41 = gu_qtype == _Q4_1
     qgemv.quantize_q8_into(x, xq, xd, xs, True, q41)
-    rank = ax.shape[0]
-    no_rows = cand[:0]
-    for c in prange(2):                                          # A: a few rows, two threads
-        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, c * rank // 2, (c + 1) * rank // 2)
-    qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
-    n_ff = scores.shape[0]
-    for c in prange(_GEMV_CHUNKS):                               # B: every neuron's score
-        qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores,
-                         c * n_ff // _GEMV_CHUNKS, (c + 1) * n_ff // _GEMV_CHUNKS)
+    rank = a_qs.shape[0]
     n_groups = gsum.shape[0]
-    cstart = np.empty(n_groups + 1, np.int64)
-    n_cand = _candidates_by_group(scores, pred_cut, cand, cstart)
-    bounds = np.empty(3, np.int64)
-    _split_groups(cstart, 2, bounds)
+    cstart = np.empty(n_groups, np.int64)
+    cend = np.empty(n_groups, np.int64)
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 2), np.int64)
+    counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
+    no_rows = cand[:0]
     for part in prange(2):
-        g_lo = bounds[part]
-        g_hi = bounds[part + 1]
-        c_lo = cstart[g_lo]
-        c_hi = cstart[g_hi]
+        ax = np.empty(rank, np.float32)
+        hq = np.empty(rank, np.int8)
+        hd = np.empty(rank // 32, np.float32)
+        hs = np.empty(rank // 32, np.float32)
+        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, 0, rank)
+        qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
+        g_lo = part * n_groups // 2
+        g_hi = (part + 1) * n_groups // 2
+        qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores, 32 * g_lo, 32 * g_hi)
+        c_lo = 32 * g_lo
+        c_hi = c_lo + _candidates_by_group(scores, pred_cut, cand, cstart, cend, g_lo, g_hi, c_lo)
         _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, cand, g_act, c_lo, c_hi)   # row gathers
         _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, cand, up_vals, c_lo, c_hi)
         _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
-        k, k_groups = _keep_groups(cand, cstart, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd, gstart,
-                                   gend, gsum, g_lo, g_hi)
-        counts[part, 0] = k
-        counts[part, 1] = k_groups
+        k, k_groups = _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
+                                   gstart, gend, gsum, g_lo, g_hi)
+        counts[part, 0] = c_hi - c_lo
+        counts[part, 1] = k
+        counts[part, 2] = k_groups
         _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
-    return n_cand, counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1]
+    return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
 
-def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch,
-                           xr: "qgemv.Q8Act", ax: np.ndarray) -> tuple:
+def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
     """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
-    Q4_0/Q4_1; codes, scales the down bundle; xr (rank,) Q8Act and ax (rank,) float32 scratch. Output in s.out.
-    Returns (candidates, kept, groups read)."""
+    Q4_0/Q4_1; codes, scales the down bundle. Output in s.out. Returns (candidates, kept, groups read)."""
     return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, gate.qh,
-                                       up.qs, up.sc, up.qh, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, xr.q, xr.d,
-                                       xr.s, ax, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows,
-                                       s.aq, s.gd, s.gstart, s.gsum, s.out)
+                                       up.qs, up.sc, up.qh, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,
+                                       s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows, s.aq, s.gd,
+                                       s.gstart, s.gsum, s.out)

@@ -261,9 +261,6 @@ class FusedPredictorFFN(_SparseDecode):
     def __init__(self, *args, tok: tuple):
         super().__init__(*args)
         self.tok = tok                       # the SIMD path, fixed at load (the kernel has vector paths only)
-        p = self.layer.predictor
-        self.xr = qgemv.new_q8(p.rank)       # (rank,) Q8 copy of A x
-        self.ax = np.empty(p.rank, np.float32)
         self.q41 = qtype_info(self.bundle.qtype).act == Q8_1      # the bundle's Q8 block sums are fp16 (Q8_1)
 
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
@@ -271,7 +268,7 @@ class FusedPredictorFFN(_SparseDecode):
         n_ff = L.w_gate.n_rows
         n_cand, n, n_groups = sparse_ffn.decode_predictor_layer(
             self.tok, x, p.a.packed, p.b.packed, p.cut, L.w_gate.packed, L.w_up.packed, self.cut, bundle.codes,
-            bundle.scales, self.q41, s, self.xr, self.ax)
+            bundle.scales, self.q41, s)
         stats.ffn_used.append(n / n_ff)
         stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_cand / n_ff - 1.0)
                         + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
