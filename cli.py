@@ -439,7 +439,8 @@ def convert(
          "calibration": result.calibration, "kl_mean": s["kl_mean"],
          "kl_interval": s["kl_interval"], "top1_agreement": s["top1_agreement"], "top1_interval": s["top1_interval"],
          "target_kl": None, "target_top1": None, "ffn_bytes_ratio": result.ffn_bytes_ratio,
-         "ffn_time_ratio": result.ffn_time_ratio, "timings": result.timings, "layers": result.layer_table()}
+         "ffn_time_ratio": result.ffn_time_ratio, "timings": result.timings, "layers": result.layer_table(),
+         "output_layer": {"choice": result.head.strategy, "reason": result.head.reason}}
     if sparsity is None:
         d["target_kl"], d["target_top1"] = options.heldout_targets()
     if json_out:
@@ -476,7 +477,7 @@ def convert(
                   f"unlike the calibration's keeps KL <= {budget_kl}, top-1 >= {min_top1} (margin: "
                   "converters/convert.py HELDOUT_GAP_*)")
     con.print(f"decode defaults: attention {attention.sinks} sinks + {attention.window} recent + top-{attention.topk}"
-              f" older (eval on long text measures it); output layer: exact logits for the best {output_top} rows"
+              f" older (eval on long text measures it); output layer, by measured time: {result.head.reason}"
               " (included in the estimate above)")
     con.print(f"calibration: {d['calibration']}; {d['calib_tokens']} tokens, held out {d['heldout_tokens']}; "
               f"{d['seconds']:.0f} s")

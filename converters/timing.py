@@ -17,6 +17,11 @@ LEVEL_STEP (a predictor's rank and candidate share too). Keys are cached in a JS
 default ~/.cache/sparse-gguf/timings.json), so a repeated conversion on the same machine measures nothing.
 
 Choice (`choose`): a pure function of one layer's times, so tests inject them.
+
+The output layer is chosen the same way (`head_times`, `choose_head`): every row exact (DenseHead) or the vocabulary
+scored with a 4-bit copy and the best n rows exact (CandidateHead), timed interleaved on random final states (the
+time does not depend on the values) and cached under the output matrix's shape and type. The 4-bit copy pays where
+the output matrix is wider than 4 bits (a Q8_0 or Q6_K output); on a Q4_0 one it reads as much and does more.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from gguf import GGMLQuantizationType
 
 from numba_kernels import SOURCE_DIGEST, simd
 from sparse_gguf.format import MODE_DENSE
+from sparse_gguf.head import CandidateHead, DenseHead
 from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
 from sparse_gguf.stats import StepStats
 
@@ -42,6 +48,7 @@ SPEED_MARGIN = 0.05        # a strategy replaces a cheaper-in-quality one only a
 LEVEL_STEP = 0.05          # kept fractions (and predictor candidate shares) to the nearest step in a key
 MEASURE_SECONDS = 2.0      # measuring rounds go on this long
 MIN_ROUNDS, MAX_ROUNDS = 8, 64
+HEAD_ROUNDS = 16           # output layer: rounds of both heads, interleaved (the first is dropped)
 INPUTS_PER_LAYER = 16      # calibration inputs per layer, one per round in turn
 CACHE_ENV = "SPARSE_GGUF_TIMINGS"          # overrides the cache file's path
 
@@ -187,3 +194,49 @@ def layer_times(model, candidates: list[dict[str, Candidate]], inputs, cache: Ti
         cache.times.update(measure(model, candidates, inputs()))
         cache.save()
     return [{s: cache.times[c.key] for s, c in layer.items()} for layer in candidates], measured
+
+
+def head_key(machine_name: str, output, n: int) -> str:
+    """The cache key of the output layer's strategy: machine, vocabulary x n_embd and type, exact rows."""
+    return (f"{machine_name} | output {output.n_rows}x{output.n_cols} {_type_name(output.qtype)} | "
+            + (f"candidates {n}" if n else "dense"))
+
+
+def measure_head(output, n: int, rounds: int = HEAD_ROUNDS, seed: int = 0) -> dict[str, float]:
+    """Seconds per token of the output layer exact ("dense") and with n exact candidate rows ("candidates"): both
+    decode the same random final states in turn, the order alternating; each one's minimum over the rounds."""
+    heads = {"dense": DenseHead(output), "candidates": CandidateHead(output, n)}
+    hs = np.random.default_rng(seed).standard_normal((rounds, 1, output.n_cols)).astype(np.float32)
+    best = {k: np.inf for k in heads}
+    for r in range(rounds + 1):                      # round 0 compiles (or loads) the kernels and is dropped
+        for k in (list(heads) if r % 2 else list(heads)[::-1]):
+            t0 = time.perf_counter()
+            heads[k].decode(hs[r % rounds], StepStats())
+            dt = time.perf_counter() - t0
+            if r:
+                best[k] = min(best[k], dt)
+    return best
+
+
+def head_times(model, n: int, cache: TimingCache, progress=lambda msg: None) -> tuple[dict[str, float], bool]:
+    """The output layer's seconds per token exact and with n candidate rows, from the cache or measured (and
+    cached). Returns (times, measured)."""
+    out, name = model.weights.output, machine(model.n_threads)
+    keys = {"dense": head_key(name, out, 0), "candidates": head_key(name, out, n)}
+    measured = not set(keys.values()) <= cache.times.keys()
+    if measured:
+        progress("timing the output layer on this machine")
+        t = measure_head(out, n)
+        cache.times.update({keys[k]: v for k, v in t.items()})
+        cache.save()
+    return {k: cache.times[key] for k, key in keys.items()}, measured
+
+
+def choose_head(times: dict[str, float], n: int, margin: float = SPEED_MARGIN) -> Choice:
+    """The output layer's strategy from its seconds per token ("dense", "candidates"): the candidate head (4-bit
+    scores, n exact rows; it costs a little quality) only where it takes at most (1 - margin) of the exact
+    layer's time. A pure function, so tests inject the times."""
+    ratio = times["candidates"] / times["dense"]
+    if ratio <= 1.0 - margin:
+        return Choice("candidates", f"4-bit scores, best {n} rows exact: {ratio:.2f}x the time of every row exact")
+    return Choice("dense", f"every row exact (4-bit scores + best {n} rows would take {ratio:.2f}x)")

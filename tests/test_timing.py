@@ -12,9 +12,10 @@ import pytest
 
 from converters import timing
 from converters.convert import convert
-from converters.timing import Choice, TimingCache, choose
+from converters.timing import Choice, TimingCache, choose, choose_head
 from sparse_gguf.gguf_file import all_metadata, open_gguf
 from sparse_gguf.model import Model
+from sparse_gguf.format import KEY_OUTPUT_CANDIDATES
 
 
 def test_a_layer_stays_dense_unless_sparse_is_faster_by_the_margin():
@@ -43,6 +44,15 @@ def test_a_forced_level_stays_sparse_and_says_so():
     assert choose({"dense": 100e-6, "threshold": 120e-6, "predictor": 100e-6}, dense_allowed=False).strategy == \
         "predictor"
     assert choose({"dense": 100e-6}, dense_allowed=False).strategy == "dense"     # nothing sparse to keep
+
+
+def test_the_output_layer_scores_in_4_bits_only_where_that_is_faster_by_the_margin():
+    assert choose_head({"dense": 100e-6, "candidates": 60e-6}, 64) == \
+        Choice("candidates", "4-bit scores, best 64 rows exact: 0.60x the time of every row exact")
+    assert choose_head({"dense": 100e-6, "candidates": 130e-6}, 64) == \
+        Choice("dense", "every row exact (4-bit scores + best 64 rows would take 1.30x)")
+    assert choose_head({"dense": 100e-6, "candidates": 97e-6}, 64).strategy == "dense"        # within the margin
+    assert choose_head({"dense": 100e-6, "candidates": 97e-6}, 64, margin=0.0).strategy == "candidates"
 
 
 def test_cache_round_trip_and_a_broken_file(tmp_path):
@@ -77,7 +87,7 @@ def test_conversion_follows_injected_times_and_estimates_the_plan_it_writes(tiny
     assert first.timings.startswith("measured now")
     assert max(first.levels) > 0.0                                    # the allocator made layers sparse
     keys = json.loads(cache_path.read_text())
-    assert {_strategy(k) for k in keys} >= {"dense", "threshold"}
+    assert {_strategy(k) for k in keys} >= {"dense", "threshold", "candidates"}     # the output layer's too
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured although every key was cached")
@@ -86,7 +96,8 @@ def test_conversion_follows_injected_times_and_estimates_the_plan_it_writes(tiny
     results = {}
     for name, threshold in (("fast", 50e-6), ("slow", 150e-6)):
         injected = {"dense": 100e-6, "threshold": threshold, "predictor": 200e-6}
-        cache_path.write_text(json.dumps({k: injected[_strategy(k)] for k in keys}))
+        cache_path.write_text(json.dumps({k: v if " | output " in k else injected[_strategy(k)]   # the head as measured
+                                          for k, v in keys.items()}))
         res = convert(src, output=tmp_path / f"{name}.gguf", **kw)
         assert res.timings.startswith("from the cache")
         assert res.levels == first.levels
@@ -108,6 +119,16 @@ def test_conversion_follows_injected_times_and_estimates_the_plan_it_writes(tiny
     assert [layer.mode for layer in Model(fast.out_path, n_ctx=64).sparsity.layers] == fast.modes
     assert not any(t.name.endswith("ffn_thresh.weight") for t in open_gguf(slow.out_path).tensors)
 
+    for head_time in (50e-6, 150e-6):                                 # the output layer, chosen by time alike
+        cache_path.write_text(json.dumps({k: (100e-6 if _strategy(k) == "dense" else head_time) if " | output " in k
+                                          else v for k, v in keys.items()}))
+        res = convert(src, output=tmp_path / "head.gguf", sparsity=0.0, **{k: v for k, v in kw.items()
+                                                                          if k not in ("budget_kl", "min_top1")})
+        assert res.head == choose_head({"dense": 100e-6, "candidates": head_time}, 64)
+        assert all_metadata(open_gguf(res.out_path))[KEY_OUTPUT_CANDIDATES] == (64 if head_time < 100e-6 else 0)
+        assert Model(res.out_path, n_ctx=64).output_candidates == (64 if head_time < 100e-6 else 0)
+
+    cache_path.write_text(json.dumps(keys))
     dense = convert(src, output=tmp_path / "dense.gguf", sparsity=0.0, **{k: v for k, v in kw.items()
                                                                          if k not in ("budget_kl", "min_top1")})
     assert slow.summary["kl_mean"] == dense.summary["kl_mean"]
