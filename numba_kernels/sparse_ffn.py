@@ -601,26 +601,91 @@ def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
     gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
 
 
+@njit(cache=True, error_model="numpy")
+def _candidates_by_group(scores, cut, cand, cstart, cend, g_lo, g_hi, n0):
+    """The candidates of groups g_lo..g_hi-1 (neurons 32g..32g+31): the j with scores[j] >= cut[j], ascending,
+    written from cand[n0] on (n0 <= 32 g_lo); group g's are cand[cstart[g]:cend[g]]. Returns how many."""
+    n = n0
+    for g in range(g_lo, g_hi):
+        cstart[g] = n
+        for j in range(32 * g, 32 * g + 32):
+            cand[n] = j                              # n <= j: in bounds; overwritten unless a candidate
+            n += scores[j] >= cut[j]
+        cend[g] = n
+    return n - n0
+
+
+@njit(cache=True, error_model="numpy")
+def _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum,
+                 g_lo, g_hi):
+    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cend[g]], with
+    act(g) in g_act and up in up_vals at the same index): a_j = act(g_j) u_j kept where |a_j| >= threshold[j],
+    as down_coefs_q8 leaves them, written from rows[cstart[g_lo]] on. Returns (n kept, groups with a kept
+    neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
+    a_kept = np.empty(32, np.float32)
+    n0 = cstart[g_lo]
+    n = n0
+    n_read = 0
+    for g in range(g_lo, g_hi):
+        gstart[g] = n
+        amax = np.float32(0.0)
+        for u in range(cstart[g], cend[g]):
+            j = cand[u]
+            a = g_act[u] * up_vals[u]
+            keep = abs(a) >= threshold[j]
+            rows[n] = j                              # n <= u: in bounds; overwritten unless kept
+            a_kept[n - gstart[g]] = a
+            n += keep
+            amax = max(amax, abs(a) * np.float32(keep))
+        gend[g] = n
+        gsum[g] = 0.0
+        gd[g] = 0.0
+        if n == gstart[g]:
+            continue
+        n_read += 1
+        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+    return n - n0, n_read
+
+
+@njit(cache=True, error_model="numpy")
+def _up_candidates(g_act, up_threshold, cand, cstart, cend, g_lo, g_hi):
+    """The neurons of groups g_lo..g_hi-1 that pass the up stage (|g_act_j| >= up_threshold[j], g_act already
+    act(g)), ascending from cand[32 g_lo] on, group g's at cand[cstart[g]:cend[g]]; their act(g) compacted in
+    place to the same index of g_act (g_act[u] for cand[u]: written at u <= j after g_act[j] is read). Returns
+    how many."""
+    n0 = 32 * g_lo
+    n = n0
+    for g in range(g_lo, g_hi):
+        cstart[g] = n
+        for j in range(32 * g, 32 * g + 32):
+            a = g_act[j]
+            cand[n] = j                              # n <= j: in bounds; overwritten unless it passes
+            g_act[n] = a
+            n += abs(a) >= up_threshold[j]
+        cend[g] = n
+    return n - n0
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_threshold, threshold, codes, scales,
                                down_sum_fp16, xq, xd, xs, gu, g_act, rows, aq, gd, gstart, gsum, out):
     """ffn_decode_bundle with gate and up computed in full by one GEMV of the stacked gate|up matrix (gu_*,
-    2 n_ff rows; gu (2 n_ff,) scratch), then each thread takes half of the groups of 32 neurons: both
-    selections in one pass (_select_groups), then its part of the bundle product, with no wait between.
+    2 n_ff rows; gu (2 n_ff,) scratch), in one parallel region: each thread takes half of the groups of 32
+    neurons: their gate and up rows, both selections in one pass (_select_groups), then its part of the bundle
+    product, with no wait between.
     The same numbers. Faster than gathering up's rows unless most are skipped (Model._ffn_decode_threshold)."""
     qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
-    n2 = gu.shape[0]
+    n_ff = g_act.shape[0]
     no_rows = rows[:0]
-    for c in prange(_GEMV_CHUNKS):
-        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu,
-                 c * n2 // _GEMV_CHUNKS, (c + 1) * n2 // _GEMV_CHUNKS)
     n_groups = gsum.shape[0]
     gend = np.empty(n_groups, np.int64)
     counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
-    for part in prange(2):                                       # each thread selects and multiplies half the groups
+    for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
         g_hi = (part + 1) * n_groups // 2
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, 32 * g_lo, 32 * g_hi)    # gate
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, n_ff + 32 * g_lo, n_ff + 32 * g_hi)
         c0, c1, c2 = _select_groups(gu, up_threshold, threshold, down_sum_fp16, g_act, rows, aq, gd, gstart, gend,
                                     gsum, g_lo, g_hi, 32 * g_lo)
         counts[part, 0] = c0
@@ -644,29 +709,33 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
 
     gate_*, up_*: the qs, sc, qh of qgemv PackedMatrices (Q4_0/Q4_1, type gu_qtype); codes/scales: the down
     bundle; xq, xd, xs: Q8Act buffers for n_embd; the rest: (n_ff,) scratch, gd/gsum (n_ff/32,), gstart (n_ff/32 + 1,).
-    One call (three parallel loops) instead of seven calls saves launches and Python glue. Vector paths only.
-    Returns (n_up, n_down, groups read)."""
+    One call with one parallel region: each thread takes half of the groups of 32 neurons through every step
+    (nothing crosses halves), then the two partial outputs are summed. g_act ends up compacted: act(g) of
+    rows_up[u] at g_act[u]. Vector paths only. Returns (n_up, n_down, groups read)."""
     qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
-    n_ff = g_act.shape[0]
     no_rows = rows_up[:0]
-    for c in prange(_GEMV_CHUNKS):                               # gate, every row
-        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, no_rows, g_act,
-                 c * n_ff // _GEMV_CHUNKS, (c + 1) * n_ff // _GEMV_CHUNKS)
-    n_up = silu_rows_at_least(g_act, up_threshold, rows_up)
-    ru = rows_up[:n_up]
-    uv = up_vals[:n_up]
-    for c in prange(_GEMV_CHUNKS):                               # up, the rows that passed
-        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, ru, uv,
-                 c * n_up // _GEMV_CHUNKS, (c + 1) * n_up // _GEMV_CHUNKS)
-    n, n_groups = down_coefs_q8(g_act, uv, ru, threshold, down_sum_fp16, rows, aq, gd, gstart, gsum)
-    bounds = np.empty(3, np.int64)
-    _split_groups(gstart, 2, bounds)
+    n_groups = gsum.shape[0]
+    cstart = np.empty(n_groups, np.int64)
+    cend = np.empty(n_groups, np.int64)
+    gend = np.empty(n_groups, np.int64)
+    counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
-    for part in prange(2):
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
-                       partial[part])
+    for part in prange(2):                                       # each thread: half the groups, no wait
+        g_lo = part * n_groups // 2
+        g_hi = (part + 1) * n_groups // 2
+        lo = 32 * g_lo
+        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, no_rows, g_act, lo, 32 * g_hi)   # gate
+        _silu_into(g_act[lo:32 * g_hi], g_act[lo:32 * g_hi])
+        hi = lo + _up_candidates(g_act, up_threshold, rows_up, cstart, cend, g_lo, g_hi)
+        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, rows_up, up_vals, lo, hi)       # up, gathered
+        k, k_groups = _keep_groups(rows_up, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
+                                   gstart, gend, gsum, g_lo, g_hi)
+        counts[part, 0] = hi - lo
+        counts[part, 1] = k
+        counts[part, 2] = k_groups
+        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
-    return n_up, n, n_groups
+    return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,52 +795,6 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # chain of calls (two GEMVs, a scan, two row gathers, the down stage); the kernel below is one call, and each
 # thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
 # bundle columns, each in address order.
-
-@njit(cache=True, error_model="numpy")
-def _candidates_by_group(scores, cut, cand, cstart, cend, g_lo, g_hi, n0):
-    """The candidates of groups g_lo..g_hi-1 (neurons 32g..32g+31): the j with scores[j] >= cut[j], ascending,
-    written from cand[n0] on (n0 <= 32 g_lo); group g's are cand[cstart[g]:cend[g]]. Returns how many."""
-    n = n0
-    for g in range(g_lo, g_hi):
-        cstart[g] = n
-        for j in range(32 * g, 32 * g + 32):
-            cand[n] = j                              # n <= j: in bounds; overwritten unless a candidate
-            n += scores[j] >= cut[j]
-        cend[g] = n
-    return n - n0
-
-
-@njit(cache=True, error_model="numpy")
-def _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, sum_fp16, rows, xq, gd, gstart, gend, gsum,
-                 g_lo, g_hi):
-    """The down stage's input for groups g_lo..g_hi-1 from their candidates (cand[cstart[g]:cend[g]], with
-    act(g) in g_act and up in up_vals at the same index): a_j = act(g_j) u_j kept where |a_j| >= threshold[j],
-    as down_coefs_q8 leaves them, written from rows[cstart[g_lo]] on. Returns (n kept, groups with a kept
-    neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
-    a_kept = np.empty(32, np.float32)
-    n0 = cstart[g_lo]
-    n = n0
-    n_read = 0
-    for g in range(g_lo, g_hi):
-        gstart[g] = n
-        amax = np.float32(0.0)
-        for u in range(cstart[g], cend[g]):
-            j = cand[u]
-            a = g_act[u] * up_vals[u]
-            keep = abs(a) >= threshold[j]
-            rows[n] = j                              # n <= u: in bounds; overwritten unless kept
-            a_kept[n - gstart[g]] = a
-            n += keep
-            amax = max(amax, abs(a) * np.float32(keep))
-        gend[g] = n
-        gsum[g] = 0.0
-        gd[g] = 0.0
-        if n == gstart[g]:
-            continue
-        n_read += 1
-        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
-    return n - n0, n_read
-
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, gate_qh,
