@@ -825,11 +825,16 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     no_rows = cand[:0]
+    # each thread's A x and its Q8 copy: one row per thread, padded so the threads never write one cache line
+    ax2 = np.empty((2, rank + 16), np.float32)
+    hq2 = np.empty((2, rank + 64), np.int8)
+    hd2 = np.empty((2, rank // 32 + 16), np.float32)
+    hs2 = np.empty((2, rank // 32 + 16), np.float32)
     for part in prange(2):
-        ax = np.empty(rank, np.float32)
-        hq = np.empty(rank, np.int8)
-        hd = np.empty(rank // 32, np.float32)
-        hs = np.empty(rank // 32, np.float32)
+        ax = ax2[part, :rank]
+        hq = hq2[part, :rank]
+        hd = hd2[part, :rank // 32]
+        hs = hs2[part, :rank // 32]
         qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, 0, rank)
         qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
         g_lo = part * n_groups // 2
