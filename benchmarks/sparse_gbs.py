@@ -38,7 +38,16 @@ and against llama.cpp's faster setting in the same run:
     fused f=0.5         103.4  1727.8             0.90    |         1.24         2.04x
     fused f=0.25         70.6  1037.7             0.79    |         1.48         2.44x
 
-What keeps the 1B shape below its bytes: a fixed cost per layer of ~300 us (FFN time at 2% of the neurons, from
+The same day, after the kernels became one parallel region per layer (each thread: A x, B's scores and the
+candidates of its half of the neurons, their rows, their down) and the zmm bundle step's float work 16 rows wide,
+in a busier hour (dense FFN 17-18 GB/s): FFN GB/s vs dense 1B 0.91/0.79/0.72/0.67 at f = 1/0.75/0.5/0.25 (tokens/s
+vs llama.cpp 1.39-1.88x), 8B 1.03/0.84/0.71/0.73 (1.61-2.34x). The FFN-alone figure moves by 0.1-0.2 between runs
+on a busy machine; the two kernel versions A/B in one sitting: no difference outside the noise at either shape.
+With layer 0's weights in cache, f = 0.25 at the 1B shape takes 0.43x the dense FFN's time (0.50x from DRAM) for
+0.34x of its bytes: arithmetic, not memory, is what is left (per row the gathers and the bundle cost what the dense
+GEMV does).
+
+Before those changes, what kept the 1B shape below its bytes: a fixed cost per layer of ~300 us (FFN time at 2% of the neurons, from
 DRAM; 150 us with the layer in cache), of which the predictor's B GEMV (8192 rows of 128) is ~60 us and the rest
 the kernel's four parallel regions and their small serial steps, against a dense FFN of ~1.4 ms a layer.
 The day before (2026-12-05, under load, one thread's CPU time) both gathers and the bundle product were the
