@@ -569,13 +569,7 @@ def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, g
             a_kept[n - gstart[g]] = a
             n += keep
             amax = max(amax, abs(a) * np.float32(keep))
-        gend[g] = n
-        gsum[g] = 0.0
-        gd[g] = 0.0
-        if n == gstart[g]:
-            continue
-        n_read += 1
-        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+        n_read += _close_group(a_kept, n, amax, sum_fp16, xq, gd, gstart, gend, gsum, g)
     return n_up, n - n0, n_read
 
 
@@ -599,6 +593,20 @@ def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
         xq[o + v] = q
     gd[g] = f16_round(d)
     gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
+
+
+@njit(cache=True, error_model="numpy")
+def _close_group(a_kept, n, amax, sum_fp16, xq, gd, gstart, gend, gsum, g):
+    """Group g's kept neurons end at n (gend[g] = n): their values a_kept[:n - gstart[g]] (largest magnitude
+    amax) become its Q8 block (_quantize_group), or gd[g] = gsum[g] = 0 when none is kept. Returns 1 if the
+    group has a kept neuron (its down is read), else 0."""
+    gend[g] = n
+    gsum[g] = 0.0
+    gd[g] = 0.0
+    if n == gstart[g]:
+        return 0
+    _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+    return 1
 
 
 @njit(cache=True, error_model="numpy")
@@ -637,13 +645,7 @@ def _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, sum_fp16, rows, 
             a_kept[n - gstart[g]] = a
             n += keep
             amax = max(amax, abs(a) * np.float32(keep))
-        gend[g] = n
-        gsum[g] = 0.0
-        gd[g] = 0.0
-        if n == gstart[g]:
-            continue
-        n_read += 1
-        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
+        n_read += _close_group(a_kept, n, amax, sum_fp16, xq, gd, gstart, gend, gsum, g)
     return n - n0, n_read
 
 

@@ -2,8 +2,9 @@
 
 Tests follow llama-bench: `tgN` decodes N tokens after a 1-token prompt, `ppN` prefills N tokens, `tgN@dD`
 decodes N tokens after a context of D tokens. Inputs are the same pseudo-random tokens for both engines.
-Repetitions alternate between engines (A/B interleaved) so machine noise hits both alike; a warm-up run of
-each test (JIT compilation, page faults) is excluded.
+Repetitions alternate between engines (A/B interleaved, the order reversed every other repetition, ABBA, so an
+order effect such as the caches holding the previous engine's data favours neither) so machine noise hits both
+alike; a warm-up run of each test (JIT compilation, page faults) is excluded.
 
 The baseline is llama.cpp at its best: it runs with flash attention on and off (which is faster depends on the
 machine, the model and the depth), both interleaved with the other engines, and each test compares against the
@@ -154,7 +155,8 @@ def run_bench(engines: list, tests: list[BenchTest], n_threads: int, reps: int, 
                 progress(f"{row.label} {test.name} warm-up")
             run_once(e, BenchTest(test.kind, min(test.n, 8), test.depth), n_vocab, depth_ready=False)
         for rep in range(reps):
-            for e, row in zip(engines, rows):
+            pairs = list(zip(engines, rows))
+            for e, row in (pairs if rep % 2 == 0 else pairs[::-1]):     # ABBA: neither engine always runs first
                 if progress:
                     progress(f"{row.label} {test.name} rep {rep + 1}/{reps}")
                 row.samples_ts.append(run_once(e, test, n_vocab, depth_ready=bool(test.depth)))

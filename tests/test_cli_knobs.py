@@ -66,3 +66,26 @@ def test_nan_weights_give_one_line_error(tiny_model, tmp_path):
     norm.data[:] = np.nan
     del reader
     assert_clean_error(run_cli("chat", path, "--max-tokens", "2", stdin="hi\n"), "non-finite")
+
+
+def test_bench_repetitions_alternate_which_engine_runs_first():
+    from sparse_gguf.bench import BenchTest, run_bench
+
+    calls = []
+
+    class Engine:
+        def __init__(self, name):
+            self.name = name
+
+        def reset(self):
+            pass
+
+        def truncate(self, n):
+            pass
+
+        def eval(self, tokens):
+            calls.append(self.name)
+
+    rows = run_bench([Engine("a"), Engine("b")], [BenchTest("pp", 4)], 1, 4, 1000, lambda e, t: 0.0)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]       # warm-up, then ABBA
+    assert [len(r.samples_ts) for r in rows] == [4, 4]

@@ -5,17 +5,19 @@ conversion that follows injected times, writes what it chose, and estimates qual
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
 
 from converters import timing
-from converters.convert import convert
-from converters.timing import Choice, TimingCache, choose, choose_head
+from converters.convert import convert, drop_predictors_for_quality
+from converters.timing import Candidate, Choice, TimingCache, choose, choose_head
 from sparse_gguf.gguf_file import all_metadata, open_gguf
 from sparse_gguf.model import Model
-from sparse_gguf.format import KEY_OUTPUT_CANDIDATES
+from sparse_gguf.format import KEY_OUTPUT_CANDIDATES, MODE_PREDICTOR, MODE_THRESHOLD
+from sparse_gguf.sparsity import LayerSparsity
 
 
 def test_a_layer_stays_dense_unless_sparse_is_faster_by_the_margin():
@@ -53,6 +55,34 @@ def test_the_output_layer_scores_in_4_bits_only_where_that_is_faster_by_the_marg
         Choice("dense", "every row exact (4-bit scores + best 64 rows would take 1.30x)")
     assert choose_head({"dense": 100e-6, "candidates": 97e-6}, 64).strategy == "dense"        # within the margin
     assert choose_head({"dense": 100e-6, "candidates": 97e-6}, 64, margin=0.0).strategy == "candidates"
+
+
+class _PredictorCountProbe:
+    """A quality probe whose KL grows by kl_each per predictor layer in the plan; counts its scores."""
+
+    def __init__(self, kl_each: float):
+        self.kl_each, self.scores = kl_each, 0
+
+    def score(self, plan):
+        self.scores += 1
+        return {"kl_mean": self.kl_each * sum(layer.mode == MODE_PREDICTOR for layer in plan.layers),
+                "top1_agreement": 0.95}
+
+
+@pytest.mark.parametrize("kl_each, kept", [(0.01, 3), (0.001, 10), (0.1, 0)])
+def test_predictors_that_miss_the_bars_go_least_time_lost_first_in_few_scores(kl_each, kept):
+    n = 10
+    candidates = [{"dense": Candidate(None, f"d{il}"), "threshold": Candidate(LayerSparsity(MODE_THRESHOLD), f"t{il}"),
+                   "predictor": Candidate(LayerSparsity(MODE_PREDICTOR), f"p{il}")} for il in range(n)]
+    # layer il's predictor saves 10 + il us over its threshold: layer 0 loses the least by switching
+    times = [{"dense": 100e-6, "threshold": 80e-6, "predictor": (70 - il) * 1e-6} for il in range(n)]
+    choices = [choose(t) for t in times]
+    assert {c.strategy for c in choices} == {"predictor"}
+    probe = _PredictorCountProbe(kl_each)
+    drop_predictors_for_quality(candidates, times, choices, probe, 0.035, 0.9, True, lambda msg: None)
+    assert [c.strategy for c in choices] == ["threshold"] * (n - kept) + ["predictor"] * kept
+    assert all(c.reason.endswith("missed the quality bars") for c in choices[:n - kept])
+    assert probe.scores <= 1 + math.ceil(math.log2(n + 1))
 
 
 def test_cache_round_trip_and_a_broken_file(tmp_path):
