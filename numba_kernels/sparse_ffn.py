@@ -580,7 +580,7 @@ def _silu_into(gu, g_act):
         g_act[j] = ops.silu_f32(gu[j])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", _nrt=False)   # called per group: no refcount atomics per call
 def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
     """Q8 block of group g from its k kept values a_kept[:k] (largest magnitude amax) into xq[o:o + k], gd[g],
     gsum[g]: llama.cpp's x86 Q8_0/Q8_1 quantization (qgemv.quantize_q8_into with llama_x86)."""
@@ -595,7 +595,7 @@ def _quantize_group(a_kept, k, amax, sum_fp16, xq, o, gd, gsum, g):
     gsum[g] = f16_round(d * np.float32(s)) if sum_fp16 else gd[g] * np.float32(s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", _nrt=False)   # called per group: no refcount atomics per call
 def _close_group(a_kept, n, amax, sum_fp16, xq, gd, gstart, gend, gsum, g):
     """Group g's kept neurons end at n (gend[g] = n): their values a_kept[:n - gstart[g]] (largest magnitude
     amax) become its Q8 block (_quantize_group), or gd[g] = gsum[g] = 0 when none is kept. Returns 1 if the
