@@ -22,10 +22,10 @@ Per stage (the fused kernel timed inside with the CPU's cycle counter, in a scra
 turn, us per thread and layer, thread 0 / thread 1): A x and its Q8 copy 18/18, B's scores 89/106, candidates
 5/8, the candidates' gate rows 185/217, up rows 181/225, act and the kept neurons' Q8 blocks 21/32, the down
 bundle 225/257. Against reading the same bytes at the dense FFN's rate per thread, the excess is in the gathers
-(~100 us), the bundle (~60), B (~30: rows of 128 values, each with its own horizontal sum) and the keep step
-(~20, of which ~10 were two calls per group with reference-count atomics, now gone); and the second thread is
-10-20% slower than the first on the same work (B: the same rows' count). Tried against these, paired in one
-process where possible: more parts than threads taken dynamically (8 or 16 instead of 2: 1-4% slower), software
+(~100 us), the bundle (~60), B (~30: rows of 128 values, each with its own horizontal sum; since then 8 rows
+a step, B alone 67 -> 33 us on one thread) and the keep step (~20, of which ~10 were two calls per group with
+reference-count atomics, now gone); and the second thread is 10-20% slower than the first on the same work
+(B: the same rows' count). Tried against these, paired in one process where possible: more parts than threads taken dynamically (8 or 16 instead of 2: 1-4% slower), software
 prefetch to L2 only (no change), prefetching only each gathered row's first two lines and leaving the rest to the
 hardware (f = 0.5 1.03-1.08x the dense time against 0.77-0.79x: the prefetch is needed), gate and up rows of a
 neuron side by side (gathering the pairs from one matrix: 1.06-1.08x faster than from two, in a microbenchmark;

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
+from numba.extending import overload
 from numba.np.ufunc import parallel as _npp
 
 from . import qtypes, simd
@@ -614,7 +615,64 @@ def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
 @kernel_for(QT.Q8_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q8_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """Q8_0 (value = q * d)."""
+    """Q8_0 (value = q * d). Rows of 128 values (a predictor's B) take _rows128_q8_0."""
+    if xd.shape[0] == 4:
+        _rows128_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi)
+    else:
+        _rows_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi)
+
+
+def _rows128_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi):
+    """Rows of 4 Q8_0 blocks: 8 rows a step on vector paths (_rows128_q8_0_vec), else row by row."""
+
+
+@overload(_rows128_q8_0)
+def _ov_rows128_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi):
+    if simd.path_kind(path) == "scalar":
+        return lambda path, qs, sc, xq, xd, rows, out, lo, hi: _rows_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi)
+    return lambda path, qs, sc, xq, xd, rows, out, lo, hi: _rows128_q8_0_vec(path, qs, sc, xq, xd, rows, out, lo, hi)
+
+
+@njit(inline="always")
+def _span_row(rows, i):
+    """Row i of a span: i itself, or rows[i] in a gather."""
+    return np.uint64(i if rows.shape[0] == 0 else rows[i])
+
+
+@njit(**_ROW_OPTS)
+def _two_rows128(path, qs, sc, xq, xd, ra, rb):
+    """f32x8: the 4 block products of row ra (lanes 0-3) and of row rb (lanes 4-7), rows of 128 Q8_0 values."""
+    return simd.scale8_rows2(path, simd.dot8_q8_rows2(path, qs, ra * np.uint64(128), rb * np.uint64(128), xq, 0),
+                             sc, ra * np.uint64(4), rb * np.uint64(4), xd, 0)
+
+
+@njit(**_ROW_OPTS)
+def _rows128_q8_0_vec(path, qs, sc, xq, xd, rows, out, lo, hi):
+    """Rows lo..hi-1 of 128 values, 8 a step: simd.dot8_q8_rows2 covers two rows per 8-block dot and
+    simd.rows8_f32 sums 8 rows' block products in one shuffle tree, where a row at a time needs a horizontal sum
+    per row (more work than its 4 blocks). The rest go one at a time with the same sum, (b0 + b1) + (b2 + b3), so
+    a row's value does not depend on where a span starts. A predictor's B of 8192 rows, one thread, in cache: 33 us
+    against 67 row by row (_rows_q8_0), timed alternately in one process."""
+    i = lo
+    while i + 8 <= hi:
+        r7 = _span_row(rows, i + 7)
+        _prefetch_128(qs, r7 * np.uint64(128) + np.uint64(PREFETCH_BYTES))
+        v0 = _two_rows128(path, qs, sc, xq, xd, _span_row(rows, i), _span_row(rows, i + 1))
+        v1 = _two_rows128(path, qs, sc, xq, xd, _span_row(rows, i + 2), _span_row(rows, i + 3))
+        v2 = _two_rows128(path, qs, sc, xq, xd, _span_row(rows, i + 4), _span_row(rows, i + 5))
+        v3 = _two_rows128(path, qs, sc, xq, xd, _span_row(rows, i + 6), r7)
+        simd.store_f32x8(out, i, simd.rows8_f32(v0, v1, v2, v3))
+        i += 8
+    while i < hi:
+        r = _span_row(rows, i)
+        v = _two_rows128(path, qs, sc, xq, xd, r, r)
+        out[i] = simd.first_f32(simd.rows8_f32(v, v, v, v))
+        i += 1
+
+
+@njit(**_ROW_OPTS)
+def _rows_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi):
+    """Q8_0 rows lo..hi-1, one at a time."""
     nb = xd.shape[0]
     for i in range(lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])

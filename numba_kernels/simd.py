@@ -838,6 +838,100 @@ def _dot8_ir(context, builder, kind, fmt, wt, wa, wo, wot, xt, xa, xo, xot, hv):
     return _hsum8_i32_ir(builder, parts)
 
 
+# Rows of 4 Q8_0 blocks (128 values: a predictor's B, n_ff rows of its rank) two at a time. A row-at-a-time dot
+# spends more on its horizontal sum than on its 4 blocks; here one 8-block dot covers two rows (blocks 0-3 of
+# row A, 4-7 of row B, the same 128 activation bytes for both), and rows8_f32 sums the block products of 8 rows
+# with one shuffle tree. Every row's float sum is (b0 + b1) + (b2 + b3) of its products b_k = q_k * (d_k xd_k),
+# whichever lanes it took.
+
+def _make_dot8_rows2(kind):
+    @intrinsic
+    def _dot(typingctx, w, off0, off1, x, xoff):
+        """See dot8_q8_rows2."""
+        if not (_is_byte_array(w) and _is_byte_array(x)
+                and all(isinstance(t, types.Integer) for t in (off0, off1, xoff))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            wa, o0, o1, xa, xo = args
+            o0 = context.cast(builder, o0, sig.args[1], types.intp)
+            o1 = context.cast(builder, o1, sig.args[2], types.intp)
+            xo = context.cast(builder, xo, sig.args[4], types.intp)
+
+            def load(ty, a, base, off, vty):
+                return _load_vec(context, builder, ty, a, builder.add(base, ir.Constant(_I64, off)), types.intp, vty)
+
+            parts = []
+            for k in range(4):               # 64 bytes (two blocks) a step: row A's blocks, then row B's
+                base = o0 if k < 2 else o1
+                h = 64 * (k % 2)
+                for b in (0, 32):
+                    parts.append(_madd(builder, kind, load(sig.args[0], wa, base, h + b, _V32I8),
+                                       load(sig.args[3], xa, xo, h + b, _V32I8), u_signed=True))
+            return _hsum8_i32_ir(builder, parts)
+
+        return i32x8(w, off0, off1, x, xoff), codegen
+
+    return _dot
+
+
+def _make_scale8_rows2(hw: bool):
+    @intrinsic
+    def _scale(typingctx, p, sc, soff0, soff1, xd, xoff):
+        """See scale8_rows2."""
+        if not (p == i32x8 and isinstance(sc, types.Array) and sc.dtype == types.uint16
+                and isinstance(xd, types.Array) and xd.dtype == types.float32
+                and all(isinstance(t, types.Integer) for t in (soff0, soff1, xoff))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pv, sa, s0, s1, xa, xo = args
+            v4 = ir.VectorType(_I16, 4)
+            d0 = _load_vec(context, builder, sig.args[1], sa, s0, sig.args[2], v4)
+            d1 = _load_vec(context, builder, sig.args[1], sa, s1, sig.args[3], v4)
+            v = _shuffle(builder, d0, d1, range(8))                               # row A's 4 scales, row B's
+            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
+                else _f16_soft_vec_ir(builder, v)
+            x4 = _load_vec(context, builder, sig.args[4], xa, xo, sig.args[5], ir.VectorType(_F32, 4))
+            xv = _shuffle(builder, x4, x4, (0, 1, 2, 3, 0, 1, 2, 3))
+            return builder.fmul(builder.sitofp(pv, _V8F32), builder.fmul(d, xv))
+
+        return f32x8(p, sc, soff0, soff1, xd, xoff), codegen
+
+    return _scale
+
+
+@intrinsic
+def rows8_f32(typingctx, v0, v1, v2, v3):
+    """Four f32x8 of block products (each: row A's 4 blocks, then row B's) -> one f32x8 whose lane 2k is v_k's
+    row A sum and lane 2k + 1 its row B sum, each (b0 + b1) + (b2 + b3)."""
+    if not all(v == f32x8 for v in (v0, v1, v2, v3)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ev, od = tuple(range(0, 16, 2)), tuple(range(1, 16, 2))
+
+        def pairs(a, b):                     # lane i: a's (or b's) lanes 2i + 2i+1
+            return builder.fadd(_shuffle(builder, a, b, ev), _shuffle(builder, a, b, od))
+
+        a, b, c, d = args
+        return pairs(pairs(a, b), pairs(c, d))
+
+    return f32x8(v0, v1, v2, v3), codegen
+
+
+@intrinsic
+def first_f32(typingctx, v):
+    """Lane 0 of an f32x8."""
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], ir.Constant(_I32, 0))
+
+    return types.float32(v), codegen
+
+
 def _make_vfma8(hw: bool):
     @intrinsic
     def _vfma8(typingctx, acc, p, sc, soff, xd, xoff):
@@ -1753,6 +1847,35 @@ def _ov_dot8_q8(path, w, woff, x, xoff):
     if k is not None:
         f = _pick(k, _DOT8_Q8, _dot8_q8_scalar)
         return lambda path, w, woff, x, xoff: f(w, woff, x, xoff)
+
+
+def dot8_q8_rows2(path, w, off0, off1, x, xoff):
+    """Two rows of 4 int8 blocks (w.flat[off0:+128], w.flat[off1:+128]) x int8 x.flat[xoff:+128]: lane b < 4 is row
+    A's block b exact integer dot, lane 4 + b row B's. Vector paths."""
+
+
+def scale8_rows2(path, p, sc, soff0, soff1, xd, xoff):
+    """p (dot8_q8_rows2) -> f32x8 of float(p_b) * (f16(scale) * xd[xoff + b % 4]), row A's scales at sc.flat[soff0:+4],
+    row B's at sc.flat[soff1:+4]. Vector paths."""
+
+
+_DOT8_Q8_ROWS2 = _variants(_make_dot8_rows2)
+_SCALE8_ROWS2 = _make_scale8_rows2(F16_NATIVE)
+
+
+@overload(dot8_q8_rows2, inline="always")
+def _ov_dot8_q8_rows2(path, w, off0, off1, x, xoff):
+    k = _kind(path)
+    if k is not None and k != "scalar":
+        f = _DOT8_Q8_ROWS2[k]
+        return lambda path, w, off0, off1, x, xoff: f(w, off0, off1, x, xoff)
+
+
+@overload(scale8_rows2, inline="always")
+def _ov_scale8_rows2(path, p, sc, soff0, soff1, xd, xoff):
+    k = _kind(path)
+    if k is not None and k != "scalar":
+        return lambda path, p, sc, soff0, soff1, xd, xoff: _SCALE8_ROWS2(p, sc, soff0, soff1, xd, xoff)
 
 
 @overload(vfma8, inline="always")

@@ -385,6 +385,24 @@ def test_gemv_all_paths(qtype, shape, monkeypatch):
         assert err < 1e-5, f"{qtype.name} {path} vs scalar: {err:.3g}"
 
 
+@pytest.mark.parametrize("n_rows", [8, 37, 1003])
+def test_q8_0_rows_of_128_values_eight_at_a_time(n_rows, monkeypatch):
+    """Rows of 4 Q8_0 blocks (a predictor's B) run 8 a step with a tail one at a time (qgemv._rows128_q8_0_vec): the
+    dequantized product's values on every path, and a row's value the same wherever its span starts (serial,
+    parallel chunks, any gather order, repeats)."""
+    raw, x, ref, pm = case_data(QT.Q8_0, (n_rows, 128))
+    rows = np.random.default_rng(n_rows).integers(0, n_rows, 2 * n_rows + 3).astype(np.int32)
+    for path in PATHS:
+        xq = qgemv.quantize_for(QT.Q8_0, x, qgemv.new_q8(128))
+        out = qgemv.gemv(pm, xq=xq, path=path)
+        assert rel(out, ref, ref) < 1e-2, path
+        np.testing.assert_array_equal(qgemv.gemv_rows(pm, rows, xq=xq, path=path), out[rows])
+        np.testing.assert_array_equal(qgemv.gemv_rows(pm, rows[5:6], xq=xq, path=path), out[rows[5:6]])
+        monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", 0)             # the parallel kernel's chunks
+        np.testing.assert_array_equal(qgemv.gemv(pm, xq=xq, path=path), out)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("qtype", TYPES_32 + TYPES_K, ids=lambda t: t.name)
 def test_gemv_rows_and_prequantized(qtype):
     shape = (191, 1536) if qtype in TYPES_K else (191, 576)
