@@ -853,10 +853,8 @@ def _make_dot8_rows2(kind):
             return None
 
         def codegen(context, builder, sig, args):
-            wa, o0, o1, xa, xo = args
-            o0 = context.cast(builder, o0, sig.args[1], types.intp)
-            o1 = context.cast(builder, o1, sig.args[2], types.intp)
-            xo = context.cast(builder, xo, sig.args[4], types.intp)
+            wa, xa = args[0], args[3]
+            o0, o1, xo = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 2, 4))
 
             def load(ty, a, base, off, vty):
                 return _load_vec(context, builder, ty, a, builder.add(base, ir.Constant(_I64, off)), types.intp, vty)
