@@ -59,11 +59,7 @@ def main() -> None:
     n_layer, fractions = m.cfg.n_layer, [float(f) for f in args.fractions.split(",") if f]
     configs = {}
     for f in fractions:
-        plan = forced_plan(hs, m.cfg.n_ff, max(f, 0.01))
-        if f == 0.0:                                         # no candidate at all: the predictor alone
-            for layer in plan.layers:
-                layer.predictor.cut[:] = np.inf
-        m.sparsity = plan
+        m.sparsity = forced_plan(hs, m.cfg.n_ff, f)
         configs[f] = m.ffn
     m.sparsity = None
     configs = {"dense": m.ffn, **configs}

@@ -75,15 +75,15 @@ from sparse_gguf.stats import StepStats
 def forced_predictor(h: np.ndarray, n_ff: int, fraction: float, rng: np.random.Generator,
                      rank: int = RANKS[-1]) -> Predictor:
     """A random low-rank Q8_0 predictor (A (rank, n_embd), B (n_ff, rank)) whose per-neuron cut makes each neuron
-    a candidate for a fraction `fraction` of the sample inputs h (k, n_embd) (every neuron at 1.0). The cut lies
-    halfway between two sample scores, so no sample sits on it."""
+    a candidate for a fraction `fraction` of the sample inputs h (k, n_embd) (every neuron at 1.0, none at 0). The
+    cut lies halfway between two sample scores, so no sample sits on it."""
     n_embd = h.shape[1]
     q8 = GGMLQuantizationType.Q8_0
     a = quants.quantize(rng.standard_normal((rank, n_embd)).astype(np.float32) / np.sqrt(n_embd), q8)
     b = quants.quantize(rng.standard_normal((n_ff, rank)).astype(np.float32) / np.sqrt(rank), q8)
     p = Predictor.from_raw(a, b, np.zeros(n_ff, np.float32), n_embd, n_ff)
-    if fraction >= 1.0:
-        p.cut[:] = -np.inf
+    if fraction >= 1.0 or fraction <= 0.0:              # every neuron, or none (the predictor alone)
+        p.cut[:] = -np.inf if fraction >= 1.0 else np.inf
         return p
     s = np.sort(p.scores(h), axis=0)                                     # (k, n_ff)
     i = min(h.shape[0] - 2, max(0, int(round((1.0 - fraction) * h.shape[0])) - 1))

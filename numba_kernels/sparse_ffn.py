@@ -235,6 +235,7 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, xq, gd, gs
     u = 0
     n_read = 0
     a_kept = np.empty(32, np.float32)
+    gend = gstart[1:]                                # group g ends where g + 1 starts (and gstart[n_groups] = n)
     for g in range(n_groups):
         gstart[g] = n
         amax = np.float32(0.0)
@@ -248,13 +249,7 @@ def down_coefs_q8(g_act, up_vals, rows_up, threshold, sum_fp16, rows, xq, gd, gs
                 if abs(a) > amax:
                     amax = abs(a)
             u += 1
-        gsum[g] = 0.0
-        gd[g] = 0.0
-        if n == gstart[g]:
-            continue
-        n_read += 1
-        _quantize_group(a_kept, n - gstart[g], amax, sum_fp16, xq, gstart[g], gd, gsum, g)
-    gstart[n_groups] = n
+        n_read += _close_group(a_kept, n, amax, sum_fp16, xq, gd, gstart, gend, gsum, g)
     return n, n_read
 
 

@@ -255,16 +255,14 @@ def test_windowed_attention_equals_dense_over_the_chosen_positions(path, D, sink
     """With fewer positions than the context, the result is exact attention over exactly the chosen set (the
     second case: partial blocks of rows, head_dim not a multiple of 64)."""
     n_kv, G, n_ctx, n_pos = 2, 2, 512, 400
-    rng = np.random.default_rng(D)           # its own generator: the same numbers whatever ran before
+    # its own generator: the same draws whatever else a worker ran first (the two kernels' float work differs;
+    # on these draws by <= 3.3e-4 on every path, on other draws up to 7e-4, while a wrong position costs ~0.1)
+    rng = np.random.default_rng(D)
     k, v = kv_cache(n_kv, n_ctx, D, seed=3)
     q = rng.standard_normal((n_kv * G, D)).astype(np.float32)
     scores = rng.standard_normal((n_kv, n_ctx)).astype(np.float32)
     out = np.empty((n_kv * G, D), np.float32)
     n_att = np.empty(n_kv, np.int64)
-    # The two kernels' float work differs (threads' partial p.v sums, fastmath): over 60 draws of this case the
-    # largest |difference| was 2.8e-4 typically and 7e-4 at worst, the same on every SIMD path, while one wrong
-    # position moves the output by ~0.1. Tolerance: fp16 precision of v, 2^-11 max|v| (~2e-3 here).
-    atol = 2.0**-11 * float(np.abs(v).max())
     A.attention_decode_windowed(simd.token(path), q, bits(k), bits(v), scores, n_pos, sinks, window, topk,
                                 np.float32(0.125), out, np.empty((n_kv, n_ctx), np.int64), n_att)
     assert (n_att == sinks + window + topk).all()
@@ -273,7 +271,7 @@ def test_windowed_attention_equals_dense_over_the_chosen_positions(path, D, sink
         ref = np.empty((G, D), np.float32)
         ops.attention_decode(simd.token(), q[kvh * G:(kvh + 1) * G], bits(k[kvh:kvh + 1, sel]), bits(v[kvh:kvh + 1, sel]),
                              0, len(sel), np.float32(0.125), ref)
-        np.testing.assert_allclose(out[kvh * G:(kvh + 1) * G], ref, rtol=0, atol=atol)
+        np.testing.assert_allclose(out[kvh * G:(kvh + 1) * G], ref, rtol=0, atol=5e-4)
 
 
 def test_prefill_mask_makes_the_same_choice_as_decode():
