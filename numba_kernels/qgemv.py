@@ -540,6 +540,22 @@ def _gather_row_q4(path, qs, sc, rows, i, hi, xq, xd, xs, has_min):
     return _row_q4(path, qs, sc, r, xq, xd, xs, has_min, nx * rb)
 
 
+@njit(**_ROW_OPTS)
+def _ahead(rows, i, hi, own, row_bytes, sc):
+    """Byte offset in qs that a span prefetches from while it computes position i (rows lo..hi-1), paced with its
+    reads. A dense span (rows empty): PREFETCH_BYTES past its own offset `own` (the rows that follow in memory).
+    A gather: the start of row rows[i + GATHER_AHEAD] (its own row near the end), whose scale row (sc, uint16
+    rows) is prefetched at once; the dense distance would fetch the rows a gather skips (Q4_K gate rows of the
+    1B shape, half of them, 2 threads: see _gather_row_q4)."""
+    if rows.shape[0] == 0:
+        return own + np.uint64(PREFETCH_BYTES)
+    nx = np.uint64(rows[i + GATHER_AHEAD] if i + GATHER_AHEAD < hi else rows[i])
+    n = sc.shape[1]
+    for o in range(0, n, 32):
+        simd.prefetch(sc, nx * np.uint64(n) + np.uint64(o))
+    return nx * np.uint64(row_bytes)
+
+
 @kernel_for(QT.Q4_0, "span")
 @njit(**_ROW_OPTS)
 def _span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
@@ -569,10 +585,11 @@ def _span_q5_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
         doff = r * np.uint64(nb)
+        pf = _ahead(rows, i, hi, qoff, nb * 16, sc)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for g in range(nb >> 3):
-            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            _prefetch_128(qs, pf + np.uint64(128 * g))
             a0 = simd.vfma8(path, a0, simd.dot8_q5(path, qs, qoff + np.uint64(128 * g), qh, r * np.uint64(nb) + np.uint64(8 * g),
                                                   xq, 256 * g),
                             sc, doff + np.uint64(8 * g), xd, 8 * g)
@@ -595,10 +612,11 @@ def _span_q5_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
         doff = r * np.uint64(2 * nb)
+        pf = _ahead(rows, i, hi, qoff, nb * 16, sc)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for g in range(nb >> 3):
-            _prefetch_128(qs, qoff + np.uint64(128 * g + PREFETCH_BYTES))
+            _prefetch_128(qs, pf + np.uint64(128 * g))
             a0 = simd.vfma8(path, a0, simd.dot8_q5(path, qs, qoff + np.uint64(128 * g), qh, r * np.uint64(nb) + np.uint64(8 * g),
                                                   xq, 256 * g),
                             sc, doff + np.uint64(8 * g), xd, 8 * g)
@@ -678,10 +696,11 @@ def _rows_q8_0(path, qs, sc, xq, xd, rows, out, lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 32)
         doff = r * np.uint64(nb)
+        pf = _ahead(rows, i, hi, qoff, nb * 32, sc)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for g in range(nb >> 3):
-            _prefetch_256(qs, qoff + np.uint64(256 * g + PREFETCH_BYTES))
+            _prefetch_256(qs, pf + np.uint64(256 * g))
             a0 = simd.vfma8(path, a0, simd.dot8_q8(path, qs, qoff + np.uint64(256 * g), xq, 256 * g),
                             sc, doff + np.uint64(8 * g), xd, 8 * g)
         for k in range((nb >> 3) << 2, nb >> 1):
@@ -715,10 +734,11 @@ def _span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         r = np.uint64(i if rows.shape[0] == 0 else rows[i])
         qoff = r * np.uint64(nb * 16)
         soff = r * np.uint64(nsb * 10)
+        pf = _ahead(rows, i, hi, qoff, nb * 16, sc)
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):          # two superblocks per step: two independent FMA chains
-            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
+            _prefetch_256(qs, pf + np.uint64(sb * 128))
             so = soff + np.uint64(sb * 10)
             p0 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128), sc, so + np.uint64(2), xq, sb * 256)
             p1 = simd.dot_q4k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), sc, so + np.uint64(12), xq, sb * 256 + 256)
@@ -742,11 +762,13 @@ def _span_q5_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         qoff = r * np.uint64(nb * 16)
         hoff = r * np.uint64(nsb * 32)
         soff = r * np.uint64(nsb * 10)
+        pf = _ahead(rows, i, hi, qoff, nb * 16, sc)
+        pfh = pf // np.uint64(4)                 # qh: a quarter of qs's bytes per row
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):
-            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
-            simd.prefetch(qh, hoff + np.uint64(sb * 32 + PREFETCH_BYTES // 4))
+            _prefetch_256(qs, pf + np.uint64(sb * 128))
+            simd.prefetch(qh, pfh + np.uint64(sb * 32))
             so = soff + np.uint64(sb * 10)
             p0 = simd.dot_q5k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 32),
                                  sc, so + np.uint64(2), xq, sb * 256)
@@ -774,11 +796,13 @@ def _span_q6_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         qoff = r * np.uint64(nb * 16)
         hoff = r * np.uint64(nsb * 64)
         soff = r * np.uint64(nsb * 9)
+        pf = _ahead(rows, i, hi, qoff, nb * 16, sc)
+        pfh = pf // np.uint64(2)                 # qh: half of qs's bytes per row
         a0 = simd.vzero(path)
         a1 = simd.vzero(path)
         for sb in range(0, nsb - 1, 2):
-            _prefetch_256(qs, qoff + np.uint64(sb * 128 + PREFETCH_BYTES))
-            _prefetch_128(qh, hoff + np.uint64(sb * 64 + PREFETCH_BYTES // 2))
+            _prefetch_256(qs, pf + np.uint64(sb * 128))
+            _prefetch_128(qh, pfh + np.uint64(sb * 64))
             p0 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128), qh, hoff + np.uint64(sb * 64),
                                  sc, soff + np.uint64(sb * 9 + 1), xq, sb * 256)
             p1 = simd.dot_q6k_sb(path, qs, qoff + np.uint64(sb * 128 + 128), qh, hoff + np.uint64(sb * 64 + 64),
