@@ -41,8 +41,8 @@ class QType:
     block_size: int                # elements per block
     type_size: int                 # bytes per block
     act: str                       # actquant kind x is rounded to for this weight type (ggml's vec_dot_type)
-    column_bundle: bool = False    # sparse_ffn.bundle_q4 regroups it by column exactly (a sparse down product)
-    fused_gate_up: bool = False    # sparse_ffn's fused threshold-layer kernel computes gate/up of this type
+    column_bundle: bool = False    # sparse_ffn.bundle_q4 / bundle_q4k regroup it by column exactly (a sparse down)
+    fused_gate_up: bool = False    # sparse_ffn's fused kernels compute gate/up of this type (Q4_K: predictor only)
     # kernels (registered by their modules, see the module docstring)
     dequantize: Callable | None = None   # njit (row uint8 (row_bytes,), out float32 (n_cols,)) -> None
     pack: Callable | None = None         # blocks uint8 (n_rows, n_blocks, type_size) -> (qs, sc, qh) (qgemv layout)
@@ -78,7 +78,7 @@ _ENTRIES = (
     QType(QT.Q5_0, 32, 22, Q8_0),
     QType(QT.Q5_1, 32, 24, Q8_1),
     QType(QT.Q8_0, 32, 34, Q8_0),
-    QType(QT.Q4_K, 256, 144, Q8_K),
+    QType(QT.Q4_K, 256, 144, Q8_K, column_bundle=True, fused_gate_up=True),
     QType(QT.Q5_K, 256, 176, Q8_K),
     QType(QT.Q6_K, 256, 210, Q8_K),
 )

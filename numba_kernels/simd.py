@@ -1494,6 +1494,54 @@ finish16_q4_1 = _make_finish16(True)
 
 
 @intrinsic
+def finish16_q4k(typingctx, po, o, isum, dm, doff, sub, soff, xdg, s):
+    """po.flat[o:o+16] += (d sc) * (xdg * isum) + (dn mn) * s for 16 consecutive output rows of one group of a
+    Q4_K column bundle (sparse_ffn.bundle_q4k): d, dn = the fp16 d and -dmin at dm.flat[doff], [doff + 32]; sc,
+    mn = the 6-bit scale and min bytes at sub.flat[soff], [soff + 32]; isum an i32x16 of integer sums; s = gsum.
+    d sc and dn mn are exact in float32 (11 x 6 bits): the Q4_1 finish with Q4_K's per-row scales made on the fly."""
+    if not (isinstance(po, types.Array) and po.dtype == types.float32 and _int_vec(isum) == 16
+            and isinstance(dm, types.Array) and dm.dtype == types.uint16 and _is_byte_array(sub)
+            and all(isinstance(t, types.Integer) for t in (o, doff, soff))
+            and all(isinstance(t, types.Float) for t in (xdg, s))):
+        return None
+    v16f = ir.VectorType(_F32, 16)
+    v16h = ir.VectorType(ir.HalfType(), 16)
+    v16s = ir.VectorType(_I16, 16)
+    v16b = ir.VectorType(_I8, 16)
+
+    def codegen(context, builder, sig, args):
+        pa, oo, iv, da, do, sa, so, xd, sv = args
+        i64 = ir.IntType(64)
+
+        def at(off, offty, k):
+            return builder.add(context.cast(builder, off, offty, types.int64), ir.Constant(i64, k))
+
+        def f16(k):
+            h = builder.load(_elem_ptr(context, builder, sig.args[3], da, at(do, sig.args[4], k), types.int64, v16s),
+                             align=2)
+            return builder.fpext(builder.bitcast(h, v16h), v16f)
+
+        def u8(k):
+            b = builder.load(_elem_ptr(context, builder, sig.args[5], sa, at(so, sig.args[6], k), types.int64, v16b),
+                             align=1)
+            return builder.uitofp(b, v16f)
+
+        c = ("contract",)
+        ptr = _elem_ptr(context, builder, sig.args[0], pa, oo, sig.args[1], v16f)
+        acc = builder.load(ptr, align=4)
+        x = _splat(builder, context.cast(builder, xd, sig.args[7], types.float32), v16f)
+        sm = _splat(builder, context.cast(builder, sv, sig.args[8], types.float32), v16f)
+        d = builder.fmul(f16(0), u8(0))
+        m = builder.fmul(f16(32), u8(32))
+        acc = builder.fadd(acc, builder.fmul(d, builder.fmul(builder.sitofp(iv, v16f), x), flags=c), flags=c)
+        acc = builder.fadd(acc, builder.fmul(m, sm, flags=c), flags=c)
+        builder.store(acc, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(po, o, isum, dm, doff, sub, soff, xdg, s), codegen
+
+
+@intrinsic
 def load_f32x8(typingctx, a, off):
     """a.flat[off:off+8] of a float32 array as an f32x8 (unaligned vector load)."""
     if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(off, types.Integer)):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.core.extending import overload
 
 from . import ops, qgemv, simd
@@ -194,14 +194,52 @@ def bundle_q4(raw: np.ndarray, qtype: int, n_ff: int) -> tuple[np.ndarray, np.nd
         dm = [d]                                                         # m = -8 d, computed by the kernels
         qs = blocks[:, :, 2:18]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_embd, n_ff)   # (n_embd, n_ff) codes 0..15
-    qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
-    chunk = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8)       # (n_ff, n_chunks, 16)
-    chunk = chunk.reshape(n_groups, 32, n_chunks, 16)                        # [g, l, c, t]
-    codes = _aligned_empty((n_groups, 16 * n_embd))
-    codes[:] = chunk.reshape(n_groups, 16 * n_embd)
     dm = np.stack([v.T for v in dm], axis=1)                                 # (n_groups, S, n_embd)
     scales = np.ascontiguousarray(dm.reshape(n_groups, dm.shape[1], n_chunks, 32).transpose(0, 2, 1, 3))
-    return codes, scales
+    return _codes_by_neuron(q), scales
+
+
+def _codes_by_neuron(q: np.ndarray) -> np.ndarray:
+    """(n_embd, n_ff) 4-bit codes -> the bundle's codes (n_ff/32, 16 n_embd) uint8 (layout above)."""
+    n_embd, n_ff = q.shape
+    n_groups, n_chunks = n_ff // 32, n_embd // 32
+    qt = q.T.reshape(n_ff, n_chunks, 2, 16)                                  # [j, c, low/high, t]
+    chunk = (qt[:, :, 0, :] | (qt[:, :, 1, :] << 4)).astype(np.uint8)       # (n_ff, n_chunks, 16)
+    codes = _aligned_empty((n_groups, 16 * n_embd))
+    codes[:] = chunk.reshape(n_groups, 16 * n_embd)                          # [g, (l, c, t)]
+    return codes
+
+
+# A Q4_K down stores w[r, j] = d[r, S] sc[r, g] q[r, j] - dmin[r, S] mn[r, g] with 4-bit codes q, per output row r
+# and superblock S = j // 256 an fp16 pair (d, dmin), and per sub-block g = j // 32 6-bit (sc, mn): the Q4_1 form
+# with D = d sc and M = -dmin mn, exact in float32 (11 x 6 bits). Its bundle keeps the codes as above and the
+# scales in two pieces, so a token still reads about the original bytes (18.5 per row and group, against 18):
+#
+#     dm  (n_ff/256, n_embd/32, 2, 32) uint16 fp16 bits: [S, c, 0, t] = d[32c + t, S], [S, c, 1, t] = -dmin
+#     sub (n_ff/32, n_embd/32, 2, 32) uint8:             [g, c, 0, t] = sc[32c + t, g], [g, c, 1, t] = mn
+#
+# and the finish of a group's product makes its D, M from them (simd.finish16_q4k, _finish_chunk_q4k). The
+# activations are Q8 blocks of 32 neurons (the Q4_1 bundle's, block sums gd * sum q), not llama.cpp's Q8_K
+# superblocks: the product is the one with the Q8-rounded a_j, as accurate as Q8_K's or more, not llama.cpp's sums.
+
+
+def bundle_q4k(raw: np.ndarray, n_ff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """raw: the GGUF bytes of a Q4_K down matrix, (n_embd, n_ff/256 * 144) uint8 -> (codes (n_ff/32, 16 n_embd)
+    uint8, dm (n_ff/256, n_embd/32, 2, 32) uint16, sub (n_ff/32, n_embd/32, 2, 32) uint8), laid out as above."""
+    n_embd = raw.shape[0]
+    n_sb, n_chunks = n_ff // 256, n_embd // 32
+    blocks = np.ascontiguousarray(raw).reshape(n_embd, n_sb, 144)
+    ks = qgemv._q4_k_scales(blocks).reshape(n_embd, n_sb, 10)               # [r, S, (d, dmin, sc | mn << 8 x 8)]
+    d = ks[:, :, 0]                                                          # (n_embd, n_sb) fp16 bits
+    dmin = ks[:, :, 1] ^ np.uint16(0x8000)                                   # -dmin (the sign bit flipped)
+    sc, mn = (ks[:, :, 2:] & 0xFF).astype(np.uint8), (ks[:, :, 2:] >> 8).astype(np.uint8)   # (n_embd, n_sb, 8)
+    qs = blocks[:, :, 16:].reshape(n_embd, n_sb, 4, 32)      # 32 bytes per sub-block pair: 2i low, 2i + 1 high
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n_embd, n_ff)
+    dm = np.stack([d.T, dmin.T], axis=1)                                     # (n_sb, 2, n_embd)
+    dm = np.ascontiguousarray(dm.reshape(n_sb, 2, n_chunks, 32).transpose(0, 2, 1, 3))
+    sub = np.stack([sc.reshape(n_embd, -1).T, mn.reshape(n_embd, -1).T], axis=1)    # (n_groups, 2, n_embd)
+    sub = np.ascontiguousarray(sub.reshape(-1, 2, n_chunks, 32).transpose(0, 2, 1, 3))
+    return _codes_by_neuron(q), dm, sub
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
@@ -272,6 +310,34 @@ _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2
 
 
 @njit(cache=True, inline="always")
+def _k8(path, dm, doff, sub, soff):
+    """f32x8: 8 rows' fp16 dm.flat[doff:] times their 6-bit bytes sub.flat[soff:] (exact in float32)."""
+    z = simd._vzero()
+    return simd.vmuladd(z, simd.load_f16x8(path, dm, doff), simd._vfma(z, simd.load_i8x8(sub, soff), np.float32(1.0)))
+
+
+@njit(cache=True, inline="always")
+def _finish_chunk_q4k(path, dm, sub, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+    """_finish_chunk of a Q4_K group (Q4_1's form): D = d sc and M = -dmin mn made 8 rows at a time."""
+    doff = ((g >> 3) * n_chunks + c) * 64        # dm[g // 8, c]: 32 d, then 32 -dmin
+    soff = (g * n_chunks + c) * 64               # sub[g, c]: 32 sc, then 32 mn
+    o = 32 * c
+    z = simd._vzero()
+    simd.store_f32x8(po, o, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o), i0,
+                     simd.vmuladd(z, _k8(path, dm, doff, sub, soff), xdg)),
+                     _k8(path, dm, doff + 32, sub, soff + 32), sg))
+    simd.store_f32x8(po, o + 8, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 8), i1,
+                     simd.vmuladd(z, _k8(path, dm, doff + 8, sub, soff + 8), xdg)),
+                     _k8(path, dm, doff + 40, sub, soff + 40), sg))
+    simd.store_f32x8(po, o + 16, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 16), i2,
+                     simd.vmuladd(z, _k8(path, dm, doff + 16, sub, soff + 16), xdg)),
+                     _k8(path, dm, doff + 48, sub, soff + 48), sg))
+    simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
+                     simd.vmuladd(z, _k8(path, dm, doff + 24, sub, soff + 24), xdg)),
+                     _k8(path, dm, doff + 56, sub, soff + 56), sg))
+
+
+@njit(cache=True, inline="always")
 def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
     """po[32c : 32c + 32] += d * (xd_g * isum) + m * gsum_g for output chunk c of group g (isum: i0..i3, the
     integer sums of its rows 0..7, 8..15, 16..23, 24..31). Q4_0 (one scale per block): m * gsum = d * (-8 gsum),
@@ -312,6 +378,17 @@ def _finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2
 
 @overload(_finish_step, inline="always")
 def _ov_finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+    if isinstance(scales, types.BaseTuple):              # a Q4_K bundle's (dm, sub)
+        if lo0.lanes == 8:
+            def two_k(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+                _finish_chunk_q4k(path, scales[0], scales[1], g, n_chunks, c, lo0, lo1, lo2, lo3, xdg, sg, po)
+                _finish_chunk_q4k(path, scales[0], scales[1], g, n_chunks, c + 1, hi0, hi1, hi2, hi3, xdg, sg, po)
+            return two_k
+
+        def four_k(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
+            _finish_chunks16_q4k(scales[0], scales[1], g, n_chunks, c, lo0, lo1, lo2, lo3, xdg, sg, po)
+            _finish_chunks16_q4k(scales[0], scales[1], g, n_chunks, c + 2, hi0, hi1, hi2, hi3, xdg, sg, po)
+        return four_k
     if lo0.lanes == 8:
         def two(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
             _finish_chunk(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, xdg, sg, po)
@@ -346,6 +423,32 @@ def _finish_chunks16(scales, g, n_chunks, c, s0, s1, s2, s3, xdg, sg, po):
     _finish16(scales, g, n_chunks, c, 1, e, xdg, sg, po)
     _finish16(scales, g, n_chunks, c + 1, 0, b, xdg, sg, po)
     _finish16(scales, g, n_chunks, c + 1, 1, f, xdg, sg, po)
+
+
+@njit(cache=True, inline="always")
+def _finish_chunks16_q4k(dm, sub, g, n_chunks, c, s0, s1, s2, s3, xdg, sg, po):
+    """_finish_chunks16 of a Q4_K group (simd.finish16_q4k makes its D, M 16 rows at a time)."""
+    a, b = simd.pair_halves_i32(s0, s1)        # rows 0..15 of chunk c, of chunk c + 1
+    e, f = simd.pair_halves_i32(s2, s3)        # rows 16..31
+    for cc, half, isum in ((c, 0, a), (c, 1, e), (c + 1, 0, b), (c + 1, 1, f)):
+        simd.finish16_q4k(po, 32 * cc + 16 * half, isum, dm, ((g >> 3) * n_chunks + cc) * 64 + 16 * half,
+                          sub, (g * n_chunks + cc) * 64 + 16 * half, xdg, sg)
+
+
+def _finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+    """_finish_chunk of a Q4_0/Q4_1 bundle, or _finish_chunk_q4k with a Q4_K bundle's (dm, sub)."""
+
+
+@overload(_finish_tail, inline="always")
+def _ov_finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+    if isinstance(scales, types.BaseTuple):
+        def k(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+            _finish_chunk_q4k(path, scales[0], scales[1], g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
+        return k
+
+    def q4(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
+        _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
+    return q4
 
 
 @njit(cache=True, inline="always")
@@ -403,6 +506,7 @@ def _bundle_step(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xd
 def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
     """po (n_embd,) += the bundle product over the active neurons of groups g_lo..g_hi-1 (vector paths):
     group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
+    scales: a Q4_0/Q4_1 bundle's, or a Q4_K bundle's (dm, sub) (the finish and the prefetch take either).
 
     Chunks are taken simd.bundle_chunks(path) at a time (_bundle_step: 2, or 4 in zmm, i.e. 32 or 64 contiguous
     bytes of each neuron) and neurons two at a time; the chunks left over go one at a time (simd.nib_pair_i16)."""
@@ -418,9 +522,7 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
         if g + 1 < g_hi:               # the next group's first lines and scales: its loads then hit the cache
             for p in range(_AHEAD_LINES):
                 _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], stride, p)
-            gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
-            for o in range(0, gs, 32):
-                simd.prefetch(scales, (g + 1) * gs + o)
+            _prefetch_scales(scales, g + 1, n_chunks)
         c = 0
         step = simd.bundle_chunks(path)
         while c + step <= n_chunks:
@@ -457,8 +559,32 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
                 i1 = simd.add_i32(i1, w1)
                 i2 = simd.add_i32(i2, w2)
                 i3 = simd.add_i32(i3, w3)
-            _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
+            _finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
             c += 1
+
+
+def _prefetch_scales(scales, g, n_chunks):
+    """Prefetch group g's scales: a Q4_0/Q4_1 bundle's fp16 rows, or a Q4_K bundle's (dm, sub): the group's 6-bit
+    bytes, and its superblock's fp16 pairs at a superblock's first group."""
+
+
+@overload(_prefetch_scales, inline="always")
+def _ov_prefetch_scales(scales, g, n_chunks):
+    if isinstance(scales, types.BaseTuple):
+        def k(scales, g, n_chunks):
+            gs = 64 * n_chunks                        # a group's sc, mn bytes; a superblock's d, dmin elements
+            for o in range(0, gs, 64):
+                simd.prefetch(scales[1], g * gs + o)
+            if g & 7 == 0:
+                for o in range(0, gs, 32):
+                    simd.prefetch(scales[0], (g >> 3) * gs + o)
+        return k
+
+    def q4(scales, g, n_chunks):
+        gs = 32 * n_chunks * scales.shape[2]          # a group's scales, in elements
+        for o in range(0, gs, 32):
+            simd.prefetch(scales, g * gs + o)
+    return q4
 
 
 @njit(cache=True, error_model="numpy")
@@ -484,7 +610,31 @@ def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bundle_rows_plain(path, codes, scales, rows, xq, gd, gstart, gsum, out):
+def _bundle_rows_k_vec(path, codes, dm, sub, rows, xq, gd, gstart, gsum, out):
+    n_groups = gstart.shape[0] - 1
+    n_parts = 2 if gstart[n_groups] >= 64 else 1
+    bounds = np.empty(n_parts + 1, np.int64)
+    _split_groups(gstart, n_parts, bounds)
+    partial = np.zeros((n_parts, out.shape[0]), np.float32)     # one partial sum per thread, then merged
+    for part in prange(n_parts):
+        _bundle_groups(path, codes, (dm, sub), rows, xq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
+                       partial[part])
+    _sum_parts(partial, out)
+
+
+@njit(cache=True, inline="always")
+def _plain_dm(path, scales, sub, g, c, t):
+    """(d, m) of output row 32c + t in group g: a Q4_0/Q4_1 bundle's fp16 (m = -8 d for Q4_0), or a Q4_K
+    bundle's D, M (scales: its dm; sub not empty)."""
+    if sub.shape[0] > 0:
+        return (simd.f16_to_f32(path, scales[g >> 3, c, 0, t]) * np.float32(sub[g, c, 0, t]),
+                simd.f16_to_f32(path, scales[g >> 3, c, 1, t]) * np.float32(sub[g, c, 1, t]))
+    d = simd.f16_to_f32(path, scales[g, c, 0, t])
+    return d, (simd.f16_to_f32(path, scales[g, c, 1, t]) if scales.shape[2] == 2 else d * np.float32(-8.0))
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bundle_rows_plain(path, codes, scales, sub, rows, xq, gd, gstart, gsum, out):
     n_chunks = out.shape[0] // 32
     n_groups = gstart.shape[0] - 1
     for c in prange(n_chunks):
@@ -502,22 +652,29 @@ def _bundle_rows_plain(path, codes, scales, rows, xq, gd, gstart, gsum, out):
                     acc[t] += x * np.int64(b & 15)
                     acc[t + 16] += x * np.int64(b >> 4)
             for t in range(32):
-                d = simd.f16_to_f32(path, scales[g, c, 0, t])
-                m = simd.f16_to_f32(path, scales[g, c, 1, t]) if scales.shape[2] == 2 else d * np.float32(-8.0)
+                d, m = _plain_dm(path, scales, sub, g, c, t)
                 o[t] += d * gd[g] * np.float32(acc[t]) + m * gsum[g]
         out[32 * c:32 * c + 32] = o
 
 
-def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None) -> None:
+def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None, sub=None) -> None:
     """out (n_embd,) = the down product over the active neurons (rows[:n] ascending, their Q8 values xq, per
-    group gd / gsum / gstart from down_coefs_q8), from a bundle (bundle_q4).
+    group gd / gsum / gstart from down_coefs_q8), from a bundle (bundle_q4; or bundle_q4k's codes, scales = its
+    dm, and sub).
 
     Vector paths: threads take contiguous ranges of groups, balanced by rows; per group and 32-output chunk
     the integer sums stay in registers: pairs of neurons are multiplied in int16 (simd.nib_pair_i16), 8 pairs
     summed in int16, then widened to int32. path "scalar": plain Numba loops."""
     tok = simd.token(path)
-    kernel = _bundle_rows_plain if simd.path_name(tok) == "scalar" else _bundle_rows_vec
-    kernel(tok, codes, scales, rows, xq, gd, gstart, gsum, out)
+    if simd.path_name(tok) == "scalar":
+        _bundle_rows_plain(tok, codes, scales, _NO_SUB if sub is None else sub, rows, xq, gd, gstart, gsum, out)
+    elif sub is None:
+        _bundle_rows_vec(tok, codes, scales, rows, xq, gd, gstart, gsum, out)
+    else:
+        _bundle_rows_k_vec(tok, codes, scales, sub, rows, xq, gd, gstart, gsum, out)
+
+
+_NO_SUB = np.zeros((0, 1, 2, 32), np.uint8)      # a Q4_0/Q4_1 bundle has no per-group 6-bit scales
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,14 +684,17 @@ def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | N
 # The fused kernels below take gate/up of the registry's fused_gate_up types (Q4_0, Q4_1; others take the
 # step-by-step strategies), told apart by this compile-time constant.
 _Q4_1 = int(QT.Q4_1)
+_Q4_K = int(QT.Q4_K)       # gate/up of the fused predictor kernel only (with a Q4_K bundle's down)
 _GEMV_CHUNKS = 64
 
 
 @njit(cache=True, error_model="numpy")
 def _span_q4(path, qtype, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
-    """qgemv's serial Q4_0 / Q4_1 row span (rows: as qgemv's span kernels)."""
+    """qgemv's serial Q4_0 / Q4_1 / Q4_K row span (rows: as qgemv's span kernels)."""
     if qtype == _Q4_1:
         qgemv._span_q4_1(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+    elif qtype == _Q4_K:
+        qgemv._span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
     else:
         qgemv._span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
 
@@ -756,6 +916,7 @@ class DecodeScratch:
     gate_up: np.ndarray      # (2 n_ff,) float32 the stacked gate|up GEMV's output
     x8: "qgemv.Q8Act"        # (n_embd,) the token's Q8 copy for gate and up
     out: np.ndarray          # (n_embd,) float32 the layer's output
+    x8_pred: "qgemv.Q8Act"   # (n_embd,) a Q8_0 copy for a predictor's A when x8 is Q8_K (K-quant gate and up)
 
     @classmethod
     def allocate(cls, n_ff: int, n_embd: int) -> "DecodeScratch":
@@ -764,7 +925,7 @@ class DecodeScratch:
                    np.empty(n_ff, np.float32), np.empty(n_ff, np.int8), np.empty(n_groups, np.float32),
                    np.empty(n_groups, np.float32), np.empty(n_groups + 1, np.int64), np.empty(n_ff, np.float32),
                    np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), qgemv.new_q8(n_embd),
-                   np.empty(n_embd, np.float32))
+                   np.empty(n_embd, np.float32), qgemv.new_q8(n_embd))
 
 
 def decode_threshold_layer(tok, x, gate, up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
@@ -796,11 +957,12 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, gate_qh,
                                 up_qs, up_sc, up_qh, gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs,
-                                scores, cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
+                                pq, pd, ps, scores, cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
     """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
     cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
 
-      x8 = Q8 copy of x (llama.cpp's, for gate/up's type; the Q8_0 predictor factor A takes the same codes)
+      x8 = Q8 copy of x (llama.cpp's, for gate/up's type; the Q8_0 predictor factor A takes the same codes, or
+           with Q4_K gate/up, whose x8 is Q8_K, a Q8_0 copy of its own)
       -> one parallel region, each of two threads on its half of the neurons (groups of 32), with no wait:
          ax = A . x8 (both threads compute all of it: rank rows, cheaper than waiting for each other)
          -> scores = B . Q8(ax) for its neurons -> its candidates (scores >= pred_cut, ascending)
@@ -808,12 +970,16 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
          -> the bundle product into its partial output
       -> out = the sum of the two partials.
 
-    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1
-    (type gu_qtype); codes/scales: the down bundle; xq, xd, xs: Q8Act buffers for n_embd; scores, g_act,
+    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1/
+    Q4_K (type gu_qtype); codes/scales: the down bundle (scales: a Q4_K bundle's (dm, sub)); xq, xd, xs: Q8Act
+    buffers for n_embd (x8); pq, pd, ps: the predictor's Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act,
     up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
     (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
-    q41 = gu_qtype == _Q4_1
-    qgemv.quantize_q8_into(x, xq, xd, xs, True, q41)
+    if gu_qtype == _Q4_K:
+        qgemv.quantize_q8k_into(x, xq, xd, xs)
+        qgemv.quantize_q8_into(x, pq, pd, ps, True, False)
+    else:
+        qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
     rank = a_qs.shape[0]
     n_groups = gsum.shape[0]
     cstart = np.empty(n_groups, np.int64)
@@ -832,7 +998,7 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         hq = hq2[part, :rank]
         hd = hd2[part, :rank // 32]
         hs = hs2[part, :rank // 32]
-        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, xq, xd, xs, no_rows, ax, 0, rank)
+        qgemv._span_q8_0(path, a_qs, a_sc, a_qh, pq, pd, ps, no_rows, ax, 0, rank)
         qgemv.quantize_q8_into(ax, hq, hd, hs, True, False)
         g_lo = part * n_groups // 2
         g_hi = (part + 1) * n_groups // 2
@@ -854,8 +1020,10 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
 
 def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
     """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
-    Q4_0/Q4_1; codes, scales the down bundle. Output in s.out. Returns (candidates, kept, groups read)."""
+    Q4_0/Q4_1/Q4_K; codes, scales the down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns
+    (candidates, kept, groups read)."""
+    p8 = s.x8_pred if gate.qtype == _Q4_K else s.x8            # Q4_0/Q4_1: x8 serves the predictor too
     return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, gate.qh,
                                        up.qs, up.sc, up.qh, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,
-                                       s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals, s.rows, s.aq, s.gd,
-                                       s.gstart, s.gsum, s.out)
+                                       p8.q, p8.d, p8.s, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals,
+                                       s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)

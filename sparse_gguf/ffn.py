@@ -10,8 +10,8 @@ Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (
   ThresholdFFN       decode of a threshold layer: gate in full, up where |act(g_j)| passes, down where |a_j| passes
   FusedThresholdFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, vector SIMD path)
   PredictorFFN       decode of a predictor layer: gate and up rows of the predictor's candidates only, then down
-  FusedPredictorFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, SiLU, vector SIMD
-                     path): predictor, candidates' gate and up rows, act, the kept neurons' down
+  FusedPredictorFFN  the same as one kernel call (Q4_0/Q4_1/Q4_K gate and up, a column-bundle down, SiLU, vector
+                     SIMD path): predictor, candidates' gate and up rows, act, the kept neurons' down
 
 The sparse strategies' batched path is the masked reference: prefill reads every matrix anyway.
 """
@@ -167,12 +167,10 @@ class _SparseDecode:
         L, s, n_ff = self.L, self.s, self.L.w_gate.n_rows
         rows_up, up_vals = s.rows_up[:n_up], s.up_vals[:n_up]
         if self.bundle is not None:      # one pass prepares the bundle product's input
-            n, n_groups = sparse_ffn.down_coefs_q8(s.g_act, up_vals, rows_up, self.cut,
-                                                   qtype_info(self.bundle.qtype).act == Q8_1, s.rows, s.aq,
-                                                   s.gd, s.gstart, s.gsum)
+            n, n_groups = sparse_ffn.down_coefs_q8(s.g_act, up_vals, rows_up, self.cut, self.bundle.sum_fp16,
+                                                   s.rows, s.aq, s.gd, s.gstart, s.gsum)
             stats.ffn_used.append(n / n_ff)
-            sparse_ffn.bundle_rows_q8(self.bundle.codes, self.bundle.scales, s.rows[:n], s.aq[:n], s.gd, s.gstart,
-                                      s.gsum, s.out)
+            self.bundle.rows_product(s.rows[:n], s.aq[:n], s.gd, s.gstart, s.gsum, s.out)
             stats.bytes += self.bundle.bytes_read(n, n_groups) - L.w_down.nbytes
             return s.out[None]
         n = sparse_ffn.active_products(s.g_act, up_vals, rows_up, self.cut, s.rows, s.coef)
@@ -240,7 +238,7 @@ class FusedThresholdFFN(_SparseDecode):
         L, s, layer, bundle = self.L, self.s, self.layer, self.bundle
         n_ff = L.w_gate.n_rows
         up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage
-        q41 = qtype_info(bundle.qtype).act == Q8_1              # the bundle's Q8 block sums are fp16 (Q8_1)
+        q41 = bundle.sum_fp16                                   # the bundle's Q8 block sums are fp16 (Q8_1)
         if L.gate_up is not None and self.up_kept > UP_GATHER_MAX_KEPT:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer_dense_up(
                 self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
@@ -261,14 +259,14 @@ class FusedPredictorFFN(_SparseDecode):
     def __init__(self, *args, tok: tuple):
         super().__init__(*args)
         self.tok = tok                       # the SIMD path, fixed at load (the kernel has vector paths only)
-        self.q41 = qtype_info(self.bundle.qtype).act == Q8_1      # the bundle's Q8 block sums are fp16 (Q8_1)
+        self.q41 = self.bundle.sum_fp16                           # the bundle's Q8 block sums are fp16 (Q8_1)
 
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
         L, s, p, bundle = self.L, self.s, self.layer.predictor, self.bundle
         n_ff = L.w_gate.n_rows
         n_cand, n, n_groups = sparse_ffn.decode_predictor_layer(
             self.tok, x, p.a.packed, p.b.packed, p.cut, L.w_gate.packed, L.w_up.packed, self.cut, bundle.codes,
-            bundle.scales, self.q41, s)
+            bundle.kernel_scales, self.q41, s)
         stats.ffn_used.append(n / n_ff)
         stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_cand / n_ff - 1.0)
                         + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
@@ -298,12 +296,13 @@ def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLaye
     if not fast_decode:
         return reference
     tok = simd.token()
-    fused = (rule.down_t is None and L.w_down.column_bundle() is not None and qtype_info(L.w_gate.qtype).fused_gate_up
-             and simd.path_name(tok) != "scalar" and act != "gelu")
+    bundle = L.w_down.column_bundle() if rule.down_t is None else None
+    fused = (bundle is not None and qtype_info(L.w_gate.qtype).fused_gate_up and simd.path_name(tok) != "scalar"
+             and act != "gelu")
     if rule.predictor is not None:
         if fused and rule.predictor.a.packed is not None and rule.predictor.b.packed is not None:
             return FusedPredictorFFN(L, act, rule, s, reference, tok=tok)
         return PredictorFFN(L, act, rule, s, reference)
-    if fused:
+    if fused and bundle.sub is None:                                 # the threshold kernels: Q4_0/Q4_1 only
         return FusedThresholdFFN(L, act, rule, s, reference, tok=tok)
     return ThresholdFFN(L, act, rule, s, reference)

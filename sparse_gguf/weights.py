@@ -87,35 +87,63 @@ class QuantMatrix:
         return dequant.take_rows(self.raw, self.qtype, self.n_cols, np.asarray(ids, dtype=np.int64))
 
     def column_bundle(self) -> "ColumnBundle | None":
-        """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4), built on first use:
-        for a down matrix, a product over a few active neurons then reads only their columns. None when the
-        type has no exact bundle (Q4_0 and Q4_1 have one) or the shape does not divide into 32s."""
+        """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4 / bundle_q4k), built on first
+        use: for a down matrix, a product over a few active neurons then reads only their columns. None when the
+        type has no exact bundle (Q4_0, Q4_1 and Q4_K have one) or the shape does not divide into 32s."""
         if not hasattr(self, "_bundle"):
             self._bundle = None
             if qtype_info(self.qtype).column_bundle and self.n_rows % 32 == 0 and self.n_cols % 32 == 0:
-                try:
-                    self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
-                                                self.qtype)
-                except ValueError:           # a Q4_0 scale whose 8x overflows fp16: keep the plain layout
-                    pass
+                if self.qtype == GGMLQuantizationType.Q4_K:
+                    codes, dm, sub = sparse_ffn.bundle_q4k(self.raw, self.n_cols)
+                    self._bundle = ColumnBundle(codes, dm, self.qtype, sub)
+                else:
+                    try:
+                        self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
+                                                    self.qtype)
+                    except ValueError:           # a Q4_0 scale whose 8x overflows fp16: keep the plain layout
+                        pass
                 self._release(0, self.n_rows)        # the file pages it read
         return self._bundle
 
 
 @dataclass
 class ColumnBundle:
-    """A Q4_0/Q4_1 matrix regrouped so that each column's 4-bit codes are contiguous, one cache line per 128
-    rows (layout and maths: numba_kernels.sparse_ffn); exact, and the same number of bytes for Q4_1."""
+    """A Q4_0/Q4_1/Q4_K matrix regrouped so that each column's 4-bit codes are contiguous, one cache line per
+    128 rows (layout and maths: numba_kernels.sparse_ffn); exact, and about the bytes of the original."""
     codes: np.ndarray                # (n_cols/32, 16 n_rows) uint8
-    scales: np.ndarray               # (n_cols/32, n_rows/32, 2, 32) uint16 fp16 bits (d, m)
-    qtype: int                       # the original type: the activations are quantized as for it
+    scales: np.ndarray               # (n_cols/32, n_rows/32, S, 32) uint16 fp16 bits (d[, m]); Q4_K: its dm,
+                                     # (n_cols/256, n_rows/32, 2, 32) fp16 bits (d, -dmin) per superblock
+    qtype: int                       # the original type: the activations are quantized as for it (Q4_K: Q8 blocks)
+    sub: np.ndarray | None = None    # Q4_K: (n_cols/32, n_rows/32, 2, 32) uint8 6-bit (sc, mn) per group
+
+    def rows_product(self, rows, xq, gd, gstart, gsum, out) -> None:
+        """out (n_rows,) = the product over the active columns rows (ascending) with their Q8 values xq, per
+        group gd / gstart / gsum (sparse_ffn.down_coefs_q8's output; sparse_ffn.bundle_rows_q8)."""
+        sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows, xq, gd, gstart, gsum, out, sub=self.sub)
+
+    @property
+    def kernel_scales(self):
+        """The scales the bundle kernels take: scales, or a Q4_K bundle's (dm, sub)."""
+        return self.scales if self.sub is None else (self.scales, self.sub)
+
+    @property
+    def sum_fp16(self) -> bool:
+        """The Q8 block sums are fp16 (Q8_1, for Q4_1), as down_coefs_q8 takes it."""
+        return qtype_info(self.qtype).act == Q8_1
+
+    @property
+    def group_scale_bytes(self) -> float:
+        """Scale bytes read per group of 32 columns with an active column."""
+        if self.sub is None:
+            return self.scales[0].nbytes
+        return self.sub[0].nbytes + self.scales[0].nbytes / 8
 
     def product(self, cols: np.ndarray, coef: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """(W[:, cols] @ coef (n_rows,), bytes read); cols (k,) int32 ascending. Like the dense GEMV (and
         llama.cpp), the values are first quantized to Q8 blocks, so with every column active the result
-        equals W @ x up to float summation order."""
-        n_cols = self.scales.shape[0] * 32
-        n_rows = self.scales.shape[1] * 32
+        equals W @ x up to float summation order (Q4_0/Q4_1; a Q4_K bundle's blocks are 32 values, Q8_K's 256)."""
+        n_cols = self.codes.shape[0] * 32                 # codes: (n_cols/32, 16 n_rows)
+        n_rows = self.codes.shape[1] // 16
         up_vals = np.ones(cols.size, np.float32)         # a_j = coef_j * 1, every one kept
         rows, xq = np.empty(cols.size, np.int32), np.empty(cols.size, np.int8)
         gstart = np.empty(n_cols // 32 + 1, np.int64)
@@ -123,20 +151,20 @@ class ColumnBundle:
         g_act = np.zeros(n_cols, np.float32)
         g_act[cols] = coef
         n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, cols, np.zeros(n_cols, np.float32),
-                                               qtype_info(self.qtype).act == Q8_1, rows, xq, gd, gstart, gsum)
+                                               self.sum_fp16, rows, xq, gd, gstart, gsum)
         if out is None:
             out = np.empty(n_rows, np.float32)
-        sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows[:n], xq[:n], gd, gstart, gsum, out)
+        self.rows_product(rows[:n], xq[:n], gd, gstart, gsum, out)
         return out, self.bytes_read(n, n_groups)
 
     def expected_bytes(self, skipped: float) -> float:
         """Bytes per product when a fraction `skipped` of the columns is inactive: their codes, and every
         group's scales (an upper bound: a group with no active column is not read)."""
-        return self.codes.nbytes * (1.0 - skipped) + self.scales.nbytes
+        return self.codes.nbytes * (1.0 - skipped) + self.codes.shape[0] * self.group_scale_bytes
 
     def bytes_read(self, n_cols: int, n_groups: int) -> int:
         """Bytes a product over n_cols columns in n_groups groups of 32 reads: their codes and the groups' scales."""
-        return n_cols * self.codes.shape[1] // 32 + n_groups * self.scales[0].nbytes
+        return int(n_cols * self.codes.shape[1] // 32 + n_groups * self.group_scale_bytes)
 
 
 LOWBIT_TILE_ROWS = 4096

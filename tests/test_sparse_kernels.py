@@ -534,6 +534,75 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
     np.testing.assert_array_equal(d * q + m, quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff))
 
 
+def _q4_k_matrix(rng, n_rows: int, n_cols: int) -> np.ndarray:
+    """Random Q4_K bytes (n_rows, n_cols/256 * 144) with finite, small fp16 d and dmin (gguf-py has no Q4_K
+    quantizer): any codes and 6-bit scale bytes are a valid matrix."""
+    blocks = rng.integers(0, 256, (n_rows, n_cols // 256, 144), dtype=np.uint8)
+    dd = rng.uniform(1e-3, 1e-2, (n_rows, n_cols // 256, 2)).astype(np.float16)
+    blocks[:, :, 0:4] = dd.view(np.uint8).reshape(n_rows, n_cols // 256, 4)
+    return blocks.reshape(n_rows, -1)
+
+
+def test_q4_k_column_bundle_holds_the_same_weights():
+    """bundle_q4k regroups without re-quantizing: d sc q - dmin mn from its documented layout, by hand, is
+    gguf-py's dequantization bit for bit (n_embd 160: a last piece of one chunk; two superblocks)."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    rng = np.random.default_rng(5)
+    n_embd, n_ff = 160, 512
+    raw = _q4_k_matrix(rng, n_embd, n_ff)
+    codes, dm, sub = sparse_ffn.bundle_q4k(raw, n_ff)
+    n_chunks = n_embd // 32
+    assert codes.shape == (n_ff // 32, 16 * n_embd) and dm.shape == (n_ff // 256, n_chunks, 2, 32)
+    assert sub.shape == (n_ff // 32, n_chunks, 2, 32) and sub.max() < 64
+    assert codes.nbytes + dm.nbytes + sub.nbytes <= 1.07 * raw.nbytes      # 18.5 bytes per row and group, not 18
+    q = np.empty((n_embd, n_ff), np.float32)
+    for g in range(n_ff // 32):
+        for l in range(32):
+            for c in range(n_chunks):
+                off = (l * n_chunks + c) * 16
+                b = codes[g, off:off + 16]
+                q[32 * c:32 * c + 16, 32 * g + l] = b & 15
+                q[32 * c + 16:32 * c + 32, 32 * g + l] = b >> 4
+    f = dm.view(np.float16).astype(np.float32)                     # [S, c, (d | -dmin), t]
+    per_col = lambda a: a.reshape(a.shape[0], n_embd).T            # (n_embd, groups or superblocks)
+    d, dn = per_col(f[:, :, 0]).repeat(256, axis=1), per_col(f[:, :, 1]).repeat(256, axis=1)
+    sc, mn = per_col(sub[:, :, 0]).repeat(32, axis=1), per_col(sub[:, :, 1]).repeat(32, axis=1)
+    w = (d * sc.astype(np.float32)) * q + dn * mn.astype(np.float32)
+    np.testing.assert_array_equal(w, quants.dequantize(raw, QT.Q4_K).reshape(n_embd, n_ff))
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.3, 0.02, 0.0])
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_q4_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
+    """down_coefs_q8 + bundle_rows_q8 on a Q4_K bundle against the float64 product of gguf-py's dequantized
+    matrix with the Q8-rounded kept values (blocks of 32 neurons), on every SIMD path; a quarter of the
+    columns' outputs would move by ~1e-2 of the largest, float order ~1e-7."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    rng = np.random.default_rng(12)
+    n_embd, n_ff = 160, 512
+    raw = _q4_k_matrix(rng, n_embd, n_ff)
+    w = quants.dequantize(raw, QT.Q4_K).reshape(n_embd, n_ff).astype(np.float64)
+    codes, dm, sub = sparse_ffn.bundle_q4k(raw, n_ff)
+    g_act = rng.standard_normal(n_ff).astype(np.float32)
+    rows_up = np.sort(rng.choice(n_ff, int(0.8 * n_ff), replace=False)).astype(np.int32)
+    up_vals = rng.standard_normal(rows_up.size).astype(np.float32)
+    a_all = np.abs(g_act[rows_up] * up_vals)
+    cut = np.inf if keep == 0 else (np.quantile(a_all, 1 - keep) if keep < 1 else 0.0)
+    rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
+    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    n, _ = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, np.full(n_ff, cut, np.float32), False, rows, xq, gd,
+                                    gstart, gsum)
+    assert n == np.count_nonzero(a_all >= cut)
+    a = np.zeros(n_ff)
+    a[rows[:n]] = gd[rows[:n] // 32].astype(np.float64) * xq[:n]
+    want = w @ a
+    out = np.full(n_embd, np.nan, np.float32)
+    sparse_ffn.bundle_rows_q8(codes, dm, rows[:n], xq[:n], gd, gstart, gsum, out, path, sub=sub)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
+
+
 def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
     """All columns active: the bundle (activations quantized as llama.cpp does) gives the dense GEMV's result."""
     from numba_kernels import qgemv
@@ -580,12 +649,14 @@ def test_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep, pat
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K_S"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
 def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fraction):
     """FusedPredictorFFN (one kernel: predictor, the candidates' gate and up rows, the kept neurons' down bundle)
     gives the masked reference's numbers on every vector SIMD path, with benchmarks/sparse_gbs.py's forced-fraction
-    predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them."""
+    predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them. Q4_K_S (every
+    matrix Q4_K at 2 layers): the reference's one-token path, whose down is the same bundle product (its batched
+    path rounds the activations to Q8_K superblocks instead, as the dense GEMV does)."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -613,7 +684,8 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
             fused = FusedPredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference, tok=simd.token(path))
             steps = PredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference)
             for t in range(x.shape[0]):
-                want = ffn.reference.batched(np.repeat(x[t:t + 1], 2, axis=0), StepStats())[:1]   # masked
+                want = (ffn.reference.decode(x[t], StepStats()) if qtype == "Q4_K_S" else      # masked
+                        ffn.reference.batched(np.repeat(x[t:t + 1], 2, axis=0), StepStats())[:1])
                 st, st_steps = StepStats(), StepStats()
                 one = fused.decode(x[t], st).copy()
                 np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
@@ -622,3 +694,35 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
                 kept.append(st.ffn_used[0])
     cand = np.mean([(ffn.layer.predictor.scores(x) >= ffn.layer.predictor.cut).mean() for ffn in m.ffn])
     assert abs(cand - fraction) < 0.2 and np.mean(kept) < cand      # the down cut drops some candidates
+
+
+def test_q4_k_file_predictor_layers_run_fused_close_to_the_dense_down(tiny_model):
+    """A Q4_K file's predictor layers take the fused kernel (Q4_K gate and up rows, the Q4_K bundle's down): close
+    to the dense Q4_K GEMV of the same masked activations (which rounds them to Q8_K superblocks, the bundle to Q8
+    blocks of 32), reading fewer bytes than the dense layer. (Equality with the masked reference's one-token path:
+    test_fused_predictor_layer_equals_masked_reference.)"""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gguf import GGMLQuantizationType as QT
+    from sparse_gbs import ffn_inputs, forced_predictor
+    from sparse_gguf.ffn import FusedPredictorFFN
+    from sparse_gguf.format import MODE_PREDICTOR
+
+    m = Model(tiny_model("llama", "Q4_K_S"), n_ctx=96)      # Q4_K_S: every matrix Q4_K at 2 layers
+    n_ff, n_embd = m.cfg.n_ff, m.cfg.n_embd
+    assert all(L.w_down.qtype == QT.Q4_K and L.w_down.column_bundle().sub is not None for L in m.weights.layers)
+    rng = np.random.default_rng(4)
+    hs = ffn_inputs(m, [int(t) for t in rng.integers(10, 1000, 64)])
+    m.sparsity = SparsityPlan([LayerSparsity(MODE_PREDICTOR, threshold=rng.uniform(0, 0.01, n_ff).astype(np.float32),
+                                             predictor=forced_predictor(h, n_ff, 0.4, rng, rank=32)) for h in hs])
+    assert all(isinstance(ffn, FusedPredictorFFN) for ffn in m.ffn)
+    x = rng.standard_normal((3, n_embd)).astype(np.float32)
+    for ffn in m.ffn:
+        for t in range(x.shape[0]):
+            st = StepStats()
+            one = ffn.decode(x[t], st).copy()
+            dense_down = ffn.reference.batched(np.repeat(x[t:t + 1], 2, axis=0), StepStats())[:1]   # Q8_K
+            # two roundings of the same activations (measured 1.0-1.7% of the largest output); a wrong scale: O(1)
+            assert np.abs(one - dense_down).max() < 0.05 * np.abs(dense_down).max()
+            assert 0.2 < st.ffn_used[0] < 0.6 and st.bytes < 0       # fewer bytes than the dense layer
