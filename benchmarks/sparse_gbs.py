@@ -38,6 +38,22 @@ and against llama.cpp's faster setting in the same run:
     fused f=0.5         103.4  1727.8             0.90    |         1.24         2.04x
     fused f=0.25         70.6  1037.7             0.79    |         1.48         2.44x
 
+    K-quant files (the afternoon, after the Q4_K column bundle and the fused kernel's Q4_K gate and up; Q4_K_M: the
+    layers whose down is Q4_K run fused, those with a Q6_K down the step-by-step path, reading that down in full):
+    `--reps 3 --tokens 24 --llama-cpp`, Llama-3.2-1B shape, Q4_K_M (llama.cpp fa on 18.58 t/s):
+    dense                19.7   487.6             1.00    |         1.00         1.57x
+    fused f=1            23.1   512.0             0.90    |         0.95         1.49x
+    fused f=0.75         20.3   412.4             0.82    |         1.06         1.67x
+    fused f=0.5          16.9   327.4             0.78    |         1.13         1.77x
+    fused f=0.25         12.9   242.7             0.76    |         1.17         1.84x
+
+    `--reps 2 --tokens 12 --llama-cpp`, Llama-3.1-8B shape, Q4_K_M (llama.cpp fa off 3.16 t/s):
+    dense               140.1  3413.1             1.00    |         1.00         1.62x
+    fused f=1           155.2  3508.0             0.93    |         0.91         1.46x
+    fused f=0.75        126.6  2801.6             0.91    |         1.12         1.81x
+    fused f=0.5         105.4  2218.7             0.86    |         1.15         1.86x
+    fused f=0.25         79.6  1634.0             0.84    |         1.26         2.04x
+
 The same day, after the kernels became one parallel region per layer (each thread: A x, B's scores and the
 candidates of its half of the neurons, their rows, their down) and the zmm bundle step's float work 16 rows wide,
 in a busier hour (dense FFN 17-18 GB/s): FFN GB/s vs dense 1B 0.91/0.79/0.72/0.67 at f = 1/0.75/0.5/0.25 (tokens/s
@@ -60,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import numpy as np
 from gguf import GGMLQuantizationType, quants
@@ -139,8 +156,9 @@ def main() -> None:
     m.sparsity = None
     dense_ffn = m.ffn
     configs["dense"] = dense_ffn
+    kinds = Counter(type(ffn).__name__ for name, v in configs.items() if name != "dense" for ffn in v)
     print(f"{args.model}: {m.cfg.n_layer} layers, n_embd {m.cfg.n_embd}, n_ff {n_ff}, {type(m.ffn[0]).__name__} "
-          f"dense; sparse: {sorted({type(v[0]).__name__ for v in configs.values()})}")
+          f"dense; the sparse configurations' layers: {dict(kinds)} (a K-quant file: fused where down is Q4_K)")
 
     def ffn_only(ffns) -> tuple[float, float, float]:
         st = StepStats()
