@@ -42,7 +42,7 @@ class QType:
     type_size: int                 # bytes per block
     act: str                       # actquant kind x is rounded to for this weight type (ggml's vec_dot_type)
     column_bundle: bool = False    # sparse_ffn.bundle_q4 / bundle_q4k regroup it by column exactly (a sparse down)
-    fused_gate_up: bool = False    # sparse_ffn's fused kernels compute gate/up of this type (Q4_K: predictor only)
+    fused_gate_up: bool = False    # sparse_ffn's fused kernels compute gate/up of this type
     # kernels (registered by their modules, see the module docstring)
     dequantize: Callable | None = None   # njit (row uint8 (row_bytes,), out float32 (n_cols,)) -> None
     pack: Callable | None = None         # blocks uint8 (n_rows, n_blocks, type_size) -> (qs, sc, qh) (qgemv layout)

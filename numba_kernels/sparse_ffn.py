@@ -684,7 +684,7 @@ _NO_SUB = np.zeros((0, 1, 2, 32), np.uint8)      # a Q4_0/Q4_1 bundle has no per
 # The fused kernels below take gate/up of the registry's fused_gate_up types (Q4_0, Q4_1; others take the
 # step-by-step strategies), told apart by this compile-time constant.
 _Q4_1 = int(QT.Q4_1)
-_Q4_K = int(QT.Q4_K)       # gate/up of the fused predictor kernel only (with a Q4_K bundle's down)
+_Q4_K = int(QT.Q4_K)
 _GEMV_CHUNKS = 64
 
 
@@ -697,6 +697,16 @@ def _span_q4(path, qtype, qs, sc, qh, xq, xd, xs, rows, out, lo, hi):
         qgemv._span_q4_k(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
     else:
         qgemv._span_q4_0(path, qs, sc, qh, xq, xd, xs, rows, out, lo, hi)
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_x8(x, xq, xd, xs, gu_qtype):
+    """xq, xd, xs = x's Q8 copy for gate and up of type gu_qtype, rounded as llama.cpp rounds activations for it
+    (qgemv.quantize_for): Q8_K superblocks for Q4_K, x86 Q8_0 / Q8_1 blocks for Q4_0 / Q4_1."""
+    if gu_qtype == _Q4_K:
+        qgemv.quantize_q8k_into(x, xq, xd, xs)
+    else:
+        qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -831,7 +841,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
     neurons: their gate and up rows, both selections in one pass (_select_groups), then its part of the bundle
     product, with no wait between.
     The same numbers. Faster than gathering up's rows unless most are skipped (Model._ffn_decode_threshold)."""
-    qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
+    _quantize_x8(x, xq, xd, xs, gu_qtype)
     n_ff = g_act.shape[0]
     no_rows = rows[:0]
     n_groups = gsum.shape[0]
@@ -864,12 +874,12 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
       -> rows_up[:n_up] = {j : |g_act_j| >= up_threshold_j} -> up_vals[:n_up] = up[rows_up] . x8
       -> kept a_j = g_act_j up_j with |a_j| >= threshold_j, as Q8 blocks (down_coefs_q8) -> the bundle product.
 
-    gate_*, up_*: the qs, sc, qh of qgemv PackedMatrices (Q4_0/Q4_1, type gu_qtype); codes/scales: the down
+    gate_*, up_*: the qs, sc, qh of qgemv PackedMatrices (Q4_0/Q4_1/Q4_K, type gu_qtype); codes/scales: the down
     bundle; xq, xd, xs: Q8Act buffers for n_embd; the rest: (n_ff,) scratch, gd/gsum (n_ff/32,), gstart (n_ff/32 + 1,).
     One call with one parallel region: each thread takes half of the groups of 32 neurons through every step
     (nothing crosses halves), then the two partial outputs are summed. g_act ends up compacted: act(g) of
     rows_up[u] at g_act[u]. Vector paths only. Returns (n_up, n_down, groups read)."""
-    qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
+    _quantize_x8(x, xq, xd, xs, gu_qtype)
     no_rows = rows_up[:0]
     n_groups = gsum.shape[0]
     cstart = np.empty(n_groups, np.int64)
@@ -929,8 +939,8 @@ class DecodeScratch:
 
 
 def decode_threshold_layer(tok, x, gate, up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
-    """ffn_decode_bundle on named objects: gate, up are qgemv PackedMatrices (Q4_0/Q4_1); codes, scales the
-    down bundle. Output in s.out. Returns (n_up, n, n_groups)."""
+    """ffn_decode_bundle on named objects: gate, up are qgemv PackedMatrices (Q4_0/Q4_1/Q4_K); codes, scales the
+    down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns (n_up, n, n_groups)."""
     return ffn_decode_bundle(tok, x, gate.qs, gate.sc, gate.qh, up.qs, up.sc, up.qh, gate.qtype, up_cut, cut,
                              codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.up_vals, s.rows,
                              s.aq, s.gd, s.gstart, s.gsum, s.out)
@@ -975,11 +985,9 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     buffers for n_embd (x8); pq, pd, ps: the predictor's Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act,
     up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
     (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
-    if gu_qtype == _Q4_K:
-        qgemv.quantize_q8k_into(x, xq, xd, xs)
+    _quantize_x8(x, xq, xd, xs, gu_qtype)
+    if gu_qtype == _Q4_K:                                        # the predictor's A reads Q8_0
         qgemv.quantize_q8_into(x, pq, pd, ps, True, False)
-    else:
-        qgemv.quantize_q8_into(x, xq, xd, xs, True, gu_qtype == _Q4_1)
     rank = a_qs.shape[0]
     n_groups = gsum.shape[0]
     cstart = np.empty(n_groups, np.int64)

@@ -8,7 +8,8 @@ Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (
                      strategy below computes the same numbers (tests/test_sparse_kernels.py holds them to it)
   ObservedFFN        MaskedFFN that also hands its activations to a calibration observer
   ThresholdFFN       decode of a threshold layer: gate in full, up where |act(g_j)| passes, down where |a_j| passes
-  FusedThresholdFFN  the same as one kernel call (Q4_0/Q4_1 gate and up, a column-bundle down, vector SIMD path)
+  FusedThresholdFFN  the same as one kernel call (Q4_0/Q4_1/Q4_K gate and up, a column-bundle down, vector SIMD
+                     path)
   PredictorFFN       decode of a predictor layer: gate and up rows of the predictor's candidates only, then down
   FusedPredictorFFN  the same as one kernel call (Q4_0/Q4_1/Q4_K gate and up, a column-bundle down, SiLU, vector
                      SIMD path): predictor, candidates' gate and up rows, act, the kept neurons' down
@@ -241,10 +242,11 @@ class FusedThresholdFFN(_SparseDecode):
         q41 = bundle.sum_fp16                                   # the bundle's Q8 block sums are fp16 (Q8_1)
         if L.gate_up is not None and self.up_kept > UP_GATHER_MAX_KEPT:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer_dense_up(
-                self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
+                self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.kernel_scales, q41, s)
         else:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer(
-                self.tok, x, L.w_gate.packed, L.w_up.packed, up_cut, self.cut, bundle.codes, bundle.scales, q41, s)
+                self.tok, x, L.w_gate.packed, L.w_up.packed, up_cut, self.cut, bundle.codes, bundle.kernel_scales,
+                q41, s)
         self.up_kept = n_up / n_ff
         stats.ffn_used.append(n / n_ff)
         stats.bytes += (L.w_up.nbytes * (up_read_fraction(n_up / n_ff) - 1.0)
@@ -303,6 +305,6 @@ def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLaye
         if fused and rule.predictor.a.packed is not None and rule.predictor.b.packed is not None:
             return FusedPredictorFFN(L, act, rule, s, reference, tok=tok)
         return PredictorFFN(L, act, rule, s, reference)
-    if fused and bundle.sub is None:                                 # the threshold kernels: Q4_0/Q4_1 only
+    if fused:
         return FusedThresholdFFN(L, act, rule, s, reference, tok=tok)
     return ThresholdFFN(L, act, rule, s, reference)

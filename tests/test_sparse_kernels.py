@@ -405,9 +405,12 @@ def test_sparse_ffn_with_every_neuron_active_equals_dense(tiny_model):
     assert m.step_stats["ffn_active_fraction"] > 0.99
 
 
-def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
-    """Reading only the kept up rows gives the same numbers as computing all of up and masking."""
-    path = tiny_model("llama", "Q4_1")
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K_S"])
+def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model, qtype):
+    """Reading only the kept up rows gives the same numbers as computing all of up and masking. Q4_K_S (every
+    matrix Q4_K at 2 layers): against the masked reference's one-token path, whose down is the same bundle product
+    (its batched path rounds the activations to Q8_K superblocks, as the dense GEMV does)."""
+    path = tiny_model("llama", qtype)
     toks = tokens(12, seed=1)
     m = Model(path, n_ctx=32)
     n_ff = m.cfg.n_ff
@@ -422,8 +425,9 @@ def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model):
     assert kl_rows(masked, step).mean() < 0.01   # attention differs in the last bits; thresholds amplify that
     h = rng.standard_normal((1, m.cfg.n_embd)).astype(np.float32)
     for ffn in m.ffn:                                      # the FFN alone: the same numbers either way
-        assert isinstance(ffn, FusedThresholdFFN)          # Q4_1 gate/up, a column-bundle down
-        two = ffn.batched(np.repeat(h, 2, axis=0), StepStats())   # T == 2: the masked reference
+        assert isinstance(ffn, FusedThresholdFFN)          # Q4_1 / Q4_K gate/up, a column-bundle down
+        two = (ffn.reference.decode(h[0], StepStats()) if qtype == "Q4_K_S"
+               else ffn.batched(np.repeat(h, 2, axis=0), StepStats()))   # T == 2: the masked reference
         for up_kept in (0.0, 1.0):                         # one token: gathers up's kept rows / all of gate|up
             ffn.up_kept = up_kept                          # (the decoder's choice for this layer's next token)
             one = ffn.decode(h[0], StepStats())
