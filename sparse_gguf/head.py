@@ -9,7 +9,7 @@ import numpy as np
 from numba_kernels import qgemv
 
 from .stats import StepStats
-from .weights import QuantMatrix, q4_copy
+from .weights import QuantMatrix
 
 
 class DenseHead:
@@ -32,7 +32,7 @@ class CandidateHead:
 
     def __init__(self, output: QuantMatrix, n: int):
         self.output, self.n = output, n
-        self.q4 = q4_copy(output)     # (n_vocab, n_embd) Q4_0
+        self.q4 = output.scoring_copy()     # (n_vocab, n_embd) Q4_0
 
     def decode(self, hs: np.ndarray, stats: StepStats) -> np.ndarray:
         out = self.output

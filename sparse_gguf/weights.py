@@ -86,6 +86,14 @@ class QuantMatrix:
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_cols) float32."""
         return dequant.take_rows(self.raw, self.qtype, self.n_cols, np.asarray(ids, dtype=np.int64))
 
+    def scoring_copy(self) -> "QuantMatrix":
+        """A Q4_0 re-quantization of this matrix (q4_copy: the candidate output head scores the vocabulary with
+        it), built on first use and kept: the converter times a candidate head and then installs one, and the
+        copy takes seconds (4 s for a 128k x 2048 output)."""
+        if not hasattr(self, "_scoring_copy"):
+            self._scoring_copy = q4_copy(self)
+        return self._scoring_copy
+
     def column_bundle(self) -> "ColumnBundle | None":
         """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4 / bundle_q4k), built on first
         use: for a down matrix, a product over a few active neurons then reads only their columns. None when the

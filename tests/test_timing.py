@@ -57,6 +57,21 @@ def test_the_output_layer_scores_in_4_bits_only_where_that_is_faster_by_the_marg
     assert choose_head({"dense": 100e-6, "candidates": 97e-6}, 64, margin=0.0).strategy == "candidates"
 
 
+def test_timing_and_installing_a_candidate_head_build_one_scoring_copy(tiny_model, monkeypatch):
+    """The converter times a candidate output head (measure_head), then installs one: the output matrix's 4-bit
+    scoring copy is made once (it takes seconds at real vocabulary sizes) and both heads read it."""
+    from sparse_gguf import weights
+
+    calls = []
+    real = weights.q4_copy
+    monkeypatch.setattr(weights, "q4_copy", lambda m: calls.append(m.name) or real(m))
+    m = Model(tiny_model("llama", "Q8_0"), n_ctx=8)
+    times = timing.measure_head(m.weights.output, 64, rounds=1)
+    assert set(times) == {"dense", "candidates"} and all(t > 0 for t in times.values())
+    m.set_output_candidates(64)
+    assert len(calls) == 1 and m.head.q4 is m.weights.output.scoring_copy()
+
+
 class _PredictorCountProbe:
     """A quality probe whose KL grows by kl_each per predictor layer in the plan; counts its scores."""
 
