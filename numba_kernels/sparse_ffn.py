@@ -4,9 +4,9 @@ The FFN output is y = sum_j a_j * down[:, j]. GGUF stores down row-major by outp
 quantization blocks running along the neurons, so skipping a neuron skips nothing: every block still holds
 some active neuron. Two neuron-major layouts fix that:
 
-* Column bundles (Q4_0/Q4_1 down, built at load time, exact; second half of this file): the same 4-bit codes
-  and fp16 scales regrouped so each neuron's codes are contiguous. A token reads only its active neurons'
-  codes, and the product is llama.cpp's integer Q4 x Q8 arithmetic over them.
+* Column bundles (Q4_0/Q4_1/Q4_K down, built at load time, exact; second half of this file): the same 4-bit
+  codes and scales regrouped so each neuron's codes are contiguous. A token reads only its active neurons'
+  codes, and the product is llama.cpp's integer Q4 x Q8 arithmetic over them (for Q4_K with Q8 blocks of 32).
 * `down_t` (other types; written by the converter): down re-laid-out by neuron as a Q8_0 matrix with one
   32-element block per row, block-major:
 
