@@ -609,19 +609,6 @@ def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
     _sum_parts(partial, out)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _bundle_rows_k_vec(path, codes, dm, sub, rows, xq, gd, gstart, gsum, out):
-    n_groups = gstart.shape[0] - 1
-    n_parts = 2 if gstart[n_groups] >= 64 else 1
-    bounds = np.empty(n_parts + 1, np.int64)
-    _split_groups(gstart, n_parts, bounds)
-    partial = np.zeros((n_parts, out.shape[0]), np.float32)     # one partial sum per thread, then merged
-    for part in prange(n_parts):
-        _bundle_groups(path, codes, (dm, sub), rows, xq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
-                       partial[part])
-    _sum_parts(partial, out)
-
-
 @njit(cache=True, inline="always")
 def _plain_dm(path, scales, sub, g, c, t):
     """(d, m) of output row 32c + t in group g: a Q4_0/Q4_1 bundle's fp16 (m = -8 d for Q4_0), or a Q4_K
@@ -657,21 +644,20 @@ def _bundle_rows_plain(path, codes, scales, sub, rows, xq, gd, gstart, gsum, out
         out[32 * c:32 * c + 32] = o
 
 
-def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None, sub=None) -> None:
+def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None) -> None:
     """out (n_embd,) = the down product over the active neurons (rows[:n] ascending, their Q8 values xq, per
-    group gd / gsum / gstart from down_coefs_q8), from a bundle (bundle_q4; or bundle_q4k's codes, scales = its
-    dm, and sub).
+    group gd / gsum / gstart from down_coefs_q8), from a bundle: bundle_q4's codes and scales, or bundle_q4k's
+    codes and (dm, sub) (ColumnBundle.kernel_scales).
 
     Vector paths: threads take contiguous ranges of groups, balanced by rows; per group and 32-output chunk
     the integer sums stay in registers: pairs of neurons are multiplied in int16 (simd.nib_pair_i16), 8 pairs
     summed in int16, then widened to int32. path "scalar": plain Numba loops."""
     tok = simd.token(path)
     if simd.path_name(tok) == "scalar":
-        _bundle_rows_plain(tok, codes, scales, _NO_SUB if sub is None else sub, rows, xq, gd, gstart, gsum, out)
-    elif sub is None:
-        _bundle_rows_vec(tok, codes, scales, rows, xq, gd, gstart, gsum, out)
+        dm, sub = scales if isinstance(scales, tuple) else (scales, _NO_SUB)
+        _bundle_rows_plain(tok, codes, dm, sub, rows, xq, gd, gstart, gsum, out)
     else:
-        _bundle_rows_k_vec(tok, codes, scales, sub, rows, xq, gd, gstart, gsum, out)
+        _bundle_rows_vec(tok, codes, scales, rows, xq, gd, gstart, gsum, out)
 
 
 _NO_SUB = np.zeros((0, 1, 2, 32), np.uint8)      # a Q4_0/Q4_1 bundle has no per-group 6-bit scales
@@ -681,8 +667,8 @@ _NO_SUB = np.zeros((0, 1, 2, 32), np.uint8)      # a Q4_0/Q4_1 bundle has no per
 # One token through a threshold layer with a bundled down, in one call
 # --------------------------------------------------------------------------------------------------
 
-# The fused kernels below take gate/up of the registry's fused_gate_up types (Q4_0, Q4_1; others take the
-# step-by-step strategies), told apart by this compile-time constant.
+# The fused kernels below take gate/up of the registry's fused_gate_up types (Q4_0, Q4_1, Q4_K; others take the
+# step-by-step strategies), told apart by these compile-time constants.
 _Q4_1 = int(QT.Q4_1)
 _Q4_K = int(QT.Q4_K)
 _GEMV_CHUNKS = 64

@@ -127,7 +127,7 @@ class ColumnBundle:
     def rows_product(self, rows, xq, gd, gstart, gsum, out) -> None:
         """out (n_rows,) = the product over the active columns rows (ascending) with their Q8 values xq, per
         group gd / gstart / gsum (sparse_ffn.down_coefs_q8's output; sparse_ffn.bundle_rows_q8)."""
-        sparse_ffn.bundle_rows_q8(self.codes, self.scales, rows, xq, gd, gstart, gsum, out, sub=self.sub)
+        sparse_ffn.bundle_rows_q8(self.codes, self.kernel_scales, rows, xq, gd, gstart, gsum, out)
 
     @property
     def kernel_scales(self):

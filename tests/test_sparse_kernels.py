@@ -603,7 +603,7 @@ def test_q4_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
     a[rows[:n]] = gd[rows[:n] // 32].astype(np.float64) * xq[:n]
     want = w @ a
     out = np.full(n_embd, np.nan, np.float32)
-    sparse_ffn.bundle_rows_q8(codes, dm, rows[:n], xq[:n], gd, gstart, gsum, out, path, sub=sub)
+    sparse_ffn.bundle_rows_q8(codes, (dm, sub), rows[:n], xq[:n], gd, gstart, gsum, out, path)
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
 
 
