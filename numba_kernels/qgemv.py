@@ -395,7 +395,7 @@ def pack(raw: np.ndarray, qtype: int, n_cols: int | None = None, *, on_rows=None
         r1 = min(n_rows, r0 + step)
         parts = t.pack(raw[r0:r1].reshape(r1 - r0, n_cols // blk, bsz))    # each (r1 - r0, ...), a row each
         for o, p in zip((out.qs, out.sc, out.qh), parts):
-            o[r0:r1].reshape(p.shape)[...] = p                      # one copy, from a view of raw if it is one
+            o[r0:r1] = p.reshape(r1 - r0, o.shape[1])                # one copy (o may be a strided view of rows)
         del parts
         if on_rows is not None:
             on_rows(r0, r1)

@@ -697,13 +697,13 @@ def _quantize_x8(x, xq, xd, xs, gu_qtype):
 
 @njit(cache=True, error_model="numpy")
 def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, n0):
-    """Both stages of a threshold layer for the neuron groups g_lo..g_hi-1, from a stacked gate|up product gu
-    (2 n_ff,), in one pass: g_act = silu(gate) (n_ff,); neuron j passes the up stage if |g_act_j| >=
+    """Both stages of a threshold layer for the neuron groups g_lo..g_hi-1, from the paired gate|up product gu
+    (2 n_ff,: neuron j's gate at 2j, its up at 2j + 1), in one pass: g_act = silu(gate) (n_ff,); neuron j passes
+    the up stage if |g_act_j| >=
     up_threshold[j], then is kept if |a_j| = |g_act_j u_j| >= threshold[j]. The kept neurons and their Q8
     values go as down_coefs_q8 leaves them, written from rows[n0] / xq[n0] on (group g's at gstart[g]:gend[g]).
     Returns (n_up, n kept, groups with a kept neuron). Not fastmath where it rounds (down_coefs_q8's contract)."""
-    n_ff = g_act.shape[0]
-    _silu_into(gu[32 * g_lo:32 * g_hi], g_act[32 * g_lo:32 * g_hi])
+    _silu_gates(gu, g_act, 32 * g_lo, 32 * g_hi)
     a_kept = np.empty(32, np.float32)
     n = n0
     n_up = 0
@@ -712,7 +712,7 @@ def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, g
         gstart[g] = n
         amax = np.float32(0.0)
         for j in range(32 * g, 32 * g + 32):        # branch-free: about 1 in 3 neurons is dropped, at random
-            a = g_act[j] * gu[n_ff + j]
+            a = g_act[j] * gu[2 * j + 1]
             up_ok = abs(g_act[j]) >= up_threshold[j]
             keep = up_ok & (abs(a) >= threshold[j])
             n_up += up_ok
@@ -729,6 +729,38 @@ def _silu_into(gu, g_act):
     """g_act[j] = silu(gu[j]) for j < len(g_act) (vectorized)."""
     for j in range(g_act.shape[0]):
         g_act[j] = ops.silu_f32(gu[j])
+
+
+@njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
+def _silu_gates(gu, g_act, lo, hi):
+    """g_act[j] = silu(gu[2 j]) for j in lo..hi-1: the gates of a paired gate|up product."""
+    for j in range(lo, hi):
+        g_act[j] = ops.silu_f32(gu[2 * j])
+
+
+@njit(cache=True, error_model="numpy", _nrt=False)
+def _rows_of(neurons, lo, hi, which, out):
+    """out[u] = 2 neurons[u] + which for u in lo..hi-1: the rows of the paired gate|up matrix holding those
+    neurons' gate (which 0) or up (1) rows."""
+    for u in range(lo, hi):
+        out[u] = 2 * neurons[u] + which
+
+
+@njit(cache=True, error_model="numpy", _nrt=False)
+def _pair_rows(neurons, lo, hi, out):
+    """out[2u], out[2u + 1] = 2 neurons[u], 2 neurons[u] + 1 for u in lo..hi-1: both rows of those neurons in
+    the paired gate|up matrix, in address order when neurons is ascending."""
+    for u in range(lo, hi):
+        out[2 * u] = 2 * neurons[u]
+        out[2 * u + 1] = 2 * neurons[u] + 1
+
+
+@njit(cache=True, error_model="numpy", _nrt=False)
+def _unpair(gu, lo, hi, gate, up):
+    """gate[u], up[u] = gu[2u], gu[2u + 1] for u in lo..hi-1 (a product over _pair_rows' rows)."""
+    for u in range(lo, hi):
+        gate[u] = gu[2 * u]
+        up[u] = gu[2 * u + 1]
 
 
 @njit(cache=True, error_model="numpy", _nrt=False)   # called per group: no refcount atomics per call
@@ -822,13 +854,12 @@ def _up_candidates(g_act, up_threshold, cand, cstart, cend, g_lo, g_hi):
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_threshold, threshold, codes, scales,
                                down_sum_fp16, xq, xd, xs, gu, g_act, rows, aq, gd, gstart, gsum, out):
-    """ffn_decode_bundle with gate and up computed in full by one GEMV of the stacked gate|up matrix (gu_*,
+    """ffn_decode_bundle with gate and up computed in full by one GEMV of the paired gate|up matrix (gu_*,
     2 n_ff rows; gu (2 n_ff,) scratch), in one parallel region: each thread takes half of the groups of 32
-    neurons: their gate and up rows, both selections in one pass (_select_groups), then its part of the bundle
-    product, with no wait between.
+    neurons: their gate and up rows (one run of memory), both selections in one pass (_select_groups), then its
+    part of the bundle product, with no wait between.
     The same numbers. Faster than gathering up's rows unless most are skipped (Model._ffn_decode_threshold)."""
     _quantize_x8(x, xq, xd, xs, gu_qtype)
-    n_ff = g_act.shape[0]
     no_rows = rows[:0]
     n_groups = gsum.shape[0]
     gend = np.empty(n_groups, np.int64)
@@ -837,8 +868,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
     for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
         g_hi = (part + 1) * n_groups // 2
-        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, 32 * g_lo, 32 * g_hi)    # gate
-        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, n_ff + 32 * g_lo, n_ff + 32 * g_hi)
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, 64 * g_lo, 64 * g_hi)   # gate|up
         c0, c1, c2 = _select_groups(gu, up_threshold, threshold, down_sum_fp16, g_act, rows, aq, gd, gstart, gend,
                                     gsum, g_lo, g_hi, 32 * g_lo)
         counts[part, 0] = c0
@@ -850,9 +880,8 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, gu_qtype, up_threshold, threshold,
-                      codes, scales, down_sum_fp16, xq, xd, xs, g_act, rows_up, up_vals, rows, aq, gd, gstart, gsum,
-                      out):
+def ffn_decode_bundle(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, gate_rows, up_threshold, threshold, codes, scales,
+                      down_sum_fp16, xq, xd, xs, g_act, rows_up, pair_rows, up_vals, rows, aq, gd, gstart, gsum, out):
     """out (n_embd,) = down(silu(gate x) * up x) for one token of a threshold layer, reading only what it needs
     (the numbers of Model._ffn's masked path, computed as Model._ffn_decode_threshold's steps):
 
@@ -860,13 +889,13 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
       -> rows_up[:n_up] = {j : |g_act_j| >= up_threshold_j} -> up_vals[:n_up] = up[rows_up] . x8
       -> kept a_j = g_act_j up_j with |a_j| >= threshold_j, as Q8 blocks (down_coefs_q8) -> the bundle product.
 
-    gate_*, up_*: the qs, sc, qh of qgemv PackedMatrices (Q4_0/Q4_1/Q4_K, type gu_qtype); codes/scales: the down
-    bundle; xq, xd, xs: Q8Act buffers for n_embd; the rest: (n_ff,) scratch, gd/gsum (n_ff/32,), gstart (n_ff/32 + 1,).
+    gu_*: the qs, sc, qh of the paired gate|up PackedMatrix (Q4_0/Q4_1/Q4_K, type gu_qtype; gate row j at 2j, up
+    row j at 2j + 1); gate_rows (n_ff,) int32: 2j at j, the gate rows; codes/scales: the down bundle; xq, xd, xs:
+    Q8Act buffers for n_embd; the rest: (n_ff,) scratch, gd/gsum (n_ff/32,), gstart (n_ff/32 + 1,).
     One call with one parallel region: each thread takes half of the groups of 32 neurons through every step
     (nothing crosses halves), then the two partial outputs are summed. g_act ends up compacted: act(g) of
     rows_up[u] at g_act[u]. Vector paths only. Returns (n_up, n_down, groups read)."""
     _quantize_x8(x, xq, xd, xs, gu_qtype)
-    no_rows = rows_up[:0]
     n_groups = gsum.shape[0]
     cstart = np.empty(n_groups, np.int64)
     cend = np.empty(n_groups, np.int64)
@@ -877,10 +906,11 @@ def ffn_decode_bundle(path, x, gate_qs, gate_sc, gate_qh, up_qs, up_sc, up_qh, g
         g_lo = part * n_groups // 2
         g_hi = (part + 1) * n_groups // 2
         lo = 32 * g_lo
-        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, no_rows, g_act, lo, 32 * g_hi)   # gate
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, gate_rows, g_act, lo, 32 * g_hi)   # gate
         _silu_into(g_act[lo:32 * g_hi], g_act[lo:32 * g_hi])
         hi = lo + _up_candidates(g_act, up_threshold, rows_up, cstart, cend, g_lo, g_hi)
-        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, rows_up, up_vals, lo, hi)       # up, gathered
+        _rows_of(rows_up, lo, hi, 1, pair_rows)
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, up_vals, lo, hi)   # up, gathered
         k, k_groups = _keep_groups(rows_up, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
                                    gstart, gend, gsum, g_lo, g_hi)
         counts[part, 0] = hi - lo
@@ -909,7 +939,10 @@ class DecodeScratch:
     gstart: np.ndarray       # (n_ff/32 + 1,) int64 group g's kept rows are rows[gstart[g]:gstart[g+1]]
     g_act: np.ndarray        # (n_ff,) float32 act(gate . x)
     no_up_stage: np.ndarray  # (n_ff,) float32 zeros: the up cut of a layer without an up stage
-    gate_up: np.ndarray      # (2 n_ff,) float32 the stacked gate|up GEMV's output
+    gate_up: np.ndarray      # (2 n_ff,) float32 a product over rows of the paired gate|up matrix
+    scores: np.ndarray       # (n_ff,) float32 a predictor's scores (ThresholdFFN: up of every neuron)
+    gate_rows: np.ndarray    # (n_ff,) int32 2j at j: the gate rows of the paired gate|up matrix
+    pair_rows: np.ndarray    # (2 n_ff,) int32 rows of the paired gate|up matrix to gather
     x8: "qgemv.Q8Act"        # (n_embd,) the token's Q8 copy for gate and up
     out: np.ndarray          # (n_embd,) float32 the layer's output
     x8_pred: "qgemv.Q8Act"   # (n_embd,) a Q8_0 copy for a predictor's A when x8 is Q8_K (K-quant gate and up)
@@ -920,20 +953,37 @@ class DecodeScratch:
         return cls(np.empty(n_ff, np.int32), np.empty(n_ff, np.float32), np.empty(n_ff, np.int32),
                    np.empty(n_ff, np.float32), np.empty(n_ff, np.int8), np.empty(n_groups, np.float32),
                    np.empty(n_groups, np.float32), np.empty(n_groups + 1, np.int64), np.empty(n_ff, np.float32),
-                   np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), qgemv.new_q8(n_embd),
+                   np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), np.empty(n_ff, np.float32),
+                   np.arange(0, 2 * n_ff, 2, dtype=np.int32), np.empty(2 * n_ff, np.int32), qgemv.new_q8(n_embd),
                    np.empty(n_embd, np.float32), qgemv.new_q8(n_embd))
 
 
-def decode_threshold_layer(tok, x, gate, up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
-    """ffn_decode_bundle on named objects: gate, up are qgemv PackedMatrices (Q4_0/Q4_1/Q4_K); codes, scales the
-    down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns (n_up, n, n_groups)."""
-    return ffn_decode_bundle(tok, x, gate.qs, gate.sc, gate.qh, up.qs, up.sc, up.qh, gate.qtype, up_cut, cut,
-                             codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.up_vals, s.rows,
-                             s.aq, s.gd, s.gstart, s.gsum, s.out)
+def gate_up_rows(neurons: np.ndarray, n: int, out: np.ndarray, which: int | None = None) -> np.ndarray:
+    """The rows of the paired gate|up matrix (weights.LayerWeights.gate_up) that hold neurons[:n]: their gate rows
+    (which=0), up rows (which=1), or both, a neuron's two in a row (None: 2n rows). Written into out; returns the
+    rows (a view of out)."""
+    if which is None:
+        _pair_rows(neurons, 0, n, out)
+        return out[:2 * n]
+    _rows_of(neurons, 0, n, which, out)
+    return out[:n]
+
+
+def unpair(gu: np.ndarray, n: int, gate: np.ndarray, up: np.ndarray) -> None:
+    """gate[:n], up[:n] from gu[:2n], a product over gate_up_rows' pairs."""
+    _unpair(gu, 0, n, gate, up)
+
+
+def decode_threshold_layer(tok, x, gate_up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
+    """ffn_decode_bundle on named objects: gate_up is the paired gate|up PackedMatrix (Q4_0/Q4_1/Q4_K); codes,
+    scales the down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns (n_up, n, n_groups)."""
+    return ffn_decode_bundle(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, s.gate_rows, up_cut, cut,
+                             codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.pair_rows, s.up_vals,
+                             s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
 
 
 def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
-    """ffn_decode_bundle_dense_up on named objects: gate_up is the stacked gate|up PackedMatrix. Output in s.out.
+    """ffn_decode_bundle_dense_up on named objects: gate_up is the paired gate|up PackedMatrix. Output in s.out.
     Returns (n_up, n, n_groups)."""
     return ffn_decode_bundle_dense_up(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, up_cut, cut, codes,
                                       scales, q41, s.x8.q, s.x8.d, s.x8.s, s.gate_up[:gate_up.n_rows], s.g_act,
@@ -951,9 +1001,9 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # bundle columns, each in address order.
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gate_qs, gate_sc, gate_qh,
-                                up_qs, up_sc, up_qh, gu_qtype, threshold, codes, scales, down_sum_fp16, xq, xd, xs,
-                                pq, pd, ps, scores, cand, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
+def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gu_qs, gu_sc, gu_qh, gu_qtype,
+                                threshold, codes, scales, down_sum_fp16, xq, xd, xs, pq, pd, ps, scores, cand,
+                                pair_rows, gu, g_act, up_vals, rows, aq, gd, gstart, gsum, out):
     """out (n_embd,) = down(silu(gate x) * up x) over the predictor's candidates whose |a_j| passes the down
     cut, for one token, in one call (the numbers of MaskedFFN with a predictor, as PredictorFFN's steps):
 
@@ -962,14 +1012,16 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
       -> one parallel region, each of two threads on its half of the neurons (groups of 32), with no wait:
          ax = A . x8 (both threads compute all of it: rank rows, cheaper than waiting for each other)
          -> scores = B . Q8(ax) for its neurons -> its candidates (scores >= pred_cut, ascending)
-         -> their gate rows, up rows -> a_j = silu(g_j) u_j kept where |a_j| >= threshold[j], as Q8 blocks
+         -> their gate and up rows (a neuron's two: one run of memory) -> a_j = silu(g_j) u_j kept where
+            |a_j| >= threshold[j], as Q8 blocks
          -> the bundle product into its partial output
       -> out = the sum of the two partials.
 
-    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gate_*, up_*: packed Q4_0/Q4_1/
-    Q4_K (type gu_qtype); codes/scales: the down bundle (scales: a Q4_K bundle's (dm, sub)); xq, xd, xs: Q8Act
-    buffers for n_embd (x8); pq, pd, ps: the predictor's Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act,
-    up_vals (n_ff,) float32, cand, rows (n_ff,) int32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
+    a_*, b_*: the predictor's packed Q8_0 factors (rank, n_embd), (n_ff, rank); gu_*: the paired gate|up matrix,
+    packed Q4_0/Q4_1/Q4_K (type gu_qtype; gate row j at 2j, up row j at 2j + 1); codes/scales: the down bundle
+    (scales: a Q4_K bundle's (dm, sub)); xq, xd, xs: Q8Act buffers for n_embd (x8); pq, pd, ps: the predictor's
+    Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,)
+    int32, pair_rows (2 n_ff,) int32, gu (2 n_ff,) float32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
     (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
     _quantize_x8(x, xq, xd, xs, gu_qtype)
     if gu_qtype == _Q4_K:                                        # the predictor's A reads Q8_0
@@ -999,8 +1051,9 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores, 32 * g_lo, 32 * g_hi)
         c_lo = 32 * g_lo
         c_hi = c_lo + _candidates_by_group(scores, pred_cut, cand, cstart, cend, g_lo, g_hi, c_lo)
-        _span_q4(path, gu_qtype, gate_qs, gate_sc, gate_qh, xq, xd, xs, cand, g_act, c_lo, c_hi)   # row gathers
-        _span_q4(path, gu_qtype, up_qs, up_sc, up_qh, xq, xd, xs, cand, up_vals, c_lo, c_hi)
+        _pair_rows(cand, c_lo, c_hi, pair_rows)                  # the candidates' gate and up rows, gathered
+        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, gu, 2 * c_lo, 2 * c_hi)
+        _unpair(gu, c_lo, c_hi, g_act, up_vals)
         _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
         k, k_groups = _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
                                    gstart, gend, gsum, g_lo, g_hi)
@@ -1012,12 +1065,12 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
 
-def decode_predictor_layer(tok, x, a, b, pred_cut, gate, up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
-    """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate, up packed
-    Q4_0/Q4_1/Q4_K; codes, scales the down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns
-    (candidates, kept, groups read)."""
-    p8 = s.x8_pred if gate.qtype == _Q4_K else s.x8            # Q4_0/Q4_1: x8 serves the predictor too
-    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate.qs, gate.sc, gate.qh,
-                                       up.qs, up.sc, up.qh, gate.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,
-                                       p8.q, p8.d, p8.s, s.gate_up[:s.g_act.shape[0]], s.rows_up, s.g_act, s.up_vals,
-                                       s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
+def decode_predictor_layer(tok, x, a, b, pred_cut, gate_up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
+    """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate_up the paired
+    gate|up matrix, packed Q4_0/Q4_1/Q4_K; codes, scales the down bundle (scales: ColumnBundle.kernel_scales).
+    Output in s.out. Returns (candidates, kept, groups read)."""
+    p8 = s.x8_pred if gate_up.qtype == _Q4_K else s.x8         # Q4_0/Q4_1: x8 serves the predictor too
+    return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate_up.qs, gate_up.sc,
+                                       gate_up.qh, gate_up.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,
+                                       p8.q, p8.d, p8.s, s.scores, s.rows_up, s.pair_rows, s.gate_up, s.g_act,
+                                       s.up_vals, s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)

@@ -3,7 +3,7 @@ its `decode(x, stats)` for one token and `batched(h, stats)` for a prefill chunk
 
 Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (up_j . x).
 
-  DenseFFN           every neuron (decode: one GEMV of the stacked gate|up)
+  DenseFFN           every neuron (decode: one GEMV of the paired gate|up)
   MaskedFFN          the reference: gate and up in full, the skipped neurons' a_j zeroed, then down. Every fast
                      strategy below computes the same numbers (tests/test_sparse_kernels.py holds them to it)
   ObservedFFN        MaskedFFN that also hands its activations to a calibration observer
@@ -15,9 +15,14 @@ Neuron j of a layer contributes a_j * down[:, j], with a_j = act(gate_j . x) * (
                      SIMD path): predictor, candidates' gate and up rows, act, the kept neurons' down
 
 The sparse strategies' batched path is the masked reference: prefill reads every matrix anyway.
+
+Gate and up of one fast type have one packed form, LayerWeights.gate_up, whose rows pair them (neuron j's gate
+row at 2j, its up row at 2j + 1): every strategy reads them there (gate_and_up, sparse_ffn.gate_up_rows).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -45,29 +50,44 @@ def _glu(gate: np.ndarray, up: np.ndarray, kind: str) -> None:
     (ops.geglu if kind == "gelu" else ops.swiglu)(gate, up)
 
 
+def gate_and_up(L: LayerWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """gate . h and up . h for h (T, n_embd): (T, n_ff) each, from one product over the paired gate|up rows, or
+    from the two matrices when they have no paired form."""
+    if L.gate_up is None:
+        return L.w_gate.matmul(h), L.w_up.matmul(h)
+    gu = qgemv.gemv(L.gate_up, h[0])[None] if h.shape[0] == 1 else qgemv.gemm(L.gate_up, h)   # (T, 2 n_ff)
+    return np.ascontiguousarray(gu[:, 0::2]), np.ascontiguousarray(gu[:, 1::2])
+
+
+@functools.lru_cache(maxsize=8)
+def _gate_rows(n_ff: int) -> np.ndarray:
+    """(n_ff,) int32 2j at j: the gate rows of a paired gate|up matrix (read-only, shared)."""
+    rows = np.arange(0, 2 * n_ff, 2, dtype=np.int32)
+    rows.flags.writeable = False
+    return rows
+
+
 class DenseFFN:
     def __init__(self, L: LayerWeights, act: str, s: sparse_ffn.DecodeScratch | None):
         self.L, self.act, self.s = L, act, s
 
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
         """x: (n_embd,) -> (1, n_embd)."""
-        L = self.L
+        L, s = self.L, self.s
         if L.gate_up is None:
             return self.batched(x[None], stats)
-        gu = qgemv.gemv(L.gate_up, out=self.s.gate_up[:L.gate_up.n_rows],      # one GEMV for gate|up
-                        xq=qgemv.quantize_for(L.gate_up.qtype, x, self.s.x8)).reshape(2, 1, -1)
-        _glu(gu[0], gu[1], self.act)                                 # gu[0] now holds a = act(g) * u
+        gu = qgemv.gemv(L.gate_up, out=s.gate_up, xq=qgemv.quantize_for(L.gate_up.qtype, x, s.x8))   # one GEMV
+        n_ff = L.w_gate.n_rows
+        sparse_ffn.unpair(gu, n_ff, s.g_act, s.up_vals)             # gate, up (n_ff,) each
+        a = s.g_act[None]
+        _glu(a, s.up_vals[None], self.act)                          # a = act(g) * u
         stats.ffn_used.append(1.0)
-        return L.w_down.matmul(gu[0])
+        return L.w_down.matmul(a)
 
     def batched(self, h: np.ndarray, stats: StepStats) -> np.ndarray:
         """h: (T, n_embd) -> (T, n_embd)."""
         L = self.L
-        if L.gate_up is not None:                                    # one GEMM for gate|up
-            gu = qgemv.gemm(L.gate_up, h)                            # (T, 2 n_ff)
-            gate, up = np.ascontiguousarray(gu[:, :L.w_gate.n_rows]), gu[:, L.w_gate.n_rows:]
-        else:
-            gate, up = L.w_gate.matmul(h), L.w_up.matmul(h)          # (T, n_ff) each
+        gate, up = gate_and_up(L, h)                                 # (T, n_ff) each
         _glu(gate, up, self.act)
         stats.ffn_used.append(1.0)
         return L.w_down.matmul(gate)
@@ -100,20 +120,21 @@ class MaskedFFN:
 
     def _run(self, h: np.ndarray, stats: StepStats, one_token: bool) -> np.ndarray:
         L = self.L
-        gate = L.w_gate.matmul(h)                                    # (T, n_ff)
+        gather_up = self.up_cut is not None and one_token and L.gate_up is not None   # read only the kept up rows
+        if gather_up:
+            gate = qgemv.gemv_rows(L.gate_up, _gate_rows(L.w_gate.n_rows), h[0])[None]   # (1, n_ff)
+        else:
+            gate, up = gate_and_up(L, h)                             # (T, n_ff) each
         g_act = activation(gate, self.act)                           # (T, n_ff) act(g)
         if self.up_cut is not None:
             keep_up = np.abs(g_act) >= self.up_cut                   # (T, n_ff)
-            if one_token and L.w_up.packed is not None:              # read only the kept rows of up
+            if gather_up:
                 rows = np.flatnonzero(keep_up[0]).astype(np.int32)
                 up = np.zeros_like(gate)
-                up[0, rows] = qgemv.gemv_rows(L.w_up.packed, rows, h[0])
+                up[0, rows] = qgemv.gemv_rows(L.gate_up, 2 * rows + 1, h[0])
             else:
-                up = L.w_up.matmul(h)
                 up[~keep_up] = 0.0
             stats.bytes += L.w_up.nbytes * (float(np.count_nonzero(keep_up)) / keep_up.size - 1.0)
-        else:
-            up = L.w_up.matmul(h)
         a = g_act * up                                               # (T, n_ff)
         if self.predictor is not None:                               # only the candidates compute anything
             a[~self.predictor.select(h)] = 0.0                       # (here gate and up were read in full)
@@ -184,44 +205,55 @@ class _SparseDecode:
         a[0, s.rows[:n]] = s.coef[:n]
         return L.w_down.matmul(a)
 
-    def _up_rows(self, n_up: int, xq: qgemv.Q8Act, stats: StepStats) -> None:
-        """s.up_vals[:n_up] = up . x for the neurons s.rows_up[:n_up]."""
-        s = self.s
-        qgemv.gemv_rows(self.L.w_up.packed, s.rows_up[:n_up], out=s.up_vals[:n_up], xq=xq, checked=True)
-        stats.bytes += self.L.w_up.nbytes * (n_up / self.L.w_gate.n_rows - 1.0)
-
-
 class ThresholdFFN(_SparseDecode):
     """One token of a threshold layer (SiLU): the gate in full, up rows where |act(g_j)| passes the up cut
-    (every neuron without an up stage), then the down stage."""
+    (every neuron without an up stage), then the down stage. As FusedThresholdFFN, up is gathered only while
+    few neurons pass (the share that passed last token decides), else read in full with gate in one GEMV."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.up_kept = 1.0                   # fraction of neurons that passed the up stage last token
 
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
-        s, layer = self.s, self.layer
+        s, L, layer = self.s, self.L, self.layer
+        n_ff = L.w_gate.n_rows
         up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage   # every neuron passes
-        xq = qgemv.quantize_for(self.L.w_gate.qtype, x, s.x8)      # one Q8 copy of x serves gate and up
-        qgemv.gemv(self.L.w_gate.packed, out=s.g_act, xq=xq)
+        xq = qgemv.quantize_for(L.gate_up.qtype, x, s.x8)          # one Q8 copy of x serves gate and up
+        gather_up = self.up_kept <= UP_GATHER_MAX_KEPT
+        if gather_up:                                               # gate's rows only
+            qgemv.gemv_rows(L.gate_up, s.gate_rows, out=s.g_act, xq=xq, checked=True)
+        else:                                                       # all of gate|up
+            sparse_ffn.unpair(qgemv.gemv(L.gate_up, out=s.gate_up, xq=xq), n_ff, s.g_act, s.scores)
         n_up = sparse_ffn.silu_rows_at_least(s.g_act, up_cut, s.rows_up)   # s.g_act now holds act(g)
-        self._up_rows(n_up, xq, stats)
+        if gather_up:
+            rows = sparse_ffn.gate_up_rows(s.rows_up, n_up, s.pair_rows, which=1)
+            qgemv.gemv_rows(L.gate_up, rows, out=s.up_vals[:n_up], xq=xq, checked=True)
+            stats.bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
+        else:
+            np.take(s.scores, s.rows_up[:n_up], out=s.up_vals[:n_up])
+        self.up_kept = n_up / n_ff
         return self._down(n_up, stats)
 
 
 class PredictorFFN(_SparseDecode):
-    """One token of a predictor layer: the predictor's candidates, their gate rows, act(g), their up rows,
-    then the down stage among them."""
+    """One token of a predictor layer: the predictor's candidates, their gate and up rows (a neuron's two in a
+    row), act(g), then the down stage among them."""
 
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
         s, L, predictor = self.s, self.L, self.layer.predictor
         n_up = predictor.candidates(x, s.rows_up)
-        xq = qgemv.quantize_for(L.w_gate.qtype, x, s.x8)
-        g_rows = qgemv.gemv_rows(L.w_gate.packed, s.rows_up[:n_up], out=s.up_vals[:n_up], xq=xq, checked=True)
+        xq = qgemv.quantize_for(L.gate_up.qtype, x, s.x8)
+        rows = sparse_ffn.gate_up_rows(s.rows_up, n_up, s.pair_rows)
+        gu = qgemv.gemv_rows(L.gate_up, rows, out=s.gate_up[:2 * n_up], xq=xq, checked=True)
+        g_rows = np.empty(n_up, np.float32)
+        sparse_ffn.unpair(gu, n_up, g_rows, s.up_vals)
         g2 = g_rows.reshape(1, -1)
         if self.act == "gelu":                                       # as activation() computes it
             ops.geglu(g2, np.ones_like(g2))
         else:
             ops.silu(g2)
         s.g_act[s.rows_up[:n_up]] = g_rows
-        stats.bytes += predictor.nbytes + L.w_gate.nbytes * (n_up / L.w_gate.n_rows - 1.0)
-        self._up_rows(n_up, xq, stats)
+        stats.bytes += predictor.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_up / L.w_gate.n_rows - 1.0)
         return self._down(n_up, stats)
 
 
@@ -240,13 +272,12 @@ class FusedThresholdFFN(_SparseDecode):
         n_ff = L.w_gate.n_rows
         up_cut = layer.up_threshold if layer.up_threshold is not None else s.no_up_stage
         q41 = bundle.sum_fp16                                   # the bundle's Q8 block sums are fp16 (Q8_1)
-        if L.gate_up is not None and self.up_kept > UP_GATHER_MAX_KEPT:
+        if self.up_kept > UP_GATHER_MAX_KEPT:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer_dense_up(
                 self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.kernel_scales, q41, s)
         else:
             n_up, n, n_groups = sparse_ffn.decode_threshold_layer(
-                self.tok, x, L.w_gate.packed, L.w_up.packed, up_cut, self.cut, bundle.codes, bundle.kernel_scales,
-                q41, s)
+                self.tok, x, L.gate_up, up_cut, self.cut, bundle.codes, bundle.kernel_scales, q41, s)
         self.up_kept = n_up / n_ff
         stats.ffn_used.append(n / n_ff)
         stats.bytes += (L.w_up.nbytes * (up_read_fraction(n_up / n_ff) - 1.0)
@@ -267,8 +298,8 @@ class FusedPredictorFFN(_SparseDecode):
         L, s, p, bundle = self.L, self.s, self.layer.predictor, self.bundle
         n_ff = L.w_gate.n_rows
         n_cand, n, n_groups = sparse_ffn.decode_predictor_layer(
-            self.tok, x, p.a.packed, p.b.packed, p.cut, L.w_gate.packed, L.w_up.packed, self.cut, bundle.codes,
-            bundle.kernel_scales, self.q41, s)
+            self.tok, x, p.a.packed, p.b.packed, p.cut, L.gate_up, self.cut, bundle.codes, bundle.kernel_scales,
+            self.q41, s)
         stats.ffn_used.append(n / n_ff)
         stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_cand / n_ff - 1.0)
                         + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
@@ -294,7 +325,7 @@ def build_ffn(il: int, L: LayerWeights, act: str, rule: LayerSparsity | TopKLaye
         return DenseFFN(L, act, s)
     reference = MaskedFFN(L, act, **masks)
     fast_decode = (isinstance(rule, LayerSparsity) and s is not None and (act != "gelu" or rule.predictor is not None)
-                   and L.w_gate.packed is not None and L.w_up.packed is not None and L.w_up.qtype == L.w_gate.qtype)
+                   and L.gate_up is not None)
     if not fast_decode:
         return reference
     tok = simd.token()

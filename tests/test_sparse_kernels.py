@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from numba_kernels import attention as A
-from numba_kernels import ops, simd
+from numba_kernels import ops, qgemv, simd
 from sparse_gguf.attention import WindowedAttention
 from sparse_gguf.errors import SparseGGUFError
-from sparse_gguf.ffn import FusedThresholdFFN
+from sparse_gguf.ffn import FusedThresholdFFN, ThresholdFFN, gate_and_up
 from sparse_gguf.format import MODE_THRESHOLD
 from sparse_gguf.model import Model
 from sparse_gguf.sparsity import LayerSparsity, SparsityPlan
@@ -405,11 +405,12 @@ def test_sparse_ffn_with_every_neuron_active_equals_dense(tiny_model):
     assert m.step_stats["ffn_active_fraction"] > 0.99
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K_S"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K_S", "Q8_0"])
 def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model, qtype):
     """Reading only the kept up rows gives the same numbers as computing all of up and masking. Q4_K_S (every
     matrix Q4_K at 2 layers): against the masked reference's one-token path, whose down is the same bundle product
-    (its batched path rounds the activations to Q8_K superblocks, as the dense GEMV does)."""
+    (its batched path rounds the activations to Q8_K superblocks, as the dense GEMV does). Q8_0: the step-by-step
+    ThresholdFFN (no fused kernel for the type)."""
     path = tiny_model("llama", qtype)
     toks = tokens(12, seed=1)
     m = Model(path, n_ctx=32)
@@ -425,13 +426,33 @@ def test_sparse_ffn_skipped_rows_equal_masked_dense(tiny_model, qtype):
     assert kl_rows(masked, step).mean() < 0.01   # attention differs in the last bits; thresholds amplify that
     h = rng.standard_normal((1, m.cfg.n_embd)).astype(np.float32)
     for ffn in m.ffn:                                      # the FFN alone: the same numbers either way
-        assert isinstance(ffn, FusedThresholdFFN)          # Q4_1 / Q4_K gate/up, a column-bundle down
+        # Q4_1 / Q4_K gate/up and a column-bundle down run fused
+        assert isinstance(ffn, ThresholdFFN if qtype == "Q8_0" else FusedThresholdFFN)
         two = (ffn.reference.decode(h[0], StepStats()) if qtype == "Q4_K_S"
                else ffn.batched(np.repeat(h, 2, axis=0), StepStats()))   # T == 2: the masked reference
         for up_kept in (0.0, 1.0):                         # one token: gathers up's kept rows / all of gate|up
             ffn.up_kept = up_kept                          # (the decoder's choice for this layer's next token)
             one = ffn.decode(h[0], StepStats())
             np.testing.assert_allclose(one, two[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_S", "Q8_0"])
+def test_paired_gate_up_holds_gate_and_up(tiny_model, qtype):
+    """A layer's gate|up matrix pairs the rows (2j: gate row j, 2j + 1: up row j), each packed as the matrix alone
+    packs it, and its products equal the matrices' own."""
+    m = Model(tiny_model("llama", qtype), n_ctx=8)
+    h = np.random.default_rng(0).standard_normal((3, m.cfg.n_embd)).astype(np.float32)
+    for L in m.weights.layers:
+        assert L.w_gate.packed is None and L.w_up.packed is None      # one packed copy of the weights
+        products = gate_and_up(L, h), gate_and_up(L, h[:1])          # a batch (GEMM), one token (GEMV)
+        for k, W in enumerate((L.w_gate, L.w_up)):
+            alone = qgemv.pack(W.raw, W.qtype, W.n_cols)
+            for a, b in zip((alone.qs, alone.sc, alone.qh), (L.gate_up.qs, L.gate_up.sc, L.gate_up.qh)):
+                np.testing.assert_array_equal(a, b[k::2])
+            np.testing.assert_array_equal(products[0][k], qgemv.gemm(alone, h))
+            # one token: the paired matrix, twice as tall, may take the parallel GEMV where the matrix alone takes
+            # the serial one, and for Q4_K the two compiled kernels differ in the last bit of some rows
+            np.testing.assert_allclose(products[1][k][0], qgemv.gemv(alone, h[0]), rtol=1e-6, atol=1e-6)
 
 
 def test_ffn_sparsity_knob(tiny_model):
