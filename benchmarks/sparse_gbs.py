@@ -54,6 +54,12 @@ and against llama.cpp's faster setting in the same run:
     fused f=0.5         105.4  2218.7             0.86    |         1.15         1.86x
     fused f=0.25         79.6  1634.0             0.84    |         1.26         2.04x
 
+The evening, after gate and up became one matrix with a neuron's two rows side by side (weights.pack_paired), one
+run each (`--reps 3 --tokens 24 --llama-cpp` at 1B, `--reps 2 --tokens 12` at 8B; a noisy hour: in-process paired
+ratios, README, are steadier), FFN GB/s vs dense at f = 1 / 0.75 / 0.5 / 0.25 and tokens/s vs llama.cpp at f = 0.5:
+1B Q4_0 0.97 / 0.89 / 0.79 / 0.71, 1.95x; 1B Q4_K_M 0.73 / 0.83 / 0.77 / 0.72, 1.73x; 8B Q4_0 1.00 / 0.88 / 0.63 /
+0.63, 1.59x; 8B Q4_K_M 1.06 / 1.17 / 0.95 / 0.80, 1.61x.
+
 The same day, after the kernels became one parallel region per layer (each thread: A x, B's scores and the
 candidates of its half of the neurons, their rows, their down) and the zmm bundle step's float work 16 rows wide,
 in a busier hour (dense FFN 17-18 GB/s): FFN GB/s vs dense 1B 0.91/0.79/0.72/0.67 at f = 1/0.75/0.5/0.25 (tokens/s

@@ -725,17 +725,21 @@ def _select_groups(gu, up_threshold, threshold, sum_fp16, g_act, rows, xq, gd, g
 
 
 @njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
-def _silu_into(gu, g_act):
-    """g_act[j] = silu(gu[j]) for j < len(g_act) (vectorized)."""
-    for j in range(g_act.shape[0]):
-        g_act[j] = ops.silu_f32(gu[j])
+def _silu_inplace(g):
+    """g[j] = silu(g[j]), one array in place as ops.silu computes it (vectorized). A loop reading one argument and
+    writing another that is the same memory runs scalar (the overlap check fails), and its silu differed from the
+    vector loop's in the last bit for ~1 value in 5: enough to move a neuron across its cut."""
+    for j in range(g.shape[0]):
+        g[j] = ops.silu_f32(g[j])
 
 
-@njit(cache=True, fastmath=ops._ELEMENTWISE, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _silu_gates(gu, g_act, lo, hi):
-    """g_act[j] = silu(gu[2 j]) for j in lo..hi-1: the gates of a paired gate|up product."""
+    """g_act[j] = silu(gu[2 j]) for j in lo..hi-1: the gates of a paired gate|up product (copied out, then silu
+    over contiguous values, as everywhere else)."""
     for j in range(lo, hi):
-        g_act[j] = ops.silu_f32(gu[2 * j])
+        g_act[j] = gu[2 * j]
+    _silu_inplace(g_act[lo:hi])
 
 
 @njit(cache=True, error_model="numpy", _nrt=False)
@@ -907,7 +911,7 @@ def ffn_decode_bundle(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, gate_rows, up_thre
         g_hi = (part + 1) * n_groups // 2
         lo = 32 * g_lo
         _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, gate_rows, g_act, lo, 32 * g_hi)   # gate
-        _silu_into(g_act[lo:32 * g_hi], g_act[lo:32 * g_hi])
+        _silu_inplace(g_act[lo:32 * g_hi])
         hi = lo + _up_candidates(g_act, up_threshold, rows_up, cstart, cend, g_lo, g_hi)
         _rows_of(rows_up, lo, hi, 1, pair_rows)
         _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, up_vals, lo, hi)   # up, gathered
@@ -1054,7 +1058,7 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         _pair_rows(cand, c_lo, c_hi, pair_rows)                  # the candidates' gate and up rows, gathered
         _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, gu, 2 * c_lo, 2 * c_hi)
         _unpair(gu, c_lo, c_hi, g_act, up_vals)
-        _silu_into(g_act[c_lo:c_hi], g_act[c_lo:c_hi])
+        _silu_inplace(g_act[c_lo:c_hi])
         k, k_groups = _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
                                    gstart, gend, gsum, g_lo, g_hi)
         counts[part, 0] = c_hi - c_lo
