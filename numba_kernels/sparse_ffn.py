@@ -944,7 +944,8 @@ class DecodeScratch:
     g_act: np.ndarray        # (n_ff,) float32 act(gate . x)
     no_up_stage: np.ndarray  # (n_ff,) float32 zeros: the up cut of a layer without an up stage
     gate_up: np.ndarray      # (2 n_ff,) float32 a product over rows of the paired gate|up matrix
-    scores: np.ndarray       # (n_ff,) float32 a predictor's scores (ThresholdFFN: up of every neuron)
+    scores: np.ndarray       # (n_ff,) float32 a predictor's scores
+    up_all: np.ndarray       # (n_ff,) float32 up of every neuron, when gate|up is read in full
     gate_rows: np.ndarray    # (n_ff,) int32 2j at j: the gate rows of the paired gate|up matrix
     pair_rows: np.ndarray    # (2 n_ff,) int32 rows of the paired gate|up matrix to gather
     x8: "qgemv.Q8Act"        # (n_embd,) the token's Q8 copy for gate and up
@@ -958,6 +959,7 @@ class DecodeScratch:
                    np.empty(n_ff, np.float32), np.empty(n_ff, np.int8), np.empty(n_groups, np.float32),
                    np.empty(n_groups, np.float32), np.empty(n_groups + 1, np.int64), np.empty(n_ff, np.float32),
                    np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), np.empty(n_ff, np.float32),
+                   np.empty(n_ff, np.float32),
                    np.arange(0, 2 * n_ff, 2, dtype=np.int32), np.empty(2 * n_ff, np.int32), qgemv.new_q8(n_embd),
                    np.empty(n_embd, np.float32), qgemv.new_q8(n_embd))
 

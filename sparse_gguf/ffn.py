@@ -223,14 +223,14 @@ class ThresholdFFN(_SparseDecode):
         if gather_up:                                               # gate's rows only
             qgemv.gemv_rows(L.gate_up, s.gate_rows, out=s.g_act, xq=xq, checked=True)
         else:                                                       # all of gate|up
-            sparse_ffn.unpair(qgemv.gemv(L.gate_up, out=s.gate_up, xq=xq), n_ff, s.g_act, s.scores)
+            sparse_ffn.unpair(qgemv.gemv(L.gate_up, out=s.gate_up, xq=xq), n_ff, s.g_act, s.up_all)
         n_up = sparse_ffn.silu_rows_at_least(s.g_act, up_cut, s.rows_up)   # s.g_act now holds act(g)
         if gather_up:
             rows = sparse_ffn.gate_up_rows(s.rows_up, n_up, s.pair_rows, which=1)
             qgemv.gemv_rows(L.gate_up, rows, out=s.up_vals[:n_up], xq=xq, checked=True)
             stats.bytes += L.w_up.nbytes * (n_up / n_ff - 1.0)
         else:
-            np.take(s.scores, s.rows_up[:n_up], out=s.up_vals[:n_up])
+            np.take(s.up_all, s.rows_up[:n_up], out=s.up_vals[:n_up])
         self.up_kept = n_up / n_ff
         return self._down(n_up, stats)
 
