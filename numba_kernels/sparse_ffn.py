@@ -22,6 +22,7 @@ some active neuron. Two neuron-major layouts fix that:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -946,7 +947,6 @@ class DecodeScratch:
     gate_up: np.ndarray      # (2 n_ff,) float32 a product over rows of the paired gate|up matrix
     scores: np.ndarray       # (n_ff,) float32 a predictor's scores
     up_all: np.ndarray       # (n_ff,) float32 up of every neuron, when gate|up is read in full
-    gate_rows: np.ndarray    # (n_ff,) int32 2j at j: the gate rows of the paired gate|up matrix
     pair_rows: np.ndarray    # (2 n_ff,) int32 rows of the paired gate|up matrix to gather
     x8: "qgemv.Q8Act"        # (n_embd,) the token's Q8 copy for gate and up
     out: np.ndarray          # (n_embd,) float32 the layer's output
@@ -960,8 +960,16 @@ class DecodeScratch:
                    np.empty(n_groups, np.float32), np.empty(n_groups + 1, np.int64), np.empty(n_ff, np.float32),
                    np.zeros(n_ff, np.float32), np.empty(2 * n_ff, np.float32), np.empty(n_ff, np.float32),
                    np.empty(n_ff, np.float32),
-                   np.arange(0, 2 * n_ff, 2, dtype=np.int32), np.empty(2 * n_ff, np.int32), qgemv.new_q8(n_embd),
+                   np.empty(2 * n_ff, np.int32), qgemv.new_q8(n_embd),
                    np.empty(n_embd, np.float32), qgemv.new_q8(n_embd))
+
+
+@functools.lru_cache(maxsize=8)
+def gate_rows(n_ff: int) -> np.ndarray:
+    """(n_ff,) int32 2j at j: all gate rows of a paired gate|up matrix, in order (read-only, shared)."""
+    rows = np.arange(0, 2 * n_ff, 2, dtype=np.int32)
+    rows.flags.writeable = False
+    return rows
 
 
 def gate_up_rows(neurons: np.ndarray, n: int, out: np.ndarray, which: int | None = None) -> np.ndarray:
@@ -983,9 +991,9 @@ def unpair(gu: np.ndarray, n: int, gate: np.ndarray, up: np.ndarray) -> None:
 def decode_threshold_layer(tok, x, gate_up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
     """ffn_decode_bundle on named objects: gate_up is the paired gate|up PackedMatrix (Q4_0/Q4_1/Q4_K); codes,
     scales the down bundle (scales: ColumnBundle.kernel_scales). Output in s.out. Returns (n_up, n, n_groups)."""
-    return ffn_decode_bundle(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, s.gate_rows, up_cut, cut,
-                             codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.pair_rows, s.up_vals,
-                             s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
+    return ffn_decode_bundle(tok, x, gate_up.qs, gate_up.sc, gate_up.qh, gate_up.qtype, gate_rows(s.g_act.shape[0]),
+                             up_cut, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s, s.g_act, s.rows_up, s.pair_rows,
+                             s.up_vals, s.rows, s.aq, s.gd, s.gstart, s.gsum, s.out)
 
 
 def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:

@@ -22,8 +22,6 @@ row at 2j, its up row at 2j + 1): every strategy reads them there (gate_and_up, 
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from numba_kernels import ops, qgemv, simd, sparse_ffn
@@ -57,14 +55,6 @@ def gate_and_up(L: LayerWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         return L.w_gate.matmul(h), L.w_up.matmul(h)
     gu = qgemv.gemv(L.gate_up, h[0])[None] if h.shape[0] == 1 else qgemv.gemm(L.gate_up, h)   # (T, 2 n_ff)
     return np.ascontiguousarray(gu[:, 0::2]), np.ascontiguousarray(gu[:, 1::2])
-
-
-@functools.lru_cache(maxsize=8)
-def _gate_rows(n_ff: int) -> np.ndarray:
-    """(n_ff,) int32 2j at j: the gate rows of a paired gate|up matrix (read-only, shared)."""
-    rows = np.arange(0, 2 * n_ff, 2, dtype=np.int32)
-    rows.flags.writeable = False
-    return rows
 
 
 class DenseFFN:
@@ -122,7 +112,7 @@ class MaskedFFN:
         L = self.L
         gather_up = self.up_cut is not None and one_token and L.gate_up is not None   # read only the kept up rows
         if gather_up:
-            gate = qgemv.gemv_rows(L.gate_up, _gate_rows(L.w_gate.n_rows), h[0])[None]   # (1, n_ff)
+            gate = qgemv.gemv_rows(L.gate_up, sparse_ffn.gate_rows(L.w_gate.n_rows), h[0])[None]   # (1, n_ff)
         else:
             gate, up = gate_and_up(L, h)                             # (T, n_ff) each
         g_act = activation(gate, self.act)                           # (T, n_ff) act(g)
@@ -221,7 +211,7 @@ class ThresholdFFN(_SparseDecode):
         xq = qgemv.quantize_for(L.gate_up.qtype, x, s.x8)          # one Q8 copy of x serves gate and up
         gather_up = self.up_kept <= UP_GATHER_MAX_KEPT
         if gather_up:                                               # gate's rows only
-            qgemv.gemv_rows(L.gate_up, s.gate_rows, out=s.g_act, xq=xq, checked=True)
+            qgemv.gemv_rows(L.gate_up, sparse_ffn.gate_rows(n_ff), out=s.g_act, xq=xq, checked=True)
         else:                                                       # all of gate|up
             sparse_ffn.unpair(qgemv.gemv(L.gate_up, out=s.gate_up, xq=xq), n_ff, s.g_act, s.up_all)
         n_up = sparse_ffn.silu_rows_at_least(s.g_act, up_cut, s.rows_up)   # s.g_act now holds act(g)

@@ -38,7 +38,8 @@ class QuantMatrix:
     def __init__(self, name: str, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int, *, fast: bool = True,
                  on_rows=None, packed: qgemv.PackedMatrix | None = None):
         """fast=False keeps only the GGUF bytes (the generic kernels; an untied embedding matrix, which only
-        gives rows; gate and up, whose packed form is LayerWeights.gate_up). on_rows(r0, r1): called once packing has read rows r0:r1 of raw for the last time.
+        gives rows; gate and up, whose packed form is LayerWeights.gate_up). on_rows(r0, r1): called once packing
+        has read rows r0:r1 of raw for the last time.
         packed: raw already packed (e.g. rows of a stacked matrix, pack_stacked)."""
         self.name = name
         self.qtype = int(qtype)
@@ -354,7 +355,8 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> ModelWeights:
         return [QuantMatrix(name, raw, qtype, n_rows, n_cols, packed=view, on_rows=cb)
                 for (name, n_rows), (raw, _, cb), view in zip(specs, found, views)], whole
 
-    def paired(gate_name: str, up_name: str, n_ff: int, n_cols: int) -> tuple[list[QuantMatrix], qgemv.PackedMatrix | None]:
+    def paired(gate_name: str, up_name: str, n_ff: int,
+               n_cols: int) -> tuple[list[QuantMatrix], qgemv.PackedMatrix | None]:
         """Gate and up, packed into one paired matrix when they share a fast type (pack_paired; then neither
         QuantMatrix keeps a packed form of its own): (the matrices, the paired form or None)."""
         (rg, qg, cg), (ru, qu, cu) = found = [checked(name, n_ff, n_cols) for name in (gate_name, up_name)]
