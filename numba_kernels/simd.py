@@ -1416,6 +1416,37 @@ def add_i32(typingctx, a, b):
 
 
 @intrinsic
+def store_i32(typingctx, out, off, v):
+    """out.flat[off:off+R] = v for an int32 array out and an R-lane int32 vector v (i32x8 / i32x16, or one carrying
+    2R int16 lanes): integer sums kept in L1 across a loop that cannot hold them in registers."""
+    r = _int_vec(v)
+    if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(off, types.Integer)
+            and r is not None):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _iv(r)),
+                      align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, off, v), codegen
+
+
+@intrinsic
+def load_i32(typingctx, a, off, like):
+    """a.flat[off:off+R] of an int32 array as an R-lane int32 vector of like's type (like gives only the type)."""
+    r = _int_vec(like)
+    if not (isinstance(a, types.Array) and a.dtype == types.int32 and isinstance(off, types.Integer)
+            and r is not None):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _iv(r)), align=4)
+
+    return like(a, off, like), codegen
+
+
+@intrinsic
 def halves_i32(typingctx, a):
     """An i32x16 -> (lanes 0..7, lanes 8..15) as two i32x8."""
     if _int_vec(a) != 16:

@@ -306,7 +306,7 @@ def _split_groups(gstart, n_parts, bounds):
     bounds[n_parts] = n_groups
 
 
-_AHEAD_LINES = 2           # lines ahead in each active neuron's codes the bundle product prefetches
+_AHEAD_LINES = 8           # lines ahead along the runs it reads that the bundle product prefetches
 _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
@@ -361,14 +361,6 @@ def _finish_chunk(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
     simd.store_f32x8(po, o + 24, simd.vmuladd(simd._vfma(simd.load_f32x8(po, o + 24), i3,
                      simd.vmuladd(z, simd.load_f16x8(path, scales, off + 24), xdg)),
                      simd.load_f16x8(path, scales, moff + 24), sm))
-
-
-@njit(cache=True, inline="always")
-def _prefetch_line(codes, rows, s, e, stride, p):
-    """Prefetch bytes 64p..64p+63 (about a cache line) of each active neuron rows[s:e]'s codes (neuron j's at
-    codes.flat[j * stride])."""
-    for u in range(s, e):
-        simd.prefetch(codes, 64 * p + np.int64(rows[u]) * stride)
 
 
 def _finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po):
@@ -453,54 +445,111 @@ def _ov_finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
 
 
 @njit(cache=True, inline="always")
-def _bundle_step(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po):
-    """po[32c : 32(c + C)] += the bundle product of chunks c..c+C-1 (C = simd.bundle_chunks(path)) over the active
-    neurons rows[s:e] of group g: neurons two at a time (simd.nib_pairs_i16), summed in int16 over 8 pairs, then
-    widened into int32 sums that stay in registers."""
-    lo0 = simd.tile_izero(path)
-    lo1 = simd.tile_izero(path)
-    lo2 = simd.tile_izero(path)
-    lo3 = simd.tile_izero(path)
-    hi0 = simd.tile_izero(path)
-    hi1 = simd.tile_izero(path)
-    hi2 = simd.tile_izero(path)
-    hi3 = simd.tile_izero(path)
-    cbase = 16 * c                             # + row j * stride
-    u = s
-    while u < e:
-        h0 = simd.tile_izero(path)
-        h1 = simd.tile_izero(path)
-        h2 = simd.tile_izero(path)
-        h3 = simd.tile_izero(path)
-        stop = min(e, u + 2 * _PAIRS_I16)
-        while u < stop:
-            o0 = cbase + np.int64(rows[u]) * stride
-            x0 = np.int64(xq[u])
-            if u + 1 < stop:
-                o1 = cbase + np.int64(rows[u + 1]) * stride
-                x1 = np.int64(xq[u + 1])
-            else:
-                o1 = o0
-                x1 = np.int64(0)
-            p0, p1, p2, p3 = simd.nib_pairs_i16(path, codes, o0, o1, x0, x1)
-            h0 = simd.add_i16(h0, p0)
-            h1 = simd.add_i16(h1, p1)
-            h2 = simd.add_i16(h2, p2)
-            h3 = simd.add_i16(h3, p3)
-            u += 2
-        w0, w1 = simd.widen_i16(h0)
-        lo0 = simd.add_i32(lo0, w0)
-        hi0 = simd.add_i32(hi0, w1)
-        w0, w1 = simd.widen_i16(h1)
-        lo1 = simd.add_i32(lo1, w0)
-        hi1 = simd.add_i32(hi1, w1)
-        w0, w1 = simd.widen_i16(h2)
-        lo2 = simd.add_i32(lo2, w0)
-        hi2 = simd.add_i32(hi2, w1)
-        w0, w1 = simd.widen_i16(h3)
-        lo3 = simd.add_i32(lo3, w0)
-        hi3 = simd.add_i32(hi3, w1)
-    _finish_step(path, scales, g, n_chunks, c, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, xdg, sg, po)
+def _pair_sums(path, codes, o0, o1, x0, x1, n0, n1, acc16, n_chunks, first):
+    """acc16 += x0 q0 + x1 q1 (first: =) over every output, for the two neurons whose codes start at codes.flat[o0]
+    and [o1]: each one's whole run in address order. acc16 holds int16 sums two to an int32, chunk c's 32 at 16 c
+    (a step's four vectors of simd.nib_pairs_i16 in turn, a last chunk's two of simd.nib_pair_i16). Prefetches
+    _AHEAD_LINES lines on along both runs, and past their ends the next pair's (codes at n0, n1; none if n0 < 0)."""
+    step = simd.bundle_chunks(path)
+    r = 4 * step                                  # int32 lanes of each of a step's four vectors
+    n_lines = n_chunks >> 2                       # 64-byte lines of a run (4 chunks each)
+    c = 0
+    while c + step <= n_chunks:
+        if (c & 3) == 0:
+            t = (c >> 2) + _AHEAD_LINES
+            if t < n_lines:
+                simd.prefetch(codes, o0 + 64 * t)
+                simd.prefetch(codes, o1 + 64 * t)
+            elif n0 >= 0 and t - n_lines < n_lines:
+                simd.prefetch(codes, n0 + 64 * (t - n_lines))
+                simd.prefetch(codes, n1 + 64 * (t - n_lines))
+        p0, p1, p2, p3 = simd.nib_pairs_i16(path, codes, o0 + 16 * c, o1 + 16 * c, x0, x1)
+        a = 16 * c
+        if not first:
+            p0 = simd.add_i16(p0, simd.load_i32(acc16, a, p0))
+            p1 = simd.add_i16(p1, simd.load_i32(acc16, a + r, p1))
+            p2 = simd.add_i16(p2, simd.load_i32(acc16, a + 2 * r, p2))
+            p3 = simd.add_i16(p3, simd.load_i32(acc16, a + 3 * r, p3))
+        simd.store_i32(acc16, a, p0)
+        simd.store_i32(acc16, a + r, p1)
+        simd.store_i32(acc16, a + 2 * r, p2)
+        simd.store_i32(acc16, a + 3 * r, p3)
+        c += step
+    while c < n_chunks:                           # the last chunks (fewer than a step), one at a time
+        p_lo, p_hi = simd.nib_pair_i16(codes, o0 + 16 * c, o1 + 16 * c, x0, x1)
+        a = 16 * c
+        if not first:
+            p_lo = simd.add_i16(p_lo, simd.load_i32(acc16, a, p_lo))
+            p_hi = simd.add_i16(p_hi, simd.load_i32(acc16, a + 8, p_hi))
+        simd.store_i32(acc16, a, p_lo)
+        simd.store_i32(acc16, a + 8, p_hi)
+        c += 1
+
+
+@njit(cache=True, inline="always")
+def _widen_sums(path, acc16, acc32, n_chunks, first):
+    """acc32 += acc16's int16 sums widened (first: =). acc32 holds chunk c's 32 int32 sums at 32 c, in the order
+    _finish_step takes them (a step's lo0..lo3, hi0..hi3) or _finish_tail (i0..i3)."""
+    step = simd.bundle_chunks(path)
+    r = 4 * step
+    z = simd.tile_izero(path)
+    c = 0
+    while c + step <= n_chunks:
+        for k in range(4):                        # vector k of the step -> lo_k, hi_k
+            w0, w1 = simd.widen_i16(simd.load_i32(acc16, 16 * c + k * r, z))
+            a0 = 32 * c + k * r
+            a1 = a0 + 4 * r
+            if not first:
+                w0 = simd.add_i32(w0, simd.load_i32(acc32, a0, w0))
+                w1 = simd.add_i32(w1, simd.load_i32(acc32, a1, w1))
+            simd.store_i32(acc32, a0, w0)
+            simd.store_i32(acc32, a1, w1)
+        c += step
+    z8 = simd.izero(path)
+    while c < n_chunks:
+        for k in range(2):                        # rows 0..15 -> i0, i1; rows 16..31 -> i2, i3
+            w0, w1 = simd.widen_i16(simd.load_i32(acc16, 16 * c + 8 * k, z8))
+            a0 = 32 * c + 16 * k
+            if not first:
+                w0 = simd.add_i32(w0, simd.load_i32(acc32, a0, w0))
+                w1 = simd.add_i32(w1, simd.load_i32(acc32, a0 + 8, w1))
+            simd.store_i32(acc32, a0, w0)
+            simd.store_i32(acc32, a0 + 8, w1)
+        c += 1
+
+
+@njit(cache=True, inline="always")
+def _finish_sums(path, scales, g, n_chunks, acc32, xdg, sg, po):
+    """po += group g's product from its int32 sums in acc32 (_finish_step per step, _finish_tail per last chunk)."""
+    step = simd.bundle_chunks(path)
+    r = 4 * step
+    z = simd.tile_izero(path)
+    c = 0
+    while c + step <= n_chunks:
+        a = 32 * c
+        _finish_step(path, scales, g, n_chunks, c, simd.load_i32(acc32, a, z), simd.load_i32(acc32, a + r, z),
+                     simd.load_i32(acc32, a + 2 * r, z), simd.load_i32(acc32, a + 3 * r, z),
+                     simd.load_i32(acc32, a + 4 * r, z), simd.load_i32(acc32, a + 5 * r, z),
+                     simd.load_i32(acc32, a + 6 * r, z), simd.load_i32(acc32, a + 7 * r, z), xdg, sg, po)
+        c += step
+    z8 = simd.izero(path)
+    while c < n_chunks:
+        a = 32 * c
+        _finish_tail(path, scales, g, n_chunks, c, simd.load_i32(acc32, a, z8), simd.load_i32(acc32, a + 8, z8),
+                     simd.load_i32(acc32, a + 16, z8), simd.load_i32(acc32, a + 24, z8), xdg, sg, po)
+        c += 1
+
+
+@njit(cache=True, inline="always")
+def _batch_pair(rows, xq, stride, u, m, i):
+    """(o0, x0, o1, x1): the codes offsets and Q8 values of pair i of the batch of m active neurons rows[u:u + m]:
+    neurons i and h + i (h = ceil(m / 2); the last pair of an odd batch has no second neuron: x1 = 0)."""
+    h = (m + 1) >> 1
+    o0 = np.int64(rows[u + i]) * stride
+    x0 = np.int64(xq[u + i])
+    if h + i < m:
+        return o0, x0, np.int64(rows[u + h + i]) * stride, np.int64(xq[u + h + i])
+    return o0, x0, o0, np.int64(0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -509,59 +558,45 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     group g's are rows[gstart[g]:gend[g]] with their Q8 values xq[...] (gend = gstart[1:] for one list).
     scales: a Q4_0/Q4_1 bundle's, or a Q4_K bundle's (dm, sub) (the finish and the prefetch take either).
 
-    Chunks are taken simd.bundle_chunks(path) at a time (_bundle_step: 2, or 4 in zmm, i.e. 32 or 64 contiguous
-    bytes of each neuron) and neurons two at a time; the chunks left over go one at a time (simd.nib_pair_i16)."""
+    Neuron by neuron: a group's active neurons in batches of up to 2 _PAIRS_I16, each batch as pairs of its first
+    and second half (neurons i and h + i), each pair's two whole runs of codes read in address order side by side
+    (_pair_sums); their products (simd.nib_pairs_i16) are summed in int16 for every output in L1 (acc16, n_embd
+    int16), widened into int32 sums (acc32) after each batch, and finished once per group. The same integer sums as
+    any order, so the same numbers.
+
+    Why this order (1B shape, the down bundle alone from DRAM against the dense GEMV, one process; README): reading
+    line c of every active neuron of a group before line c + 1 (the order before) made as many interleaved streams
+    as active neurons, 1 KB apart; pairs of adjacent active neurons still put two streams in one 4 KB page. Every
+    neuron of a group read (one thread): 2.1x the dense GEMV's time for the same bytes in either of those orders,
+    ~1.0x for the int16 sums of one neuron at a time, 1.4x pairs of the two halves (pages apart). Half / three quarters of the neurons
+    active (two threads): 1.07 / 1.32x the dense time against 1.21 / 1.79x chunk by chunk; a quarter 0.76 / 0.73."""
     n_chunks = po.shape[0] // 32
     stride = 16 * n_chunks             # neuron j's codes: codes.flat[j * stride:], chunk c's at + 16 c
+    acc16 = np.empty(16 * n_chunks, np.int32)
+    acc32 = np.empty(32 * n_chunks, np.int32)
     for g in range(g_lo, g_hi):
         s = gstart[g]
         e = gend[g]
         if s == e:
             continue
-        xdg = gd[g]
-        sg = gsum[g]
-        if g + 1 < g_hi:               # the next group's first lines and scales: its loads then hit the cache
-            for p in range(_AHEAD_LINES):
-                _prefetch_line(codes, rows, gstart[g + 1], gend[g + 1], stride, p)
+        if g + 1 < g_hi:               # the next group's scales: its finish then hits the cache
             _prefetch_scales(scales, g + 1, n_chunks)
-        c = 0
-        step = simd.bundle_chunks(path)
-        while c + step <= n_chunks:
-            if (c & 3) == 0 and c + 4 * _AHEAD_LINES < n_chunks:     # a line further on in each active neuron
-                _prefetch_line(codes, rows, s, e, stride, (c >> 2) + _AHEAD_LINES)
-            _bundle_step(path, codes, stride, scales, rows, xq, s, e, g, n_chunks, c, xdg, sg, po)
-            c += step
-        while c < n_chunks:            # the last chunks (fewer than a step), one at a time
-            i0 = simd.izero(path)
-            i1 = simd.izero(path)
-            i2 = simd.izero(path)
-            i3 = simd.izero(path)
-            u = s
-            while u < e:
-                h_lo = simd.izero(path)
-                h_hi = simd.izero(path)
-                stop = min(e, u + 2 * _PAIRS_I16)
-                while u < stop:
-                    o0 = 16 * c + np.int64(rows[u]) * stride
-                    x0 = np.int64(xq[u])
-                    if u + 1 < stop:
-                        o1 = 16 * c + np.int64(rows[u + 1]) * stride
-                        x1 = np.int64(xq[u + 1])
-                    else:
-                        o1 = o0
-                        x1 = np.int64(0)
-                    p_lo, p_hi = simd.nib_pair_i16(codes, o0, o1, x0, x1)
-                    h_lo = simd.add_i16(h_lo, p_lo)
-                    h_hi = simd.add_i16(h_hi, p_hi)
-                    u += 2
-                w0, w1 = simd.widen_i16(h_lo)
-                w2, w3 = simd.widen_i16(h_hi)
-                i0 = simd.add_i32(i0, w0)
-                i1 = simd.add_i32(i1, w1)
-                i2 = simd.add_i32(i2, w2)
-                i3 = simd.add_i32(i3, w3)
-            _finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po)
-            c += 1
+        u = s
+        while u < e:
+            m = min(e - u, 2 * _PAIRS_I16)               # this batch: rows[u:u + m]
+            h = (m + 1) >> 1
+            for i in range(h):
+                o0, x0, o1, x1 = _batch_pair(rows, xq, stride, u, m, i)
+                n0 = np.int64(-1)                        # the next pair's codes, for the prefetch
+                n1 = np.int64(-1)
+                if i + 1 < h:
+                    n0, _, n1, _ = _batch_pair(rows, xq, stride, u, m, i + 1)
+                elif u + m < e:
+                    n0, _, n1, _ = _batch_pair(rows, xq, stride, u + m, min(e - u - m, 2 * _PAIRS_I16), 0)
+                _pair_sums(path, codes, o0, o1, x0, x1, n0, n1, acc16, n_chunks, i == 0)
+            _widen_sums(path, acc16, acc32, n_chunks, u == s)
+            u += m
+        _finish_sums(path, scales, g, n_chunks, acc32, gd[g], gsum[g], po)
 
 
 def _prefetch_scales(scales, g, n_chunks):
@@ -650,9 +685,9 @@ def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | N
     group gd / gsum / gstart from down_coefs_q8), from a bundle: bundle_q4's codes and scales, or bundle_q4k's
     codes and (dm, sub) (ColumnBundle.kernel_scales).
 
-    Vector paths: threads take contiguous ranges of groups, balanced by rows; per group and 32-output chunk
-    the integer sums stay in registers: pairs of neurons are multiplied in int16 (simd.nib_pair_i16), 8 pairs
-    summed in int16, then widened to int32. path "scalar": plain Numba loops."""
+    Vector paths: threads take contiguous ranges of groups, balanced by rows; within a group, neuron by neuron
+    (_bundle_groups): pairs of neurons multiplied in int16 (simd.nib_pairs_i16) over their whole runs, up to 8
+    pairs summed in int16 for every output, then widened to int32. path "scalar": plain Numba loops."""
     tok = simd.token(path)
     if simd.path_name(tok) == "scalar":
         dm, sub = scales if isinstance(scales, tuple) else (scales, _NO_SUB)

@@ -1,0 +1,93 @@
+"""How fast does this machine read a share of a matrix, by the size of the pieces it skips? The ceiling under every
+sparse kernel: a sparse FFN reads its active neurons' rows and down columns, pieces of n_embd/2 bytes (4-bit codes)
+at random positions, and no arithmetic can make that faster than memory delivers such pieces.
+
+Memory only (one load per 64-byte line, no arithmetic), 2 threads each reading its half in address order, a buffer
+well beyond the last-level cache. For each unit size u: a random share f of the u-byte units ("random"), and every
+other unit ("alternate", f = 0.5), as GB/s of the bytes read against reading every unit the same way.
+
+    python benchmarks/gather_granularity.py [--mb 512] [--units 1,2,4,8,16,64,256] [--fractions 0.5,0.25]
+
+Unit sizes of the shapes people run (4-bit codes): a neuron's down column is 1 KB at Llama-3.2-1B (n_embd 2048),
+2 KB at 8B; its paired gate|up rows 2.3 KB / 4.6 KB (Q4_0).
+
+Measured 2026-12-06 (2-core AMD EPYC, Zen 4, 32 MB L3, 2 threads), two runs; rate against reading every unit
+(35-39 GB/s), and in GB/s:
+
+    unit KB   random f=0.5          random f=0.25         alternate
+    1         0.54-0.58 (20 GB/s)   0.49-0.53 (18-19)     0.46-0.48 (17)
+    2         0.56-0.58 (21)        0.54-0.57 (20-21)     0.53-0.55 (19-20)
+    4         0.65-0.67 (24)        0.64-0.67 (23-24)     0.69 (25)
+    16        0.71-0.78 (28)        0.62-0.75 (24-27)     0.61-0.65 (24)
+    64        0.93-0.98 (35)        0.84-0.96 (32-35)     0.83-0.91 (32-33)
+
+(A third run read 50-66 GB/s for every unit and 0.34-0.46 of that at 1-16 KB; not seen again.) So here, reading
+every other 1 KB unit takes about as long as reading all of them, a random half ~90% of that time and a random
+quarter ~half of it: skipped bytes turn into saved time in proportion only in units of tens of KB. Earlier
+memory-only variants (2026-12-06, the same machine) found the same: software prefetch of the next units, or further
+along each one at any distance, and reading a unit's lines out of order, gave the same rates or lower. The dense
+Q4_0 GEMV reads 30-33 GB/s here, so a sparse FFN at random neuron granularity (1 KB pieces at the 1B shape) can
+reach at most ~0.6 of the dense GB/s, whatever its kernels do (benchmarks/sparse_gbs.py measures the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _read_units(buf, units, unit_bytes, out):
+    """One load per 64-byte line of each unit units[i] (ascending) of buf; two threads, each its half of the list."""
+    k = units.shape[0]
+    for p in prange(2):
+        s = 0
+        for i in range(p * k // 2, (p + 1) * k // 2):
+            base = np.int64(units[i]) * unit_bytes
+            for o in range(0, unit_bytes, 64):
+                s += buf[base + o]
+        out[p] = s
+
+
+def read_rate(buf: np.ndarray, units: np.ndarray, unit_bytes: int, reps: int) -> float:
+    """GB/s of reading `units` (best of reps, after a warm-up)."""
+    out = np.zeros(2, np.int64)
+    _read_units(buf, units, unit_bytes, out)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        _read_units(buf, units, unit_bytes, out)
+        best = min(best, time.perf_counter() - t)
+    return units.shape[0] * unit_bytes / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=512, help="buffer size (well beyond the last-level cache)")
+    ap.add_argument("--units", default="1,2,4,8,16,64,256", help="unit sizes in KB")
+    ap.add_argument("--fractions", default="0.5,0.25")
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    buf = np.ones(args.mb << 20, np.uint8)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rng = np.random.default_rng(0)
+    print("rate against reading every unit (GB/s)")
+    print(f"{'unit KB':>8} {'all GB/s':>9} " + " ".join(f"{'random f=' + format(f, 'g'):>14}" for f in fractions)
+          + f" {'alternate':>11}")
+    for kb in (int(v) for v in args.units.split(",")):
+        ub = kb << 10
+        n = buf.shape[0] // ub
+        every = np.arange(n, dtype=np.int32)
+        full = read_rate(buf, every, ub, args.reps)
+        cols = [read_rate(buf, np.sort(rng.choice(n, max(2, int(n * f)), replace=False)).astype(np.int32), ub,
+                          args.reps) / full for f in fractions]
+        alt = read_rate(buf, every[::2].copy(), ub, args.reps) / full
+        print(f"{kb:>8} {full:>9.1f} " + " ".join(f"{c:>6.2f} ({c * full:4.1f})" for c in cols)
+              + f" {alt:>4.2f} ({alt * full:4.1f})")
+
+
+if __name__ == "__main__":
+    main()
