@@ -568,8 +568,9 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     line c of every active neuron of a group before line c + 1 (the order before) made as many interleaved streams
     as active neurons, 1 KB apart; pairs of adjacent active neurons still put two streams in one 4 KB page. Every
     neuron of a group read (one thread): 2.1x the dense GEMV's time for the same bytes in either of those orders,
-    ~1.0x for the int16 sums of one neuron at a time, 1.4x pairs of the two halves (pages apart). Half / three quarters of the neurons
-    active (two threads): 1.07 / 1.32x the dense time against 1.21 / 1.79x chunk by chunk; a quarter 0.76 / 0.73."""
+    ~1.0x for the int16 sums of one neuron at a time, 1.4x pairs of the two halves (pages apart). Half / three
+    quarters of the neurons active (two threads): 1.07 / 1.32x the dense time against 1.21 / 1.79x chunk by chunk;
+    a quarter 0.76 / 0.73."""
     n_chunks = po.shape[0] // 32
     stride = 16 * n_chunks             # neuron j's codes: codes.flat[j * stride:], chunk c's at + 16 c
     acc16 = np.empty(16 * n_chunks, np.int32)
