@@ -445,6 +445,22 @@ def _ov_finish_tail(path, scales, g, n_chunks, c, i0, i1, i2, i3, xdg, sg, po):
 
 
 @njit(cache=True, inline="always")
+def _sum_i16(acc, off, v, first):
+    """acc.flat[off:off+R] = v (first) or += v, as int16 lanes (v: an R-lane int32 vector carrying 2R of them)."""
+    if not first:
+        v = simd.add_i16(v, simd.load_i32(acc, off, v))
+    simd.store_i32(acc, off, v)
+
+
+@njit(cache=True, inline="always")
+def _sum_i32(acc, off, v, first):
+    """acc.flat[off:off+R] = v (first) or += v (int32 lanes)."""
+    if not first:
+        v = simd.add_i32(v, simd.load_i32(acc, off, v))
+    simd.store_i32(acc, off, v)
+
+
+@njit(cache=True, inline="always")
 def _pair_sums(path, codes, o0, o1, x0, x1, n0, n1, acc16, n_chunks, first):
     """acc16 += x0 q0 + x1 q1 (first: =) over every output, for the two neurons whose codes start at codes.flat[o0]
     and [o1]: each one's whole run in address order. acc16 holds int16 sums two to an int32, chunk c's 32 at 16 c
@@ -465,24 +481,15 @@ def _pair_sums(path, codes, o0, o1, x0, x1, n0, n1, acc16, n_chunks, first):
                 simd.prefetch(codes, n1 + 64 * (t - n_lines))
         p0, p1, p2, p3 = simd.nib_pairs_i16(path, codes, o0 + 16 * c, o1 + 16 * c, x0, x1)
         a = 16 * c
-        if not first:
-            p0 = simd.add_i16(p0, simd.load_i32(acc16, a, p0))
-            p1 = simd.add_i16(p1, simd.load_i32(acc16, a + r, p1))
-            p2 = simd.add_i16(p2, simd.load_i32(acc16, a + 2 * r, p2))
-            p3 = simd.add_i16(p3, simd.load_i32(acc16, a + 3 * r, p3))
-        simd.store_i32(acc16, a, p0)
-        simd.store_i32(acc16, a + r, p1)
-        simd.store_i32(acc16, a + 2 * r, p2)
-        simd.store_i32(acc16, a + 3 * r, p3)
+        _sum_i16(acc16, a, p0, first)
+        _sum_i16(acc16, a + r, p1, first)
+        _sum_i16(acc16, a + 2 * r, p2, first)
+        _sum_i16(acc16, a + 3 * r, p3, first)
         c += step
     while c < n_chunks:                           # the last chunks (fewer than a step), one at a time
         p_lo, p_hi = simd.nib_pair_i16(codes, o0 + 16 * c, o1 + 16 * c, x0, x1)
-        a = 16 * c
-        if not first:
-            p_lo = simd.add_i16(p_lo, simd.load_i32(acc16, a, p_lo))
-            p_hi = simd.add_i16(p_hi, simd.load_i32(acc16, a + 8, p_hi))
-        simd.store_i32(acc16, a, p_lo)
-        simd.store_i32(acc16, a + 8, p_hi)
+        _sum_i16(acc16, 16 * c, p_lo, first)
+        _sum_i16(acc16, 16 * c + 8, p_hi, first)
         c += 1
 
 
@@ -497,24 +504,15 @@ def _widen_sums(path, acc16, acc32, n_chunks, first):
     while c + step <= n_chunks:
         for k in range(4):                        # vector k of the step -> lo_k, hi_k
             w0, w1 = simd.widen_i16(simd.load_i32(acc16, 16 * c + k * r, z))
-            a0 = 32 * c + k * r
-            a1 = a0 + 4 * r
-            if not first:
-                w0 = simd.add_i32(w0, simd.load_i32(acc32, a0, w0))
-                w1 = simd.add_i32(w1, simd.load_i32(acc32, a1, w1))
-            simd.store_i32(acc32, a0, w0)
-            simd.store_i32(acc32, a1, w1)
+            _sum_i32(acc32, 32 * c + k * r, w0, first)
+            _sum_i32(acc32, 32 * c + (4 + k) * r, w1, first)
         c += step
     z8 = simd.izero(path)
     while c < n_chunks:
         for k in range(2):                        # rows 0..15 -> i0, i1; rows 16..31 -> i2, i3
             w0, w1 = simd.widen_i16(simd.load_i32(acc16, 16 * c + 8 * k, z8))
-            a0 = 32 * c + 16 * k
-            if not first:
-                w0 = simd.add_i32(w0, simd.load_i32(acc32, a0, w0))
-                w1 = simd.add_i32(w1, simd.load_i32(acc32, a0 + 8, w1))
-            simd.store_i32(acc32, a0, w0)
-            simd.store_i32(acc32, a0 + 8, w1)
+            _sum_i32(acc32, 32 * c + 16 * k, w0, first)
+            _sum_i32(acc32, 32 * c + 16 * k + 8, w1, first)
         c += 1
 
 

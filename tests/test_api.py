@@ -119,12 +119,14 @@ def test_same_seed_same_sampled_text(sparse_llm):
 def test_stop_strings_end_the_text_in_both_modes(sparse_llm):
     prompt = "Count: one, two, three,"
     full = sparse_llm(prompt, max_tokens=16, temperature=0)["choices"][0]["text"]
-    assert " five" in full, full                              # the model does count on
-    cut = sparse_llm(prompt, max_tokens=16, temperature=0, stop=[" five"])
-    assert cut["choices"][0]["text"] == full[:full.index(" five")]
+    i = full.find(",", 1)
+    assert i > 0, full                                        # the model does go on with the list
+    stop = full[i:i + 4]             # from the greedy text itself (which item comes next differs between CPUs)
+    cut = sparse_llm(prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert cut["choices"][0]["text"] == full[:full.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     streamed = "".join(c["choices"][0]["text"] for c in
-                       sparse_llm(prompt, max_tokens=16, temperature=0, stop=" five", stream=True))
+                       sparse_llm(prompt, max_tokens=16, temperature=0, stop=stop, stream=True))
     assert streamed == cut["choices"][0]["text"]
 
 
