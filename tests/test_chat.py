@@ -102,7 +102,10 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
                           cwd=REPO, input="Write a very long story about a dragon, with many chapters.\n",
                           capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, warm.stderr
-    child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "1500", "--ctx", "2048",
+    # 400 tokens: seconds of streaming for the Ctrl-C to land in, and a bound on every reply (the greedy reply to
+    # "Bye." after the stopped story can run on to the limit; 1500 tokens of it outlasted the timeout on a loaded
+    # machine)
+    child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "400", "--ctx", "2048",
                                            "--save", str(save)],
                           cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(40, 200),
                           # a test run started in the background (`cmd &` in a script) ignores SIGINT, and the
