@@ -4,7 +4,9 @@ at random positions, and no arithmetic can make that faster than memory delivers
 
 Memory only (one load per 64-byte line, no arithmetic), 2 threads each reading its half in address order, a buffer
 well beyond the last-level cache. For each unit size u: a random share f of the u-byte units ("random"), and every
-other unit ("alternate", f = 0.5), as GB/s of the bytes read against reading every unit the same way.
+other unit ("alternate", f = 0.5), as GB/s of the bytes read against reading every unit the same way; and the
+random shares again with each unit prefetched whole into L2 eight units ahead ("L2 pf", simd.prefetch_l2), as the
+sparse kernels' gathers do.
 
     python benchmarks/gather_granularity.py [--mb 512] [--units 1,2,4,8,16,64,256] [--fractions 0.5,0.25]
 
@@ -21,13 +23,26 @@ Measured 2026-12-06 (2-core AMD EPYC, Zen 4, 32 MB L3, 2 threads), two runs; rat
     16        0.71-0.78 (28)        0.62-0.75 (24-27)     0.61-0.65 (24)
     64        0.93-0.98 (35)        0.84-0.96 (32-35)     0.83-0.91 (32-33)
 
-(A third run read 50-66 GB/s for every unit and 0.34-0.46 of that at 1-16 KB; not seen again.) So here, reading
-every other 1 KB unit takes about as long as reading all of them, a random half ~90% of that time and a random
-quarter ~half of it: skipped bytes turn into saved time in proportion only in units of tens of KB. Earlier
-memory-only variants (2026-12-06, the same machine) found the same: software prefetch of the next units, or further
-along each one at any distance, and reading a unit's lines out of order, gave the same rates or lower. The dense
-Q4_0 GEMV reads 30-33 GB/s here, so a sparse FFN at random neuron granularity (1 KB pieces at the 1B shape) can
-reach at most ~0.6 of the dense GB/s, whatever its kernels do (benchmarks/sparse_gbs.py measures the kernels).
+(A third run read 50-66 GB/s for every unit and 0.34-0.46 of that at 1-16 KB; such a 50 GB/s hour came back once
+more in a later scratch proxy.) So here, reading every other 1 KB unit takes about as long as reading all of them, a
+random half ~90% of that time and a random quarter ~half of it: skipped bytes turn into saved time in proportion
+only in units of tens of KB.
+
+Prefetching each unit whole into L2 eight units ahead (the "L2 pf" columns, added later the same night, two runs;
+the first three columns as above):
+
+    unit KB   L2 pf f=0.5   L2 pf f=0.25
+    1         0.59-0.69     0.54-0.61
+    2         0.73-0.77     0.80-0.83
+    4         0.81-0.85     0.87-0.89
+    16        0.77          0.71-0.72
+    64        0.91          0.86
+
+The same prefetch into L1 (locality 3, simd.prefetch), or software prefetch along each unit at any distance, or
+reading a unit's lines out of order, gave the same rates as none or lower (scratch variants). The dense Q4_0 GEMV
+reads 30-33 GB/s here, so a sparse FFN at random neuron granularity (a 1 KB down column and a 2.3 KB gate|up pair at
+the 1B shape) can reach ~0.6-0.75 of the dense GB/s, whatever its kernels do (benchmarks/sparse_gbs.py measures the
+kernels, which prefetch their next rows and neurons into L2 this way).
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ import time
 
 import numpy as np
 from numba import njit, prange
+
+from numba_kernels import simd
 
 
 @njit(parallel=True, cache=True)
@@ -52,14 +69,35 @@ def _read_units(buf, units, unit_bytes, out):
         out[p] = s
 
 
-def read_rate(buf: np.ndarray, units: np.ndarray, unit_bytes: int, reps: int) -> float:
-    """GB/s of reading `units` (best of reps, after a warm-up)."""
+L2_AHEAD = 8               # units ahead that _read_units_l2 prefetches
+
+
+@njit(parallel=True, cache=True)
+def _read_units_l2(buf, units, unit_bytes, out):
+    """_read_units, prefetching unit units[i + L2_AHEAD] whole into L2 (simd.prefetch_l2) as it reads units[i]."""
+    k = units.shape[0]
+    for p in prange(2):
+        s = 0
+        hi = (p + 1) * k // 2
+        for i in range(p * k // 2, hi):
+            if i + L2_AHEAD < hi:
+                nxt = np.int64(units[i + L2_AHEAD]) * unit_bytes
+                for o in range(0, unit_bytes, 64):
+                    simd.prefetch_l2(buf, nxt + o)
+            base = np.int64(units[i]) * unit_bytes
+            for o in range(0, unit_bytes, 64):
+                s += buf[base + o]
+        out[p] = s
+
+
+def read_rate(buf: np.ndarray, units: np.ndarray, unit_bytes: int, reps: int, kernel=_read_units) -> float:
+    """GB/s of reading `units` with kernel (best of reps, after a warm-up)."""
     out = np.zeros(2, np.int64)
-    _read_units(buf, units, unit_bytes, out)
+    kernel(buf, units, unit_bytes, out)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        _read_units(buf, units, unit_bytes, out)
+        kernel(buf, units, unit_bytes, out)
         best = min(best, time.perf_counter() - t)
     return units.shape[0] * unit_bytes / best / 1e9
 
@@ -76,17 +114,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print("rate against reading every unit (GB/s)")
     print(f"{'unit KB':>8} {'all GB/s':>9} " + " ".join(f"{'random f=' + format(f, 'g'):>14}" for f in fractions)
-          + f" {'alternate':>11}")
+          + f" {'alternate':>11} " + " ".join(f"{'L2 pf f=' + format(f, 'g'):>14}" for f in fractions))
     for kb in (int(v) for v in args.units.split(",")):
         ub = kb << 10
         n = buf.shape[0] // ub
         every = np.arange(n, dtype=np.int32)
         full = read_rate(buf, every, ub, args.reps)
-        cols = [read_rate(buf, np.sort(rng.choice(n, max(2, int(n * f)), replace=False)).astype(np.int32), ub,
-                          args.reps) / full for f in fractions]
+        picks = [np.sort(rng.choice(n, max(2, int(n * f)), replace=False)).astype(np.int32) for f in fractions]
+        cols = [read_rate(buf, units, ub, args.reps) / full for units in picks]
         alt = read_rate(buf, every[::2].copy(), ub, args.reps) / full
+        pf = [read_rate(buf, units, ub, args.reps, _read_units_l2) / full for units in picks]
         print(f"{kb:>8} {full:>9.1f} " + " ".join(f"{c:>6.2f} ({c * full:4.1f})" for c in cols)
-              + f" {alt:>4.2f} ({alt * full:4.1f})")
+              + f" {alt:>4.2f} ({alt * full:4.1f}) " + " ".join(f"{c:>6.2f} ({c * full:4.1f})" for c in pf))
 
 
 if __name__ == "__main__":

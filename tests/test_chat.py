@@ -98,7 +98,11 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
     # Warm the Numba cache on the same paths first (a long prompt's prefill, decode): on a clean checkout the
     # first use of a kernel compiles it, and a Ctrl-C landing during a compile is handled only afterwards,
     # when a short reply may already be over.
-    warm = subprocess.run([sys.executable, "-m", "cli", "chat", "--temp", "0", "--max-tokens", "4", "--ctx", "2048"],
+    # One thread: with the other test worker busy on both cores, the 2-thread decode (a parallel region per kernel
+    # call, each waiting for its slowest thread) slowed so much that the reply to "Bye." outlasted the 180 s timeout
+    # in a full run (the whole test takes 12 s alone)
+    warm = subprocess.run([sys.executable, "-m", "cli", "chat", "--temp", "0", "--max-tokens", "4", "--ctx", "2048",
+                           "--threads", "1"],
                           cwd=REPO, input="Write a very long story about a dragon, with many chapters.\n",
                           capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, warm.stderr
@@ -106,7 +110,7 @@ def test_chat_through_a_pseudo_terminal(tmp_path):
     # "Bye." after the stopped story can run on to the limit; 1500 tokens of it outlasted the timeout on a loaded
     # machine)
     child = pexpect.spawn(sys.executable, ["-m", "cli", "chat", "--temp", "0", "--max-tokens", "400", "--ctx", "2048",
-                                           "--save", str(save)],
+                                           "--threads", "1", "--save", str(save)],
                           cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(40, 200),
                           # a test run started in the background (`cmd &` in a script) ignores SIGINT, and the
                           # child would inherit that: give it the default disposition, as a terminal's shell does
