@@ -307,6 +307,7 @@ def _split_groups(gstart, n_parts, bounds):
 
 
 _AHEAD_LINES = 8           # lines ahead along the runs it reads that the bundle product prefetches
+_L2_BATCHES_AHEAD = 2      # batches ahead whose codes the bundle product prefetches whole into L2
 _PAIRS_I16 = 8             # neuron pairs summed in int16 before widening: 8 * 2 * 15 * 127 < 32767
 
 
@@ -552,14 +553,14 @@ def _batch_pair(rows, xq, stride, u, m, i):
 
 @njit(cache=True, error_model="numpy")
 def _next_batch(gstart, gend, g, u, g_hi):
-    """(u, m): the batch that follows the one ending before rows[u] in group g (the next group's first batch when g
-    ends there; m = 0: none before g_hi)."""
+    """(g, u, m): the batch rows[u:u + m] that starts at rows[u] in group g or, where group g ends before rows[u],
+    the first batch of the next group with an active neuron (m = 0: none before group g_hi)."""
     while u >= gend[g] and g + 1 < g_hi:
         g += 1
         u = gstart[g]
     if u >= gend[g]:
-        return u, 0
-    return u, min(gend[g] - u, 2 * _PAIRS_I16)
+        return g, u, 0
+    return g, u, min(gend[g] - u, 2 * _PAIRS_I16)
 
 
 @njit(cache=True, inline="always")
@@ -592,11 +593,11 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
     a quarter 0.76 / 0.73.
 
     Prefetch: the pair's own runs _AHEAD_LINES lines on into L1 (_pair_sums), and while it sums pair i of a batch,
-    pair i of the next batch whole into L2 (simd.prefetch_l2), a batch (up to 16 KB at the 1B shape) ahead.
-    The L2 prefetch, against none (in-process A/B, 56 layers' down at the 1B shape / 16 at 8B, the same
-    selections, 2026-12-06): 0.84x the time at a quarter, half and three quarters of the neurons at 1B, 0.90 /
-    0.95 / 0.99x at 8B; the same prefetch into L1 was 1.13x slower than into L2, and without the L1 prefetch
-    along the runs 1.04-1.11x slower."""
+    pair i of the batch _L2_BATCHES_AHEAD on whole into L2 (simd.prefetch_l2). One batch ahead against none
+    (in-process A/B, 56 layers' down at the 1B shape / 16 at 8B, the same selections, 2026-12-06): 0.84x the time
+    at a quarter, half and three quarters of the neurons at 1B, 0.90 / 0.95 / 0.99x at 8B; the same prefetch into
+    L1 was 1.13x slower than into L2, and without the L1 prefetch along the runs 1.04-1.11x slower. Two batches
+    ahead against one: 1.01 / 0.99 / 0.95x at 1B, 1.0 / 0.93 / 0.99x at 8B."""
     n_chunks = po.shape[0] // 32
     stride = 16 * n_chunks             # neuron j's codes: codes.flat[j * stride:], chunk c's at + 16 c
     acc16 = np.empty(16 * n_chunks, np.int32)
@@ -612,9 +613,12 @@ def _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, 
         while u < e:
             m = min(e - u, 2 * _PAIRS_I16)               # this batch: rows[u:u + m]
             h = (m + 1) >> 1
-            u2, m2 = _next_batch(gstart, gend, g, u + m, g_hi)
+            g2, u2, m2 = g, u, m                         # the batch _L2_BATCHES_AHEAD on: rows[u2:u2 + m2]
+            for _ in range(_L2_BATCHES_AHEAD):
+                if m2 > 0:
+                    g2, u2, m2 = _next_batch(gstart, gend, g2, u2 + m2, g_hi)
             for i in range(h):
-                if i < (m2 + 1) >> 1:                    # the next batch's pair i, a batch ahead, into L2
+                if i < (m2 + 1) >> 1:                    # its pair i into L2
                     _prefetch_pair_l2(rows, xq, stride, codes, u2, m2, i)
                 o0, x0, o1, x1 = _batch_pair(rows, xq, stride, u, m, i)
                 n0 = np.int64(-1)                        # the next pair's codes, for the prefetch

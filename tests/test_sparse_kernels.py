@@ -693,6 +693,27 @@ def test_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep, pat
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
+def test_bundle_prefetch_walks_every_batch_in_order():
+    """sparse_ffn._next_batch, from which the bundle product finds the batch whose codes it prefetches into L2,
+    steps through the batches of up to 16 kept neurons exactly in the order the product sums them, over empty
+    groups and groups of several batches, and ends (m = 0) at the last group."""
+    from numba_kernels import sparse_ffn
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        n_groups = int(rng.integers(1, 12))
+        counts = rng.integers(0, 40, n_groups) * (rng.random(n_groups) < 0.7)         # kept neurons per group
+        gstart = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        gend = gstart + counts
+        b = 2 * sparse_ffn._PAIRS_I16                                                    # neurons per batch
+        want = [(g, u, min(gend[g] - u, b)) for g in range(n_groups) for u in range(gstart[g], gend[g], b)]
+        walked = []
+        g, u, m = sparse_ffn._next_batch(gstart, gend, 0, 0, n_groups)
+        while m > 0:
+            walked.append((g, u, m))
+            g, u, m = sparse_ffn._next_batch(gstart, gend, g, u + m, n_groups)
+        assert walked == want
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K_S"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
 def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fraction):
