@@ -56,32 +56,20 @@ from numba import njit, prange
 from numba_kernels import simd
 
 
-@njit(parallel=True, cache=True)
-def _read_units(buf, units, unit_bytes, out):
-    """One load per 64-byte line of each unit units[i] (ascending) of buf; two threads, each its half of the list."""
-    k = units.shape[0]
-    for p in prange(2):
-        s = 0
-        for i in range(p * k // 2, (p + 1) * k // 2):
-            base = np.int64(units[i]) * unit_bytes
-            for o in range(0, unit_bytes, 64):
-                s += buf[base + o]
-        out[p] = s
-
-
-L2_AHEAD = 8               # units ahead that _read_units_l2 prefetches
+L2_AHEAD = 8               # units ahead that the "L2 pf" columns prefetch
 
 
 @njit(parallel=True, cache=True)
-def _read_units_l2(buf, units, unit_bytes, out):
-    """_read_units, prefetching unit units[i + L2_AHEAD] whole into L2 (simd.prefetch_l2) as it reads units[i]."""
+def _read_units(buf, units, unit_bytes, l2_ahead, out):
+    """One load per 64-byte line of each unit units[i] (ascending) of buf; two threads, each its half of the list.
+    l2_ahead > 0: unit units[i + l2_ahead] prefetched whole into L2 (simd.prefetch_l2) as it reads units[i]."""
     k = units.shape[0]
     for p in prange(2):
         s = 0
         hi = (p + 1) * k // 2
         for i in range(p * k // 2, hi):
-            if i + L2_AHEAD < hi:
-                nxt = np.int64(units[i + L2_AHEAD]) * unit_bytes
+            if l2_ahead > 0 and i + l2_ahead < hi:
+                nxt = np.int64(units[i + l2_ahead]) * unit_bytes
                 for o in range(0, unit_bytes, 64):
                     simd.prefetch_l2(buf, nxt + o)
             base = np.int64(units[i]) * unit_bytes
@@ -90,14 +78,14 @@ def _read_units_l2(buf, units, unit_bytes, out):
         out[p] = s
 
 
-def read_rate(buf: np.ndarray, units: np.ndarray, unit_bytes: int, reps: int, kernel=_read_units) -> float:
-    """GB/s of reading `units` with kernel (best of reps, after a warm-up)."""
+def read_rate(buf: np.ndarray, units: np.ndarray, unit_bytes: int, reps: int, l2_ahead: int = 0) -> float:
+    """GB/s of reading `units` (best of reps, after a warm-up); l2_ahead as _read_units."""
     out = np.zeros(2, np.int64)
-    kernel(buf, units, unit_bytes, out)
+    _read_units(buf, units, unit_bytes, l2_ahead, out)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        kernel(buf, units, unit_bytes, out)
+        _read_units(buf, units, unit_bytes, l2_ahead, out)
         best = min(best, time.perf_counter() - t)
     return units.shape[0] * unit_bytes / best / 1e9
 
@@ -123,7 +111,7 @@ def main() -> None:
         picks = [np.sort(rng.choice(n, max(2, int(n * f)), replace=False)).astype(np.int32) for f in fractions]
         cols = [read_rate(buf, units, ub, args.reps) / full for units in picks]
         alt = read_rate(buf, every[::2].copy(), ub, args.reps) / full
-        pf = [read_rate(buf, units, ub, args.reps, _read_units_l2) / full for units in picks]
+        pf = [read_rate(buf, units, ub, args.reps, L2_AHEAD) / full for units in picks]
         print(f"{kb:>8} {full:>9.1f} " + " ".join(f"{c:>6.2f} ({c * full:4.1f})" for c in cols)
               + f" {alt:>4.2f} ({alt * full:4.1f}) " + " ".join(f"{c:>6.2f} ({c * full:4.1f})" for c in pf))
 

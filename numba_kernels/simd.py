@@ -1464,19 +1464,6 @@ def load_i32(typingctx, a, off, like):
 
 
 @intrinsic
-def halves_i32(typingctx, a):
-    """An i32x16 -> (lanes 0..7, lanes 8..15) as two i32x8."""
-    if _int_vec(a) != 16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return context.make_tuple(builder, sig.return_type, [_shuffle(builder, args[0], None, range(0, 8)),
-                                                             _shuffle(builder, args[0], None, range(8, 16))])
-
-    return types.UniTuple(i32x8, 2)(a), codegen
-
-
-@intrinsic
 def pair_halves_i32(typingctx, a, b):
     """Two i32x16 -> (a's lanes 0..7 then b's 0..7, a's lanes 8..15 then b's 8..15): a zmm bundle step's sums of
     rows 8k..8k+7 (a) and 8k+8..8k+15 (b) of two chunks as each chunk's 16 consecutive rows (one vpermt2d each)."""
