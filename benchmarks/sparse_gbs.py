@@ -164,7 +164,7 @@ def main() -> None:
     configs["dense"] = dense_ffn
     kinds = Counter(type(ffn).__name__ for name, v in configs.items() if name != "dense" for ffn in v)
     print(f"{args.model}: {m.cfg.n_layer} layers, n_embd {m.cfg.n_embd}, n_ff {n_ff}, {type(m.ffn[0]).__name__} "
-          f"dense; the sparse configurations' layers: {dict(kinds)} (a K-quant file: fused where down is Q4_K)")
+          f"dense; the sparse configurations' layers: {dict(kinds)} (a K-quant file: fused where down has a column bundle, Q4_K or Q6_K)")
 
     def ffn_only(ffns) -> tuple[float, float, float]:
         st = StepStats()

@@ -119,7 +119,7 @@ class ConvertResult:
 
 def down_layout(model: Model, layer, il: int) -> str:
     """How decode reads a layer's down: "original" (all of it: a dense layer, or skipping would save no
-    bytes), "bundle" (the active neurons' columns, regrouped at load: exact, Q4_0/Q4_1/Q4_K) or "q8_0" (the
+    bytes), "bundle" (the active neurons' columns, regrouped at load: exact, Q4_0/Q4_1/Q4_K/Q6_K) or "q8_0" (the
     active neurons' rows of the file's neuron-major Q8_0 ffn_down_t)."""
     if not layer.active:
         return "original"
@@ -324,7 +324,7 @@ def down_t_rows(model: Model, il: int) -> np.ndarray:
 
 
 def choose_down_t(model: Model, plan, skipped_down: list[float]) -> None:
-    """Per layer, by bytes read. A Q4_0/Q4_1/Q4_K down needs nothing in the file: the decoder regroups it by
+    """Per layer, by bytes read. A Q4_0/Q4_1/Q4_K/Q6_K down needs nothing in the file: the decoder regroups it by
     neuron at load time, exactly and at (about) the same size (QuantMatrix.column_bundle), so skipped down rows
     save bytes.
     Other types get a neuron-major Q8_0 down where reading only the active rows is cheaper

@@ -80,7 +80,7 @@ _ENTRIES = (
     QType(QT.Q8_0, 32, 34, Q8_0),
     QType(QT.Q4_K, 256, 144, Q8_K, column_bundle=True, fused_gate_up=True),
     QType(QT.Q5_K, 256, 176, Q8_K),
-    QType(QT.Q6_K, 256, 210, Q8_K),
+    QType(QT.Q6_K, 256, 210, Q8_K, column_bundle=True),
 )
 
 _REGISTRY: dict[int, QType] = {t.code: t for t in _ENTRIES}

@@ -115,6 +115,8 @@ __all__ = [
     "f16_to_f32",
     "prefetch",
     "prefetch_l2",
+    "q6_pair_block",
+    "widen_scaled_i16",
     "vscale",
     "f32x8",
     "i32x8",
@@ -1080,6 +1082,93 @@ def prefetch_l2(typingctx, ary, off):
     if not (isinstance(ary, types.Array) and isinstance(off, types.Integer)):
         return None
     return types.none(ary, off), _prefetch_codegen(2)
+
+
+def _q6_block_codes(context, builder, qty, qa, off, offty):
+    """The 128 6-bit codes (0..63) of one 96-byte block of a Q6_K column bundle at qa.flat[off] (layout:
+    sparse_ffn.bundle_q6k) as four <32 x i8>, rows 32k .. 32k + 31 of the block in vector k (in the bundle's byte
+    order within each 32). Bytes 0..31 hold rows 0..31 (low nibbles) and 32..63 (high), bytes 32..63 rows 64..127
+    alike, bytes 64..95 the high 2 bits of rows p, 32 + p, 64 + p, 96 + p in bits 0-1, 2-3, 4-5, 6-7 of byte p:
+    shifted into bits 4-5 and masked, they need no shuffle."""
+    o = context.cast(builder, off, offty, types.intp)
+    load = lambda k: _load_vec(context, builder, qty, qa, builder.add(o, ir.Constant(_I64, 32 * k)),  # noqa: E731
+                               types.intp, _V32I8)
+    c = lambda v: _vconst(_V32I8, v)  # noqa: E731
+    a, b, h = load(0), load(1), load(2)
+    hs = (builder.shl(h, c(4)), builder.shl(h, c(2)), h, builder.lshr(h, c(2)))
+    lows = (builder.and_(a, c(15)), builder.lshr(a, c(4)), builder.and_(b, c(15)), builder.lshr(b, c(4)))
+    return [builder.or_(lo, builder.and_(hk, c(0x30))) for lo, hk in zip(lows, hs)]
+
+
+@intrinsic
+def q6_pair_block(typingctx, q, off0, off1, x0, x1, acc, aoff, first):
+    """acc.flat[aoff:aoff + 128] (int16) = (0 if first else acc) + x0 * q0 + x1 * q1, wrapping: one 128-row block of
+    two columns of a Q6_K column bundle (their blocks at q.flat[off0], q.flat[off1]; codes 0..63,
+    _q6_block_codes) times the int8 values x0, x1. The two columns' bytes interleaved (vpunpck{l,h}bw, per 128-bit
+    lane) into one vpmaddubsw per 16 rows: |x0 q0 + x1 q1| <= 2 * 63 * 127, no saturation; the sums wrap in int16
+    (exact once the caller subtracts 32 sum(x) and the result fits, sparse_ffn._q6k_pairs). The bundle's byte order
+    within each 32 rows (quarters 1 and 2 swapped) makes the interleave's lanes come out as rows in order."""
+    if not (_is_byte_array(q) and isinstance(acc, types.Array) and acc.dtype == types.int16
+            and all(isinstance(t, types.Integer) for t in (off0, off1, x0, x1, aoff))
+            and isinstance(first, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        qa, o0, o1, a0, a1, acca, ao, fst = args
+        qty = sig.args[0]
+        c0 = _q6_block_codes(context, builder, qty, qa, o0, sig.args[1])
+        c1 = _q6_block_codes(context, builder, qty, qa, o1, sig.args[2])
+        xb0 = builder.trunc(context.cast(builder, a0, sig.args[3], types.int64), _I8)
+        xb1 = builder.trunc(context.cast(builder, a1, sig.args[4], types.int64), _I8)
+        xs = _shuffle(builder, _splat(builder, xb0, _V32I8), _splat(builder, xb1, _V32I8),
+                      [0 if t % 2 == 0 else 32 for t in range(32)])            # x0, x1, x0, x1, ...
+        base = context.cast(builder, ao, sig.args[6], types.intp)
+        maddubs = _x86_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]) \
+            if HAS_AVX2 else None
+        for k in range(4):
+            for half in (0, 8):             # vpunpck{l,h}bw: bytes half..half + 7 of each 128-bit lane, paired
+                idx = []
+                for lane in (0, 16):
+                    for t in range(half, half + 8):
+                        idx += [lane + t, 32 + lane + t]
+                u = _shuffle(builder, c0[k], c1[k], idx)
+                if maddubs is not None:
+                    p = builder.call(maddubs, [u, xs])
+                else:
+                    pr = builder.mul(builder.zext(u, _V32I16), builder.sext(xs, _V32I16))
+                    p = builder.add(_shuffle(builder, pr, None, range(0, 32, 2)), _shuffle(builder, pr, None, range(1, 32, 2)))
+                off = builder.add(base, ir.Constant(_I64, 32 * k + 2 * half))
+                ptr = _elem_ptr(context, builder, sig.args[5], acca, off, types.intp, _V16I16)
+                old = builder.select(fst, ir.Constant(_V16I16, None), builder.load(ptr, align=2))
+                builder.store(builder.add(old, p), ptr, align=2)
+        return context.get_dummy_value()
+
+    return types.none(q, off0, off1, x0, x1, acc, aoff, first), codegen
+
+
+@intrinsic
+def widen_scaled_i16(typingctx, acc16, off, sc, soff, acc32, first, c):
+    """acc32.flat[off:off + 16] (int32) = (0 if first else acc32) + sc.flat[soff:soff + 16] * (acc16.flat[off:off + 16]
+    - c) (int16, wrapping, then sign-extended; sc int8): a Q6_K bundle batch's sums of x q, centred by c = 32 sum(x)
+    and scaled by the rows' sub-block scales, into the group's int32 sums."""
+    if not (isinstance(acc16, types.Array) and acc16.dtype == types.int16 and isinstance(acc32, types.Array)
+            and acc32.dtype == types.int32 and isinstance(sc, types.Array) and sc.dtype == types.int8
+            and isinstance(off, types.Integer) and isinstance(soff, types.Integer)
+            and isinstance(first, types.Boolean) and isinstance(c, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a16, o, sa, so, a32, fst, cv = args
+        v16 = builder.load(_elem_ptr(context, builder, sig.args[0], a16, o, sig.args[1], _V16I16), align=2)
+        cs = _splat(builder, builder.trunc(context.cast(builder, cv, sig.args[6], types.int64), _I16), _V16I16)
+        s8 = _load_vec(context, builder, sig.args[2], sa, so, sig.args[3], _V16I8)
+        w = builder.mul(builder.sext(builder.sub(v16, cs), _iv(16)), builder.sext(s8, _iv(16)))
+        ptr = _elem_ptr(context, builder, sig.args[4], a32, o, sig.args[1], _iv(16))
+        old = builder.select(fst, ir.Constant(_iv(16), None), builder.load(ptr, align=4))
+        builder.store(builder.add(old, w), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(acc16, off, sc, soff, acc32, first, c), codegen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ The FFN output is y = sum_j a_j * down[:, j]. GGUF stores down row-major by outp
 quantization blocks running along the neurons, so skipping a neuron skips nothing: every block still holds
 some active neuron. Two neuron-major layouts fix that:
 
-* Column bundles (Q4_0/Q4_1/Q4_K down, built at load time, exact; second half of this file): the same 4-bit
+* Column bundles (Q4_0/Q4_1/Q4_K/Q6_K down, built at load time, exact; second half of this file): the same
   codes and scales regrouped so each neuron's codes are contiguous. A token reads only its active neurons'
-  codes, and the product is llama.cpp's integer Q4 x Q8 arithmetic over them (for Q4_K with Q8 blocks of 32).
+  codes, and the product is llama.cpp's integer Q4 x Q8 arithmetic over them (for the K-quants with Q8 blocks
+  of 32; Q6_K's 6-bit codes in integer sums per sub-block of 16 neurons, scaled in integers).
 * `down_t` (other types; written by the converter): down re-laid-out by neuron as a Q8_0 matrix with one
   32-element block per row, block-major:
 
@@ -241,6 +242,63 @@ def bundle_q4k(raw: np.ndarray, n_ff: int) -> tuple[np.ndarray, np.ndarray, np.n
     sub = np.stack([sc.reshape(n_embd, -1).T, mn.reshape(n_embd, -1).T], axis=1)    # (n_groups, 2, n_embd)
     sub = np.ascontiguousarray(sub.reshape(-1, 2, n_chunks, 32).transpose(0, 2, 1, 3))
     return _codes_by_neuron(q), dm, sub
+
+
+# A Q6_K down stores w[r, j] = d[r, S] sc[r, b] (q[r, j] - 32) with 6-bit codes q, per output row r an fp16 d per
+# superblock S = j // 256 and an int8 sc per sub-block b = j // 16 of 16 neurons (Q4_K_M files keep down in Q6_K in
+# about half the layers). Its bundle keeps the same numbers by neuron, in blocks of 128 outputs, 96 bytes each:
+#
+#     codes (n_ff/32, 32 * 96 * n_embd/128) uint8: neuron j = 32g + l, block u (rows 128u .. 128u + 127) at
+#            codes[g, (l * n_embd/128 + u) * 96 + ...]: with rows numbered within the block, and p' = P(p) the byte
+#            order within 32 rows (P swaps p = 8..15 with 16..23, so that simd.q6_pair_block's interleave of two
+#            columns yields rows in order), byte p' of bytes 0..31 holds row p (low nibble) and row 32 + p (high),
+#            of bytes 32..63 rows 64 + p and 96 + p, and of bytes 64..95 the high 2 bits of rows p, 32 + p, 64 + p,
+#            96 + p in bits 0-1, 2-3, 4-5, 6-7
+#     d     (n_ff/256, n_embd) float32: d[r, S] (exact)
+#     sc    (n_ff/32, 2, n_embd) int8:  [g, h, r] = sc[r, 2g + h]
+#
+# so a neuron is one run of 0.75 n_embd bytes (n_embd a multiple of 128). For the active neurons A_h of sub-block h
+# of group g, with Q8 values a_j = xd_g xq_j, integer sums over each sub-block first, then one float step per row:
+#
+#     sum_{j in A} a_j w[r, j] = xd_g d[r, S] (sc[r, 2g] I_0[r] + sc[r, 2g + 1] I_1[r]),
+#     I_h[r] = sum_{j in A_h} xq_j (q[r, j] - 32)
+#
+# Bytes read: 0.75 n_embd per active neuron, 2 n_embd of sc per group with an active neuron and 4 n_embd of d per
+# superblock (the bundle is 1.01x the original: its d is float32).
+
+Q6K_BLOCK_ROWS = 128
+Q6K_BLOCK_BYTES = 96
+Q6K_BYTE_ORDER = np.r_[0:8, 16:24, 8:16, 24:32]      # P: row p of 32 at byte P[p] (and byte p holds row P[p])
+
+
+def bundle_q6k(raw: np.ndarray, n_ff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """raw: the GGUF bytes of a Q6_K down matrix, (n_embd, n_ff/256 * 210) uint8, n_embd a multiple of 128 ->
+    (codes (n_ff/32, 24 n_embd) uint8, d (n_ff/256, n_embd) float32, sc (n_ff/32, 2, n_embd) int8), laid out as
+    above."""
+    n_embd = raw.shape[0]
+    if n_embd % Q6K_BLOCK_ROWS:
+        raise ValueError(f"a Q6_K column bundle needs rows in multiples of {Q6K_BLOCK_ROWS}, not {n_embd}")
+    n_sb, n_blocks = n_ff // 256, n_embd // Q6K_BLOCK_ROWS
+    blocks = np.ascontiguousarray(raw).reshape(n_embd, n_sb, 210)
+    ql = blocks[:, :, 0:128].reshape(n_embd, n_sb, 2, 64)          # ggml's block_q6_K: ql[128], qh[64], sc[16], d
+    qh = blocks[:, :, 128:192].reshape(n_embd, n_sb, 2, 32)
+    sc = blocks[:, :, 192:208].copy().view(np.int8).reshape(n_embd, n_ff // 16)
+    d = blocks[:, :, 208:210].copy().view(np.float16)[..., 0].astype(np.float32)        # (n_embd, n_sb)
+    # element 128 h + 32 k + l of a superblock: low bits from ql (k = 0, 1: low nibbles of ql[l], ql[32 + l];
+    # k = 2, 3: their high nibbles), high bits from qh[l] >> 2k
+    low = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=3)
+    high = np.stack([(qh >> (2 * k)) & 3 for k in range(4)], axis=3)
+    q = (low | (high << 4)).reshape(n_embd, n_ff)                   # (n_embd, n_ff) codes 0..63
+    qt = q.T.reshape(n_ff, n_blocks, 4, 32)[..., Q6K_BYTE_ORDER]   # [j, block, row quarter k, byte p]: row P[p]
+    block = np.empty((n_ff, n_blocks, Q6K_BLOCK_BYTES), np.uint8)
+    block[:, :, 0:32] = (qt[:, :, 0] & 15) | ((qt[:, :, 1] & 15) << 4)
+    block[:, :, 32:64] = (qt[:, :, 2] & 15) | ((qt[:, :, 3] & 15) << 4)
+    h2 = qt >> 4
+    block[:, :, 64:96] = h2[:, :, 0] | (h2[:, :, 1] << 2) | (h2[:, :, 2] << 4) | (h2[:, :, 3] << 6)
+    codes = _aligned_empty((n_ff // 32, 32 * n_blocks * Q6K_BLOCK_BYTES))
+    codes[:] = block.reshape(n_ff // 32, -1)
+    sc_b = np.ascontiguousarray(sc.T.reshape(n_ff // 32, 2, n_embd))
+    return codes, np.ascontiguousarray(d.T), sc_b
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
@@ -660,6 +718,115 @@ def _ov_prefetch_scales(scales, g, n_chunks):
     return q4
 
 
+_Q6K_PAIRS_I16 = 4        # Q6_K bundle: neuron pairs summed in int16 before widening: 8 * 127 * 32 < 32767, centred
+_Q6K_L2_AHEAD = 16         # Q6_K bundle: active neurons ahead whose runs are prefetched whole into L2
+
+
+@njit(cache=True, error_model="numpy")
+def _q6k_pairs(codes, rows, xq, stride, n_blocks, a, b, acc16, sc, soff, acc, first, gstart, gend, g_hi, pg, pi):
+    """acc (n_embd,) int32 (first: =) += sc_h * sum over the active neurons rows[a:b] (one sub-block of 16,
+    ascending; its scales sc.flat[soff:soff + n_embd]) of xq_j * (q[:, j] - 32): two neurons at a time over their
+    whole runs in address order (simd.q6_pair_block), up to _Q6K_PAIRS_I16 pairs summed in int16 (acc16), centred,
+    scaled and widened into acc (simd.widen_scaled_i16). While it reads a pair, it prefetches whole into L2 the runs
+    of the two active neurons at the cursor (pg, pi) (rows[pi] of group pg: _Q6K_L2_AHEAD neurons on, across
+    groups up to g_hi), and the pair's own lines _AHEAD_LINES on into L1. Returns the cursor moved on."""
+    n_embd = acc.shape[0]
+    i = a
+    while i < b:
+        e = min(b, i + 2 * _Q6K_PAIRS_I16)            # this batch: rows[i:e]
+        sx = 0
+        for k in range(i, e, 2):
+            o0 = np.int64(rows[k]) * stride
+            x0 = np.int64(xq[k])
+            o1, x1 = o0, np.int64(0)                  # an odd last neuron pairs with itself, times 0
+            if k + 1 < e:
+                o1 = np.int64(rows[k + 1]) * stride
+                x1 = np.int64(xq[k + 1])
+            sx += x0 + x1
+            for _ in range(2):                        # the two neurons at the cursor, whole, into L2
+                if pg < g_hi:
+                    for t in range(0, stride, 64):
+                        simd.prefetch_l2(codes, np.int64(rows[pi]) * stride + t)
+                    pg, pi = _next_active(gstart, gend, pg, pi + 1, g_hi)
+            for u in range(n_blocks):
+                o = Q6K_BLOCK_BYTES * u
+                t = o + 64 * _AHEAD_LINES
+                if t < stride:
+                    simd.prefetch(codes, o0 + t)
+                    simd.prefetch(codes, o1 + t)
+                simd.q6_pair_block(codes, o0 + o, o1 + o, x0, x1, acc16, Q6K_BLOCK_ROWS * u, k == i)
+        for r in range(0, n_embd, 16):
+            simd.widen_scaled_i16(acc16, r, sc, soff + r, acc, first and i == a, 32 * sx)
+        i = e
+    return pg, pi
+
+
+@njit(cache=True, inline="always")
+def _next_active(gstart, gend, g, i, g_hi):
+    """(g, i): rows[i] in group g if it is one of g's active neurons, else the first of the next group with one
+    (g = g_hi: none before g_hi)."""
+    while g < g_hi and i >= gend[g]:
+        g += 1
+        if g < g_hi:
+            i = gstart[g]
+    return g, i
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _q6k_finish(acc, d, g, xdg, po):
+    """po += xd_g d[r] I[r] for group g, I its scaled integer sums (sc[r, 2g] I_0 + sc[r, 2g + 1] I_1)."""
+    s = g >> 3
+    for r in range(po.shape[0]):
+        po[r] += (xdg * d[s, r]) * np.float32(acc[r])
+
+
+@njit(cache=True, error_model="numpy")
+def _bundle_groups_q6k(codes, d, sc, rows, xq, gd, gstart, gend, g_lo, g_hi, po):
+    """po (n_embd,) += the product of a Q6_K bundle (codes, d, sc: bundle_q6k) over the active neurons of groups
+    g_lo..g_hi-1 (as _bundle_groups): per group, each sub-block's neurons into one int32 sum per output, scaled by
+    the sub-block's sc (_q6k_pairs), then one float step per output (_q6k_finish). Vector paths."""
+    n_embd = po.shape[0]
+    n_blocks = n_embd // Q6K_BLOCK_ROWS
+    stride = np.int64(Q6K_BLOCK_BYTES * n_blocks)    # neuron j's run: codes.flat[j * stride:]
+    acc = np.empty(n_embd, np.int32)
+    acc16 = np.empty(n_embd, np.int16)
+    pg, pi = _next_active(gstart, gend, g_lo, gstart[g_lo] if g_lo < g_hi else 0, g_hi)   # the L2 cursor
+    for _ in range(_Q6K_L2_AHEAD):
+        if pg < g_hi:
+            pg, pi = _next_active(gstart, gend, pg, pi + 1, g_hi)
+    for g in range(g_lo, g_hi):
+        s = gstart[g]
+        e = gend[g]
+        if s == e:
+            continue
+        m = s                                         # rows[s:m]: sub-block 0 (neurons 32g .. 32g + 15)
+        while m < e and rows[m] < 32 * g + 16:
+            m += 1
+        pg, pi = _q6k_pairs(codes, rows, xq, stride, n_blocks, s, m, acc16, sc, (2 * g) * n_embd, acc, True,
+                            gstart, gend, g_hi, pg, pi)
+        pg, pi = _q6k_pairs(codes, rows, xq, stride, n_blocks, m, e, acc16, sc, (2 * g + 1) * n_embd, acc, m == s,
+                            gstart, gend, g_hi, pg, pi)
+        _q6k_finish(acc, d, g, gd[g], po)
+
+
+def _bundle_product(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
+    """po += the down product over the active neurons of groups g_lo..g_hi-1, by the bundle's kind (scales: a
+    Q4_0/Q4_1 bundle's, a Q4_K bundle's (dm, sub), a Q6_K bundle's (d float32, sc)): the one place the kernels
+    choose. Vector paths."""
+
+
+@overload(_bundle_product, inline="always")
+def _ov_bundle_product(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
+    if isinstance(scales, types.BaseTuple) and scales.types[0].dtype == types.float32:
+        def q6k(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
+            _bundle_groups_q6k(codes, scales[0], scales[1], rows, xq, gd, gstart, gend, g_lo, g_hi, po)
+        return q6k
+
+    def q4(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po):
+        _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gend, gsum, g_lo, g_hi, po)
+    return q4
+
+
 @njit(cache=True, error_model="numpy")
 def _sum_parts(partial, out):
     """out = partial.sum(axis=0), partial: (n_parts, n) (part by part, so each pass vectorizes)."""
@@ -677,8 +844,8 @@ def _bundle_rows_vec(path, codes, scales, rows, xq, gd, gstart, gsum, out):
     _split_groups(gstart, n_parts, bounds)
     partial = np.zeros((n_parts, out.shape[0]), np.float32)     # one partial sum per thread, then merged
     for part in prange(n_parts):
-        _bundle_groups(path, codes, scales, rows, xq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
-                       partial[part])
+        _bundle_product(path, codes, scales, rows, xq, gd, gstart, gstart[1:], gsum, bounds[part], bounds[part + 1],
+                        partial[part])
     _sum_parts(partial, out)
 
 
@@ -717,16 +884,50 @@ def _bundle_rows_plain(path, codes, scales, sub, rows, xq, gd, gstart, gsum, out
         out[32 * c:32 * c + 32] = o
 
 
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bundle_rows_plain_q6k(codes, d, sc, rows, xq, gd, gstart, out):
+    """The Q6_K bundle product (bundle_q6k's layout and maths) in plain loops, block by block of 128 outputs."""
+    n_blocks = out.shape[0] // Q6K_BLOCK_ROWS
+    n_groups = gstart.shape[0] - 1
+    order = Q6K_BYTE_ORDER
+    for u in prange(n_blocks):
+        o = np.zeros(Q6K_BLOCK_ROWS, np.float32)
+        acc = np.zeros((2, Q6K_BLOCK_ROWS), np.int64)
+        for g in range(n_groups):
+            if gstart[g] == gstart[g + 1]:
+                continue
+            acc[:] = 0
+            for i in range(gstart[g], gstart[g + 1]):
+                h = (rows[i] - 32 * g) // 16
+                base = ((rows[i] - 32 * g) * n_blocks + u) * Q6K_BLOCK_BYTES
+                x = np.int64(xq[i])
+                for t in range(Q6K_BLOCK_ROWS):
+                    k = t >> 5                                    # row quarter
+                    p = order[t & 31]                             # its byte
+                    low = (codes[g, base + 32 * (k >> 1) + p] >> (4 * (k & 1))) & 15
+                    q = low | (((codes[g, base + 64 + p] >> (2 * k)) & 3) << 4)
+                    acc[h, t] += x * (np.int64(q) - 32)
+            for t in range(Q6K_BLOCK_ROWS):
+                r = Q6K_BLOCK_ROWS * u + t
+                isum = np.int64(sc[g, 0, r]) * acc[0, t] + np.int64(sc[g, 1, r]) * acc[1, t]
+                o[t] += gd[g] * d[g >> 3, r] * np.float32(isum)
+        out[Q6K_BLOCK_ROWS * u:Q6K_BLOCK_ROWS * (u + 1)] = o
+
+
 def bundle_rows_q8(codes, scales, rows, xq, gd, gstart, gsum, out, path: str | None = None) -> None:
     """out (n_embd,) = the down product over the active neurons (rows[:n] ascending, their Q8 values xq, per
-    group gd / gsum / gstart from down_coefs_q8), from a bundle: bundle_q4's codes and scales, or bundle_q4k's
-    codes and (dm, sub) (ColumnBundle.kernel_scales).
+    group gd / gsum / gstart from down_coefs_q8), from a bundle: bundle_q4's codes and scales, bundle_q4k's
+    codes and (dm, sub), or bundle_q6k's codes and (d, sc) (ColumnBundle.kernel_scales).
 
     Vector paths: threads take contiguous ranges of groups, balanced by rows; within a group, neuron by neuron
     (_bundle_groups): pairs of neurons multiplied in int16 (simd.nib_pairs_i16) over their whole runs, up to 8
-    pairs summed in int16 for every output, then widened to int32. path "scalar": plain Numba loops."""
+    pairs summed in int16 for every output, then widened to int32 (a Q6_K bundle: _bundle_groups_q6k). path
+    "scalar": plain Numba loops."""
     tok = simd.token(path)
     if simd.path_name(tok) == "scalar":
+        if isinstance(scales, tuple) and scales[0].dtype == np.float32:
+            _bundle_rows_plain_q6k(codes, scales[0], scales[1], rows, xq, gd, gstart, out)
+            return
         dm, sub = scales if isinstance(scales, tuple) else (scales, _NO_SUB)
         _bundle_rows_plain(tok, codes, dm, sub, rows, xq, gd, gstart, gsum, out)
     else:
@@ -951,7 +1152,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
         counts[part, 0] = c0
         counts[part, 1] = c1
         counts[part, 2] = c2
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
+        _bundle_product(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
     return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
@@ -993,7 +1194,7 @@ def ffn_decode_bundle(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, gate_rows, up_thre
         counts[part, 0] = hi - lo
         counts[part, 1] = k
         counts[part, 2] = k_groups
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
+        _bundle_product(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
     return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
@@ -1146,7 +1347,7 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         counts[part, 0] = c_hi - c_lo
         counts[part, 1] = k
         counts[part, 2] = k_groups
-        _bundle_groups(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
+        _bundle_product(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
     return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 

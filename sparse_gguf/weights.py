@@ -96,15 +96,20 @@ class QuantMatrix:
         return self._scoring_copy
 
     def column_bundle(self) -> "ColumnBundle | None":
-        """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4 / bundle_q4k), built on first
-        use: for a down matrix, a product over a few active neurons then reads only their columns. None when the
-        type has no exact bundle (Q4_0, Q4_1 and Q4_K have one) or the shape does not divide into 32s."""
+        """The same weights regrouped by column (numba_kernels.sparse_ffn.bundle_q4 / bundle_q4k / bundle_q6k),
+        built on first use: for a down matrix, a product over a few active neurons then reads only their columns.
+        None when the type has no exact bundle (Q4_0, Q4_1, Q4_K and Q6_K have one) or the shape does not divide
+        into 32s (Q6_K: rows into 128s)."""
         if not hasattr(self, "_bundle"):
             self._bundle = None
             if qtype_info(self.qtype).column_bundle and self.n_rows % 32 == 0 and self.n_cols % 32 == 0:
                 if self.qtype == GGMLQuantizationType.Q4_K:
                     codes, dm, sub = sparse_ffn.bundle_q4k(self.raw, self.n_cols)
                     self._bundle = ColumnBundle(codes, dm, self.qtype, sub)
+                elif self.qtype == GGMLQuantizationType.Q6_K:
+                    if self.n_rows % sparse_ffn.Q6K_BLOCK_ROWS == 0:
+                        codes, d, sc = sparse_ffn.bundle_q6k(self.raw, self.n_cols)
+                        self._bundle = ColumnBundle(codes, d, self.qtype, sc)
                 else:
                     try:
                         self._bundle = ColumnBundle(*sparse_ffn.bundle_q4(self.raw, self.qtype, self.n_cols),
@@ -117,13 +122,17 @@ class QuantMatrix:
 
 @dataclass
 class ColumnBundle:
-    """A Q4_0/Q4_1/Q4_K matrix regrouped so that each column's 4-bit codes are contiguous, one cache line per
-    128 rows (layout and maths: numba_kernels.sparse_ffn); exact, and about the bytes of the original."""
-    codes: np.ndarray                # (n_cols/32, 16 n_rows) uint8
+    """A Q4_0/Q4_1/Q4_K/Q6_K matrix regrouped so that each column's codes are contiguous, one cache line per
+    128 rows (Q6_K: 85 rows) (layout and maths: numba_kernels.sparse_ffn); exact, and about the bytes of the
+    original."""
+    codes: np.ndarray                # (n_cols/32, 16 n_rows) uint8 (Q6_K: (n_cols/32, 24 n_rows))
     scales: np.ndarray               # (n_cols/32, n_rows/32, S, 32) uint16 fp16 bits (d[, m]); Q4_K: its dm,
-                                     # (n_cols/256, n_rows/32, 2, 32) fp16 bits (d, -dmin) per superblock
-    qtype: int                       # the original type: the activations are quantized as for it (Q4_K: Q8 blocks)
-    sub: np.ndarray | None = None    # Q4_K: (n_cols/32, n_rows/32, 2, 32) uint8 6-bit (sc, mn) per group
+                                     # (n_cols/256, n_rows/32, 2, 32) fp16 bits (d, -dmin) per superblock; Q6_K:
+                                     # (n_cols/256, n_rows) float32 d per superblock
+    qtype: int                       # the original type: the activations are quantized as for it (K-quants: Q8
+                                     # blocks)
+    sub: np.ndarray | None = None    # Q4_K: (n_cols/32, n_rows/32, 2, 32) uint8 6-bit (sc, mn) per group; Q6_K:
+                                     # (n_cols/32, 2, n_rows) int8 sc per 16 columns
 
     def rows_product(self, rows, xq, gd, gstart, gsum, out) -> None:
         """out (n_rows,) = the product over the active columns rows (ascending) with their Q8 values xq, per
@@ -132,7 +141,7 @@ class ColumnBundle:
 
     @property
     def kernel_scales(self):
-        """The scales the bundle kernels take: scales, or a Q4_K bundle's (dm, sub)."""
+        """The scales the bundle kernels take: scales, or a Q4_K bundle's (dm, sub), a Q6_K bundle's (d, sc)."""
         return self.scales if self.sub is None else (self.scales, self.sub)
 
     @property
@@ -151,8 +160,8 @@ class ColumnBundle:
         """(W[:, cols] @ coef (n_rows,), bytes read); cols (k,) int32 ascending. Like the dense GEMV (and
         llama.cpp), the values are first quantized to Q8 blocks, so with every column active the result
         equals W @ x up to float summation order (Q4_0/Q4_1; a Q4_K bundle's blocks are 32 values, Q8_K's 256)."""
-        n_cols = self.codes.shape[0] * 32                 # codes: (n_cols/32, 16 n_rows)
-        n_rows = self.codes.shape[1] // 16
+        n_cols = self.codes.shape[0] * 32                 # codes: (n_cols/32, 16 n_rows), Q6_K 24 n_rows
+        n_rows = self.codes.shape[1] // (24 if self.qtype == GGMLQuantizationType.Q6_K else 16)
         up_vals = np.ones(cols.size, np.float32)         # a_j = coef_j * 1, every one kept
         rows, xq = np.empty(cols.size, np.int32), np.empty(cols.size, np.int8)
         gstart = np.empty(n_cols // 32 + 1, np.int64)

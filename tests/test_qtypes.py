@@ -40,8 +40,8 @@ def test_every_capability_has_its_kernels():
         assert t.gemm is None or t.pack is not None, t.name                          # prefill tiles need the packing
         if t.fused_gate_up:               # the fused FFN kernels run qgemv's spans on x86 Q8_0/Q8_1 (Q4_K: Q8_K)
             assert t.span is not None and (t.act in (Q8_0, Q8_1) or t.name == "Q4_K"), t.name
-        if t.column_bundle:               # bundle_q4 regroups 32-element blocks, bundle_q4k Q4_K's sub-blocks
-            assert (t.block_size == 32 and t.act in (Q8_0, Q8_1)) or t.name == "Q4_K", t.name
+        if t.column_bundle:               # bundle_q4 regroups 32-element blocks, bundle_q4k / bundle_q6k superblocks
+            assert (t.block_size == 32 and t.act in (Q8_0, Q8_1)) or t.name in ("Q4_K", "Q6_K"), t.name
     assert {t.name for t in ENTRIES if t.pack is not None} == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
     assert {t.name for t in ENTRIES if t.gemm is not None} == {t.name for t in ENTRIES if t.pack is not None}
 

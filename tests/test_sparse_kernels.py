@@ -647,6 +647,93 @@ def test_q4_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
 
 
+def _q6_k_matrix(rng, n_rows: int, n_cols: int) -> np.ndarray:
+    """Random Q6_K bytes (n_rows, n_cols/256 * 210) with a finite, small fp16 d: any codes and int8 scales are a
+    valid matrix."""
+    blocks = rng.integers(0, 256, (n_rows, n_cols // 256, 210), dtype=np.uint8)
+    d = rng.uniform(1e-3, 1e-2, (n_rows, n_cols // 256)).astype(np.float16)
+    blocks[:, :, 208:210] = d.view(np.uint8).reshape(n_rows, n_cols // 256, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def test_q6_k_column_bundle_holds_the_same_weights():
+    """bundle_q6k regroups without re-quantizing: d sc (q - 32) decoded by hand from its documented layout is
+    gguf-py's dequantization bit for bit (3 blocks of 128 rows, two superblocks); rows not in 128s are refused."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    rng = np.random.default_rng(6)
+    n_embd, n_ff = 384, 512
+    raw = _q6_k_matrix(rng, n_embd, n_ff)
+    codes, d, sc = sparse_ffn.bundle_q6k(raw, n_ff)
+    n_blocks = n_embd // 128
+    assert codes.shape == (n_ff // 32, 24 * n_embd) and d.shape == (n_ff // 256, n_embd) and d.dtype == np.float32
+    assert sc.shape == (n_ff // 32, 2, n_embd) and sc.dtype == np.int8
+    assert codes.nbytes + d.nbytes + sc.nbytes <= 1.01 * raw.nbytes
+    q = np.empty((n_embd, n_ff), np.float32)
+    t = np.arange(128)
+    k = t // 32                                  # row t of a block: quarter k, byte p = P(t % 32) (rows 8..15 and
+    p = np.r_[0:8, 16:24, 8:16, 24:32][t % 32]   # 16..23 of each quarter swapped)
+    for j in range(n_ff):
+        g, l = divmod(j, 32)
+        for u in range(n_blocks):
+            block = codes[g, (l * n_blocks + u) * 96:(l * n_blocks + u + 1) * 96].astype(np.int64)
+            low = (block[32 * (k // 2) + p] >> (4 * (k % 2))) & 15
+            q[128 * u + t, j] = low | (((block[64 + p] >> (2 * k)) & 3) << 4)
+    scale = np.repeat(d.T, 256, axis=1) * np.repeat(sc.transpose(2, 0, 1).reshape(n_embd, -1), 16, axis=1)
+    np.testing.assert_array_equal(scale * (q - 32), quants.dequantize(raw, QT.Q6_K).reshape(n_embd, n_ff))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        sparse_ffn.bundle_q6k(raw[:320], n_ff)
+
+
+def test_q6_k_matrix_bundles_when_its_rows_divide_into_128s():
+    """QuantMatrix.column_bundle of a Q6_K down: a bundle whose product over every column is the dense product of
+    the Q8-rounded values, reading the bundle's bytes; rows not in 128s: no bundle (the plain matrix serves)."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from sparse_gguf.weights import QuantMatrix
+    rng = np.random.default_rng(14)
+    assert QuantMatrix("down", _q6_k_matrix(rng, 320, 512), QT.Q6_K, 320, 512, fast=False).column_bundle() is None
+    raw = _q6_k_matrix(rng, 256, 512)
+    bundle = QuantMatrix("down", raw, QT.Q6_K, 256, 512, fast=False).column_bundle()
+    assert bundle.qtype == QT.Q6_K and bundle.sum_fp16 is False
+    coef = rng.standard_normal(512).astype(np.float32)
+    out, nbytes = bundle.product(np.arange(512, dtype=np.int32), coef)
+    xq = qgemv.quantize_q8(coef, llama_x86=True)      # Q8 blocks of 32, as the bundle product rounds them
+    want = quants.dequantize(raw, QT.Q6_K).reshape(256, 512).astype(np.float64) @ (np.repeat(xq.d, 32) * xq.q)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert nbytes == bundle.codes.nbytes + 16 * (2 * 256 + 4 * 256 / 8)      # codes; sc per group, d per superblock
+    assert abs(nbytes / raw.nbytes - 1) < 0.01
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.3, 0.02, 0.0])
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_q6_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
+    """down_coefs_q8 + bundle_rows_q8 on a Q6_K bundle against the float64 product of gguf-py's dequantized matrix
+    with the Q8-rounded kept values (blocks of 32 neurons), on every SIMD path."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    rng = np.random.default_rng(13)
+    n_embd, n_ff = 384, 512
+    raw = _q6_k_matrix(rng, n_embd, n_ff)
+    w = quants.dequantize(raw, QT.Q6_K).reshape(n_embd, n_ff).astype(np.float64)
+    codes, d, sc = sparse_ffn.bundle_q6k(raw, n_ff)
+    g_act = rng.standard_normal(n_ff).astype(np.float32)
+    rows_up = np.sort(rng.choice(n_ff, int(0.8 * n_ff), replace=False)).astype(np.int32)
+    up_vals = rng.standard_normal(rows_up.size).astype(np.float32)
+    a_all = np.abs(g_act[rows_up] * up_vals)
+    cut = np.inf if keep == 0 else (np.quantile(a_all, 1 - keep) if keep < 1 else 0.0)
+    rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
+    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    n, _ = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, np.full(n_ff, cut, np.float32), False, rows, xq, gd,
+                                    gstart, gsum)
+    assert n == np.count_nonzero(a_all >= cut)
+    a = np.zeros(n_ff)
+    a[rows[:n]] = gd[rows[:n] // 32].astype(np.float64) * xq[:n]
+    want = w @ a
+    out = np.full(n_embd, np.nan, np.float32)
+    sparse_ffn.bundle_rows_q8(codes, (d, sc), rows[:n], xq[:n], gd, gstart, gsum, out, path)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
+
+
 def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
     """All columns active: the bundle (activations quantized as llama.cpp does) gives the dense GEMV's result."""
     from numba_kernels import qgemv
@@ -714,14 +801,15 @@ def test_bundle_prefetch_walks_every_batch_in_order():
         assert walked == want
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K_S"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
 def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fraction):
     """FusedPredictorFFN (one kernel: predictor, the candidates' gate and up rows, the kept neurons' down bundle)
     gives the masked reference's numbers on every vector SIMD path, with benchmarks/sparse_gbs.py's forced-fraction
     predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them. Q4_K_S (every
-    matrix Q4_K at 2 layers): the reference's one-token path, whose down is the same bundle product (its batched
-    path rounds the activations to Q8_K superblocks instead, as the dense GEMV does)."""
+    matrix Q4_K at 2 layers) and Q4_K_M (layer 1's down Q6_K, as llama.cpp's quantizer chose): the reference's
+    one-token path, whose down is the same bundle product (its batched path rounds the activations to Q8_K
+    superblocks instead, as the dense GEMV does)."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -749,7 +837,7 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
             fused = FusedPredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference, tok=simd.token(path))
             steps = PredictorFFN(ffn.L, ffn.act, ffn.layer, ffn.s, ffn.reference)
             for t in range(x.shape[0]):
-                want = (ffn.reference.decode(x[t], StepStats()) if qtype == "Q4_K_S" else      # masked
+                want = (ffn.reference.decode(x[t], StepStats()) if qtype.startswith("Q4_K") else      # masked
                         ffn.reference.batched(np.repeat(x[t:t + 1], 2, axis=0), StepStats())[:1])
                 st, st_steps = StepStats(), StepStats()
                 one = fused.decode(x[t], st).copy()
@@ -761,11 +849,12 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
     assert abs(cand - fraction) < 0.2 and np.mean(kept) < cand      # the down cut drops some candidates
 
 
-def test_q4_k_file_predictor_layers_run_fused_close_to_the_dense_down(tiny_model):
-    """A Q4_K file's predictor layers take the fused kernel (Q4_K gate and up rows, the Q4_K bundle's down): close
-    to the dense Q4_K GEMV of the same masked activations (which rounds them to Q8_K superblocks, the bundle to Q8
-    blocks of 32), reading fewer bytes than the dense layer. (Equality with the masked reference's one-token path:
-    test_fused_predictor_layer_equals_masked_reference.)"""
+@pytest.mark.parametrize("weight_type", ["Q4_K_S", "Q4_K_M"])
+def test_k_quant_file_predictor_layers_run_fused_close_to_the_dense_down(tiny_model, weight_type):
+    """A K-quant file's predictor layers take the fused kernel (Q4_K gate and up rows, the down's bundle: Q4_K, or
+    Q6_K in Q4_K_M's layer 1): close to the dense GEMV of the same masked activations (which rounds them to Q8_K
+    superblocks, the bundle to Q8 blocks of 32), reading fewer bytes than the dense layer. (Equality with the masked
+    reference's one-token path: test_fused_predictor_layer_equals_masked_reference.)"""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -774,9 +863,11 @@ def test_q4_k_file_predictor_layers_run_fused_close_to_the_dense_down(tiny_model
     from sparse_gguf.ffn import FusedPredictorFFN
     from sparse_gguf.format import MODE_PREDICTOR
 
-    m = Model(tiny_model("llama", "Q4_K_S"), n_ctx=96)      # Q4_K_S: every matrix Q4_K at 2 layers
+    m = Model(tiny_model("llama", weight_type), n_ctx=96)
     n_ff, n_embd = m.cfg.n_ff, m.cfg.n_embd
-    assert all(L.w_down.qtype == QT.Q4_K and L.w_down.column_bundle().sub is not None for L in m.weights.layers)
+    downs = [L.w_down.qtype for L in m.weights.layers]
+    assert downs == ([QT.Q4_K, QT.Q4_K] if weight_type == "Q4_K_S" else [QT.Q4_K, QT.Q6_K])
+    assert all(L.w_down.column_bundle().qtype == L.w_down.qtype for L in m.weights.layers)
     rng = np.random.default_rng(4)
     hs = ffn_inputs(m, [int(t) for t in rng.integers(10, 1000, 64)])
     m.sparsity = SparsityPlan([LayerSparsity(MODE_PREDICTOR, threshold=rng.uniform(0, 0.01, n_ff).astype(np.float32),
