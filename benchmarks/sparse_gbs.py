@@ -69,6 +69,11 @@ With layer 0's weights in cache, f = 0.25 at the 1B shape takes 0.43x the dense 
 0.34x of its bytes: arithmetic, not memory, is what is left (per row the gathers and the bundle cost what the dense
 GEMV does).
 
+2026-12-07, after the Q6_K column bundle (Q4_K_M files: every layer fused, the Q6_K downs too), FFN time against
+dense at f = 0.25 / 0.5 / 0.75 (two runs each, alternating with the commit before; README): 8B Q4_K_M 0.50-0.51 /
+0.72-0.73 / 0.89-0.98 against 0.59-0.64 / 0.79-0.91 / 0.82-1.02; 1B Q4_K_M 0.57-0.67 / 0.81-1.06 / 0.99-1.23 against
+0.66-0.76 / 0.82-0.99 / 0.91-1.21.
+
 Before those changes, what kept the 1B shape below its bytes: a fixed cost per layer of ~300 us (FFN time at 2% of the neurons, from
 DRAM; 150 us with the layer in cache), of which the predictor's B GEMV (8192 rows of 128) is ~60 us and the rest
 the kernel's four parallel regions and their small serial steps, against a dense FFN of ~1.4 ms a layer.

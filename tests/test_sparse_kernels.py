@@ -685,6 +685,34 @@ def test_q6_k_column_bundle_holds_the_same_weights():
         sparse_ffn.bundle_q6k(raw[:320], n_ff)
 
 
+@pytest.mark.parametrize("code,sign", [(63, 1.0), (0, -1.0), (0, 1.0)])
+@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
+def test_q6_k_bundle_kernel_at_the_extremes_of_its_integer_sums(code, sign, path):
+    """Every code 63 (or 0), every kept value at +-127 of its Q8 block and the largest int8 scales: the int16 sums of
+    a batch (8 neurons) wrap before the -32 is applied (8 * 127 * 63 > 32767) and must still come out exact, and the
+    int32 sums reach 2^24; against the float64 product on every path."""
+    from gguf import GGMLQuantizationType as QT, quants
+    from numba_kernels import sparse_ffn
+    n_embd, n_ff = 128, 256
+    blocks = np.zeros((n_embd, 1, 210), np.uint8)
+    blocks[:, :, 0:192] = 0xFF if code == 63 else 0                  # ql, qh: every code 63 or 0
+    blocks[:, :, 192:208] = np.array(-128 if code == 0 else 127, np.int8).view(np.uint8)   # scales
+    blocks[:, :, 208:210] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    raw = blocks.reshape(n_embd, -1)
+    w = quants.dequantize(raw, QT.Q6_K).reshape(n_embd, n_ff).astype(np.float64)
+    codes, d, sc = sparse_ffn.bundle_q6k(raw, n_ff)
+    g_act = np.full(n_ff, sign, np.float32)                           # a_j = +-1: xq = +-127 in every block
+    rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
+    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    n, _ = sparse_ffn.down_coefs_q8(g_act, np.ones(n_ff, np.float32), np.arange(n_ff, dtype=np.int32),
+                                    np.zeros(n_ff, np.float32), False, rows, xq, gd, gstart, gsum)
+    assert n == n_ff and np.all(np.abs(xq[:n]) == 127)
+    want = w @ (gd[rows[:n] // 32].astype(np.float64) * xq[:n])
+    out = np.full(n_embd, np.nan, np.float32)
+    sparse_ffn.bundle_rows_q8(codes, (d, sc), rows[:n], xq[:n], gd, gstart, gsum, out, path)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
 def test_q6_k_matrix_bundles_when_its_rows_divide_into_128s():
     """QuantMatrix.column_bundle of a Q6_K down: a bundle whose product over every column is the dense product of
     the Q8-rounded values, reading the bundle's bytes; rows not in 128s: no bundle (the plain matrix serves)."""
