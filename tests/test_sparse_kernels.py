@@ -616,19 +616,21 @@ def test_q4_k_column_bundle_holds_the_same_weights():
     np.testing.assert_array_equal(w, quants.dequantize(raw, QT.Q4_K).reshape(n_embd, n_ff))
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("keep", [1.0, 0.3, 0.02, 0.0])
 @pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
-def test_q4_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
-    """down_coefs_q8 + bundle_rows_q8 on a Q4_K bundle against the float64 product of gguf-py's dequantized
-    matrix with the Q8-rounded kept values (blocks of 32 neurons), on every SIMD path; a quarter of the
-    columns' outputs would move by ~1e-2 of the largest, float order ~1e-7."""
+def test_k_quant_bundle_kernel_equals_the_product_of_the_kept_values(qtype, keep, path):
+    """down_coefs_q8 + bundle_rows_q8 on a Q4_K bundle (n_embd 160: a last piece of one chunk) or a Q6_K one (3
+    blocks of 128 rows) against the float64 product of gguf-py's dequantized matrix with the Q8-rounded kept values
+    (blocks of 32 neurons), on every SIMD path; a quarter of the columns' outputs would move by ~1e-2 of the
+    largest, float order ~1e-7."""
     from gguf import GGMLQuantizationType as QT, quants
     from numba_kernels import sparse_ffn
     rng = np.random.default_rng(12)
-    n_embd, n_ff = 160, 512
-    raw = _q4_k_matrix(rng, n_embd, n_ff)
-    w = quants.dequantize(raw, QT.Q4_K).reshape(n_embd, n_ff).astype(np.float64)
-    codes, dm, sub = sparse_ffn.bundle_q4k(raw, n_ff)
+    n_embd, n_ff = (160, 512) if qtype == "Q4_K" else (384, 512)
+    raw = (_q4_k_matrix if qtype == "Q4_K" else _q6_k_matrix)(rng, n_embd, n_ff)
+    w = quants.dequantize(raw, QT[qtype]).reshape(n_embd, n_ff).astype(np.float64)
+    codes, *scales = (sparse_ffn.bundle_q4k if qtype == "Q4_K" else sparse_ffn.bundle_q6k)(raw, n_ff)
     g_act = rng.standard_normal(n_ff).astype(np.float32)
     rows_up = np.sort(rng.choice(n_ff, int(0.8 * n_ff), replace=False)).astype(np.int32)
     up_vals = rng.standard_normal(rows_up.size).astype(np.float32)
@@ -643,7 +645,7 @@ def test_q4_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
     a[rows[:n]] = gd[rows[:n] // 32].astype(np.float64) * xq[:n]
     want = w @ a
     out = np.full(n_embd, np.nan, np.float32)
-    sparse_ffn.bundle_rows_q8(codes, (dm, sub), rows[:n], xq[:n], gd, gstart, gsum, out, path)
+    sparse_ffn.bundle_rows_q8(codes, tuple(scales), rows[:n], xq[:n], gd, gstart, gsum, out, path)
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
 
 
@@ -730,36 +732,6 @@ def test_q6_k_matrix_bundles_when_its_rows_divide_into_128s():
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert nbytes == bundle.codes.nbytes + 16 * (2 * 256 + 4 * 256 / 8)      # codes; sc per group, d per superblock
     assert abs(nbytes / raw.nbytes - 1) < 0.01
-
-
-@pytest.mark.parametrize("keep", [1.0, 0.3, 0.02, 0.0])
-@pytest.mark.parametrize("path", simd.AVAILABLE_PATHS)
-def test_q6_k_bundle_kernel_equals_the_product_of_the_kept_values(keep, path):
-    """down_coefs_q8 + bundle_rows_q8 on a Q6_K bundle against the float64 product of gguf-py's dequantized matrix
-    with the Q8-rounded kept values (blocks of 32 neurons), on every SIMD path."""
-    from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
-    rng = np.random.default_rng(13)
-    n_embd, n_ff = 384, 512
-    raw = _q6_k_matrix(rng, n_embd, n_ff)
-    w = quants.dequantize(raw, QT.Q6_K).reshape(n_embd, n_ff).astype(np.float64)
-    codes, d, sc = sparse_ffn.bundle_q6k(raw, n_ff)
-    g_act = rng.standard_normal(n_ff).astype(np.float32)
-    rows_up = np.sort(rng.choice(n_ff, int(0.8 * n_ff), replace=False)).astype(np.int32)
-    up_vals = rng.standard_normal(rows_up.size).astype(np.float32)
-    a_all = np.abs(g_act[rows_up] * up_vals)
-    cut = np.inf if keep == 0 else (np.quantile(a_all, 1 - keep) if keep < 1 else 0.0)
-    rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
-    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
-    n, _ = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, np.full(n_ff, cut, np.float32), False, rows, xq, gd,
-                                    gstart, gsum)
-    assert n == np.count_nonzero(a_all >= cut)
-    a = np.zeros(n_ff)
-    a[rows[:n]] = gd[rows[:n] // 32].astype(np.float64) * xq[:n]
-    want = w @ a
-    out = np.full(n_embd, np.nan, np.float32)
-    sparse_ffn.bundle_rows_q8(codes, (d, sc), rows[:n], xq[:n], gd, gstart, gsum, out, path)
-    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6 * max(1.0, float(np.abs(want).max())))
 
 
 def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
