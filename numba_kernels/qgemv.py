@@ -507,15 +507,18 @@ def _row_q4(path, qs, sc, r, xq, xd, xs, has_min, pf_off):
     a1 = simd.vzero(path)
     for g in range(nb >> 3):
         _prefetch_128(qs, pf_off + np.uint64(128 * g))
-        a0 = simd.vfma8(path, a0, simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g),
-                        sc, doff + np.uint64(8 * g), xd, 8 * g)
+        p = simd.dot8_q4(path, qs, qoff + np.uint64(128 * g), xq, 256 * g)
+        if has_min:
+            a0 = simd.vfma8(path, a0, p, sc, doff + np.uint64(8 * g), xd, 8 * g)
+        else:            # Q4_0's offset with its scale, in the same pass (a second pass over the scales: 1.06x the time)
+            a0 = simd.vfma8_off(path, a0, p, sc, doff + np.uint64(8 * g), xd, xs, 8 * g)
     for k in range((nb >> 3) << 2, nb >> 1):
         a0, a1 = _pair_q4(path, qs, sc, r, qoff, k, xq, xd, a0, a1)
     if nb & 1:
         a0 = _blk_q4(path, qs, sc, r, qoff, nb - 1, xq, xd, a0)
     c = np.float32(0.0)
     mo = np.uint64(nb if has_min else 0)
-    for b in range(nb):  # the offset term in its own loop: LLVM vectorizes it
+    for b in range(0 if has_min else (nb >> 3) << 3, nb):  # the rest of the offset term: LLVM vectorizes it
         c += simd.f16_to_f32(path, sc[r, mo + np.uint64(b)]) * xs[np.uint64(b)]
     if has_min:
         return simd.vsum(path, simd.vadd(path, a0, a1)) + c

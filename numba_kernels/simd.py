@@ -107,6 +107,7 @@ __all__ = [
     "dot8_q5",
     "dot8_q8",
     "vfma8",
+    "vfma8_off",
     "iadd",
     "q4k_min_fma",
     "dot_q4_i32",
@@ -956,6 +957,32 @@ def _make_vfma8(hw: bool):
     return _vfma8
 
 
+def _make_vfma8_off(hw: bool):
+    @intrinsic
+    def _vfma8_off(typingctx, acc, p, sc, soff, xd, xs, xoff):
+        """acc + f16(sc[soff:+8]) * (sitofp(p) * xd[xoff:+8] - 8 xs[xoff:+8]), lane-wise (Q4_0's blocks with their
+        -8 offset: xs = xd * the block's sum of x codes)."""
+        if not (acc == f32x8 and p == i32x8 and isinstance(sc, types.Array) and sc.dtype == types.uint16
+                and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (xd, xs))
+                and isinstance(soff, types.Integer) and isinstance(xoff, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a, pv, sa, so, xa, xsa, xo = args
+            v = _load_vec(context, builder, sig.args[2], sa, so, sig.args[3], _V8I16)
+            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
+                else _f16_soft_vec_ir(builder, v)
+            xdv = _load_vec(context, builder, sig.args[4], xa, xo, sig.args[6], _V8F32)
+            xsv = _load_vec(context, builder, sig.args[5], xsa, xo, sig.args[6], _V8F32)
+            t = builder.fsub(builder.fmul(builder.sitofp(pv, _V8F32), xdv, flags=("contract",)),
+                             builder.fmul(xsv, _vconst(_V8F32, 8.0)), flags=("contract",))
+            return builder.fadd(a, builder.fmul(t, d, flags=("contract",)), flags=("contract",))
+
+        return f32x8(acc, p, sc, soff, xd, xs, xoff), codegen
+
+    return _vfma8_off
+
+
 def _variants(factory):
     """{kind: intrinsic} for the vector paths."""
     return {k: factory(k) for k in ("vnni", "avx2", "generic")}
@@ -975,6 +1002,8 @@ _DOT8_Q5 = _variants(lambda k: _make_dot8(k, "q5"))
 _DOT8_Q8 = _variants(lambda k: _make_dot8(k, "q8"))
 _vfma8_hw = _make_vfma8(True)
 _vfma8_soft = _make_vfma8(False)
+_vfma8_off_hw = _make_vfma8_off(True)
+_vfma8_off_soft = _make_vfma8_off(False)
 
 
 @intrinsic
@@ -1322,6 +1351,16 @@ def _vfma8_scalar(acc, p, sc, soff, xd, xoff):
     xd = xd.reshape(xd.size)
     for b in range(8):
         acc += np.float32(p[b]) * (_f16_soft(sc[soff + b]) * xd[xoff + b])
+    return acc
+
+
+@njit(cache=True)
+def _vfma8_off_scalar(acc, p, sc, soff, xd, xs, xoff):
+    sc = sc.reshape(sc.size)
+    xd = xd.reshape(xd.size)
+    xs = xs.reshape(xs.size)
+    for b in range(8):
+        acc += _f16_soft(sc[soff + b]) * (np.float32(p[b]) * xd[xoff + b] - np.float32(8.0) * xs[xoff + b])
     return acc
 
 
@@ -2017,6 +2056,22 @@ def _ov_dot8_q8(path, w, woff, x, xoff):
     if k is not None:
         f = _pick(k, _DOT8_Q8, _dot8_q8_scalar)
         return lambda path, w, woff, x, xoff: f(w, woff, x, xoff)
+
+
+def vfma8_off(path, acc, p, sc, soff, xd, xs, xoff):
+    """acc + sum over b < 8 of f16(sc.flat[soff + b]) * (float(p_b) * xd.flat[xoff + b] - 8 xs.flat[xoff + b]):
+    vfma8 for Q4_0 with its -8 offset folded in (xs: the activation's xd times its block sums of codes), so a row
+    needs no second pass over its scales (lane-wise on vector paths: reduce acc with vsum)."""
+
+
+@overload(vfma8_off, inline="always")
+def _ov_vfma8_off(path, acc, p, sc, soff, xd, xs, xoff):
+    k = _kind(path)
+    if k == "scalar":
+        return lambda path, acc, p, sc, soff, xd, xs, xoff: _vfma8_off_scalar(acc, p, sc, soff, xd, xs, xoff)
+    if k is not None:
+        f = _vfma8_off_hw if F16_NATIVE else _vfma8_off_soft
+        return lambda path, acc, p, sc, soff, xd, xs, xoff: f(acc, p, sc, soff, xd, xs, xoff)
 
 
 def dot8_q8_rows2(path, w, off0, off1, x, xoff):
