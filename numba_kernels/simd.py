@@ -892,8 +892,7 @@ def _make_scale8_rows2(hw: bool):
             d0 = _load_vec(context, builder, sig.args[1], sa, s0, sig.args[2], v4)
             d1 = _load_vec(context, builder, sig.args[1], sa, s1, sig.args[3], v4)
             v = _shuffle(builder, d0, d1, range(8))                               # row A's 4 scales, row B's
-            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
-                else _f16_soft_vec_ir(builder, v)
+            d = _f16x8_ir(builder, v, hw)
             x4 = _load_vec(context, builder, sig.args[4], xa, xo, sig.args[5], ir.VectorType(_F32, 4))
             xv = _shuffle(builder, x4, x4, (0, 1, 2, 3, 0, 1, 2, 3))
             return builder.fmul(builder.sitofp(pv, _V8F32), builder.fmul(d, xv))
@@ -934,6 +933,12 @@ def first_f32(typingctx, v):
     return types.float32(v), codegen
 
 
+def _f16x8_ir(builder, v, hw: bool):
+    """<8 x i16> fp16 bits -> <8 x float>: vcvtph2ps where the hardware converts (hw), else the bit trick."""
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
+        else _f16_soft_vec_ir(builder, v)
+
+
 def _make_vfma8(hw: bool):
     @intrinsic
     def _vfma8(typingctx, acc, p, sc, soff, xd, xoff):
@@ -946,8 +951,7 @@ def _make_vfma8(hw: bool):
         def codegen(context, builder, sig, args):
             a, pv, sa, so, xa, xo = args
             v = _load_vec(context, builder, sig.args[2], sa, so, sig.args[3], _V8I16)
-            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
-                else _f16_soft_vec_ir(builder, v)
+            d = _f16x8_ir(builder, v, hw)
             s = builder.fmul(d, _load_vec(context, builder, sig.args[4], xa, xo, sig.args[5], _V8F32))
             prod = builder.fmul(builder.sitofp(pv, _V8F32), s, flags=("contract",))
             return builder.fadd(a, prod, flags=("contract",))
@@ -970,8 +974,7 @@ def _make_vfma8_off(hw: bool):
         def codegen(context, builder, sig, args):
             a, pv, sa, so, xa, xsa, xo = args
             v = _load_vec(context, builder, sig.args[2], sa, so, sig.args[3], _V8I16)
-            d = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F32) if hw \
-                else _f16_soft_vec_ir(builder, v)
+            d = _f16x8_ir(builder, v, hw)
             xdv = _load_vec(context, builder, sig.args[4], xa, xo, sig.args[6], _V8F32)
             xsv = _load_vec(context, builder, sig.args[5], xsa, xo, sig.args[6], _V8F32)
             t = builder.fsub(builder.fmul(builder.sitofp(pv, _V8F32), xdv, flags=("contract",)),
@@ -1152,20 +1155,14 @@ def q6_pair_block(typingctx, q, off0, off1, x0, x1, acc, aoff, first):
         xs = _shuffle(builder, _splat(builder, xb0, _V32I8), _splat(builder, xb1, _V32I8),
                       [0 if t % 2 == 0 else 32 for t in range(32)])            # x0, x1, x0, x1, ...
         base = context.cast(builder, ao, sig.args[6], types.intp)
-        maddubs = _x86_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]) \
-            if HAS_AVX2 else None
+        kind = "avx2" if HAS_AVX2 else "generic"
         for k in range(4):
             for half in (0, 8):             # vpunpck{l,h}bw: bytes half..half + 7 of each 128-bit lane, paired
                 idx = []
                 for lane in (0, 16):
                     for t in range(half, half + 8):
                         idx += [lane + t, 32 + lane + t]
-                u = _shuffle(builder, c0[k], c1[k], idx)
-                if maddubs is not None:
-                    p = builder.call(maddubs, [u, xs])
-                else:
-                    pr = builder.mul(builder.zext(u, _V32I16), builder.sext(xs, _V32I16))
-                    p = builder.add(_shuffle(builder, pr, None, range(0, 32, 2)), _shuffle(builder, pr, None, range(1, 32, 2)))
+                p = _maddubs_i16(builder, kind, _shuffle(builder, c0[k], c1[k], idx), xs)
                 off = builder.add(base, ir.Constant(_I64, 32 * k + 2 * half))
                 ptr = _elem_ptr(context, builder, sig.args[5], acca, off, types.intp, _V16I16)
                 old = builder.select(fst, ir.Constant(_V16I16, None), builder.load(ptr, align=2))

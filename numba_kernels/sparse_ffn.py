@@ -609,14 +609,23 @@ def _batch_pair(rows, xq, stride, u, m, i):
     return o0, x0, o0, np.int64(0)
 
 
+@njit(cache=True, inline="always")
+def _next_active(gstart, gend, g, i, g_hi):
+    """(g, i): rows[i] in group g if it is one of g's active neurons, else the first of the next group with one
+    (g = g_hi: none before g_hi)."""
+    while g < g_hi and i >= gend[g]:
+        g += 1
+        if g < g_hi:
+            i = gstart[g]
+    return g, i
+
+
 @njit(cache=True, error_model="numpy")
 def _next_batch(gstart, gend, g, u, g_hi):
     """(g, u, m): the batch rows[u:u + m] that starts at rows[u] in group g or, where group g ends before rows[u],
     the first batch of the next group with an active neuron (m = 0: none before group g_hi)."""
-    while u >= gend[g] and g + 1 < g_hi:
-        g += 1
-        u = gstart[g]
-    if u >= gend[g]:
+    g, u = _next_active(gstart, gend, g, u, g_hi)
+    if g >= g_hi:
         return g, u, 0
     return g, u, min(gend[g] - u, 2 * _PAIRS_I16)
 
@@ -761,17 +770,6 @@ def _q6k_pairs(codes, rows, xq, stride, n_blocks, a, b, acc16, sc, soff, acc, fi
             simd.widen_scaled_i16(acc16, r, sc, soff + r, acc, first and i == a, 32 * sx)
         i = e
     return pg, pi
-
-
-@njit(cache=True, inline="always")
-def _next_active(gstart, gend, g, i, g_hi):
-    """(g, i): rows[i] in group g if it is one of g's active neurons, else the first of the next group with one
-    (g = g_hi: none before g_hi)."""
-    while g < g_hi and i >= gend[g]:
-        g += 1
-        if g < g_hi:
-            i = gstart[g]
-    return g, i
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
