@@ -19,6 +19,7 @@ from numba import njit
 
 from numba_kernels import qgemv, simd
 from numba_kernels.qtypes import qtype_info
+from numerics import assert_same_sums
 
 PATHS = list(simd.AVAILABLE_PATHS)
 VECTOR_PATHS = [p for p in PATHS if p != "scalar"]
@@ -375,11 +376,11 @@ def test_gemv_all_paths(qtype, shape, monkeypatch):
         err = rel(out, ref, ref)
         assert err < 2e-2, f"{qtype.name} {path}: relative error {err:.3g}"
         outs[path] = out
-        # the parallel kernel (prange over row chunks) runs the same per-row code: identical results.
+        # the parallel kernel (prange over row chunks) runs the same per-row code (numerics.assert_same_sums).
         # (Checked on the default path only: each parallel kernel costs ~1 s of compilation.)
         if path == simd.AVAILABLE_PATHS[0]:
             monkeypatch.setattr(qgemv, "SERIAL_MAX_BLOCKS", 0)
-            np.testing.assert_array_equal(qgemv.gemv(pm, x, path=path), out)
+            assert_same_sums(qgemv.gemv(pm, x, path=path), out)
     for path in VECTOR_PATHS:
         err = rel(outs[path], outs["scalar"], ref)
         assert err < 1e-5, f"{qtype.name} {path} vs scalar: {err:.3g}"
@@ -409,16 +410,16 @@ def test_gemv_rows_and_prequantized(qtype):
     raw, x, ref, pm = case_data(qtype, shape)
     full = qgemv.gemv(pm, x)
     xq = qgemv.quantize_for(qtype, x, qgemv.new_q8(shape[1]))
-    np.testing.assert_array_equal(qgemv.gemv(pm, None, xq=xq), full)
+    assert_same_sums(qgemv.gemv(pm, None, xq=xq), full)
     scratch = qgemv.new_q8(shape[1])
-    np.testing.assert_array_equal(qgemv.gemv(pm, x, scratch=scratch), full)
+    assert_same_sums(qgemv.gemv(pm, x, scratch=scratch), full)
     rows = np.array([190, 0, 5, 5, 77, 1, 189], np.int32)
     for path in PATHS:
         sub = qgemv.gemv_rows(pm, rows, xq=xq, path=path)
-        np.testing.assert_array_equal(sub, qgemv.gemv(pm, xq=xq, path=path)[rows])
+        assert_same_sums(sub, qgemv.gemv(pm, xq=xq, path=path)[rows])
     many = np.random.default_rng(0).integers(0, 191, 400).astype(np.int32)  # parallel gemv_rows
-    np.testing.assert_array_equal(qgemv.gemv_rows(pm, many, xq=xq), full[many])
-    np.testing.assert_array_equal(qgemv.gemv_rows(pm, rows.astype(np.int64), x), full[rows])
+    assert_same_sums(qgemv.gemv_rows(pm, many, xq=xq), full[many])
+    assert_same_sums(qgemv.gemv_rows(pm, rows.astype(np.int64), x), full[rows])
     assert qgemv.gemv_rows(pm, np.empty(0, np.int32), x).shape == (0,)
     with pytest.raises(IndexError):
         qgemv.gemv_rows(pm, np.array([191], np.int32), x)
