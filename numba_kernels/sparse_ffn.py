@@ -1146,7 +1146,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
     no_rows = rows[:0]
     n_groups = gsum.shape[0]
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 3), np.int64)
+    counts = np.zeros((2, 4), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
@@ -1183,7 +1183,7 @@ def ffn_decode_bundle(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, gate_rows, up_thre
     cstart = np.empty(n_groups, np.int64)
     cend = np.empty(n_groups, np.int64)
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 3), np.int64)
+    counts = np.zeros((2, 4), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
@@ -1292,6 +1292,26 @@ def decode_threshold_layer_dense_up(tok, x, gate_up, up_cut, cut, codes, scales,
 # thread then reads one contiguous share of the neurons: its candidates' gate rows, their up rows, their down
 # bundle columns, each in address order.
 
+DENSE_GATE_UP_SHARE = 0.85
+"""A thread of the fused predictor kernel reads every gate|up row of its half of the neurons, in address order, when
+more than this share of them are candidates, and gathers the candidates' rows otherwise (the same row sums either
+way). With most rows kept, a gather's software prefetch costs more than the few skipped rows save: paired gate|up
+rows from DRAM, 2 threads, time against the dense GEMV (benchmarks/ffn_parts.py, 2026-12-07): 1B shape 1.05-1.11 at
+three quarters of the neurons, 1.06-1.48 at all of them; 8B Q4_K_M 0.89 and 1.04 (crossing near 0.93). The whole
+fused layer with this share against without (every layer, forced predictors, in-process A/B, 2026-12-07) at 90% /
+all of the neurons: 1B Q4_0 0.91 / 0.90x the time, 1B Q4_K_M 0.98 / 0.98x, 8B Q4_K_M 1.0 / 0.98x."""
+
+
+@njit(cache=True, error_model="numpy", _nrt=False)
+def _compact_pairs(gu, cand, lo, hi):
+    """gu[2u], gu[2u + 1] = gu[2 cand[u]], gu[2 cand[u] + 1] for u in lo..hi-1 (cand ascending, cand[u] >= u): the
+    candidates' products out of a product over every row, in the gather's places."""
+    for u in range(lo, hi):
+        j = cand[u]
+        gu[2 * u] = gu[2 * j]
+        gu[2 * u + 1] = gu[2 * j + 1]
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pred_cut, gu_qs, gu_sc, gu_qh, gu_qtype,
                                 threshold, codes, scales, down_sum_fp16, xq, xd, xs, pq, pd, ps, scores, cand,
@@ -1304,7 +1324,8 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
       -> one parallel region, each of two threads on its half of the neurons (groups of 32), with no wait:
          ax = A . x8 (both threads compute all of it: rank rows, cheaper than waiting for each other)
          -> scores = B . Q8(ax) for its neurons -> its candidates (scores >= pred_cut, ascending)
-         -> their gate and up rows (a neuron's two: one run of memory) -> a_j = silu(g_j) u_j kept where
+         -> their gate and up rows (a neuron's two: one run of memory; every row of the half, in order, where
+            more than DENSE_GATE_UP_SHARE of its neurons are candidates) -> a_j = silu(g_j) u_j kept where
             |a_j| >= threshold[j], as Q8 blocks
          -> the bundle product into its partial output
       -> out = the sum of the two partials.
@@ -1314,7 +1335,8 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     (scales: a Q4_K bundle's (dm, sub)); xq, xd, xs: Q8Act buffers for n_embd (x8); pq, pd, ps: the predictor's
     Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,)
     int32, pair_rows (2 n_ff,) int32, gu (2 n_ff,) float32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
-    (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read)."""
+    (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read, neurons whose gate and up
+    rows were read)."""
     _quantize_x8(x, xq, xd, xs, gu_qtype)
     if gu_qtype == _Q4_K:                                        # the predictor's A reads Q8_0
         qgemv.quantize_q8_into(x, pq, pd, ps, True, False)
@@ -1323,7 +1345,7 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     cstart = np.empty(n_groups, np.int64)
     cend = np.empty(n_groups, np.int64)
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 3), np.int64)
+    counts = np.zeros((2, 4), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     no_rows = cand[:0]
     # each thread's A x and its Q8 copy: one row per thread, padded so the threads never write one cache line
@@ -1343,8 +1365,14 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         qgemv._span_q8_0(path, b_qs, b_sc, b_qh, hq, hd, hs, no_rows, scores, 32 * g_lo, 32 * g_hi)
         c_lo = 32 * g_lo
         c_hi = c_lo + _candidates_by_group(scores, pred_cut, cand, cstart, cend, g_lo, g_hi, c_lo)
-        _pair_rows(cand, c_lo, c_hi, pair_rows)                  # the candidates' gate and up rows, gathered
-        _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, gu, 2 * c_lo, 2 * c_hi)
+        if c_hi - c_lo > DENSE_GATE_UP_SHARE * 32 * (g_hi - g_lo):   # most of the half: every gate|up row of it,
+            _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, 64 * g_lo, 64 * g_hi)  # in order
+            _compact_pairs(gu, cand, c_lo, c_hi)
+            counts[part, 3] = 32 * (g_hi - g_lo)
+        else:                                                    # the candidates' gate and up rows, gathered
+            _pair_rows(cand, c_lo, c_hi, pair_rows)
+            _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, gu, 2 * c_lo, 2 * c_hi)
+            counts[part, 3] = c_hi - c_lo
         _unpair(gu, c_lo, c_hi, g_act, up_vals)
         _silu_inplace(g_act[c_lo:c_hi])
         k, k_groups = _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
@@ -1354,13 +1382,14 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         counts[part, 2] = k_groups
         _bundle_product(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
-    return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
+    return (counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2],
+            counts[0, 3] + counts[1, 3])
 
 
 def decode_predictor_layer(tok, x, a, b, pred_cut, gate_up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
     """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate_up the paired
     gate|up matrix, packed Q4_0/Q4_1/Q4_K; codes, scales the down bundle (scales: ColumnBundle.kernel_scales).
-    Output in s.out. Returns (candidates, kept, groups read)."""
+    Output in s.out. Returns (candidates, kept, groups read, neurons whose gate and up rows were read)."""
     p8 = s.x8_pred if gate_up.qtype == _Q4_K else s.x8         # Q4_0/Q4_1: x8 serves the predictor too
     return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate_up.qs, gate_up.sc,
                                        gate_up.qh, gate_up.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,

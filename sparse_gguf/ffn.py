@@ -277,7 +277,8 @@ class FusedThresholdFFN(_SparseDecode):
 
 class FusedPredictorFFN(_SparseDecode):
     """PredictorFFN in one kernel call (sparse_ffn.ffn_decode_predictor_bundle): the predictor's scores, then
-    each thread reads its share of the candidates' gate rows, up rows and down bundle columns, in address order."""
+    each thread reads its share of the candidates' gate rows, up rows and down bundle columns, in address order
+    (every gate|up row of its share where nearly all are candidates: sparse_ffn.DENSE_GATE_UP_SHARE)."""
 
     def __init__(self, *args, tok: tuple):
         super().__init__(*args)
@@ -287,11 +288,11 @@ class FusedPredictorFFN(_SparseDecode):
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
         L, s, p, bundle = self.L, self.s, self.layer.predictor, self.bundle
         n_ff = L.w_gate.n_rows
-        n_cand, n, n_groups = sparse_ffn.decode_predictor_layer(
+        _, n, n_groups, n_read = sparse_ffn.decode_predictor_layer(
             self.tok, x, p.a.packed, p.b.packed, p.cut, L.gate_up, self.cut, bundle.codes, bundle.kernel_scales,
             self.q41, s)
         stats.ffn_used.append(n / n_ff)
-        stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_cand / n_ff - 1.0)
+        stats.bytes += (p.nbytes + (L.w_gate.nbytes + L.w_up.nbytes) * (n_read / n_ff - 1.0)
                         + bundle.bytes_read(n, n_groups) - L.w_down.nbytes)
         return s.out[None]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from numba_kernels import attention as A
-from numba_kernels import ops, qgemv, simd
+from numba_kernels import ops, qgemv, simd, sparse_ffn
 from sparse_gguf.attention import WindowedAttention
 from sparse_gguf.errors import SparseGGUFError
 from sparse_gguf.ffn import FusedThresholdFFN, ThresholdFFN, gate_and_up
@@ -802,11 +802,13 @@ def test_bundle_prefetch_walks_every_batch_in_order():
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M"])
-@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("fraction", [1.0, 0.9, 0.5, 0.25])
 def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fraction):
     """FusedPredictorFFN (one kernel: predictor, the candidates' gate and up rows, the kept neurons' down bundle)
     gives the masked reference's numbers on every vector SIMD path, with benchmarks/sparse_gbs.py's forced-fraction
-    predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them. Q4_K_S (every
+    predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them; at 0.9 and 1
+    of the neurons a thread reads every gate|up row of its half (sparse_ffn.DENSE_GATE_UP_SHARE) and counts their
+    bytes, the step-by-step path only the candidates'. Q4_K_S (every
     matrix Q4_K at 2 layers) and Q4_K_M (layer 1's down Q6_K, as llama.cpp's quantizer chose): the reference's
     one-token path, whose down is the same bundle product (its batched path rounds the activations to Q8_K
     superblocks instead, as the dense GEMV does)."""
@@ -829,7 +831,7 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
     m.sparsity = SparsityPlan(layers)
     assert all(isinstance(ffn, FusedPredictorFFN) for ffn in m.ffn)
     x = rng.standard_normal((3, n_embd)).astype(np.float32)
-    kept = []
+    kept, dense_halves = [], []
     for ffn in m.ffn:
         for path in simd.AVAILABLE_PATHS:
             if path == "scalar":
@@ -843,10 +845,19 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
                 one = fused.decode(x[t], st).copy()
                 np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
                 np.testing.assert_allclose(steps.decode(x[t], st_steps), one, rtol=1e-5, atol=1e-5)
-                assert st.ffn_used == st_steps.ffn_used and st.bytes == pytest.approx(st_steps.bytes, rel=1e-6)
+                rows = np.empty(n_ff, np.int32)
+                is_cand = np.zeros(n_ff, bool)
+                is_cand[rows[:ffn.layer.predictor.candidates(x[t], rows)]] = True
+                half = n_ff // 64 * 32                                   # the threads' halves: groups of 32
+                read = sum(c.size if c.sum() > sparse_ffn.DENSE_GATE_UP_SHARE * c.size else c.sum()
+                           for c in (is_cand[:half], is_cand[half:]))
+                extra = (read - is_cand.sum()) / n_ff * (ffn.L.w_gate.nbytes + ffn.L.w_up.nbytes)
+                dense_halves.append(read > is_cand.sum())            # a half read in full, not all candidates
+                assert st.ffn_used == st_steps.ffn_used and st.bytes == pytest.approx(st_steps.bytes + extra, rel=1e-6)
                 kept.append(st.ffn_used[0])
     cand = np.mean([(ffn.layer.predictor.scores(x) >= ffn.layer.predictor.cut).mean() for ffn in m.ffn])
     assert abs(cand - fraction) < 0.2 and np.mean(kept) < cand      # the down cut drops some candidates
+    assert any(dense_halves) == (fraction == 0.9)                    # (at 1, a half read in full is all candidates)
 
 
 @pytest.mark.parametrize("weight_type", ["Q4_K_S", "Q4_K_M"])
