@@ -1146,7 +1146,7 @@ def ffn_decode_bundle_dense_up(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, up_thresh
     no_rows = rows[:0]
     n_groups = gsum.shape[0]
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 4), np.int64)
+    counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
@@ -1183,7 +1183,7 @@ def ffn_decode_bundle(path, x, gu_qs, gu_sc, gu_qh, gu_qtype, gate_rows, up_thre
     cstart = np.empty(n_groups, np.int64)
     cend = np.empty(n_groups, np.int64)
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 4), np.int64)
+    counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     for part in prange(2):                                       # each thread: half the groups, no wait
         g_lo = part * n_groups // 2
