@@ -1,10 +1,11 @@
 """Does a sparse FFN's decode time follow its bytes? Loads a plain GGUF (e.g. a synthetic model of
 benchmarks/synthetic_models.py), gives every layer a predictor whose candidate fraction is forced (random weights
 make a predictor's choices meaningless, so this benchmark builds one: a random low-rank Q8_0 predictor of the
-converter's largest rank, its per-neuron cut set so that each neuron is a candidate for a fraction f of sample
-FFN inputs; the down cut keeps every candidate), and measures, A/B interleaved in one process, for each f:
+converter's largest rank, its per-neuron cut set so that each neuron is a candidate for a fraction f of the FFN
+inputs of the tokens the whole-token loop decodes; the down cut keeps every candidate), and measures, A/B
+interleaved in one process, for each f:
 
-- the FFN alone: every layer's decode on its own sample input, in turn (per token, microseconds; GB/s of the
+- the FFN alone: every layer's decode on the last of those inputs, in turn (per token, microseconds; GB/s of the
   bytes the strategy reads: predictor, the candidates' gate and up rows, the bundle's codes and scales);
 - whole tokens: tokens/s and GB/s of what a token reads (StepStats),
 
@@ -173,7 +174,8 @@ def main() -> None:
     configs["dense"] = dense_ffn
     kinds = Counter(type(ffn).__name__ for name, v in configs.items() if name != "dense" for ffn in v)
     print(f"{args.model}: {m.cfg.n_layer} layers, n_embd {m.cfg.n_embd}, n_ff {n_ff}, {type(m.ffn[0]).__name__} "
-          f"dense; the sparse configurations' layers: {dict(kinds)} (a K-quant file: fused where down has a column bundle, Q4_K or Q6_K)")
+          f"dense; the sparse configurations' layers: {dict(kinds)} "
+          "(a K-quant file: fused where down has a column bundle, Q4_K or Q6_K)")
 
     def ffn_only(ffns) -> tuple[float, float, float]:
         st = StepStats()
@@ -241,7 +243,8 @@ def main() -> None:
         ft, tt = np.median(res[name]["ffn_t"]), np.median(res[name]["tok_t"])
         fb, used, tb, tused = info[name]
         print(f"{name:14s} {ft * 1e6:12.0f} {fb / 1e6:7.1f} {fb / ft / 1e9:8.1f} {fb / ft / d_gbs:8.2f} {used:5.2f}  "
-              f"{1 / tt:6.2f} {tused:5.2f} {tb / 1e6:7.1f} {tb / tt / 1e9:8.1f} {tb / tt / d_tgbs:13.2f} {d_tok / tt:12.2f}")
+              f"{1 / tt:6.2f} {tused:5.2f} {tb / 1e6:7.1f} {tb / tt / 1e9:8.1f} {tb / tt / d_tgbs:13.2f} "
+              f"{d_tok / tt:12.2f}")
     if llama:
         best = min(llama_t, key=lambda k: np.median(llama_t[k]))
         lt = np.median(llama_t[best])

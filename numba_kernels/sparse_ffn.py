@@ -748,8 +748,9 @@ def _q6k_pairs(codes, rows, xq, stride, n_blocks, a, b, acc16, sc, soff, acc, fi
     Measured (1B shape, 8 matrices of 2048 x 8192 from DRAM, 2 threads, in-process A/B against the dense Q6_K GEMV,
     2026-12-07): the L2 prefetch 16 neurons on against only the next pair, in two runs (not interleaved): 0.84 /
     0.92x the time at a quarter / a half of the neurons; then, interleaved, without the L1 prefetch along the pair's
-    runs (which the Q4 bundles keep) and 6 on instead of 16: 0.90-0.94x at a tenth to three quarters. Four columns a step (two pairs summed in registers):
-    0.72-0.84x the time with the matrix in cache (one thread), 1.0-1.1x from DRAM (two threads): not taken."""
+    runs (which the Q4 bundles keep) and 6 on instead of 16: 0.90-0.94x at a tenth to three quarters. Four columns
+    a step (two pairs summed in registers): 0.72-0.84x the time with the matrix in cache (one thread), 1.0-1.1x from
+    DRAM (two threads): not taken."""
     n_embd = acc.shape[0]
     i = a
     while i < b:

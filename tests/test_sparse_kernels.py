@@ -459,8 +459,6 @@ def test_fused_kernels_silu_equals_the_reference_bit_for_bit():
     """The fused kernels' act(g) (in place, or from a paired gate|up product) is ops.silu's, bit for bit: a loop
     reading and writing one buffer through two arguments ran scalar and differed in the last bit for ~1 value in 5,
     which moved neurons across their cuts (the default model's decode left the masked reference by 3e-3)."""
-    from numba_kernels import sparse_ffn
-
     n = 1536
     gu = (np.random.default_rng(0).standard_normal(2 * n) * 3).astype(np.float32)   # gate j at 2j
     want = np.ascontiguousarray(gu[0::2])[None]
@@ -499,7 +497,6 @@ def test_bad_knobs_are_refused(tiny_model):
 
 
 def test_block_major_layout_roundtrip():
-    from numba_kernels import sparse_ffn
     down = RNG.standard_normal((96, 40)).astype(np.float32)          # (n_embd, n_ff)
     rows = sparse_ffn.block_major_rows(down)
     assert rows.shape == (3 * 40, 32)
@@ -511,7 +508,6 @@ def test_block_major_layout_roundtrip():
 @pytest.mark.parametrize("frac", [1.0, 0.37, 0.0])
 def test_down_rows_equals_dense_product(path, frac):
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import qgemv, sparse_ffn
     n_embd, n_ff = 128, 300
     rng = np.random.default_rng(21)              # its own generator: the data do not depend on test order
     down = rng.standard_normal((n_embd, n_ff)).astype(np.float32)
@@ -556,7 +552,6 @@ def test_column_bundle_layout_holds_the_same_weights(qtype):
     """bundle_q4 regroups without re-quantizing: decoding its documented layout by hand gives gguf-py's
     dequantization of the original matrix, bit for bit (n_embd 160: a last piece of one chunk)."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
     n_embd, n_ff = 160, 96
     raw = quants.quantize(RNG.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
     codes, scales = sparse_ffn.bundle_q4(raw, int(QT[qtype]), n_ff)
@@ -591,7 +586,6 @@ def test_q4_k_column_bundle_holds_the_same_weights():
     """bundle_q4k regroups without re-quantizing: d sc q - dmin mn from its documented layout, by hand, is
     gguf-py's dequantization bit for bit (n_embd 160: a last piece of one chunk; two superblocks)."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
     rng = np.random.default_rng(5)
     n_embd, n_ff = 160, 512
     raw = _q4_k_matrix(rng, n_embd, n_ff)
@@ -625,7 +619,6 @@ def test_k_quant_bundle_kernel_equals_the_product_of_the_kept_values(qtype, keep
     (blocks of 32 neurons), on every SIMD path; a quarter of the columns' outputs would move by ~1e-2 of the
     largest, float order ~1e-7."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
     rng = np.random.default_rng(12)
     n_embd, n_ff = (160, 512) if qtype == "Q4_K" else (384, 512)
     raw = (_q4_k_matrix if qtype == "Q4_K" else _q6_k_matrix)(rng, n_embd, n_ff)
@@ -637,7 +630,8 @@ def test_k_quant_bundle_kernel_equals_the_product_of_the_kept_values(qtype, keep
     a_all = np.abs(g_act[rows_up] * up_vals)
     cut = np.inf if keep == 0 else (np.quantile(a_all, 1 - keep) if keep < 1 else 0.0)
     rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
-    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    gstart = np.empty(n_ff // 32 + 1, np.int64)
+    gsum, gd = np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
     n, _ = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, np.full(n_ff, cut, np.float32), False, rows, xq, gd,
                                     gstart, gsum)
     assert n == np.count_nonzero(a_all >= cut)
@@ -662,7 +656,6 @@ def test_q6_k_column_bundle_holds_the_same_weights():
     """bundle_q6k regroups without re-quantizing: d sc (q - 32) decoded by hand from its documented layout is
     gguf-py's dequantization bit for bit (3 blocks of 128 rows, two superblocks); rows not in 128s are refused."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
     rng = np.random.default_rng(6)
     n_embd, n_ff = 384, 512
     raw = _q6_k_matrix(rng, n_embd, n_ff)
@@ -694,7 +687,6 @@ def test_q6_k_bundle_kernel_at_the_extremes_of_its_integer_sums(code, sign, path
     a batch (8 neurons) wrap before the -32 is applied (8 * 127 * 63 > 32767) and must still come out exact, and the
     int32 sums reach 2^24; against the float64 product on every path."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import sparse_ffn
     n_embd, n_ff = 128, 256
     blocks = np.zeros((n_embd, 1, 210), np.uint8)
     blocks[:, :, 0:192] = 0xFF if code == 63 else 0                  # ql, qh: every code 63 or 0
@@ -705,7 +697,8 @@ def test_q6_k_bundle_kernel_at_the_extremes_of_its_integer_sums(code, sign, path
     codes, d, sc = sparse_ffn.bundle_q6k(raw, n_ff)
     g_act = np.full(n_ff, sign, np.float32)                           # a_j = +-1: xq = +-127 in every block
     rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
-    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    gstart = np.empty(n_ff // 32 + 1, np.int64)
+    gsum, gd = np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
     n, _ = sparse_ffn.down_coefs_q8(g_act, np.ones(n_ff, np.float32), np.arange(n_ff, dtype=np.int32),
                                     np.zeros(n_ff, np.float32), False, rows, xq, gd, gstart, gsum)
     assert n == n_ff and np.all(np.abs(xq[:n]) == 127)
@@ -736,7 +729,6 @@ def test_q6_k_matrix_bundles_when_its_rows_divide_into_128s():
 
 def test_column_bundle_with_every_column_equals_the_gemv(tiny_model):
     """All columns active: the bundle (activations quantized as llama.cpp does) gives the dense GEMV's result."""
-    from numba_kernels import qgemv
     m = Model(tiny_model("llama", "Q4_1"), n_ctx=8)
     for L in m.weights.layers[:2]:
         W = L.w_down
@@ -756,7 +748,6 @@ def test_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep, pat
     """down_coefs_q8 + bundle_rows_q8 (the decode path) against qgemv's dense GEMV of the same sparse
     activation vector (which quantizes it to Q8 blocks the same way), on every SIMD path."""
     from gguf import GGMLQuantizationType as QT, quants
-    from numba_kernels import qgemv, sparse_ffn
     rng = np.random.default_rng(11)
     n_embd, n_ff = 160, 256
     raw = quants.quantize(rng.standard_normal((n_embd, n_ff)).astype(np.float32), QT[qtype])
@@ -768,7 +759,8 @@ def test_bundle_kernel_equals_the_dense_gemv_of_the_kept_values(qtype, keep, pat
     cut = np.inf if keep == 0 else (np.quantile(np.abs(a_all), 1 - keep) if keep < 1 else 0.0)
     threshold = np.full(n_ff, cut, np.float32)
     rows, xq = np.empty(n_ff, np.int32), np.empty(n_ff, np.int8)
-    gstart, gsum, gd = np.empty(n_ff // 32 + 1, np.int64), np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
+    gstart = np.empty(n_ff // 32 + 1, np.int64)
+    gsum, gd = np.empty(n_ff // 32, np.float32), np.empty(n_ff // 32, np.float32)
     n, n_groups = sparse_ffn.down_coefs_q8(g_act, up_vals, rows_up, threshold, qtype == "Q4_1", rows, xq, gd,
                                            gstart, gsum)
     assert n == np.count_nonzero(np.abs(a_all) >= cut) and n_groups == len(set(rows[:n] // 32))
@@ -784,7 +776,6 @@ def test_bundle_prefetch_walks_every_batch_in_order():
     """sparse_ffn._next_batch, from which the bundle product finds the batch whose codes it prefetches into L2,
     steps through the batches of up to 16 kept neurons exactly in the order the product sums them, over empty
     groups and groups of several batches, and ends (m = 0) at the last group."""
-    from numba_kernels import sparse_ffn
     rng = np.random.default_rng(5)
     for _ in range(100):
         n_groups = int(rng.integers(1, 12))
@@ -808,10 +799,9 @@ def test_fused_predictor_layer_equals_masked_reference(tiny_model, qtype, fracti
     gives the masked reference's numbers on every vector SIMD path, with benchmarks/sparse_gbs.py's forced-fraction
     predictor (the candidates are a fraction of the neurons) and a down cut that drops some of them; at 0.9 and 1
     of the neurons a thread reads every gate|up row of its half (sparse_ffn.DENSE_GATE_UP_SHARE) and counts their
-    bytes, the step-by-step path only the candidates'. Q4_K_S (every
-    matrix Q4_K at 2 layers) and Q4_K_M (layer 1's down Q6_K, as llama.cpp's quantizer chose): the reference's
-    one-token path, whose down is the same bundle product (its batched path rounds the activations to Q8_K
-    superblocks instead, as the dense GEMV does)."""
+    bytes, the step-by-step path only the candidates'. Q4_K_S (every matrix Q4_K at 2 layers) and Q4_K_M (layer
+    1's down Q6_K, as llama.cpp's quantizer chose): the reference's one-token path, whose down is the same bundle
+    product (its batched path rounds the activations to Q8_K superblocks instead, as the dense GEMV does)."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
