@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from converters import calib_data, predictor
-from converters.calibrate import down_column_norms
+from converters.calibrate import down_column_norm
 from numba_kernels import dequant
 from sparse_gguf.default_model import resolve_model_path
 from sparse_gguf.model import Model
@@ -65,7 +65,7 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     train = activations(model, chunks_of(tok, list(calib_data.CALIBRATION_TEXTS)), layers)
     held = activations(model, chunks_of(tok, [HELDOUT.read_text()]), layers)
-    norms = down_column_norms(model)
+    norms = [down_column_norm(L) for L in model.weights.layers]
     print(f"{path.name}: {train[layers[0]][0].shape[0]} training tokens, {held[layers[0]][0].shape[0]} held-out; "
           f"down cut at level {args.level}")
     for il in layers:

@@ -38,6 +38,20 @@ the first three columns as above):
     16        0.77          0.71-0.72
     64        0.91          0.86
 
+Again 2026-12-07 (`--units 2,4,8,16,32,64,128 --fractions 0.5`, one run; every unit read at 35-37 GB/s), random
+f=0.5 / alternate / L2 pf f=0.5:
+
+    unit KB   2     4     8     16    32    64    128
+    random    0.59  0.65  0.71  0.75  0.75  0.95  0.98
+    alternate 0.55  0.67  0.69  0.63  0.77  0.91  0.93
+    L2 pf     0.70  0.79  0.81  0.72  0.83  0.95  0.94
+
+The L2 prefetch 4, 16, 32 or 64 units ahead instead of 8 (a scratch variant, two runs, the full rate 34-35 GB/s
+at 1-2 KB and 51-54 at 4-8 KB): 1 KB 0.50-0.52, 2 KB 0.73-0.87, 4 KB 0.62-0.70, 8 KB 0.61-0.65, not consistently
+better than 8 ahead (0.52 / 0.80 / 0.62-0.63 / 0.62-0.65); none 0.41-0.52.
+Only from 64 KB on does a random half read at 0.9 of the full rate; blocks of neurons that large cost the
+quality that selection is for (`block_selection.py`).
+
 The same prefetch into L1 (locality 3, simd.prefetch), or software prefetch along each unit at any distance, or
 reading a unit's lines out of order, gave the same rates as none or lower (scratch variants). The dense Q4_0 GEMV
 reads 30-33 GB/s here, so a sparse FFN at random neuron granularity (a 1 KB down column and a 2.3 KB gate|up pair at
