@@ -1336,8 +1336,8 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     (scales: a Q4_K bundle's (dm, sub)); xq, xd, xs: Q8Act buffers for n_embd (x8); pq, pd, ps: the predictor's
     Q8_0 copy of x (Q4_K), else xq, xd, xs again; scores, g_act, up_vals (n_ff,) float32, cand, rows (n_ff,)
     int32, pair_rows (2 n_ff,) int32, gu (2 n_ff,) float32, aq (n_ff,) int8, gd/gsum (n_ff/32,), gstart
-    (n_ff/32 + 1,) scratch. Vector paths only. Returns (candidates, kept, groups read, neurons whose gate and up
-    rows were read)."""
+    (n_ff/32 + 1,) scratch. Vector paths only. Returns (neurons whose gate and up rows were read, kept, groups
+    read)."""
     _quantize_x8(x, xq, xd, xs, gu_qtype)
     if gu_qtype == _Q4_K:                                        # the predictor's A reads Q8_0
         qgemv.quantize_q8_into(x, pq, pd, ps, True, False)
@@ -1346,7 +1346,7 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
     cstart = np.empty(n_groups, np.int64)
     cend = np.empty(n_groups, np.int64)
     gend = np.empty(n_groups, np.int64)
-    counts = np.zeros((2, 4), np.int64)
+    counts = np.zeros((2, 3), np.int64)
     partial = np.zeros((2, out.shape[0]), np.float32)           # one partial sum per thread, then merged
     no_rows = cand[:0]
     # each thread's A x and its Q8 copy: one row per thread, padded so the threads never write one cache line
@@ -1369,28 +1369,26 @@ def ffn_decode_predictor_bundle(path, x, a_qs, a_sc, a_qh, b_qs, b_sc, b_qh, pre
         if c_hi - c_lo > DENSE_GATE_UP_SHARE * 32 * (g_hi - g_lo):   # most of the half: every gate|up row of it,
             _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, no_rows, gu, 64 * g_lo, 64 * g_hi)  # in order
             _compact_pairs(gu, cand, c_lo, c_hi)
-            counts[part, 3] = 32 * (g_hi - g_lo)
+            counts[part, 0] = 32 * (g_hi - g_lo)
         else:                                                    # the candidates' gate and up rows, gathered
             _pair_rows(cand, c_lo, c_hi, pair_rows)
             _span_q4(path, gu_qtype, gu_qs, gu_sc, gu_qh, xq, xd, xs, pair_rows, gu, 2 * c_lo, 2 * c_hi)
-            counts[part, 3] = c_hi - c_lo
+            counts[part, 0] = c_hi - c_lo
         _unpair(gu, c_lo, c_hi, g_act, up_vals)
         _silu_inplace(g_act[c_lo:c_hi])
         k, k_groups = _keep_groups(cand, cstart, cend, g_act, up_vals, threshold, down_sum_fp16, rows, aq, gd,
                                    gstart, gend, gsum, g_lo, g_hi)
-        counts[part, 0] = c_hi - c_lo
         counts[part, 1] = k
         counts[part, 2] = k_groups
         _bundle_product(path, codes, scales, rows, aq, gd, gstart, gend, gsum, g_lo, g_hi, partial[part])
     _sum_parts(partial, out)
-    return (counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2],
-            counts[0, 3] + counts[1, 3])
+    return counts[0, 0] + counts[1, 0], counts[0, 1] + counts[1, 1], counts[0, 2] + counts[1, 2]
 
 
 def decode_predictor_layer(tok, x, a, b, pred_cut, gate_up, cut, codes, scales, q41: bool, s: DecodeScratch) -> tuple:
     """ffn_decode_predictor_bundle on named objects: a, b the predictor's packed Q8_0 factors; gate_up the paired
     gate|up matrix, packed Q4_0/Q4_1/Q4_K; codes, scales the down bundle (scales: ColumnBundle.kernel_scales).
-    Output in s.out. Returns (candidates, kept, groups read, neurons whose gate and up rows were read)."""
+    Output in s.out. Returns (neurons whose gate and up rows were read, kept, groups read)."""
     p8 = s.x8_pred if gate_up.qtype == _Q4_K else s.x8         # Q4_0/Q4_1: x8 serves the predictor too
     return ffn_decode_predictor_bundle(tok, x, a.qs, a.sc, a.qh, b.qs, b.sc, b.qh, pred_cut, gate_up.qs, gate_up.sc,
                                        gate_up.qh, gate_up.qtype, cut, codes, scales, q41, s.x8.q, s.x8.d, s.x8.s,

@@ -288,7 +288,7 @@ class FusedPredictorFFN(_SparseDecode):
     def decode(self, x: np.ndarray, stats: StepStats) -> np.ndarray:
         L, s, p, bundle = self.L, self.s, self.layer.predictor, self.bundle
         n_ff = L.w_gate.n_rows
-        _, n, n_groups, n_read = sparse_ffn.decode_predictor_layer(
+        n_read, n, n_groups = sparse_ffn.decode_predictor_layer(
             self.tok, x, p.a.packed, p.b.packed, p.cut, L.gate_up, self.cut, bundle.codes, bundle.kernel_scales,
             self.q41, s)
         stats.ffn_used.append(n / n_ff)
